@@ -1,0 +1,40 @@
+# Two commands a newcomer needs: `make serve` and `make test`.
+# Both build the virtualenv (CPU torch, generated stubs) on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_VERSION ?= 2.13.0
+MODEL ?= model_weights/text-minilm.safetensors
+STAMP := $(VENV)/.installed
+
+.PHONY: serve test install lint stubs clean bench
+
+$(STAMP): pyproject.toml setup.py $(wildcard proto/apcm/v1/*.proto)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# A pinned CPU wheel: an open torch range would pull a multi-GB CUDA build.
+	$(PIP) install -q "torch==$(TORCH_VERSION)"
+	$(PIP) install -q -e ".[server,eval,dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+stubs: $(STAMP)
+	$(PY) setup.py -q build_py >/dev/null
+
+serve: $(STAMP)
+	$(VENV)/bin/apcm serve --model $(MODEL)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check server client tests scripts
+	$(VENV)/bin/mypy server client
+
+bench: $(STAMP)
+	$(VENV)/bin/apcm bench all --out docs/bench
+
+clean:
+	rm -rf $(VENV) gen build *.egg-info

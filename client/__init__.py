@@ -1,0 +1,1 @@
+"""ApCM client SDK (no torch needed)."""

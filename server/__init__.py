@@ -1,0 +1,1 @@
+"""ApCM server: codec, memory banks and the gRPC service around them."""

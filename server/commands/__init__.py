@@ -1,0 +1,1 @@
+"""Sub-commands of the ``apcm`` CLI; each module defines ``register(subparsers)``."""

@@ -1,0 +1,148 @@
+"""Server settings: one frozen dataclass; defaults, then ``APCM_*`` env, then CLI flags.
+
+Every field documents itself (``help`` metadata), and the ``apcm serve`` parser
+is generated from these fields, so a flag, its env variable and its default
+cannot drift apart. The port variable is ``APCM_GRPC_PORT`` (not ``APCM_PORT``,
+which Kubernetes service links would inject as ``tcp://…``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+DEFAULT_MODEL = "model_weights/text-minilm.safetensors"
+
+
+def _f(
+    default: Any, help: str, choices: tuple[str, ...] | None = None, alias: str | None = None
+) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices, "alias": alias})
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = _f("[::]", "address to bind the gRPC server to")
+    grpc_port: int = _f(50051, "gRPC port (0 picks a free port)", alias="--port")
+    metrics_port: int = _f(9090, "Prometheus metrics HTTP port (0 picks a free port, -1 disables)")
+    metrics_host: str = _f("0.0.0.0", "address to bind the metrics HTTP server to")
+    model: str = _f(DEFAULT_MODEL, "codec weights file (.safetensors) to serve")
+    device: str = _f("auto", "where the codec and banks live", ("auto", "cpu", "cuda"))
+    max_workers: int = _f(16, "gRPC handler threads")
+    max_concurrent_rpcs: int = _f(
+        256, "RPCs admitted at once; more are refused with RESOURCE_EXHAUSTED"
+    )
+    max_message_bytes: int = _f(64 * 1024 * 1024, "largest request/response message, bytes")
+    max_batch_size: int = _f(8192, "largest batch (items or queries) in one request")
+    max_bank_capacity: int = _f(4_194_304, "largest capacity a bank may be created with")
+    default_bank: str = _f("default", "name of the bank that exists at start-up")
+    default_bank_capacity: int = _f(10_000, "slots of the default bank")
+    default_policy: str = _f("lfu_decay", "eviction policy of new banks", ("lfu", "lfu_decay"))
+    default_half_life: float = _f(
+        1000.0, "half-life of access counts under lfu_decay, in writes to the bank"
+    )
+    max_payload_bytes: int = _f(65_536, "largest payload per memory, bytes")
+    max_key_length: int = _f(256, "longest memory key, characters")
+    data_dir: str = _f("var", "directory for snapshots and the write-ahead log")
+    snapshot_interval_s: float = _f(300.0, "seconds between automatic snapshots (0 disables)")
+    snapshot_keep: int = _f(5, "snapshots kept on disk; older ones are deleted")
+    wal_mode: str = _f(
+        "fsync", "write-ahead log durability: fsync per acknowledged write (group commit), "
+        "interval, or off", ("fsync", "interval", "off")
+    )
+    wal_interval_s: float = _f(0.1, "fsync period of the write-ahead log in interval mode")
+    allow_empty_start: bool = _f(
+        False, "start with empty banks when snapshots exist but none is valid"
+    )
+    batching: bool = _f(True, "gather concurrent small requests into one model call")
+    batch_max_size: int = _f(256, "largest micro-batch, in items")
+    batch_max_wait_us: int = _f(500, "longest a request waits for a micro-batch to fill, us")
+    tls_cert: str = _f("", "PEM server certificate; enables TLS with --tls-key")
+    tls_key: str = _f("", "PEM private key of the server certificate")
+    tls_client_ca: str = _f("", "PEM CA bundle; when set, clients must present a certificate")
+    api_keys: str = _f("", "comma-separated read-write API keys (empty: no auth)")
+    read_only_api_keys: str = _f("", "comma-separated read-only API keys")
+    api_keys_file: str = _f(
+        "", "file with one key per line, 'rw:KEY' or 'ro:KEY' (never logged)"
+    )
+    shutdown_grace_s: float = _f(10.0, "seconds in-flight RPCs get to finish on shutdown")
+    log_level: str = _f("INFO", "logging level", ("DEBUG", "INFO", "WARNING", "ERROR"))
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Defaults, overridden by ``APCM_<FIELD>`` variables, then by ``overrides``."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(env_name(f.name))
+            if raw is not None:
+                values[f.name] = _parse(f, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values).validated()
+
+    def validated(self) -> Settings:
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ValueError(f"{f.name} must be one of {choices}, got {getattr(self, f.name)!r}")
+        for name in ("max_workers", "max_concurrent_rpcs", "max_message_bytes", "max_batch_size",
+                     "max_bank_capacity", "default_bank_capacity", "batch_max_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.default_bank_capacity > self.max_bank_capacity:
+            raise ValueError("default_bank_capacity exceeds max_bank_capacity")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key must be given together")
+        return self
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes).validated()
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir)
+
+
+def env_name(field_name: str) -> str:
+    return f"APCM_{field_name.upper()}"
+
+
+def _parse(f: dataclasses.Field, raw: str) -> Any:
+    if f.type in ("bool", bool):
+        low = raw.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError(f"{env_name(f.name)} must be a boolean, got {raw!r}")
+    if f.type in ("int", int):
+        return int(raw)
+    if f.type in ("float", float):
+        return float(raw)
+    return raw
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    """One ``--flag`` per settings field; help names the env variable and default."""
+    for f in fields(Settings):
+        flags = ["--" + f.name.replace("_", "-")]
+        if f.metadata.get("alias"):
+            flags.append(f.metadata["alias"])
+        help_text = f"{f.metadata['help']} [env {env_name(f.name)}; default {f.default!r}]"
+        if f.type in ("bool", bool):
+            parser.add_argument(*flags, dest=f.name, default=None,
+                                action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type), str)
+            parser.add_argument(*flags, dest=f.name, default=None, type=kind,
+                                choices=f.metadata.get("choices"), help=help_text)
+
+
+def settings_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> Settings:
+    overrides = {f.name: getattr(args, f.name, None) for f in fields(Settings)}
+    return Settings.from_env(env, **overrides)

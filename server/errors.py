@@ -1,0 +1,54 @@
+"""Domain errors. Each carries the gRPC status code name it maps to.
+
+The code is a plain string (a ``grpc.StatusCode`` member name) so that the
+model and bank modules stay free of grpc; the service layer resolves it.
+"""
+
+from __future__ import annotations
+
+
+class ApcmError(Exception):
+    """Base class of every error the service reports to a client on purpose."""
+
+    code = "INTERNAL"
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+
+class InvalidArgument(ApcmError):
+    code = "INVALID_ARGUMENT"
+
+
+class NotFound(ApcmError):
+    code = "NOT_FOUND"
+
+
+class AlreadyExists(ApcmError):
+    code = "ALREADY_EXISTS"
+
+
+class FailedPrecondition(ApcmError):
+    code = "FAILED_PRECONDITION"
+
+
+class ResourceExhausted(ApcmError):
+    code = "RESOURCE_EXHAUSTED"
+
+
+class Unimplemented(ApcmError):
+    code = "UNIMPLEMENTED"
+
+
+class Unauthenticated(ApcmError):
+    code = "UNAUTHENTICATED"
+
+
+class PermissionDenied(ApcmError):
+    code = "PERMISSION_DENIED"
+
+
+class ModelFileError(FailedPrecondition):
+    """A weights file is unreadable, of an unknown kind, or fails its hash check."""
