@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("serve", "train", "eval", "bench", "fit_pca")
+COMMANDS = ("serve", "fit_pca", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

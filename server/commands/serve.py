@@ -1,0 +1,25 @@
+"""``apcm serve``: run the gRPC memory service."""
+
+from __future__ import annotations
+
+import argparse
+
+from apcm.server.config import add_settings_arguments, settings_from_args
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "serve",
+        help="run the gRPC memory service",
+        description="Serve a codec and its memory banks over gRPC, with Prometheus metrics on "
+        "their own port. Every flag can also be set by the APCM_* environment variable named "
+        "in its help; flags win over the environment.",
+    )
+    add_settings_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from apcm.server.app import serve
+
+    return serve(settings_from_args(args))

@@ -1,0 +1,139 @@
+"""Prometheus metrics on an injected registry, served on their own HTTP port.
+
+Labels are bounded: the RPC method, the status code, the direction, and bank
+names (operator-created, capped by the number of banks) — never slots or keys.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
+
+LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
+    5, 10,
+)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384)
+
+
+class Metrics:
+    """Every metric the server exports, registered on ``registry``."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        self.requests = Counter(
+            "apcm_requests", "RPCs finished, by method and status code", ["method", "code"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "apcm_request_duration_seconds", "RPC handling time", ["method"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.in_flight = Gauge(
+            "apcm_requests_in_flight", "RPCs being handled now", ["method"], registry=r
+        )
+        self.items = Counter(
+            "apcm_items_processed", "Items (vectors, codes, queries) processed", ["method"],
+            registry=r,
+        )
+        self.message_bytes = Counter(
+            "apcm_message_bytes", "Serialized message bytes", ["method", "direction"], registry=r
+        )
+        self.model_info = Gauge(
+            "apcm_model_info", "The served codec (value is always 1)",
+            ["name", "kind", "hash", "device", "code_dim", "code_dtype", "ratio"], registry=r,
+        )
+        self.serving = Gauge("apcm_serving", "1 when health is SERVING, else 0", registry=r)
+        self.bank_capacity = Gauge(
+            "apcm_bank_capacity_slots", "Slots of each bank", ["bank"], registry=r
+        )
+        self.bank_occupied = Gauge(
+            "apcm_bank_occupied_slots", "Occupied slots of each bank", ["bank"], registry=r
+        )
+        self.bank_evictions = Counter(
+            "apcm_bank_evictions", "Memories evicted to make room", ["bank"], registry=r
+        )
+        self.bank_writes = Counter(
+            "apcm_bank_writes", "Slots written", ["bank"], registry=r
+        )
+        self.snapshot_last_success = Gauge(
+            "apcm_snapshot_last_success_timestamp_seconds", "Unix time of the last good snapshot",
+            registry=r,
+        )
+        self.snapshot_duration = Histogram(
+            "apcm_snapshot_duration_seconds", "Time to write a snapshot",
+            buckets=(0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120), registry=r,
+        )
+        self.snapshot_failures = Counter(
+            "apcm_snapshot_failures", "Snapshots that failed", registry=r
+        )
+        self.wal_bytes = Gauge("apcm_wal_bytes", "Size of the write-ahead log", registry=r)
+        self.wal_fsync = Histogram(
+            "apcm_wal_fsync_duration_seconds", "Time of one write-ahead-log fsync",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.batch_size = Histogram(
+            "apcm_batch_size", "Items per model call (after micro-batching)", ["method"],
+            buckets=BATCH_BUCKETS, registry=r,
+        )
+        self._http: Any = None
+        self._http_thread: threading.Thread | None = None
+
+    # -- hooks used by persistence and the store -----------------------------------
+    def observe_snapshot(self, duration_s: float, ok: bool) -> None:
+        if ok:
+            self.snapshot_duration.observe(duration_s)
+            self.snapshot_last_success.set_to_current_time()
+        else:
+            self.snapshot_failures.inc()
+
+    def set_wal_bytes(self, n: int) -> None:
+        self.wal_bytes.set(n)
+
+    def observe_fsync(self, duration_s: float) -> None:
+        self.wal_fsync.observe(duration_s)
+
+    def set_model(self, codec: Any) -> None:
+        self.model_info.labels(
+            name=codec.name, kind=codec.kind, hash=codec.content_hash[:16], device=str(codec.device),
+            code_dim=str(codec.code_dim), code_dtype=codec.code_dtype,
+            ratio=f"{codec.compression_ratio:g}",
+        ).set(1)
+
+    def observe_banks(self, stats: list[Any]) -> None:
+        for s in stats:
+            self.bank_capacity.labels(bank=s.name).set(s.capacity)
+            self.bank_occupied.labels(bank=s.name).set(s.occupied)
+
+    def forget_bank(self, name: str) -> None:
+        for metric in (self.bank_capacity, self.bank_occupied, self.bank_evictions,
+                       self.bank_writes):
+            try:
+                metric.remove(name)
+            except KeyError:
+                pass
+
+    # -- HTTP endpoint ---------------------------------------------------------------
+    def start_http(self, host: str, port: int) -> int:
+        """Serve /metrics; returns the bound port (``port`` 0 picks a free one)."""
+        self._http, self._http_thread = start_http_server(port, addr=host, registry=self.registry)
+        return int(self._http.server_port)
+
+    def stop_http(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
