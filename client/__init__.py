@@ -1,1 +1,71 @@
-"""ApCM client SDK (no torch needed)."""
+"""ApCM client SDK: numpy in, numpy out, over gRPC. Needs grpcio, protobuf and numpy only.
+
+Example:
+    >>> from apcm.client import MemoryClient
+    >>> with MemoryClient("localhost:50051") as client:
+    ...     codes = client.compress(x)                      # x: [B, L, D]
+    ...     client.write(x, payloads=["a note"])            # one memory, the batch mean
+    ...     hits = client.read(x[:1], top_k=3)[0].hits
+"""
+
+from apcm.client.aio import AsyncMemoryClient
+from apcm.client.channel import TLSConfig
+from apcm.client.errors import (
+    AlreadyExistsError,
+    ApcmError,
+    ClientClosedError,
+    DeadlineExceededError,
+    FailedPreconditionError,
+    InternalError,
+    InvalidArgumentError,
+    NotFoundError,
+    Overloaded,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+    UnauthenticatedError,
+    UnavailableError,
+    UnimplementedError,
+)
+from apcm.client.retry import RetryPolicy
+from apcm.client.sync import MemoryClient
+from apcm.client.tensors import TensorFormatError
+from apcm.client.types import (
+    BankInfo,
+    DeleteResult,
+    Hit,
+    ModelInfo,
+    QueryResult,
+    RestoreResult,
+    SnapshotInfo,
+    WrittenSlot,
+)
+
+__all__ = [
+    "AlreadyExistsError",
+    "ApcmError",
+    "AsyncMemoryClient",
+    "BankInfo",
+    "ClientClosedError",
+    "DeadlineExceededError",
+    "DeleteResult",
+    "FailedPreconditionError",
+    "Hit",
+    "InternalError",
+    "InvalidArgumentError",
+    "MemoryClient",
+    "ModelInfo",
+    "NotFoundError",
+    "Overloaded",
+    "PermissionDeniedError",
+    "QueryResult",
+    "ResourceExhaustedError",
+    "RestoreResult",
+    "RetryPolicy",
+    "SnapshotInfo",
+    "TLSConfig",
+    "TensorFormatError",
+    "UnauthenticatedError",
+    "UnavailableError",
+    "UnimplementedError",
+    "WrittenSlot",
+]

@@ -10,13 +10,15 @@ import numpy as np
 
 from apcm.v1 import tensor_pb2
 
-_TO_NUMPY = {
+_TO_NUMPY: dict[int, np.dtype] = {
     tensor_pb2.DTYPE_FLOAT32: np.dtype("<f4"),
     tensor_pb2.DTYPE_FLOAT16: np.dtype("<f2"),
     tensor_pb2.DTYPE_INT8: np.dtype("i1"),
     tensor_pb2.DTYPE_FLOAT64: np.dtype("<f8"),
 }
-_FROM_NUMPY = {dt.newbyteorder("<") if dt.itemsize > 1 else dt: code for code, dt in _TO_NUMPY.items()}
+_FROM_NUMPY = {
+    dt.newbyteorder("<") if dt.itemsize > 1 else dt: code for code, dt in _TO_NUMPY.items()
+}
 DTYPE_NAMES = {
     tensor_pb2.DTYPE_FLOAT32: "float32",
     tensor_pb2.DTYPE_FLOAT16: "float16",

@@ -1,0 +1,266 @@
+"""Result types of the client: plain frozen dataclasses built from the v1 messages.
+
+Arrays are numpy views over the response bytes (read-only, zero-copy); take
+``np.array(x)`` for a writable copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+from apcm.client.tensors import DTYPE_NAMES, from_proto
+from apcm.v1 import memory_pb2
+
+POLICY_NAMES = {
+    memory_pb2.EVICTION_POLICY_UNSPECIFIED: "unspecified",
+    memory_pb2.EVICTION_POLICY_LFU: "lfu",
+    memory_pb2.EVICTION_POLICY_LFU_DECAY: "lfu_decay",
+}
+POLICY_CODES = {name: code for code, name in POLICY_NAMES.items() if code}
+WRITE_MODES = {"mean": memory_pb2.WRITE_MODE_MEAN, "per_item": memory_pb2.WRITE_MODE_PER_ITEM}
+
+
+def _dtype_name(code: int) -> str:
+    return DTYPE_NAMES.get(code, "unspecified")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The served codec.
+
+    Attributes:
+        name: model name from the weights file.
+        kind: codec family, "idrp" or "pca".
+        input_shape: shape of one item, (L, D).
+        code_dim: code dimension m.
+        code_dtype: "float32", "float16" or "int8".
+        bytes_per_code: bytes of one stored code.
+        input_bytes: bytes of one float32 input item.
+        compression_ratio: input_bytes / bytes_per_code.
+        model_hash: SHA-256 content hash of the weights (hex).
+        device: where the codec runs, e.g. "cpu" or "cuda:0".
+        max_batch_size: largest batch the server accepts in one request.
+        max_message_bytes: largest message the server accepts.
+    """
+
+    name: str
+    kind: str
+    input_shape: tuple[int, ...]
+    code_dim: int
+    code_dtype: str
+    bytes_per_code: int
+    input_bytes: int
+    compression_ratio: float
+    model_hash: str
+    device: str
+    max_batch_size: int
+    max_message_bytes: int
+
+    @classmethod
+    def from_proto(cls, msg: memory_pb2.ModelInfo) -> ModelInfo:
+        return cls(
+            name=msg.name,
+            kind=msg.kind,
+            input_shape=tuple(int(s) for s in msg.input_shape),
+            code_dim=int(msg.code_dim),
+            code_dtype=_dtype_name(msg.code_dtype),
+            bytes_per_code=int(msg.bytes_per_code),
+            input_bytes=int(msg.input_bytes),
+            compression_ratio=float(msg.compression_ratio),
+            model_hash=msg.model_hash,
+            device=msg.device,
+            max_batch_size=int(msg.max_batch_size),
+            max_message_bytes=int(msg.max_message_bytes),
+        )
+
+
+@dataclass(frozen=True)
+class WrittenSlot:
+    """Where one written memory went.
+
+    Attributes:
+        slot: slot index now holding the memory.
+        key: key of the memory ("" if none).
+        evicted: True if an older memory was evicted to make room.
+        evicted_key: key of the evicted memory ("" if none).
+        sequence: write sequence number (monotonic per server).
+        replaced: True if the write overwrote the memory with the same key.
+    """
+
+    slot: int
+    key: str
+    evicted: bool
+    evicted_key: str
+    sequence: int
+    replaced: bool
+
+    @classmethod
+    def from_proto(cls, msg: memory_pb2.WrittenSlot) -> WrittenSlot:
+        return cls(
+            slot=int(msg.slot), key=msg.key, evicted=msg.evicted, evicted_key=msg.evicted_key,
+            sequence=int(msg.sequence), replaced=msg.replaced,
+        )
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One recalled memory.
+
+    Attributes:
+        slot: slot index.
+        key: slot key ("" if none).
+        score: cosine similarity of query and memory codes, in [-1, 1].
+        weight: softmax weight of this slot among all occupied slots.
+        payload: payload bytes, or None when payloads were not requested.
+        reconstruction: decoded memory [L, D] float32, or None when not requested.
+        sequence: write sequence number of the memory (its age).
+    """
+
+    slot: int
+    key: str
+    score: float
+    weight: float
+    payload: bytes | None
+    reconstruction: np.ndarray | None
+    sequence: int
+
+    @classmethod
+    def from_proto(cls, msg: memory_pb2.Hit, with_payload: bool) -> Hit:
+        recon = from_proto(msg.reconstruction) if msg.HasField("reconstruction") else None
+        return cls(
+            slot=int(msg.slot),
+            key=msg.key,
+            score=float(msg.score),
+            weight=float(msg.weight),
+            payload=bytes(msg.payload) if with_payload else None,
+            reconstruction=recon,
+            sequence=int(msg.sequence),
+        )
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    """The answer to one query.
+
+    Attributes:
+        hits: best first; empty when the bank is empty or nothing passed min_score.
+        soft_reconstruction: the soft read [L, D] float32, or None.
+    """
+
+    hits: list[Hit]
+    soft_reconstruction: np.ndarray | None
+
+    @classmethod
+    def from_proto(cls, msg: memory_pb2.QueryResult, with_payloads: bool) -> QueryResult:
+        soft = msg.soft_reconstruction
+        return cls(
+            hits=[Hit.from_proto(h, with_payloads) for h in msg.hits],
+            soft_reconstruction=from_proto(soft) if msg.HasField("soft_reconstruction") else None,
+        )
+
+
+@dataclass(frozen=True)
+class BankInfo:
+    """A memory bank's configuration, occupancy and counters.
+
+    Attributes:
+        name: bank name.
+        capacity: number of slots.
+        occupied: slots holding a memory.
+        policy: eviction policy, "lfu" or "lfu_decay".
+        half_life: half-life of access counts under lfu_decay, in writes.
+        code_dim: dimension of the stored codes.
+        code_dtype: dtype of the stored codes.
+        evictions_total: memories evicted since creation.
+        writes_total: slots written since creation.
+        reads_total: slot reads counted since creation.
+        counter_min: smallest access counter over occupied slots.
+        counter_max: largest access counter over occupied slots.
+        counter_mean: mean access counter over occupied slots.
+        memory_bytes: bytes of codes and per-slot metadata.
+        payload_bytes: bytes of payloads.
+    """
+
+    name: str
+    capacity: int
+    occupied: int
+    policy: str
+    half_life: float
+    code_dim: int
+    code_dtype: str
+    evictions_total: int
+    writes_total: int
+    reads_total: int
+    counter_min: float
+    counter_max: float
+    counter_mean: float
+    memory_bytes: int
+    payload_bytes: int
+
+    @classmethod
+    def from_proto(cls, msg: memory_pb2.BankInfo) -> BankInfo:
+        return cls(
+            name=msg.name,
+            capacity=int(msg.capacity),
+            occupied=int(msg.occupied),
+            policy=POLICY_NAMES.get(msg.policy, "unspecified"),
+            half_life=float(msg.half_life),
+            code_dim=int(msg.code_dim),
+            code_dtype=_dtype_name(msg.code_dtype),
+            evictions_total=int(msg.evictions_total),
+            writes_total=int(msg.writes_total),
+            reads_total=int(msg.reads_total),
+            counter_min=float(msg.counter_min),
+            counter_max=float(msg.counter_max),
+            counter_mean=float(msg.counter_mean),
+            memory_bytes=int(msg.memory_bytes),
+            payload_bytes=int(msg.payload_bytes),
+        )
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    """A snapshot on the server's disk.
+
+    Attributes:
+        name: snapshot name.
+        created_at: creation time, Unix seconds.
+        size_bytes: file size.
+        wal_sequence: last write-ahead-log sequence number it contains.
+        model_hash: hash of the model its codes belong to.
+        banks: names of the banks it holds.
+        valid: True if its checksum verified when listed.
+    """
+
+    name: str
+    created_at: float
+    size_bytes: int
+    wal_sequence: int
+    model_hash: str
+    banks: tuple[str, ...]
+    valid: bool
+
+    @classmethod
+    def from_proto(cls, msg: memory_pb2.SnapshotInfo) -> SnapshotInfo:
+        return cls(
+            name=msg.name, created_at=float(msg.created_at), size_bytes=int(msg.size_bytes),
+            wal_sequence=int(msg.wal_sequence), model_hash=msg.model_hash,
+            banks=tuple(msg.banks), valid=msg.valid,
+        )
+
+
+class DeleteResult(NamedTuple):
+    """Outcome of ``delete_slots``; unpacks as ``deleted, missing_keys``."""
+
+    deleted: int
+    missing_keys: list[str]
+
+
+class RestoreResult(NamedTuple):
+    """Outcome of ``restore_snapshot``: the snapshot and the banks after the restore."""
+
+    snapshot: SnapshotInfo
+    banks: list[BankInfo]
