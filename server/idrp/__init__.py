@@ -1,0 +1,1 @@
+"""IDRP: invertible flow + predictor of the discarded latent part (the paper's model)."""

@@ -1,0 +1,70 @@
+"""``IDRPCodec``: serves an :class:`~apcm.server.idrp.model.IDRP` through the codec API."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from apcm.server.codec import Codec
+from apcm.server.errors import ModelFileError
+from apcm.server.idrp.model import IDRP, IDRPConfig
+from apcm.server.quant import CodeQuantizer
+
+
+class IDRPCodec(Codec):
+    """Codec of kind ``idrp``.
+
+    Args:
+        name: model name. input_shape: (L, D) with L * D = model.config.dim.
+        model: the IDRP module (put in eval mode here: no dropout when serving).
+        quantizer: how z_comp is stored.
+    """
+
+    kind = "idrp"
+
+    def __init__(
+        self, name: str, input_shape: tuple[int, int], model: IDRP, quantizer: CodeQuantizer
+    ) -> None:
+        super().__init__(name, input_shape, quantizer)
+        if self.input_dim != model.config.dim:
+            raise ValueError(
+                f"input shape {input_shape} does not match model dim {model.config.dim}"
+            )
+        self.model = model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @property
+    def code_dim(self) -> int:
+        return self.model.code_dim
+
+    def encode_latent(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.compress(x)
+
+    def decode_latent(self, z: torch.Tensor) -> torch.Tensor:
+        return self.model.decompress(z)
+
+    def config(self) -> dict[str, Any]:
+        return {"idrp": self.model.config.to_dict()}
+
+    def model_tensors(self) -> dict[str, torch.Tensor]:
+        return dict(self.model.state_dict())
+
+    @classmethod
+    def from_file_parts(
+        cls,
+        name: str,
+        config: dict[str, Any],
+        tensors: dict[str, torch.Tensor],
+        quantizer: CodeQuantizer,
+    ) -> IDRPCodec:
+        try:
+            model = IDRP(IDRPConfig.from_dict(config["idrp"]))
+            model.load_state_dict(tensors, strict=True)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise ModelFileError(f"IDRP config does not match the stored tensors: {e}") from e
+        return cls(name, tuple(config["input_shape"]), model, quantizer)
+
+    def _move(self, device: torch.device) -> None:
+        self.model.to(device)
