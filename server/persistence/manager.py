@@ -1,0 +1,322 @@
+"""Ties the store to its snapshots and write-ahead log.
+
+Data directory layout: ``<data_dir>/snapshots/<name>.safetensors`` and
+``<data_dir>/wal/wal-<index>.log``.
+
+Invariants:
+    * Every mutation the store acknowledges is in the log (``start`` attaches it).
+    * Before a snapshot copies the state, the log rotates to segment ``k``; every
+      record in segments below ``k`` is in the copy, and the copy records ``k``.
+    * Segments are deleted only when covered by the *second-newest* snapshot too,
+      so a damaged newest snapshot falls back to the previous one without loss.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from apcm.server.config import Settings
+from apcm.server.errors import AlreadyExists, ApcmError, FailedPrecondition
+from apcm.server.persistence import wal as wal_mod
+from apcm.server.persistence.snapshot import (
+    SnapshotCorrupt,
+    SnapshotDirectory,
+    SnapshotInfo,
+    default_name,
+    read_snapshot,
+    write_snapshot,
+)
+from apcm.server.persistence.wal import WalRecord, WriteAheadLog
+from apcm.server.store import StoreState
+
+log = logging.getLogger(__name__)
+
+__all__ = ["PersistenceManager", "RecoveryReport", "SnapshotInfo"]
+
+
+@dataclass
+class RecoveryReport:
+    """What start-up recovery did."""
+
+    snapshot: str | None = None
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    replayed: int = 0
+    truncated_bytes: int = 0
+    last_seq: int = 0
+
+
+class PersistenceManager:
+    """Start-up recovery, snapshots (on demand, periodic, at shutdown), restore.
+
+    Args:
+        store: the ``MemoryStore`` (``export_state``, ``load_state``, ``apply_record``,
+            ``set_log``, ``last_seq``).
+        settings: server settings (``data_dir``, ``snapshot_*``, ``wal_*``,
+            ``allow_empty_start``).
+        codec_hash: content hash of the served codec; snapshots and logs are tied to it.
+        codec_kind: ``"pca"`` or ``"idrp"``.
+        metrics: optional object with ``observe_snapshot(seconds, ok)``,
+            ``set_wal_bytes(n)`` and ``observe_fsync(seconds)``.
+    """
+
+    def __init__(
+        self,
+        store: Any,
+        settings: Settings,
+        codec_hash: str,
+        codec_kind: str,
+        metrics: Any = None,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.codec_hash = codec_hash
+        self.codec_kind = codec_kind
+        self.metrics = metrics
+        root = Path(settings.data_dir)
+        self.snapshots = SnapshotDirectory(root / "snapshots")
+        self.wal_dir = root / "wal"
+        self.wal: WriteAheadLog | None = None
+        self._snapshot_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- start-up ----------------------------------------------------------------------
+    def recover(self) -> RecoveryReport:
+        """Load the newest valid snapshot, then replay the log after its sequence.
+
+        Damaged snapshots are skipped for older ones, loudly. With snapshots on
+        disk but none valid, start-up is refused unless ``allow_empty_start``.
+
+        Raises:
+            FailedPrecondition: no valid snapshot (and empty start not allowed); the
+                snapshot or log belongs to another model (the message names its
+                hash); log records a usable snapshot needs are missing or damaged.
+        """
+        report = RecoveryReport()
+        state = None
+        info: SnapshotInfo | None = None
+        names = self.snapshots.list(verify=False)
+        for candidate in names:
+            try:
+                info, banks = read_snapshot(self.snapshots.path(candidate.name))
+            except SnapshotCorrupt as e:
+                log.error("SKIPPING damaged snapshot %s: %s", candidate.name, e.message)
+                report.skipped.append((candidate.name, e.message))
+                continue
+            self._check_model(info)
+            state = self._state(info.wal_sequence, banks)
+            break
+        if names and state is None:
+            reasons = "; ".join(f"{n}: {r}" for n, r in report.skipped)
+            if not self.settings.allow_empty_start:
+                raise FailedPrecondition(
+                    f"no valid snapshot in {self.snapshots.directory} ({reasons}); refusing "
+                    "to start with empty banks. Restore a good snapshot file, or start with "
+                    "--allow-empty-start to accept the loss"
+                )
+            log.error("no valid snapshot (%s); starting EMPTY because allow_empty_start", reasons)
+        if info is not None and state is not None:
+            self.store.load_state(state)
+            report.snapshot = info.name
+            log.info("loaded snapshot %s (wal sequence %d)", info.name, info.wal_sequence)
+        after = info.wal_sequence if info is not None else 0
+        report.last_seq = after
+        if not self._log_covers(info, bool(names)):
+            return report
+        result = wal_mod.replay(self.wal_dir, self.codec_hash, after, self._apply)
+        report.replayed = result.applied
+        report.truncated_bytes = result.truncated_bytes
+        if result.applied:
+            log.info("replayed %d write-ahead-log records after sequence %d", result.applied,
+                     after)
+        report.last_seq = max(after, result.last_seq)
+        return report
+
+    def _log_covers(self, info: SnapshotInfo | None, had_snapshots: bool) -> bool:
+        """Whether the log holds every segment the recovered snapshot does not cover."""
+        segments = wal_mod.list_segments(self.wal_dir)
+        if not segments:
+            return False
+        need = info.wal_segment if info is not None else 1
+        if segments[0][0] <= max(need, 1):
+            return True
+        missing = f"segments {max(need, 1)}..{segments[0][0] - 1}"
+        if info is None and had_snapshots:
+            # Empty start accepted: the log's head was covered by the lost snapshots.
+            aside = self.wal_dir.with_name(f"wal.unusable-{int(time.time())}")
+            self.wal_dir.rename(aside)
+            log.error("write-ahead log lacks %s; moved it to %s and starting empty", missing,
+                      aside)
+            return False
+        message = (
+            f"write-ahead log {self.wal_dir} lacks {missing} needed after snapshot "
+            f"{info.name if info else '(none)'}: acknowledged writes would be lost"
+        )
+        if not self.settings.allow_empty_start:
+            raise FailedPrecondition(message + "; start with --allow-empty-start to accept it")
+        log.error("%s; continuing because allow_empty_start", message)
+        return True
+
+    def _apply(self, record: WalRecord) -> None:
+        try:
+            self.store.apply_record(record.seq, record.kind, record.bank, record.fields)
+        except ApcmError as e:
+            raise FailedPrecondition(
+                f"write-ahead log record {record.seq} ({record.kind} on bank {record.bank!r}) "
+                f"cannot be replayed: {e.message}"
+            ) from e
+
+    def start(self) -> None:
+        """Open a fresh log segment, attach it to the store, start periodic snapshots."""
+        self.wal = WriteAheadLog(
+            self.wal_dir, self.codec_hash, mode=self.settings.wal_mode,
+            interval_s=self.settings.wal_interval_s, metrics=self.metrics,
+        )
+        self.wal.open()
+        self.store.set_log(self.wal)
+        if self.settings.snapshot_interval_s > 0:
+            self._stop.clear()
+            self._thread = threading.Thread(
+                target=self._periodic, name="apcm-snapshots", daemon=True
+            )
+            self._thread.start()
+
+    def _periodic(self) -> None:
+        # Always snapshot on the interval: read counters change without a log record.
+        while not self._stop.wait(self.settings.snapshot_interval_s):
+            try:
+                self.snapshot()
+            except Exception:
+                log.exception("periodic snapshot failed")
+
+    def close(self, final_snapshot: bool = True) -> None:
+        """Stop periodic snapshots, optionally write a final one, close the log."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        try:
+            if final_snapshot and self.wal is not None:
+                self.snapshot()
+        finally:
+            if self.wal is not None:
+                self.store.set_log(None)
+                self.wal.close()
+                self.wal = None
+
+    # -- snapshots ---------------------------------------------------------------------
+    def snapshot(self, name: str | None = None) -> SnapshotInfo:
+        """Write a snapshot of every bank and trim the log it makes redundant.
+
+        Raises:
+            InvalidArgument: a bad name.
+            AlreadyExists: a snapshot of that name exists.
+        """
+        if name is not None:
+            self.snapshots.path(name)  # validate before doing any work
+        with self._snapshot_lock:
+            t0 = time.perf_counter()
+            try:
+                info = self._snapshot_locked(name)
+            except Exception:
+                self._observe(time.perf_counter() - t0, ok=False)
+                raise
+            self._observe(time.perf_counter() - t0, ok=True)
+            return info
+
+    def _snapshot_locked(self, name: str | None) -> SnapshotInfo:
+        if name is not None and self.snapshots.path(name).exists():
+            raise AlreadyExists(f"snapshot {name!r} already exists", field="name")
+        boundary = self._rotate()
+        state = self.store.export_state()
+        created = time.time()
+        if name is None:
+            name = default_name(created, state.last_seq)
+            suffix = 1
+            while self.snapshots.path(name).exists():
+                suffix += 1
+                name = f"{default_name(created, state.last_seq)}-{suffix}"
+        info = write_snapshot(
+            self.snapshots.directory,
+            name,
+            banks=state.banks,
+            wal_sequence=state.last_seq,
+            wal_segment=boundary,
+            model_hash=self.codec_hash,
+            codec_kind=self.codec_kind,
+            created_at=created,
+        )
+        self.snapshots.remember(info)
+        log.info("snapshot %s written: %d bytes, wal sequence %d", info.name, info.size_bytes,
+                 info.wal_sequence)
+        self.snapshots.prune(self.settings.snapshot_keep)
+        self._trim_log()
+        return info
+
+    def _rotate(self) -> int:
+        """Start a new log segment; returns the first index the snapshot may not cover."""
+        if self.wal is not None:
+            return self.wal.rotate()
+        segments = wal_mod.list_segments(self.wal_dir)
+        return segments[-1][0] + 1 if segments else 1
+
+    def _trim_log(self) -> None:
+        if self.wal is None:
+            return
+        ours = [i for i in self.snapshots.list(verify=False) if i.model_hash == self.codec_hash]
+        if ours:
+            self.wal.delete_segments_before(min(i.wal_segment for i in ours[:2]))
+
+    def _observe(self, seconds: float, ok: bool) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_snapshot(seconds, ok)
+
+    def list_snapshots(self) -> list[SnapshotInfo]:
+        """Every snapshot on disk, newest first, each with its verified validity."""
+        return self.snapshots.list(verify=True)
+
+    def restore(self, name: str) -> SnapshotInfo:
+        """Replace every bank with snapshot ``name``, then snapshot the result.
+
+        Sequence numbers keep increasing across a restore, so log records written
+        before it are covered by the snapshot that follows it.
+
+        Raises:
+            InvalidArgument: a bad name. NotFound: no such snapshot.
+            FailedPrecondition: damaged, or made with another model (names its hash).
+        """
+        path = self.snapshots.path(name)
+        self.snapshots.info(name, verify=False)  # NotFound when absent
+        info, banks = read_snapshot(path)
+        self._check_model(info)
+        # Writers wait on store.lock until the restored state is in a snapshot, so no
+        # acknowledged write lands between the swap and the snapshot that makes it durable.
+        with self._snapshot_lock, self.store.lock:
+            state = self._state(max(info.wal_sequence, int(self.store.last_seq)), banks)
+            self.store.load_state(state)
+            log.warning("restored snapshot %s (%d banks)", name, len(banks))
+            t0 = time.perf_counter()
+            try:
+                self._snapshot_locked(None)
+            except Exception:
+                self._observe(time.perf_counter() - t0, ok=False)
+                raise
+            self._observe(time.perf_counter() - t0, ok=True)
+        return info
+
+    # -- helpers -----------------------------------------------------------------------
+    def _check_model(self, info: SnapshotInfo) -> None:
+        if info.model_hash != self.codec_hash:
+            raise FailedPrecondition(
+                f"snapshot {info.name!r} was made with model {info.model_hash}, but this "
+                f"server serves model {self.codec_hash}; it needs model {info.model_hash}"
+            )
+
+    @staticmethod
+    def _state(last_seq: int, banks: dict[str, Any]) -> StoreState:
+        return StoreState(last_seq=last_seq, banks=banks)
