@@ -71,7 +71,7 @@ def _k8s_objects() -> dict[str, dict[str, Any]]:
     return objects
 
 
-def _dockerfile_env() -> dict[str, str]:
+def dockerfile_env() -> dict[str, str]:
     text = (ROOT / "Dockerfile").read_text(encoding="utf-8").replace("\\\n", " ")
     env: dict[str, str] = {}
     for line in text.splitlines():
@@ -80,14 +80,14 @@ def _dockerfile_env() -> dict[str, str]:
     return env
 
 
-def _metric_names(expr: str) -> set[str]:
+def metric_names(expr: str) -> set[str]:
     without_strings = re.sub(r'"[^"]*"', "", expr)
     without_labels = re.sub(r"\{[^}]*\}|\[[^\]]*\]|by \([^)]*\)|on \([^)]*\)", "", without_strings)
     words = set(re.findall(r"\b[a-z_][a-z0-9_]*\b", without_labels))
     return {w for w in words - PROMQL_WORDS if "_" in w and not w.startswith("__")}
 
 
-def _family(sample_name: str) -> str:
+def metric_family(sample_name: str) -> str:
     for suffix in HISTOGRAM_SUFFIXES:
         base = sample_name.removesuffix(suffix)
         if base != sample_name and base in SERVER_METRICS:
@@ -123,14 +123,14 @@ def test_dockerfile_contract() -> None:
     assert re.search(r"^EXPOSE 50051 9090$", text, flags=re.M)
     assert "HEALTHCHECK" in text and "/opt/apcm/healthcheck.py" in text
     assert 'ENTRYPOINT ["apcm"]' in text and 'CMD ["serve"]' in text
-    env = _dockerfile_env()
+    env = dockerfile_env()
     assert env["APCM_DATA_DIR"] == "/var/lib/apcm"
     assert env["APCM_GRPC_PORT"] == "50051" and env["APCM_METRICS_PORT"] == "9090"
     assert env["APCM_MODEL"] == "/opt/apcm/" + Settings().model
 
 
 def test_dockerfile_env_names_real_settings() -> None:
-    env = {k for k in _dockerfile_env() if k.startswith("APCM_")}
+    env = {k for k in dockerfile_env() if k.startswith("APCM_")}
     assert env and env <= SETTINGS_ENV, env - SETTINGS_ENV
 
 
@@ -283,7 +283,7 @@ def test_alerts_cover_the_issue() -> None:
 @pytest.mark.parametrize("source", ["alerts", "dashboard"])
 def test_queries_use_only_exported_metrics(source: str) -> None:
     exprs = alert_exprs() if source == "alerts" else dashboard_exprs()
-    used = {_family(n) for e in exprs for n in _metric_names(e)}
+    used = {metric_family(n) for e in exprs for n in metric_names(e)}
     assert used <= SERVER_METRICS, used - SERVER_METRICS
 
 

@@ -436,7 +436,7 @@ def test_server_credentials_validation(pki: Pki, tmp_path: Path) -> None:
 # ---------------------------------------------------------------- container health check
 
 
-def _healthcheck_module() -> ModuleType:
+def healthcheck_module() -> ModuleType:
     path = ROOT / "deploy" / "healthcheck.py"
     spec = importlib.util.spec_from_file_location("apcm_healthcheck", path)
     assert spec is not None and spec.loader is not None
@@ -448,7 +448,7 @@ def _healthcheck_module() -> ModuleType:
 def test_container_healthcheck_over_plaintext_tls_and_mtls(
     make_server: Callable[..., ApcmServer], pki: Pki
 ) -> None:
-    check = _healthcheck_module().check
+    check = healthcheck_module().check
     keyed = make_server(api_keys=RW_KEY)
     assert check({"APCM_GRPC_PORT": str(keyed.port)})
     tls = make_server(tls_cert=str(pki.server_cert), tls_key=str(pki.server_key))
