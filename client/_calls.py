@@ -184,16 +184,15 @@ def read(
     if int(top_k) < 1:
         raise invalid_argument(f"top_k must be >= 1, got {top_k}")
     field, arr = _content(x, codes)
-    optional = {}
-    if temperature is not None:
-        optional["temperature"] = float(temperature)
-    if min_score is not None:
-        optional["min_score"] = float(min_score)
     request = memory_pb2.ReadRequest(
         bank=bank, top_k=int(top_k), include_reconstruction=reconstruct,
         include_payloads=payloads, soft=soft, skip_access_count=not count_access,
-        **{field: to_proto(arr)}, **optional,
+        **{field: to_proto(arr)},
     )
+    if temperature is not None:
+        request.temperature = float(temperature)
+    if min_score is not None:
+        request.min_score = float(min_score)
     return Call(
         "Read", request, lambda r: [QueryResult.from_proto(q, payloads) for q in r.results]
     )

@@ -8,6 +8,8 @@ encoding without a hand-rolled wire format, and no clash with the generated
 
 from __future__ import annotations
 
+from typing import Any
+
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 CHECK_METHOD = "/grpc.health.v1.Health/Check"
@@ -15,7 +17,7 @@ _PACKAGE = "grpc.health.v1"
 _STATUSES = ("UNKNOWN", "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN")
 
 
-def _build_messages() -> tuple[type, type]:
+def _build_messages() -> tuple[Any, Any]:
     fdp = descriptor_pb2.FileDescriptorProto(
         name="apcm_client_health.proto", package=_PACKAGE, syntax="proto3"
     )

@@ -6,11 +6,13 @@ encoding copies once, into the message.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from apcm.v1 import tensor_pb2
 
-_TO_NUMPY: dict[int, np.dtype] = {
+_TO_NUMPY: dict[Any, np.dtype] = {
     tensor_pb2.DTYPE_FLOAT32: np.dtype("<f4"),
     tensor_pb2.DTYPE_FLOAT16: np.dtype("<f2"),
     tensor_pb2.DTYPE_INT8: np.dtype("i1"),

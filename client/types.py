@@ -7,7 +7,7 @@ Arrays are numpy views over the response bytes (read-only, zero-copy); take
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -23,7 +23,7 @@ POLICY_CODES = {name: code for code, name in POLICY_NAMES.items() if code}
 WRITE_MODES = {"mean": memory_pb2.WRITE_MODE_MEAN, "per_item": memory_pb2.WRITE_MODE_PER_ITEM}
 
 
-def _dtype_name(code: int) -> str:
+def _dtype_name(code: Any) -> str:
     return DTYPE_NAMES.get(code, "unspecified")
 
 
