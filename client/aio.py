@@ -47,6 +47,9 @@ class AsyncMemoryClient:
 
     ``interceptors`` are ``grpc.aio.ClientInterceptor`` objects. Use as
     ``async with AsyncMemoryClient(...) as client:`` or ``await client.close()``.
+    The channel opens on first use, because a ``grpc.aio`` channel belongs to
+    the event loop it was created in: the client may be constructed anywhere
+    but must then be used from one loop.
     """
 
     def __init__(
@@ -65,24 +68,37 @@ class AsyncMemoryClient:
         self.timeout = timeout
         self._retry = RetryPolicy.coerce(retries)
         self._metadata = auth_metadata(api_key)
-        tls_config = resolve_tls(tls)
-        opts = channel_options(max_message_bytes, self._retry, tls_config, options)
-        self._channel = open_aio_channel(address, opts, tls_config, interceptors)
-        self._methods = _calls.bind_methods(self._channel)
+        self._tls = resolve_tls(tls)
+        self._options = channel_options(max_message_bytes, self._retry, self._tls, options)
+        self._interceptors = list(interceptors)
+        self._channel: grpc.aio.Channel | None = None
+        self._methods: dict[str, Any] = {}
         self._closed = False
 
     # ------------------------------------------------------------ lifecycle
 
     @property
     def channel(self) -> grpc.aio.Channel:
-        """The underlying asyncio channel."""
+        """The underlying asyncio channel (opened in the current event loop if need be)."""
+        return self._open()
+
+    def _open(self) -> grpc.aio.Channel:
+        """The channel, opened on first use; ``ClientClosedError`` after ``close()``."""
+        if self._closed:
+            raise ClientClosedError("AsyncMemoryClient is closed")
+        if self._channel is None:
+            self._channel = open_aio_channel(
+                self.address, self._options, self._tls, self._interceptors
+            )
+            self._methods = _calls.bind_methods(self._channel)
         return self._channel
 
     async def close(self) -> None:
         """Close the channel; further calls raise ``ClientClosedError``. Idempotent."""
         if not self._closed:
             self._closed = True
-            await self._channel.close()
+            if self._channel is not None:
+                await self._channel.close()
 
     async def __aenter__(self) -> AsyncMemoryClient:
         return self
@@ -100,12 +116,11 @@ class AsyncMemoryClient:
         return f"AsyncMemoryClient({self.address!r}, {state})"
 
     async def _invoke(self, call: _calls.Call[T], timeout: float | None) -> T:
-        if self._closed:
-            raise ClientClosedError("AsyncMemoryClient is closed")
+        self._open()
+        method = self._methods[call.method]
         budget = self.timeout if timeout is None else timeout
         deadline = None if budget is None else time.monotonic() + budget
         pauses = self._retry.backoffs() if call.retryable else iter(())
-        method = self._methods[call.method]
         while True:
             remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
             try:

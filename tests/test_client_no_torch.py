@@ -236,12 +236,15 @@ def test_deadline_bounds_the_retries(closed_address: str) -> None:
 
 def test_async_client_retries_unavailable(closed_address: str) -> None:
     rec = AsyncRecorder()
+    # Built outside any event loop: the channel opens in the loop that first uses it.
+    client = AsyncMemoryClient(closed_address, retries=FAST_RETRY, interceptors=[rec])
 
     async def main() -> None:
-        async with AsyncMemoryClient(closed_address, retries=FAST_RETRY,
-                                     interceptors=[rec]) as client:
+        async with client:
             with pytest.raises(UnavailableError):
                 await client.compress(np.zeros((1, 8, 8), np.float32))
+        with pytest.raises(ClientClosedError):
+            await client.health()
 
     asyncio.run(main())
     assert len(rec.calls) == 1 + FAST_RETRY.max_retries
