@@ -89,7 +89,8 @@ class Settings:
         for f in fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
-                raise ValueError(f"{f.name} must be one of {choices}, got {getattr(self, f.name)!r}")
+                value = getattr(self, f.name)
+                raise ValueError(f"{f.name} must be one of {choices}, got {value!r}")
         for name in ("max_workers", "max_concurrent_rpcs", "max_message_bytes", "max_batch_size",
                      "max_bank_capacity", "default_bank_capacity", "batch_max_size"):
             if getattr(self, name) < 1:

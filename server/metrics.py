@@ -6,6 +6,7 @@ names (operator-created, capped by the number of banks) — never slots or keys.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from typing import Any
 
@@ -108,7 +109,8 @@ class Metrics:
 
     def set_model(self, codec: Any) -> None:
         self.model_info.labels(
-            name=codec.name, kind=codec.kind, hash=codec.content_hash[:16], device=str(codec.device),
+            name=codec.name, kind=codec.kind, hash=codec.content_hash[:16],
+            device=str(codec.device),
             code_dim=str(codec.code_dim), code_dtype=codec.code_dtype,
             ratio=f"{codec.compression_ratio:g}",
         ).set(1)
@@ -121,10 +123,8 @@ class Metrics:
     def forget_bank(self, name: str) -> None:
         for metric in (self.bank_capacity, self.bank_occupied, self.bank_evictions,
                        self.bank_writes):
-            try:
+            with contextlib.suppress(KeyError):
                 metric.remove(name)
-            except KeyError:
-                pass
 
     # -- HTTP endpoint ---------------------------------------------------------------
     def start_http(self, host: str, port: int) -> int:

@@ -1,0 +1,88 @@
+"""Everything one server instance owns: codec, engine, banks, persistence, metrics.
+
+The servicer reaches the domain only through this object, so the gRPC layer
+stays a thin proto <-> domain translation.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from apcm.server.codec import Codec
+from apcm.server.config import Settings
+from apcm.server.engine import Engine
+from apcm.server.errors import FailedPrecondition
+from apcm.server.metrics import Metrics
+from apcm.server.store import MemoryStore
+
+log = logging.getLogger(__name__)
+
+
+class Runtime:
+    """Components of a running server and its readiness flag."""
+
+    def __init__(self, settings: Settings, codec: Codec, engine: Engine, metrics: Metrics) -> None:
+        self.settings = settings
+        self.codec = codec
+        self.engine = engine
+        self.metrics = metrics
+        self.ready = threading.Event()
+        self.on_serving_change: Callable[[bool], None] = lambda serving: None
+        self.store = MemoryStore(
+            code_dim=codec.code_dim,
+            code_dtype=codec.code_dtype,
+            scale=codec.quantizer.scale,
+            device=codec.device,
+            max_capacity=settings.max_bank_capacity,
+            max_payload_bytes=settings.max_payload_bytes,
+            max_key_length=settings.max_key_length,
+            default_policy=settings.default_policy,
+            default_half_life=settings.default_half_life,
+        )
+        self.persistence: Any = self._build_persistence()
+
+    def _build_persistence(self) -> Any:
+        from apcm.server.persistence.manager import PersistenceManager
+
+        return PersistenceManager(
+            self.store, self.settings, self.codec.content_hash, self.codec.kind,
+            metrics=self.metrics,
+        )
+
+    def recover(self) -> None:
+        """Restore banks from disk, then make sure the default bank exists."""
+        self.persistence.recover()
+        self.persistence.start()
+        s = self.settings
+        self.store.create_bank(s.default_bank, s.default_bank_capacity, exist_ok=True)
+        self.refresh_bank_metrics()
+
+    def start_background(self) -> None:
+        """Hook for background workers started once the server is ready."""
+
+    def require_ready(self) -> None:
+        if not self.ready.is_set():
+            raise FailedPrecondition("the server is not ready (starting, restoring or stopping)")
+
+    def restore(self, name: str) -> Any:
+        """Replace every bank with a snapshot; not serving while it runs."""
+        self.ready.clear()
+        self.on_serving_change(False)
+        try:
+            return self.persistence.restore(name)
+        finally:
+            self.refresh_bank_metrics()
+            self.ready.set()
+            self.on_serving_change(True)
+
+    def refresh_bank_metrics(self) -> None:
+        self.metrics.observe_banks(self.store.list())
+
+    def close(self) -> None:
+        try:
+            self.persistence.close(final_snapshot=True)
+        except Exception:
+            log.exception("final snapshot failed")

@@ -1,0 +1,73 @@
+"""The ``apcm`` command line as a user runs it: a subprocess serving real gRPC."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+
+from apcm.client import MemoryClient
+from apcm.server.config import Settings, env_name
+
+APCM = [sys.executable, "-m", "apcm.server.cli"]
+
+
+def test_serve_help_documents_every_flag_and_its_env_var() -> None:
+    out = subprocess.run([*APCM, "serve", "--help"], capture_output=True, text=True, check=True)
+    text = " ".join(out.stdout.split())
+    for f in fields(Settings):
+        assert "--" + f.name.replace("_", "-") in text, f.name
+        assert env_name(f.name) in text, f.name
+    assert "--port" in text and "APCM_GRPC_PORT" in text
+
+
+def _start(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, int]:
+    proc = subprocess.Popen([*APCM, "serve", *args], env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    assert proc.stderr is not None
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        match = re.search(r"serving gRPC on .*:(\d+)", line)
+        if match:
+            return proc, int(match.group(1))
+        if not line and proc.poll() is not None:
+            break
+    proc.kill()
+    raise AssertionError(f"server did not start: exit {proc.poll()}")
+
+
+def test_cli_server_round_trip_and_clean_sigterm(model_path: Path, tmp_path: Path, codec,
+                                                 digits) -> None:
+    env = {**os.environ, "APCM_METRICS_PORT": "-1", "APCM_DATA_DIR": str(tmp_path)}
+    proc, port = _start(["--model", str(model_path), "--host", "127.0.0.1", "--port", "0"], env)
+    try:
+        with MemoryClient(f"127.0.0.1:{port}", timeout=20) as client:
+            assert client.health() == "SERVING"
+            x = digits[1600:1610]
+            recon = client.decompress(client.compress(x))
+        import torch
+
+        expected = codec.decompress(codec.compress(torch.from_numpy(x))).numpy()
+        np.testing.assert_allclose(recon, expected, rtol=0, atol=1e-6)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_cli_refuses_a_missing_model_with_a_clear_message(tmp_path: Path) -> None:
+    env = {**os.environ, "APCM_METRICS_PORT": "-1", "APCM_DATA_DIR": str(tmp_path)}
+    out = subprocess.run(
+        [*APCM, "serve", "--model", str(tmp_path / "nope.safetensors"), "--port", "0"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 2
+    assert "does not exist" in out.stderr
