@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("serve", "fit_pca", "bench")
+COMMANDS = ("serve", "train", "eval", "bench", "fit_pca")
 
 
 def build_parser() -> argparse.ArgumentParser:
