@@ -5,8 +5,8 @@ TLS is on, since native gRPC probes speak plaintext only). Exit status 0 when th
 server answers SERVING, 1 otherwise. Needs only grpcio and grpcio-health-checking.
 
 Reads the server's own ``APCM_*`` settings to find the port and whether TLS is
-on; with TLS, it trusts ``APCM_HEALTHCHECK_CA`` (default: ``APCM_TLS_CERT``,
-right for a self-signed certificate or a file holding the whole chain) and
+on; with TLS, it trusts ``APCM_HEALTHCHECK_CA`` (default: the server's own
+``APCM_TLS_CERT``; set the CA bundle where that does not verify) and
 checks the name ``APCM_HEALTHCHECK_SERVER_NAME`` (default ``localhost``). With
 mTLS it presents ``APCM_HEALTHCHECK_CERT``/``APCM_HEALTHCHECK_KEY`` (default:
 the server's own certificate and key, which the client CA must then have signed).
