@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+
 from apcm.server.config import Settings
 
 log = logging.getLogger(__name__)

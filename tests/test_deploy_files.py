@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from apcm.server.config import Settings, env_name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,8 +34,9 @@ HEALTHCHECK_ENV = {"APCM_HEALTHCHECK_CA", "APCM_HEALTHCHECK_CERT", "APCM_HEALTHC
 
 def _exported_metric_families() -> set[str]:
     """Every family the server's Metrics object exports, as the scrape names them."""
-    from apcm.server.metrics import Metrics
     from prometheus_client import CollectorRegistry, generate_latest
+
+    from apcm.server.metrics import Metrics
 
     text = generate_latest(Metrics(CollectorRegistry()).registry).decode()
     return set(re.findall(r"^# TYPE (\S+) ", text, flags=re.M))

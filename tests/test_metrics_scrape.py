@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from apcm.client import MemoryClient
 from test_deploy_files import (
     SERVER_METRICS,
     alert_exprs,
@@ -34,6 +33,8 @@ from test_deploy_files import (
     metric_names,
 )
 from test_security import healthcheck_module
+
+from apcm.client import MemoryClient
 
 ROOT = Path(__file__).resolve().parents[1]
 READY_LINE = re.compile(r"serving gRPC on (\S+):(\d+), metrics on :(\d+)")

@@ -21,6 +21,12 @@ from types import ModuleType
 import grpc
 import numpy as np
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
 from apcm.client import (
     MemoryClient,
     PermissionDeniedError,
@@ -32,11 +38,6 @@ from apcm.server.app import ApcmServer, build_server
 from apcm.server.auth import KeyRing, Role, bearer_token, read_keys_file
 from apcm.server.config import Settings
 from apcm.server.tls import server_credentials
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
 RW_KEY = "rw-0123456789abcdef0123456789abcdef"
