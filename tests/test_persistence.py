@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
+
 from apcm.server.config import Settings
 from apcm.server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from apcm.server.persistence import snapshot as snap
@@ -16,7 +18,6 @@ from apcm.server.persistence.manager import PersistenceManager, RecoveryReport
 from apcm.server.persistence.snapshot import SnapshotCorrupt, SnapshotDirectory
 from apcm.server.persistence.wal import WalCorruptError, WalError, WriteAheadLog
 from apcm.server.store import MemoryStore
-from safetensors import safe_open
 
 HASH = "a" * 64
 
@@ -618,3 +619,14 @@ def test_snapshot_under_concurrent_writes_is_the_state_at_its_sequence(tmp_path:
         np.testing.assert_array_equal(arrays["codes"][slot], code)
     for _, slot, _ in after:
         assert arrays["occupied"][slot] == 0
+
+
+def test_recovery_removes_files_of_an_interrupted_snapshot_write(tmp_path: Path) -> None:
+    first = _manager(tmp_path, _store())
+    first.recover()
+    first.snapshot("good")
+    partial = tmp_path / "snapshots" / ".next.safetensors.tmp-4242"
+    partial.write_bytes(b"\x00" * 100)
+    report = _manager(tmp_path, _store()).recover()
+    assert report.snapshot == "good" and not partial.exists()
+    assert (tmp_path / "snapshots" / "good.safetensors").exists()

@@ -98,6 +98,7 @@ class PersistenceManager:
                 hash); log records a usable snapshot needs are missing or damaged.
         """
         report = RecoveryReport()
+        self.snapshots.remove_partial_files()
         state = None
         info: SnapshotInfo | None = None
         names = self.snapshots.list(verify=False)

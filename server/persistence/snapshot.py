@@ -25,11 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
 from apcm.server.errors import AlreadyExists, FailedPrecondition, NotFound
 from apcm.server.fsutil import atomic_write, fsync_dir
 from apcm.server.names import validate_snapshot_name
-from safetensors import safe_open
-from safetensors.numpy import save_file
 
 log = logging.getLogger(__name__)
 
@@ -274,6 +275,17 @@ class SnapshotDirectory:
             except NotFound:
                 continue  # deleted while listing
         return sorted(infos, key=lambda i: (i.created_at, i.name), reverse=True)
+
+    def remove_partial_files(self) -> list[str]:
+        """Delete temp files of snapshot writes a crash interrupted; returns their names."""
+        if not self.directory.is_dir():
+            return []
+        stale = [p for p in self.directory.iterdir()
+                 if p.name.startswith(".") and f"{SUFFIX}.tmp-" in p.name]
+        for p in stale:
+            log.warning("removing %s, left by a snapshot write that did not finish", p.name)
+            p.unlink()
+        return [p.name for p in stale]
 
     def prune(self, keep: int) -> list[str]:
         """Delete all but the ``keep`` newest snapshots; returns the deleted names."""

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
+
 from apcm.server.errors import ApcmError, FailedPrecondition
 from apcm.server.fsutil import fsync_dir
 
