@@ -2,6 +2,7 @@
 #   docker build -t apcm:cpu .
 # CUDA: torch's CUDA wheels carry their own CUDA runtime, so the base stays the same;
 # the host needs the NVIDIA driver and container toolkit (docker run --gpus all).
+# Pick a cuXYZ index your driver supports and TORCH_VERSION is published for.
 #   docker build -t apcm:cuda --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 .
 ARG PYTHON_IMAGE=python:3.11-slim
 
