@@ -94,7 +94,6 @@ class ApcmServer:
         self._set_health(False)
         self.runtime.recover()
         self.warm_up()
-        self.runtime.start_background()
         self.runtime.ready.set()
         self._set_health(True)
         log.info("serving %s on port %d", self.runtime.codec.name, self.port)

@@ -8,10 +8,13 @@ view is read-only and torch needs to own it) and come back with ``.numpy()``.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 
+from apcm.server.batching import MicroBatcher
 from apcm.server.codec import Codec
 from apcm.server.errors import InvalidArgument
 
@@ -37,6 +40,28 @@ class Engine:
         self.codec = codec
         self.max_batch_size = max_batch_size
         self.code_np_dtype = np.dtype(codec.code_dtype)
+        self._compress: Callable[[np.ndarray], Any] = self._compress_now
+        self._decompress: Callable[[np.ndarray], Any] = self._decompress_now
+        self._encode: Callable[[np.ndarray], Any] = self._encode_now
+        self._batchers: list[MicroBatcher] = []
+
+    def enable_batching(
+        self, max_batch: int, max_wait_s: float, observe: Callable[[str, int], None]
+    ) -> None:
+        """Route model calls through micro-batchers that merge concurrent requests."""
+        def batcher(fn: Callable[[np.ndarray], Any], method: str) -> MicroBatcher:
+            b = MicroBatcher(fn, max_batch=max_batch, max_wait_s=max_wait_s, name=method,
+                             observe=lambda n: observe(method, n))
+            self._batchers.append(b)
+            return b
+
+        self._compress = batcher(self._compress_now, "Compress")
+        self._decompress = batcher(self._decompress_now, "Decompress")
+        self._encode = batcher(self._encode_now, "Encode")
+
+    def close(self) -> None:
+        for b in self._batchers:
+            b.close()
 
     # -- validation ----------------------------------------------------------------
     def _check_batch(self, array: np.ndarray, what: str, field: str) -> None:
@@ -89,15 +114,24 @@ class Engine:
     # -- model calls ---------------------------------------------------------------
     def compress(self, inputs: np.ndarray) -> np.ndarray:
         """Validated [B, L, D] float32 -> codes [B, m]."""
-        return self.codec.compress(_as_tensor(inputs)).cpu().numpy()
+        return self._compress(inputs)
 
     def decompress(self, codes: np.ndarray) -> np.ndarray:
         """Validated codes [B, m] -> [B, L, D] float32."""
+        return self._decompress(codes)
+
+    def encode_latent(self, inputs: np.ndarray) -> torch.Tensor:
+        """Validated [B, L, D] -> z_comp [B, m] float32 on the codec's device."""
+        return self._encode(inputs)
+
+    def _compress_now(self, inputs: np.ndarray) -> np.ndarray:
+        return self.codec.compress(_as_tensor(inputs)).cpu().numpy()
+
+    def _decompress_now(self, codes: np.ndarray) -> np.ndarray:
         return self.codec.decompress(_as_tensor(codes)).cpu().numpy()
 
     @torch.inference_mode()
-    def encode_latent(self, inputs: np.ndarray) -> torch.Tensor:
-        """Validated [B, L, D] -> z_comp [B, m] float32 on the codec's device."""
+    def _encode_now(self, inputs: np.ndarray) -> torch.Tensor:
         x = _as_tensor(inputs).to(self.codec.device).reshape(inputs.shape[0], -1)
         return self.codec.encode_latent(x)
 

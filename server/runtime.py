@@ -11,6 +11,11 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+import torch
+
+from apcm.server.bank import ReadResult
+from apcm.server.batching import KeyedBatcher
 from apcm.server.codec import Codec
 from apcm.server.config import Settings
 from apcm.server.engine import Engine
@@ -43,6 +48,41 @@ class Runtime:
             default_half_life=settings.default_half_life,
         )
         self.persistence: Any = self._build_persistence()
+        self._reads: KeyedBatcher | None = None
+        if settings.batching:
+            wait_s = settings.batch_max_wait_us / 1e6
+
+            def observe(method: str, n: int) -> None:
+                metrics.batch_size.labels(method).observe(n)
+
+            engine.enable_batching(settings.batch_max_size, wait_s, observe)
+            self._reads = KeyedBatcher(
+                self._read_rows, max_batch=settings.batch_max_size, max_wait_s=wait_s,
+                observe=lambda n: observe("Read", n),
+            )
+
+    def read(self, bank: str, latents: torch.Tensor, *, top_k: int, temperature: float,
+             min_score: float | None, soft: bool, count_access: bool) -> ReadResult:
+        """Recall from a bank; concurrent reads with equal parameters share one search."""
+        if self._reads is None:
+            return self.store.read(bank, latents, top_k=top_k, temperature=temperature,
+                                   min_score=min_score, soft=soft, count_access=count_access)
+        key = (bank, top_k, temperature, min_score, soft, count_access)
+        rows = self._reads(key, latents.detach().cpu().numpy())
+        soft_rows = [s for _, s in rows]
+        return ReadResult(
+            results=[r for r, _ in rows],
+            soft=torch.stack(soft_rows) if soft and soft_rows[0] is not None else None,
+        )
+
+    def _read_rows(self, key: tuple, latents: np.ndarray) -> list[tuple[Any, Any]]:
+        bank, top_k, temperature, min_score, soft, count_access = key
+        result = self.store.read(
+            bank, torch.from_numpy(latents).to(self.codec.device), top_k=top_k,
+            temperature=temperature, min_score=min_score, soft=soft, count_access=count_access,
+        )
+        softs = list(result.soft) if result.soft is not None else [None] * len(result.results)
+        return list(zip(result.results, softs, strict=True))
 
     def _build_persistence(self) -> Any:
         from apcm.server.persistence.manager import PersistenceManager
@@ -59,9 +99,6 @@ class Runtime:
         s = self.settings
         self.store.create_bank(s.default_bank, s.default_bank_capacity, exist_ok=True)
         self.refresh_bank_metrics()
-
-    def start_background(self) -> None:
-        """Hook for background workers started once the server is ready."""
 
     def require_ready(self) -> None:
         if not self.ready.is_set():
@@ -82,6 +119,9 @@ class Runtime:
         self.metrics.observe_banks(self.store.list())
 
     def close(self) -> None:
+        self.engine.close()
+        if self._reads is not None:
+            self._reads.close()
         try:
             self.persistence.close(final_snapshot=True)
         except Exception:

@@ -172,7 +172,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         if min_score is not None and math.isnan(min_score):
             raise InvalidArgument("min_score must be a number", field="min_score")
         latents = self._latents(request, "query")
-        result = self.rt.store.read(
+        result = self.rt.read(
             bank, latents, top_k=top_k, temperature=temperature, min_score=min_score,
             soft=request.soft, count_access=not request.skip_access_count,
         )

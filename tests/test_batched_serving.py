@@ -1,0 +1,64 @@
+"""Micro-batching inside the real server: concurrent callers get exactly their own
+results, the same as with batching off, and one bad request fails alone."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+
+from apcm.client import InvalidArgumentError, MemoryClient
+
+
+def _run_concurrently(fn, n: int) -> list:
+    barrier = threading.Barrier(n)
+
+    def call(i: int):
+        barrier.wait()
+        return fn(i)
+
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(call, range(n)))
+
+
+@pytest.mark.parametrize("batching", [True, False])
+def test_concurrent_compress_and_read_match_in_process(make_server, codec, digits,
+                                                       batching: bool) -> None:
+    srv = make_server(batching=batching, batch_max_wait_us=2000)
+    address = f"127.0.0.1:{srv.port}"
+    x = digits[:48]
+    with MemoryClient(address) as c:
+        c.write(x, mode="per_item", keys=[f"d{i}" for i in range(48)])
+
+    def work(i: int):
+        with MemoryClient(address) as c:
+            item = x[i : i + 1]
+            codes = c.compress(item)
+            hits = c.read(item, top_k=2, count_access=False)[0].hits
+            return codes, hits
+
+    results = _run_concurrently(work, 16)
+    expected = codec.compress(torch.from_numpy(x[:16])).numpy()
+    for i, (codes, hits) in enumerate(results):
+        np.testing.assert_allclose(codes[0], expected[i], rtol=0, atol=1e-5)
+        assert hits[0].key == f"d{i}" and hits[0].score == pytest.approx(1.0, abs=1e-5)
+
+
+def test_a_bad_request_fails_alone_under_batching(make_server, digits) -> None:
+    srv = make_server(batching=True, batch_max_wait_us=5000)
+    address = f"127.0.0.1:{srv.port}"
+
+    def work(i: int):
+        with MemoryClient(address) as c:
+            if i == 3:
+                with pytest.raises(InvalidArgumentError):
+                    c.compress(np.full((1, 8, 8), np.nan, np.float32))
+                return None
+            return c.compress(digits[i : i + 1])
+
+    results = _run_concurrently(work, 8)
+    assert sum(r is None for r in results) == 1
+    assert all(r.shape == (1, 8) for r in results if r is not None)
