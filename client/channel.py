@@ -101,8 +101,9 @@ def channel_options(
         "grpc.primary_user_agent": USER_AGENT,
         # The channel's own reconnect backoff starts at 1 s; while it runs, every
         # retry fails fast with UNAVAILABLE. Pace reconnects like our retries.
+        # (Not grpc.min_reconnect_backoff_ms: grpc-core reads that one as the
+        # minimum connect timeout, and a short one breaks slow TLS handshakes.)
         "grpc.initial_reconnect_backoff_ms": _ms(retry.initial_backoff_s),
-        "grpc.min_reconnect_backoff_ms": _ms(retry.initial_backoff_s),
         "grpc.max_reconnect_backoff_ms": max(_ms(retry.max_backoff_s), 1000),
     }
     if tls is not None and tls.server_name:

@@ -275,6 +275,8 @@ def test_channel_options_match_message_limit_and_server_name() -> None:
     assert opts["grpc.max_receive_message_length"] == 1234
     assert opts["grpc.ssl_target_name_override"] == "apcm.internal"
     assert opts["grpc.keepalive_time_ms"] == 5  # caller's options win
+    # grpc-core reads min_reconnect_backoff as the connect timeout: never shorten it
+    assert "grpc.min_reconnect_backoff_ms" not in opts
     assert "grpc.ssl_target_name_override" not in dict(channel_options(1, RetryPolicy(), None))
     with pytest.raises(ValueError):
         channel_options(0, RetryPolicy(), None)
