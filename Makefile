@@ -30,7 +30,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check server client tests scripts
+	$(VENV)/bin/ruff check server client tests scripts deploy
 	$(VENV)/bin/mypy server client
 
 bench: $(STAMP)

@@ -56,8 +56,8 @@ def _optional_interceptors(settings: Settings) -> list[grpc.ServerInterceptor]:
 
 
 def _server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
-    if not settings.tls_cert:
-        return None
+    # Always consult tls.py: it refuses a client CA without a server certificate,
+    # which would otherwise silently serve plaintext.
     from apcm.server.tls import server_credentials
 
     return server_credentials(settings)
@@ -184,6 +184,9 @@ def serve(settings: Settings) -> int:
         server.start()
     except FailedPrecondition as e:
         log.error("cannot start: %s", e.message)
+        return 2
+    except (ValueError, OSError) as e:  # bad TLS files, keys file, settings
+        log.error("cannot start: %s", e)
         return 2
     print(
         f"apcm: serving gRPC on {settings.host}:{port}"
