@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -630,3 +631,29 @@ def test_recovery_removes_files_of_an_interrupted_snapshot_write(tmp_path: Path)
     report = _manager(tmp_path, _store()).recover()
     assert report.snapshot == "good" and not partial.exists()
     assert (tmp_path / "snapshots" / "good.safetensors").exists()
+
+
+def test_disk_full_stops_acknowledging_but_a_snapshot_still_saves_the_state(
+    tmp_path: Path,
+) -> None:
+    store = _store()
+    mgr = _manager(tmp_path, store)
+    mgr.recover()
+    mgr.start()
+    store.create_bank("b", 100)
+    _write_some(store, 2, seed=1)
+    assert mgr.wal is not None
+    # The log's descriptor now points at /dev/full: every write fails with ENOSPC.
+    full = os.open("/dev/full", os.O_WRONLY)
+    os.dup2(full, mgr.wal._fd)  # type: ignore[arg-type]
+    os.close(full)
+    with pytest.raises(WalError) as exc:
+        _write_some(store, 1, seed=2)
+    assert "No space left" in exc.value.message and exc.value.code == "INTERNAL"
+    with pytest.raises(WalError):  # sticky: nothing later is acknowledged either
+        store.create_bank("c", 10)
+    info = mgr.snapshot("rescue")
+    assert info.wal_sequence == store.last_seq
+    recovered, report = _crash_and_recover(tmp_path)
+    assert report.snapshot == "rescue"
+    _assert_states_equal(store, recovered)

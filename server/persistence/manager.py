@@ -31,7 +31,7 @@ from apcm.server.persistence.snapshot import (
     read_snapshot,
     write_snapshot,
 )
-from apcm.server.persistence.wal import WalRecord, WriteAheadLog
+from apcm.server.persistence.wal import WalError, WalRecord, WriteAheadLog
 from apcm.server.store import StoreState
 
 log = logging.getLogger(__name__)
@@ -262,7 +262,12 @@ class PersistenceManager:
     def _rotate(self) -> int:
         """Start a new log segment; returns the first index the snapshot may not cover."""
         if self.wal is not None:
-            return self.wal.rotate()
+            try:
+                return self.wal.rotate()
+            except WalError as e:
+                # The state in memory holds every logged record, so a snapshot is still
+                # worth writing; it covers every existing segment.
+                log.error("snapshot without log rotation: %s", e.message)
         segments = wal_mod.list_segments(self.wal_dir)
         return segments[-1][0] + 1 if segments else 1
 
