@@ -356,7 +356,7 @@ def test_snapshot_truncation_is_detected(tmp_path: Path) -> None:
         f.truncate(path.stat().st_size - 100)
     with pytest.raises(SnapshotCorrupt):
         snap.read_snapshot(path)
-    listed = SnapshotDirectory(tmp_path).list()
+    listed = SnapshotDirectory(tmp_path).newest_first()
     assert [(i.name, i.valid) for i in listed] == [("s", False)]
 
 
@@ -397,8 +397,8 @@ def test_listing_is_newest_first_and_prune_keeps_k(tmp_path: Path) -> None:
     for i in range(5):
         _write(tmp_path, f"s{i}", seq=i + 1, created_at=1000.0 + i)
     directory = SnapshotDirectory(tmp_path)
-    assert [i.name for i in directory.list()] == ["s4", "s3", "s2", "s1", "s0"]
-    assert all(i.valid for i in directory.list())
+    assert [i.name for i in directory.newest_first()] == ["s4", "s3", "s2", "s1", "s0"]
+    assert all(i.valid for i in directory.newest_first())
     assert sorted(directory.prune(3)) == ["s0", "s1"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "s2.safetensors", "s3.safetensors", "s4.safetensors"]

@@ -208,7 +208,7 @@ def raw_write(path: Path, nbytes: int) -> float:
     data = np.random.default_rng(0).integers(0, 256, size=nbytes, dtype=np.uint8)
     t0 = time.perf_counter()
     with open(path, "wb") as f:
-        f.write(memoryview(data))
+        f.write(data.data)
         f.flush()
         os.fsync(f.fileno())
     return time.perf_counter() - t0

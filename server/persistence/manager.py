@@ -101,7 +101,7 @@ class PersistenceManager:
         self.snapshots.remove_partial_files()
         state = None
         info: SnapshotInfo | None = None
-        names = self.snapshots.list(verify=False)
+        names = self.snapshots.newest_first(verify=False)
         for candidate in names:
             try:
                 info, banks = read_snapshot(self.snapshots.path(candidate.name))
@@ -274,7 +274,8 @@ class PersistenceManager:
     def _trim_log(self) -> None:
         if self.wal is None:
             return
-        ours = [i for i in self.snapshots.list(verify=False) if i.model_hash == self.codec_hash]
+        snapshots = self.snapshots.newest_first(verify=False)
+        ours = [i for i in snapshots if i.model_hash == self.codec_hash]
         if ours:
             self.wal.delete_segments_before(min(i.wal_segment for i in ours[:2]))
 
@@ -284,7 +285,7 @@ class PersistenceManager:
 
     def list_snapshots(self) -> list[SnapshotInfo]:
         """Every snapshot on disk, newest first, each with its verified validity."""
-        return self.snapshots.list(verify=True)
+        return self.snapshots.newest_first(verify=True)
 
     def restore(self, name: str) -> SnapshotInfo:
         """Replace every bank with snapshot ``name``, then snapshot the result.

@@ -83,7 +83,7 @@ def _checksum(metadata: dict[str, str], tensors: dict[str, np.ndarray]) -> str:
         arr = tensors[name]
         h.update(f"\n{name}|{arr.dtype.str}|{list(arr.shape)}\n".encode())
         if arr.nbytes:
-            h.update(memoryview(arr).cast("B"))
+            h.update(arr.data.cast("B"))
     return "sha256:" + h.hexdigest()
 
 
@@ -266,7 +266,7 @@ class SnapshotDirectory:
         st = self.path(info.name).stat()
         self._cache[info.name] = ((st.st_size, st.st_mtime_ns), info)
 
-    def list(self, verify: bool = True) -> list[SnapshotInfo]:
+    def newest_first(self, verify: bool = True) -> list[SnapshotInfo]:
         """Every snapshot, newest first (by creation time, then name)."""
         infos = []
         for name in self.names():
@@ -291,7 +291,7 @@ class SnapshotDirectory:
         """Delete all but the ``keep`` newest snapshots; returns the deleted names."""
         if keep < 1:
             return []
-        doomed = [i.name for i in self.list(verify=False)[keep:]]
+        doomed = [i.name for i in self.newest_first(verify=False)[keep:]]
         for name in doomed:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path(name))
