@@ -144,6 +144,30 @@ def test_wal_group_commit_shares_fsyncs_and_loses_nothing(tmp_path: Path) -> Non
     assert sorted(r.seq for r in got) == list(range(1, writes + 1))
 
 
+@pytest.mark.parametrize("mode,expect_fsync", [("interval", True), ("off", False)])
+def test_wal_interval_mode_fsyncs_in_the_background_and_off_never(
+    tmp_path: Path, mode: str, expect_fsync: bool
+) -> None:
+    fsyncs: list[float] = []
+
+    class Timer:
+        def observe_fsync(self, seconds: float) -> None:
+            fsyncs.append(seconds)
+
+        def set_wal_bytes(self, n: int) -> None:
+            pass
+
+    log = WriteAheadLog(tmp_path, HASH, mode=mode, interval_s=0.02, metrics=Timer())
+    log.open()
+    log.append(1, "clear", "b", {})
+    log.wait_durable(1)
+    after_ack = len(fsyncs)
+    threading.Event().wait(0.3)
+    assert (len(fsyncs) > after_ack) is expect_fsync
+    log.close()
+    assert len(fsyncs) > after_ack  # close always fsyncs
+
+
 def test_wal_torn_tail_is_truncated_and_log_continues(tmp_path: Path) -> None:
     records = _mutations(np.random.default_rng(3))
     _log(tmp_path, records).close()
