@@ -681,3 +681,23 @@ def test_disk_full_stops_acknowledging_but_a_snapshot_still_saves_the_state(
     recovered, report = _crash_and_recover(tmp_path)
     assert report.snapshot == "rescue"
     _assert_states_equal(store, recovered)
+
+
+def test_falling_back_past_a_restore_is_refused_not_merged(tmp_path: Path) -> None:
+    store = _store()
+    mgr = _manager(tmp_path, store)
+    mgr.recover()
+    mgr.start()
+    store.create_bank("b", 500)
+    _write_some(store, 2, seed=1)
+    mgr.snapshot("base")
+    _write_some(store, 2, seed=2)
+    mgr.snapshot("later")
+    mgr.restore("base")
+    _write_some(store, 2, seed=3)  # written onto the restored state
+    newest = mgr.snapshots.newest_first()[0]
+    path = mgr.snapshots.path(newest.name)
+    path.write_bytes(path.read_bytes()[:-1])
+    with pytest.raises(FailedPrecondition) as exc:
+        _crash_and_recover(tmp_path)
+    assert "lacks segments" in exc.value.message and "later" in exc.value.message

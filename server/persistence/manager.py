@@ -309,11 +309,15 @@ class PersistenceManager:
             log.warning("restored snapshot %s (%d banks)", name, len(banks))
             t0 = time.perf_counter()
             try:
-                self._snapshot_locked(None)
+                after = self._snapshot_locked(None)
             except Exception:
                 self._observe(time.perf_counter() - t0, ok=False)
                 raise
             self._observe(time.perf_counter() - t0, ok=True)
+            if self.wal is not None:
+                # Older snapshots + this log would mix pre- and post-restore state; with
+                # the log cut here, falling back past the restore is refused, not merged.
+                self.wal.delete_segments_before(after.wal_segment)
         return info
 
     # -- helpers -----------------------------------------------------------------------
