@@ -3,7 +3,9 @@
 Each test runs ``apcm serve`` as a subprocess on a free port, drives it through the
 real client, kills it with SIGKILL, damages files the way a crash or a bad disk
 would, restarts it and checks every acknowledged memory — codes bit for bit, key
-and payload — in a snapshot file written by the restarted server.
+and payload — in a snapshot file written by the restarted server. The snapshot
+RPCs (create, list, restore under concurrent writes, refusals) are exercised
+through the real client against a real in-process server.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -27,7 +30,13 @@ import torch
 from safetensors import safe_open
 
 from apcm.client import MemoryClient
-from apcm.client.errors import ApcmError
+from apcm.client.errors import (
+    AlreadyExistsError,
+    ApcmError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+)
 from apcm.server.codec import load_codec
 from apcm.server.config import Settings
 from apcm.server.persistence.manager import PersistenceManager
@@ -232,7 +241,8 @@ def _write_offline(data_dir: Path, model: Path, snapshot: bool) -> str:
     mgr.start()
     store.create_bank(BANK, 100)
     for i in range(20):
-        store.write(BANK, torch.randn(1, codec.code_dim).to(torch.float32), [f"k{i}"], [b"p"])
+        codes = codec.quantizer.quantize(torch.randn(1, codec.code_dim))
+        store.write(BANK, codes, [f"k{i}"], [b"p"])
     if snapshot:
         mgr.snapshot("offline")
     mgr.close(final_snapshot=False)
@@ -266,3 +276,140 @@ def test_snapshot_of_another_model_refuses_to_start_naming_its_hash(
     assert proc.wait_exit() == 2
     out = proc.output()
     assert "cannot start" in out and f"needs model {needed}" in out
+
+
+# ------------------------------------------------ snapshot RPCs through the real client
+
+
+def _snapshot_file(server: Any, name: str) -> Path:
+    return Path(server.settings.data_dir) / "snapshots" / f"{name}.safetensors"
+
+
+def test_snapshot_rpcs_create_list_and_validate_names(make_server: Any, codec: Any) -> None:
+    server = make_server()
+    with MemoryClient(f"127.0.0.1:{server.port}", timeout=30.0) as client:
+        client.create_bank(BANK, 100)
+        client.write(codes=np.ones((3, codec.code_dim), np.float32), bank=BANK,
+                     mode="per_item", keys=["a", "b", "c"])
+        info = client.create_snapshot("first")
+        assert info.name == "first" and info.valid
+        assert info.model_hash == codec.content_hash
+        assert info.wal_sequence == server.runtime.store.last_seq
+        assert set(info.banks) == {BANK, server.settings.default_bank}
+        assert info.size_bytes == _snapshot_file(server, "first").stat().st_size
+        auto = client.create_snapshot()
+        assert auto.name.startswith("snap-") and auto.name != "first"
+        assert [s.name for s in client.list_snapshots()][:2] == [auto.name, "first"]
+        for bad in ("../escape", "a/b", "..", ".hidden", "x" * 65):
+            with pytest.raises(InvalidArgumentError):
+                client.create_snapshot(bad)
+            with pytest.raises(InvalidArgumentError):
+                client.restore_snapshot(bad)
+        with pytest.raises(AlreadyExistsError):
+            client.create_snapshot("first")
+        with pytest.raises(NotFoundError):
+            client.restore_snapshot("never-made")
+    assert not (Path(server.settings.data_dir).parent / "escape.safetensors").exists()
+
+
+def _health_watch(port: int) -> tuple[list[str], Any]:
+    """Statuses the standard Health/Watch stream delivers, collected in the background."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    stream = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+    seen: list[str] = []
+
+    def collect() -> None:
+        try:
+            for response in stream:
+                seen.append(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+        except grpc.RpcError:
+            pass
+
+    threading.Thread(target=collect, daemon=True).start()
+
+    def stop() -> None:
+        stream.cancel()
+        channel.close()
+
+    return seen, stop
+
+
+def test_restore_under_concurrent_writes_equals_the_snapshot_state(
+    make_server: Any, codec: Any
+) -> None:
+    server = make_server()
+    address = f"127.0.0.1:{server.port}"
+    with MemoryClient(address, timeout=30.0) as client:
+        client.create_bank(BANK, 20_000)
+    acked: list[tuple[int, int, bytes]] = []  # (sequence, slot, code bytes)
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def writer(tid: int) -> None:
+        gen = np.random.default_rng(tid)
+        with MemoryClient(address, timeout=30.0, retries=0) as c:
+            i = 0
+            while not stop.is_set():
+                code = gen.standard_normal((1, codec.code_dim)).astype(np.float32)
+                (w,) = c.write(codes=code, bank=BANK, mode="per_item", keys=[f"{tid}-{i}"])
+                with lock:
+                    acked.append((w.sequence, w.slot, code.tobytes()))
+                i += 1
+
+    threads = [threading.Thread(target=writer, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    while len(acked) < 100:
+        time.sleep(0.01)
+    with MemoryClient(address, timeout=30.0) as client:
+        mid = client.create_snapshot("mid")
+        time.sleep(0.3)
+        stop.set()
+        for t in threads:
+            t.join()
+        seen, stop_watch = _health_watch(server.port)
+        time.sleep(0.2)
+        result = client.restore_snapshot("mid")
+        time.sleep(0.3)
+        stop_watch()
+        assert result.snapshot.name == "mid"
+        assert client.health() == "SERVING"
+        after = client.create_snapshot("after-restore")
+    assert "NOT_SERVING" in seen and seen[-1] == "SERVING"
+    assert after.wal_sequence >= max(seq for seq, _, _ in acked)  # sequences never go back
+    arrays = _snapshot_arrays(_snapshot_file(server, "after-restore"))
+    before = [a for a in acked if a[0] <= mid.wal_sequence]
+    later = [a for a in acked if a[0] > mid.wal_sequence]
+    assert before and later, "the snapshot must land while writes were in flight"
+    for seq, slot, code in before:
+        assert arrays["occupied"][slot] and arrays["sequences"][slot] == seq
+        assert arrays["codes"][slot].tobytes() == code
+    assert not any(arrays["occupied"][slot] for _, slot, _ in later)
+
+
+def test_restore_refuses_damaged_and_foreign_snapshots(
+    make_server: Any, int8_model_path: Path, codec: Any, tmp_path: Path
+) -> None:
+    server = make_server()
+    with MemoryClient(f"127.0.0.1:{server.port}", timeout=30.0) as client:
+        client.create_bank(BANK, 100)
+        client.write(codes=np.ones((2, codec.code_dim), np.float32), bank=BANK,
+                     mode="per_item", keys=["a", "b"])
+        client.create_snapshot("good")
+        damaged = _snapshot_file(server, "good").read_bytes()
+        _snapshot_file(server, "bad").write_bytes(damaged[:-7])
+        foreign_hash = _write_offline(tmp_path / "other", int8_model_path, snapshot=True)
+        _snapshot_file(server, "foreign").write_bytes(
+            (tmp_path / "other" / "snapshots" / "offline.safetensors").read_bytes())
+        with pytest.raises(FailedPreconditionError, match="unreadable or truncated"):
+            client.restore_snapshot("bad")
+        with pytest.raises(FailedPreconditionError) as exc:
+            client.restore_snapshot("foreign")
+        assert f"needs model {foreign_hash}" in str(exc.value)
+        listed = {s.name: s.valid for s in client.list_snapshots()}
+        assert listed["good"] and not listed["bad"] and listed["foreign"]
+        assert client.health() == "SERVING"
+        assert client.describe_bank(BANK).occupied == 2  # nothing was replaced
