@@ -1,0 +1,1 @@
+"""Held-out evaluation of codecs against baselines at equal bytes per code."""
