@@ -106,6 +106,8 @@ def encode_record(seq: int, kind: str, bank: str, fields: dict[str, Any]) -> byt
     blobs: list[bytes] = []
     for name, value in fields.items():
         if isinstance(value, np.ndarray):
+            if value.dtype.hasobject:
+                raise TypeError(f"field {name!r}: object arrays cannot be logged")
             arr = np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("<"))
             arrays.append([name, "nd", arr.dtype.str, list(arr.shape)])
             blobs.append(arr.tobytes())
@@ -143,6 +145,8 @@ def decode_body(body: bytes | bytearray) -> WalRecord:
     fields: dict[str, Any] = dict(meta["scalars"])
     for name, tag, dtype_str, shape in meta["arrays"]:
         dtype = np.dtype(dtype_str)
+        if dtype.hasobject or any(int(d) < 0 for d in shape):
+            raise ValueError(f"array {name!r} has an invalid dtype or shape")
         count = int(np.prod(shape, dtype=np.int64))
         nbytes = count * dtype.itemsize
         if pos + nbytes > len(view):
