@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from pathlib import Path
@@ -701,3 +702,20 @@ def test_falling_back_past_a_restore_is_refused_not_merged(tmp_path: Path) -> No
     with pytest.raises(FailedPrecondition) as exc:
         _crash_and_recover(tmp_path)
     assert "lacks segments" in exc.value.message and "later" in exc.value.message
+
+
+def test_snapshot_with_a_checksum_but_a_path_like_bank_name_is_refused(tmp_path: Path) -> None:
+    from safetensors.numpy import save_file
+
+    tensors = {"bank/../x/codes": np.zeros((2, 8), np.float16)}
+    metadata = {"format": snap.FORMAT, "schema_version": snap.SCHEMA_VERSION,
+                "codec_kind": "pca", "model_hash": HASH, "wal_sequence": "1",
+                "wal_segment": "1", "created_at": "1.0",
+                "banks": json.dumps({"../x": {"name": "../x"}})}
+    metadata["checksum"] = snap._checksum(metadata, tensors)
+    save_file(tensors, tmp_path / "crafted.safetensors", metadata=metadata)
+    with pytest.raises(SnapshotCorrupt, match="bank name"):
+        snap.read_snapshot(tmp_path / "crafted.safetensors")
+    with pytest.raises(InvalidArgument):
+        snap.write_snapshot(tmp_path, "ok", banks={"../x": ({}, {})}, wal_sequence=1,
+                            wal_segment=1, model_hash=HASH, codec_kind="pca")

@@ -28,9 +28,9 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from apcm.server.errors import AlreadyExists, FailedPrecondition, NotFound
+from apcm.server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from apcm.server.fsutil import atomic_write, fsync_dir
-from apcm.server.names import validate_snapshot_name
+from apcm.server.names import validate_bank_name, validate_snapshot_name
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,7 @@ def write_snapshot(
     created_at = time.time() if created_at is None else created_at
     tensors: dict[str, np.ndarray] = {}
     for bank, (_, arrays) in banks.items():
+        validate_bank_name(bank)
         for array_name, arr in arrays.items():
             if "/" in array_name:
                 raise ValueError(f"array name {array_name!r} contains '/'")
@@ -176,6 +177,13 @@ def read_snapshot(path: Path) -> tuple[SnapshotInfo, Banks]:
         info = _info_from_metadata(name, metadata, path.stat().st_size, valid=True)
     except (KeyError, ValueError) as e:
         raise SnapshotCorrupt(f"snapshot {name!r} has malformed metadata: {e}") from e
+    for bank, cfg in configs.items():
+        try:
+            validate_bank_name(bank)
+        except InvalidArgument as e:
+            raise SnapshotCorrupt(f"snapshot {name!r}: {e.message}") from e
+        if not isinstance(cfg, dict) or cfg.get("name", bank) != bank:
+            raise SnapshotCorrupt(f"snapshot {name!r}: bank {bank!r} has a mismatched config")
     banks: Banks = {b: (cfg, {}) for b, cfg in configs.items()}
     for key, arr in tensors.items():
         prefix, bank, array_name = key.split("/", 2)
