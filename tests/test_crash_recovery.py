@@ -413,3 +413,23 @@ def test_restore_refuses_damaged_and_foreign_snapshots(
         assert listed["good"] and not listed["bad"] and listed["foreign"]
         assert client.health() == "SERVING"
         assert client.describe_bank(BANK).occupied == 2  # nothing was replaced
+
+
+def test_sigterm_writes_a_final_snapshot_holding_every_write(
+    model_path: Path, tmp_path: Path, servers: list[ServerProcess]
+) -> None:
+    data_dir = tmp_path / "data"
+    port = _start(servers, model_path, data_dir, **{"snapshot-interval-s": 0})
+    with MemoryClient(f"127.0.0.1:{port}", timeout=30.0) as client:
+        client.create_bank(BANK, 100)
+        written = client.write(codes=np.arange(16, dtype=np.float32).reshape(2, 8), bank=BANK,
+                               mode="per_item", keys=["x", "y"], payloads=[b"1", b"2"])
+    proc = servers[-1]
+    proc.proc.send_signal(signal.SIGTERM)
+    assert proc.wait_exit() == 0
+    (final,) = (data_dir / "snapshots").glob("*.safetensors")
+    with safe_open(str(final), framework="np") as f:
+        assert int(f.metadata()["wal_sequence"]) == max(w.sequence for w in written)
+    arrays = _snapshot_arrays(final)
+    assert arrays["codes"][[w.slot for w in written]].tobytes() == (
+        np.arange(16, dtype=np.float32).tobytes())
