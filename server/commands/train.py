@@ -74,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
     from apcm.server.evaluation import datasets, plots
     from apcm.server.idrp.codec import IDRPCodec
     from apcm.server.idrp.model import IDRP, IDRPConfig
+    from apcm.server.pca_codec import PCACodec
     from apcm.server.idrp.train import (
         TrainConfig,
         code_dim_for_ratio,
@@ -101,7 +102,10 @@ def run(args: argparse.Namespace) -> int:
     if "test" in arrays:
         x_test = datasets.as_items(arrays["test"], shape).reshape(arrays["test"].shape[0], -1)
     d = shape[0] * shape[1]
-    m = code_dim_for_ratio(d, args.ratio, args.code_dtype)
+    try:
+        m = code_dim_for_ratio(d, args.ratio, args.code_dtype)
+    except ValueError as e:
+        raise SystemExit(f"apcm train: {e}") from e
     model_cfg = IDRPConfig(
         dim=d, code_dim=m, n_blocks=args.blocks, hidden=args.hidden, n_res=args.n_res,
         aux_hidden=args.aux_hidden, dropout=args.dropout, scale_clamp=args.scale_clamp,
@@ -135,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
         metrics[f"{split_name}_mse_idrp"] = coded_mse(model, quantizer, x)
         metrics[f"{split_name}_mse_pca_same_m"] = coded_mse(pca, pca_q, x)
     name = args.name or Path(args.out).stem
+    pca_codec = PCACodec.fit(x_train.reshape(-1, *shape), m, args.code_dtype)
     codec = IDRPCodec(name, shape, model, quantizer)
     extra = {
         "data": str(args.data),
@@ -145,6 +150,9 @@ def run(args: argparse.Namespace) -> int:
         "fallback_to_init": str(result.fallback_to_init).lower(),
         "history": json.dumps(result.history),
     }
+    if pca_codec.quantizer.scale is not None:
+        # lets tests rebuild the equal-bytes PCA baseline from this file alone
+        extra["pca_int8_scale"] = json.dumps(pca_codec.quantizer.scale.tolist())
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     digest = save_codec(codec, out, extra)
