@@ -27,6 +27,7 @@ validate everything before mutating, so a rejected request leaves no trace.
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from dataclasses import dataclass, field
@@ -39,9 +40,15 @@ from apcm.server.eviction import Policy, VictimQueue, make_policy
 from apcm.server.names import validate_key
 from apcm.server.quant import CODE_DTYPES
 
-# Rows of int8/float16 codes converted to float32 at a time during a read: small
-# enough that the float32 copy stays in cache, large enough to amortise the matmul call.
+# Rows scanned at a time by a read on CPU: small enough that the float32 copy of an
+# int8/float16 chunk and its scores stay in cache, large enough to amortise per-call
+# overhead (measured by ``apcm bench read``).
 READ_CHUNK_ROWS = 4096
+# Rows per int8 x int8 matmul call of a single-query int8 read (3 MB at m = 192: the
+# second and third limb read the chunk from cache).
+_INT8_CHUNK_ROWS = 16384
+_SCORE_SPAN_FLOATS = 1 << 18  # scores post-processed at once on CPU (1 MB)
+_MIN_EXP_SUM = 1e-30
 _FREE_SCAN_ROWS = 65536
 
 
@@ -87,6 +94,17 @@ class ReadResult:
 
     results: list[QueryResult]
     soft: torch.Tensor | None = None
+
+
+@dataclass
+class _Scan:
+    """What one pass over the bank found for queries [Q, m]."""
+
+    top_scores: torch.Tensor  # [Q, k] cosine, best first
+    top_slots: torch.Tensor  # [Q, k] int64
+    exp_sum: torch.Tensor  # [Q] sum over occupied slots of exp((score - shift) / T)
+    shift: torch.Tensor  # [Q, 1]
+    soft_sum: torch.Tensor | None  # [Q, m] sum of exp(...) * code (before the int8 scale)
 
 
 @dataclass(frozen=True)
@@ -407,13 +425,18 @@ class MemoryBank:
         n_q = q.shape[0]
         if self._occupied_count == 0:
             return ReadResult([QueryResult() for _ in range(n_q)], None)
-        scores = self.cosine(q)
         k = min(top_k, self._occupied_count)
-        top_scores, top_slots = torch.topk(scores, k, dim=1)
-        logits = scores / temperature
-        top_weights = torch.exp(top_scores / temperature - torch.logsumexp(logits, dim=1,
-                                                                           keepdim=True))
-        mix = self._soft_mix(torch.softmax(logits, dim=1)) if soft else None
+        scan = self._scan(q, k, temperature, soft, shift=None)
+        if bool((scan.exp_sum < _MIN_EXP_SUM).any()):
+            # exp((s - 1) / T) underflowed (tiny T, all scores far below 1): rescan,
+            # shifting each query by its best score, which makes every sum >= 1
+            scan = self._scan(q, k, temperature, soft, shift=scan.top_scores[:, :1])
+        top_scores, top_slots = scan.top_scores, scan.top_slots
+        top_weights = torch.exp((top_scores - scan.shift) / temperature) / scan.exp_sum[:, None]
+        mix = None
+        if scan.soft_sum is not None:
+            mix = scan.soft_sum / scan.exp_sum[:, None]
+            mix = mix * self.scale if self.scale is not None else mix
         keep = top_scores >= min_score if min_score is not None else \
             torch.ones_like(top_scores, dtype=torch.bool)
         if count_access:
@@ -443,42 +466,85 @@ class MemoryBank:
             raise InvalidArgument("queries contain NaN or infinity", field="query")
         return q
 
-    def cosine(self, q: torch.Tensor) -> torch.Tensor:
-        """Cosine similarity [Q, high] of queries [Q, m] with slots ``[0, high)``;
-        unoccupied slots are -inf. One matrix product; int8 scales fold into the query."""
+    def _scan(self, q: torch.Tensor, k: int, temperature: float, soft: bool,
+              shift: torch.Tensor | None) -> _Scan:
+        """One pass over slots ``[0, high)``: scores, top-k and softmax sums, fused per span.
+
+        Cosine of query q and slot i is ``(q/|q| * scale) . code_i * inv_norm_i`` (the
+        int8 scale folds into the query), so int8/float16 codes are converted to
+        float32 one cache-sized chunk at a time, never as a float copy of the bank.
+        Scores of a span of rows (about 1 MB) are then post-processed at once, which
+        keeps the number of small tensor ops per read low. Softmax sums use
+        ``exp((s - shift) / T)`` with shift 1 (the largest possible cosine) unless a
+        per-query ``shift`` [Q, 1] is given, so no separate max pass is needed.
+
+        Args:
+            q: queries [Q, m] float32.
+            k: hits per query, 1 <= k <= occupied.
+            soft: also accumulate the softmax-weighted sum of codes (one chunk per span,
+                because it needs the converted chunk again).
+        """
         q = q / q.norm(dim=1, keepdim=True).clamp_min(1e-30)
         if self.scale is not None:
             q = q * self.scale
-        scores = self._matmul_codes(q, self._high)
-        scores.mul_(self.inv_norms[: self._high])
-        return scores.masked_fill_(~self.occupied[: self._high], -math.inf)
-
-    def _matmul_codes(self, q: torch.Tensor, rows: int) -> torch.Tensor:
-        """q [Q, m] float32 @ codes[:rows].T -> [Q, rows] float32, converting codes to
-        float32 a cache-sized chunk at a time (no float copy of the bank)."""
-        codes = self.codes[:rows]
-        if self.torch_dtype == torch.float32:
-            return q @ codes.T
-        if self.device.type != "cpu":
-            return torch.cat([q @ codes[i:i + 65536].float().T
-                              for i in range(0, rows, 65536)], dim=1)
-        out_t = torch.empty(rows, q.shape[0], dtype=torch.float32)
-        buf = torch.empty(min(rows, READ_CHUNK_ROWS), self.code_dim, dtype=torch.float32)
         q_t = q.T.contiguous()
-        for i in range(0, rows, READ_CHUNK_ROWS):
-            block = buf[: min(READ_CHUNK_ROWS, rows - i)]
-            block.copy_(codes[i:i + READ_CHUNK_ROWS])
-            torch.mm(block, q_t, out=out_t[i:i + READ_CHUNK_ROWS])
-        return out_t.T
-
-    def _soft_mix(self, weights: torch.Tensor) -> torch.Tensor:
-        """weights [Q, high] @ dequantised codes[:high] -> [Q, m] float32."""
-        rows = weights.shape[1]
-        mix = torch.zeros(weights.shape[0], self.code_dim, dtype=torch.float32,
-                          device=self.device)
-        for i in range(0, rows, 65536):
-            mix += weights[:, i:i + 65536] @ self.codes[i:min(i + 65536, rows)].float()
-        return mix * self.scale if self.scale is not None else mix
+        n_q, rows, m = q.shape[0], self._high, self.code_dim
+        convert = self.torch_dtype != torch.float32
+        if self.device.type != "cpu":
+            chunk = span = 1 << 18
+        else:
+            span = max(READ_CHUNK_ROWS, _SCORE_SPAN_FLOATS // n_q // READ_CHUNK_ROWS
+                       * READ_CHUNK_ROWS)
+            chunk = READ_CHUNK_ROWS if convert else span
+        if soft:
+            span = chunk
+        span, chunk = min(span, rows), min(chunk, rows)
+        full = self._occupied_count == rows  # no hole to mask
+        shift_t = torch.ones(n_q, 1, device=self.device) if shift is None else shift
+        limbs = _int8_limbs(q[0]) if (n_q == 1 and not soft and self.scale is not None
+                                      and self.device.type == "cpu" and _int_mm_works()) \
+            else None
+        if limbs is not None:
+            chunk = min(_INT8_CHUNK_ROWS, span)
+            dots = torch.empty(len(limbs), span, 1, dtype=torch.int32)
+        block_buf = torch.empty(chunk * m, device=self.device) \
+            if convert and limbs is None else None
+        score_buf = torch.empty(span * n_q, device=self.device)
+        exp_sum = torch.zeros(n_q, dtype=torch.float32, device=self.device)
+        soft_sum = torch.zeros(n_q, m, device=self.device) if soft else None
+        cand_scores, cand_slots = [], []
+        for s0 in range(0, rows, span):
+            width = min(span, rows - s0)
+            scores_t = score_buf[: width * n_q].view(width, n_q)
+            for i in range(s0, s0 + width, chunk):
+                c = min(chunk, s0 + width - i)
+                block = self.codes[i:i + c]
+                if limbs is not None:
+                    for j, (limb, _) in enumerate(limbs):
+                        torch._int_mm(block, limb, out=dots[j, i - s0:i - s0 + c])
+                    continue
+                if block_buf is not None:
+                    block = block_buf[: c * m].view(c, m).copy_(block)
+                torch.mm(block, q_t, out=scores_t[i - s0:i - s0 + c])
+            if limbs is not None:
+                torch.mul(dots[0, :width], limbs[0][1], out=scores_t)
+                for j in range(1, len(limbs)):
+                    scores_t.add_(dots[j, :width], alpha=limbs[j][1])
+            scores = scores_t.T if n_q == 1 else scores_t.T.contiguous()  # [Q, width]
+            scores.mul_(self.inv_norms[s0:s0 + width])
+            if not full:
+                scores.masked_fill_(~self.occupied[s0:s0 + width], -math.inf)
+            top = torch.topk(scores, min(k, width), dim=1)
+            cand_scores.append(top.values)
+            cand_slots.append(top.indices + s0)
+            weights = scores.sub_(shift_t).div_(temperature).exp_()  # scores are not reused
+            exp_sum += weights.sum(dim=1)
+            if soft_sum is not None:
+                soft_sum.addmm_(weights, block)  # span == chunk: block is the whole span
+        values, slots = torch.cat(cand_scores, dim=1), torch.cat(cand_slots, dim=1)
+        top = torch.topk(values, k, dim=1)
+        return _Scan(top.values, torch.gather(slots, 1, top.indices), exp_sum, shift_t,
+                     soft_sum)
 
     def _hits(self, slots: torch.Tensor, scores: torch.Tensor, weights: torch.Tensor,
               keep: torch.Tensor, codes: torch.Tensor) -> list[QueryResult]:
@@ -619,6 +685,39 @@ class MemoryBank:
         for attr in ("evictions_total", "writes_total", "reads_total", "write_clock"):
             setattr(bank, attr, int(config[attr]))
         return bank
+
+
+def _int8_limbs(q: torch.Tensor, n: int = 3) -> list[tuple[torch.Tensor, float]]:
+    """Splits a float query [m] into int8 limbs: ``q ~= sum_j scale_j * limb_j``.
+
+    Three limbs of 8 bits leave a residual below float32 rounding, and each dot with
+    int8 codes is exact in int32, so ``sum_j scale_j * (codes @ limb_j)`` is as exact as
+    a float32 product, while reading the int8 bank directly (no float conversion).
+
+    Returns:
+        (limb [m, 1] int8, scale) pairs; all-zero limbs are left out.
+    """
+    rest = q.double()
+    limbs = []
+    for _ in range(n):
+        step = float(rest.abs().max()) / 127.0
+        if step == 0.0:
+            break
+        digits = torch.round(rest / step).clamp_(-127, 127)
+        limbs.append((digits.to(torch.int8).view(-1, 1), step))
+        rest = rest - digits * step
+    return limbs or [(torch.zeros(q.shape[0], 1, dtype=torch.int8), 0.0)]
+
+
+@functools.cache
+def _int_mm_works() -> bool:
+    """Whether this torch build has a CPU int8 x int8 -> int32 matmul (a private op)."""
+    try:
+        a = torch.tensor([[1, -2, 3]], dtype=torch.int8)
+        b = torch.tensor([[4], [5], [-6]], dtype=torch.int8)
+        return int(torch._int_mm(a, b)[0, 0]) == -24
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
 
 
 def _pack(table: dict[int, bytes], capacity: int) -> tuple[np.ndarray, np.ndarray]:

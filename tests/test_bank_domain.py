@@ -234,15 +234,60 @@ def test_read_over_many_chunks_matches_dense():
     codes = torch.randint(-127, 128, (n, 8), generator=gen, dtype=torch.int8)
     s.write("b", codes, [], [])
     q = torch.randn(4, 8, generator=gen)
-    bank = s.get("b")
-    deq = codes.float() * bank.scale
+    deq = codes.float() * s.get("b").scale
     expect = torch.nn.functional.normalize(q) @ torch.nn.functional.normalize(deq).T
-    with bank.lock:
-        got = bank.cosine(q)
-    torch.testing.assert_close(got, expect, atol=1e-5, rtol=1e-5)
-    res = s.read("b", q, top_k=3, count_access=False)
-    assert [[h.slot for h in r.hits] for r in res.results] == \
+    res = s.read("b", q, top_k=n, temperature=0.05, soft=True, count_access=False)
+    weights = torch.softmax(expect.double() / 0.05, dim=1)
+    for i, r in enumerate(res.results):
+        slots = [h.slot for h in r.hits]
+        assert sorted(slots) == list(range(n))
+        torch.testing.assert_close(torch.tensor([h.score for h in r.hits]), expect[i, slots],
+                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(torch.tensor([h.weight for h in r.hits], dtype=torch.float64),
+                                   weights[i, slots], atol=1e-7, rtol=1e-4)
+    torch.testing.assert_close(res.soft.double(), weights @ deq.double(), atol=1e-5, rtol=1e-4)
+    top3 = s.read("b", q, top_k=3, count_access=False)
+    assert [[h.slot for h in r.hits] for r in top3.results] == \
         torch.topk(expect, 3, dim=1).indices.tolist()
+
+
+def test_single_query_int8_path_matches_float_path():
+    """A single int8 query is scored by exact int8 limbs; it must agree with the float
+    path (soft reads use it) and with float64 numpy, across chunks and holes."""
+    gen = torch.Generator().manual_seed(4)
+    n, m = 40_000, 192
+    s = make_store("int8", code_dim=m)
+    s.create_bank("b", n)
+    codes = torch.randint(-127, 128, (n, m), generator=gen, dtype=torch.int8)
+    s.write("b", codes, [], [])
+    s.delete("b", list(range(0, n, 7)), [])
+    bank = s.get("b")
+    deq = codes.double() * bank.scale.double()
+    for _ in range(3):
+        q = torch.randn(1, m, generator=gen)
+        expect = (torch.nn.functional.normalize(q.double()) @
+                  torch.nn.functional.normalize(deq).T)[0]
+        expect[::7] = -math.inf
+        fast = s.read("b", q, top_k=20, count_access=False).results[0].hits
+        slow = s.read("b", q, top_k=20, soft=True, count_access=False).results[0].hits
+        order = torch.topk(expect, 20).indices.tolist()
+        assert [h.slot for h in fast] == [h.slot for h in slow] == order
+        np.testing.assert_allclose([h.score for h in fast], expect[order], atol=2e-7)
+        np.testing.assert_allclose([h.weight for h in fast], [h.weight for h in slow],
+                                   rtol=1e-5)
+
+
+def test_tiny_temperature_does_not_underflow():
+    """exp((s - 1) / T) underflows for every slot; the read must still give weights."""
+    s = make_store()
+    s.create_bank("b", 3)
+    s.write("b", torch.tensor([[1.0, 1, 1, 0], [1, 1, 0, 1], [0, 1, 1, 1]]), [], [])
+    res = s.read("b", torch.tensor([[1.0, 0, 0, 0]]), top_k=3, temperature=1e-3, soft=True)
+    hits = res.results[0].hits
+    assert math.isclose(hits[0].score, 3 ** -0.5, rel_tol=1e-6)
+    assert math.isclose(hits[0].weight + hits[1].weight, 1.0, rel_tol=1e-5)
+    assert hits[2].weight < 1e-100 or hits[2].weight == 0.0
+    torch.testing.assert_close(res.soft, torch.tensor([[1.0, 1, 0.5, 0.5]]))
 
 
 def test_read_counts_only_best_hit_and_respects_flags():
