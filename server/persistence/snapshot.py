@@ -153,10 +153,8 @@ def read_snapshot(path: Path) -> tuple[SnapshotInfo, Banks]:
     path = Path(path)
     name = path.name[: -len(SUFFIX)]
     try:
-        with safe_open(str(path), framework="np") as f:
-            metadata = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
-    except Exception as e:  # safetensors raises several unrelated types on bad files
+        metadata, tensors = _load_safetensors(path)
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise SnapshotCorrupt(f"snapshot {name!r} is unreadable or truncated: {e}") from e
     if metadata.get("format") != FORMAT:
         raise SnapshotCorrupt(f"snapshot {name!r} is not an ApCM snapshot")
@@ -191,6 +189,54 @@ def read_snapshot(path: Path) -> tuple[SnapshotInfo, Banks]:
             raise SnapshotCorrupt(f"snapshot {name!r} has an unexpected tensor {key!r}")
         banks[bank][1][array_name] = arr
     return info, banks
+
+
+_DTYPES = {
+    "F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
+    "I8": "i1", "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?",
+}
+
+
+def _load_safetensors(path: Path) -> tuple[dict[str, str], dict[str, np.ndarray]]:
+    """Read a safetensors file with one ``readinto``; tensors are views of that buffer.
+
+    The library's reader copies every tensor out of a memory map; restore time is
+    dominated by I/O and the checksum, so we read once and check every bound here.
+
+    Raises:
+        ValueError: the file is truncated or its header is inconsistent.
+    """
+    size = path.stat().st_size
+    buf = np.empty(size, dtype=np.uint8)  # unlike bytearray, not zero-filled first
+    with open(path, "rb", buffering=0) as f:
+        view, got = buf.data, 0
+        while got < size:
+            n = f.readinto(view[got:])
+            if not n:
+                raise ValueError(f"file shrank while reading ({got} of {size} bytes)")
+            got += n
+    if size < 8:
+        raise ValueError("file is shorter than a safetensors header")
+    header_len = int.from_bytes(buf[:8].tobytes(), "little")
+    base = 8 + header_len
+    if base > size:
+        raise ValueError(f"header of {header_len} bytes runs past the end of the file")
+    header = json.loads(buf[8:base].tobytes())
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    tensors: dict[str, np.ndarray] = {}
+    for key, spec in header.items():
+        dtype = np.dtype(_DTYPES[spec["dtype"]])
+        shape = [int(d) for d in spec["shape"]]
+        begin, end = (int(o) for o in spec["data_offsets"])
+        count = int(np.prod(shape, dtype=np.int64))
+        if min(shape, default=0) < 0 or not 0 <= begin <= end <= size - base \
+                or end - begin != count * dtype.itemsize:
+            raise ValueError(f"tensor {key!r} has inconsistent shape or offsets")
+        tensors[key] = np.frombuffer(buf, dtype=dtype, count=count,
+                                     offset=base + begin).reshape(shape)
+    return {str(k): str(v) for k, v in metadata.items()}, tensors
 
 
 def inspect_snapshot(path: Path, verify: bool = True) -> SnapshotInfo:
