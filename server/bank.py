@@ -103,7 +103,7 @@ class _Scan:
     top_scores: torch.Tensor  # [Q, k] cosine, best first
     top_slots: torch.Tensor  # [Q, k] int64
     exp_sum: torch.Tensor  # [Q] sum over occupied slots of exp((score - shift) / T)
-    shift: torch.Tensor  # [Q, 1]
+    shift: torch.Tensor | float  # [Q, 1], or one shift for all queries
     soft_sum: torch.Tensor | None  # [Q, m] sum of exp(...) * code (before the int8 scale)
 
 
@@ -487,7 +487,6 @@ class MemoryBank:
         q = q / q.norm(dim=1, keepdim=True).clamp_min(1e-30)
         if self.scale is not None:
             q = q * self.scale
-        q_t = q.T.contiguous()
         n_q, rows, m = q.shape[0], self._high, self.code_dim
         convert = self.torch_dtype != torch.float32
         if self.device.type != "cpu":
@@ -496,11 +495,13 @@ class MemoryBank:
             span = max(READ_CHUNK_ROWS, _SCORE_SPAN_FLOATS // n_q // READ_CHUNK_ROWS
                        * READ_CHUNK_ROWS)
             chunk = READ_CHUNK_ROWS if convert else span
-        if soft:
+        if soft or n_q > 1:
+            # one chunk per span: soft needs the converted chunk again, and a [Q, c]
+            # product is only a contiguous slice of the [Q, span] scores when c == span
             span = chunk
         span, chunk = min(span, rows), min(chunk, rows)
         full = self._occupied_count == rows  # no hole to mask
-        shift_t = torch.ones(n_q, 1, device=self.device) if shift is None else shift
+        shift_t: torch.Tensor | float = 1.0 if shift is None else shift
         limbs = _int8_limbs(q[0]) if (n_q == 1 and not soft and self.scale is not None
                                       and self.device.type == "cpu" and _int_mm_works()) \
             else None
@@ -515,7 +516,7 @@ class MemoryBank:
         cand_scores, cand_slots = [], []
         for s0 in range(0, rows, span):
             width = min(span, rows - s0)
-            scores_t = score_buf[: width * n_q].view(width, n_q)
+            scores = score_buf[: n_q * width].view(n_q, width)
             for i in range(s0, s0 + width, chunk):
                 c = min(chunk, s0 + width - i)
                 block = self.codes[i:i + c]
@@ -525,12 +526,11 @@ class MemoryBank:
                     continue
                 if block_buf is not None:
                     block = block_buf[: c * m].view(c, m).copy_(block)
-                torch.mm(block, q_t, out=scores_t[i - s0:i - s0 + c])
+                torch.mm(q, block.T, out=scores[:, i - s0:i - s0 + c])
             if limbs is not None:
-                torch.mul(dots[0, :width], limbs[0][1], out=scores_t)
+                torch.mul(dots[0, :width].view(1, width), limbs[0][1], out=scores)
                 for j in range(1, len(limbs)):
-                    scores_t.add_(dots[j, :width], alpha=limbs[j][1])
-            scores = scores_t.T if n_q == 1 else scores_t.T.contiguous()  # [Q, width]
+                    scores.add_(dots[j, :width].view(1, width), alpha=limbs[j][1])
             scores.mul_(self.inv_norms[s0:s0 + width])
             if not full:
                 scores.masked_fill_(~self.occupied[s0:s0 + width], -math.inf)
@@ -552,9 +552,10 @@ class MemoryBank:
         slots_l, scores_l, weights_l, keep_l = (slots.tolist(), scores.tolist(),
                                                 weights.tolist(), keep.tolist())
         results = []
-        for i in range(len(slots_l)):
+        for i, query_codes in enumerate(codes.unbind(0)):
+            rows = query_codes.unbind(0)  # one call, not one indexing op per hit
             hits = [Hit(s, self._slot_key.get(s), scores_l[i][j], weights_l[i][j], seqs[i][j],
-                        self._payloads.get(s), codes[i, j])
+                        self._payloads.get(s), rows[j])
                     for j, s in enumerate(slots_l[i]) if keep_l[i][j]]
             results.append(QueryResult(hits))
         return results
@@ -697,14 +698,14 @@ def _int8_limbs(q: torch.Tensor, n: int = 3) -> list[tuple[torch.Tensor, float]]
     Returns:
         (limb [m, 1] int8, scale) pairs; all-zero limbs are left out.
     """
-    rest = q.double()
+    rest = q.detach().cpu().double().numpy()  # numpy: cheaper than torch ops on [m]
     limbs = []
     for _ in range(n):
-        step = float(rest.abs().max()) / 127.0
+        step = float(np.abs(rest).max()) / 127.0
         if step == 0.0:
             break
-        digits = torch.round(rest / step).clamp_(-127, 127)
-        limbs.append((digits.to(torch.int8).view(-1, 1), step))
+        digits = np.clip(np.rint(rest / step), -127, 127)
+        limbs.append((torch.from_numpy(digits.astype(np.int8).reshape(-1, 1)), step))
         rest = rest - digits * step
     return limbs or [(torch.zeros(q.shape[0], 1, dtype=torch.int8), 0.0)]
 

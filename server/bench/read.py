@@ -39,8 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=10, help="hits per query [default 10]")
     parser.add_argument("--repeats", type=int, default=30,
                         help="timed repetitions per cell (fewer for 1M x 32) [default 30]")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="CPU threads for torch and FAISS (0: torch's default)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads for torch and FAISS alike (0: torch's default; "
+                             "default 1, because on a small or shared CPU multi-threaded "
+                             "kernels stall whenever one thread is descheduled)")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--json", default=None, help="also write the results to this file")
 
