@@ -61,9 +61,9 @@ DISK_COLUMNS = [
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
-    parser.add_argument("--dir", default=None,
-                        help="directory on the disk to measure (default: a temp dir under "
-                             "the current directory)")
+    parser.add_argument("--dir", default="var",
+                        help="directory on the disk to measure; a temp dir is made and removed "
+                             "inside it (default: var, the server's default data dir)")
     parser.add_argument("--seconds", type=float, default=2.0,
                         help="measuring time per writes/s cell and round (default 2)")
     parser.add_argument("--rounds", type=int, default=3,
@@ -372,7 +372,8 @@ def _codec(args: argparse.Namespace, root: Path) -> tuple[Any, str, str]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     set_torch_threads(args.torch_threads)
-    root = Path(tempfile.mkdtemp(prefix="apcm-bench-durability-", dir=args.dir or "."))
+    Path(args.dir).mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix="apcm-bench-durability-", dir=args.dir))
     try:
         codec, model_path, model_note = _codec(args, root)
         writer_counts = sorted({1, args.writers})
@@ -395,7 +396,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     m = machine()
-    m["disk_dir"] = str(Path(args.dir or ".").resolve())
+    m["disk_dir"] = str(Path(args.dir).resolve())
     m["load_average"] = os.getloadavg()
     print(f"# Durability benchmark\n\nMachine: {describe_machine(m)}; load average "
           f"{m['load_average'][0]:.1f}; disk under {m['disk_dir']}\nModel: {model_note} "
