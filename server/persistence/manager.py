@@ -301,9 +301,10 @@ class PersistenceManager:
         self.snapshots.info(name, verify=False)  # NotFound when absent
         info, banks = read_snapshot(path)
         self._check_model(info)
-        # Writers wait on store.lock until the restored state is in a snapshot, so no
-        # acknowledged write lands between the swap and the snapshot that makes it durable.
-        with self._snapshot_lock, self.store.lock:
+        # The runtime refuses new RPCs meanwhile (NOT_SERVING). A write already in flight
+        # lands before the swap (and is replaced) or after it (and is in the snapshot
+        # below); holding store.lock here instead would invert the store's lock order.
+        with self._snapshot_lock:
             state = self._state(max(info.wal_sequence, int(self.store.last_seq)), banks)
             self.store.load_state(state)
             log.warning("restored snapshot %s (%d banks)", name, len(banks))
