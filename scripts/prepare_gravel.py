@@ -3,8 +3,10 @@
 The 512x512 grey image is binarised at the median of its training half (left
 256 columns). Train = left half, rows 0-383 (stride 4); validation = left half,
 rows 384-511 (stride 4; no patch overlaps the training rows); test = right
-half (stride 8). Writes ``data/gravel/gravel.safetensors`` (``train``, ``val``,
-``test`` [N, 16, 16] float32 in {0, 1}) and the committed fixture
+half (stride 8). The training patches are augmented with the 8 flips/rotations
+of the square (the texture has no preferred orientation). Writes
+``data/gravel/gravel.safetensors`` (``train``, ``val``, ``test`` [N, 16, 16]
+float32 in {0, 1}) and the committed fixture
 ``tests/fixtures/gravel_heldout.safetensors`` (256 test patches).
 
 Usage: ``.venv/bin/python scripts/prepare_gravel.py``
@@ -32,11 +34,19 @@ def patches(image: np.ndarray, stride: int) -> np.ndarray:
     ])
 
 
+def dihedral(p: np.ndarray) -> np.ndarray:
+    """[N, H, W] -> [8N, H, W]: the four rotations of p and of its transpose."""
+    views = [np.rot90(q, k, axes=(1, 2)) for q in (p, p.transpose(0, 2, 1)) for k in range(4)]
+    return np.concatenate(views)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="data/gravel", help="output folder (git-ignored)")
     parser.add_argument("--fixture", default="tests/fixtures/gravel_heldout.safetensors",
                         help="small committed test fixture")
+    parser.add_argument("--no-augment", action="store_true",
+                        help="do not add the flips/rotations of the training patches")
     parser.add_argument("--fixture-size", type=int, default=256, help="patches in the fixture")
     args = parser.parse_args()
 
@@ -51,10 +61,13 @@ def main() -> None:
         "val": patches(binary(left[384:]), 4),
         "test": patches(binary(right), 8),
     }
-    meta = {"source": "skimage.data.gravel()", "threshold": str(threshold),
+    if not args.no_augment:
+        splits["train"] = dihedral(splits["train"])
+    meta = {"augment": str(not args.no_augment), "source": "skimage.data.gravel()",
+            "threshold": str(threshold),
             "splits": "train=left half rows 0-383 stride 4; val=left rows 384-511 stride 4; "
                       "test=right half stride 8"}
-    tensors = {k: torch.from_numpy(v).contiguous() for k, v in splits.items()}
+    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in splits.items()}
     print({k: tuple(v.shape) for k, v in tensors.items()}, "threshold", threshold)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
