@@ -168,6 +168,9 @@ class MemoryBank:
         self.max_payload_bytes = max_payload_bytes
         self.max_key_length = max_key_length
         self.lock = threading.Lock()
+        # set (under ``lock``) when the bank is dropped or replaced by a restore, so a
+        # thread that looked it up before and then waited for its lock can notice
+        self.retired = False
 
         n, dev = self.capacity, self.device
         self.codes = torch.zeros(n, self.code_dim, dtype=self.torch_dtype, device=dev)

@@ -1,22 +1,30 @@
 """The memory store: every bank of the server, sequence numbers, and the mutation log.
 
-Lock discipline (deadlock-free because locks are always taken in this order):
+Lock discipline — three locks, always taken in this order, so no deadlock:
 
-1. ``store.lock`` (an ``RLock``) guards the bank dict and ``last_seq``. Every
-   mutation holds it for its whole critical section, so sequence numbers are
-   assigned and ``log.append`` is called in the same order (log order == seq order).
-2. then ``bank.lock`` of the one bank a mutation touches (``export_state`` takes
-   every bank lock, in sorted name order).
+1. ``store.lock`` (an ``RLock``) guards the bank dict. Operations hold it only to
+   look a bank up, except the rare ones that change the dict or need every bank at
+   once: create / drop, ``export_state`` and ``load_state`` (which then take the
+   bank locks in sorted name order while holding it).
+2. ``bank.lock`` of the bank an operation touches, held for the whole operation,
+   reads included (they update access counters; the read's matrix product runs
+   under it). A slow read of one bank delays only that bank's mutations.
+3. ``store.seq_lock`` guards ``last_seq``; a mutation holds it while it takes its
+   sequence numbers and calls ``log.append``, so log order == sequence order.
 
-Reads take ``store.lock`` only to look the bank up, then ``bank.lock`` alone for the
-search (it updates access counters), so a read never blocks other banks' reads. A
-mutation waits for a read in progress on its bank.
+A mutation never waits for ``store.lock`` while holding a bank lock. A thread that
+looked a bank up and then waited for its lock re-checks ``bank.retired`` (set
+under that lock by drop and restore) and retries the lookup, so it never writes
+into a dropped or replaced bank. Holding ``store.lock`` (as a restore does) keeps
+new operations out while letting the ones already inside a bank finish.
 
-Every mutation validates, appends its record to the log (buffered), then mutates
-memory, all under the locks; then, with the locks released, waits until its record
-is durable (``log.wait_durable``) before returning, so the client is answered only
-for durable writes and concurrent writers share one fsync (group commit). Access
-counters are not logged; they are persisted by snapshots only.
+A mutation validates, appends its record to the log (buffered), then changes
+memory, all under its bank lock; then, with every lock released, it waits until
+its record is durable (``log.wait_durable``) before returning, so a client is
+answered only for durable writes and concurrent writers share one fsync (group
+commit). ``export_state`` holds the store lock and every bank lock, so no logged
+mutation is half-applied in a copy and its ``last_seq`` matches the banks
+exactly. Access counters are not logged; snapshots persist them.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import contextlib
 import operator
 import threading
 from dataclasses import dataclass, field
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 import numpy as np
@@ -41,7 +50,7 @@ class MutationLog(Protocol):
     """Where mutations go before they are acknowledged (the write-ahead log)."""
 
     def append(self, seq: int, kind: str, bank: str, fields: dict[str, Any]) -> None:
-        """Buffers one record; called with the store and bank locks held."""
+        """Buffers one record; called with the bank lock and ``store.seq_lock`` held."""
 
     def wait_durable(self, seq: int) -> None:
         """Blocks until every record up to ``seq`` is durable; called without locks."""
@@ -103,17 +112,18 @@ class MemoryStore:
         self.default_policy = default_policy
         self.default_half_life = float(default_half_life)
         self.lock = threading.RLock()
+        self.seq_lock = threading.Lock()
         self.last_seq = 0
         self._log = log
         self._banks: dict[str, MemoryBank] = {}
 
     def set_log(self, log: MutationLog | None) -> None:
-        with self.lock:
+        with self.lock, self.seq_lock:
             self._log = log
 
     # ------------------------------------------------------------------ helpers
     def _next_seq(self, n: int = 1) -> int:
-        """Reserves ``n`` sequence numbers (store.lock held); returns the first."""
+        """Reserves ``n`` sequence numbers (``seq_lock`` held); returns the first."""
         first = self.last_seq + 1
         self.last_seq += n
         return first
@@ -134,10 +144,31 @@ class MemoryStore:
             max_payload_bytes=self.max_payload_bytes, max_key_length=self.max_key_length)
 
     def _lookup(self, name: str) -> MemoryBank:
-        bank = self._banks.get(name)
+        with self.lock:
+            bank = self._banks.get(name)
         if bank is None:
             raise NotFound(f"bank {name!r} does not exist", field="bank")
         return bank
+
+    @contextlib.contextmanager
+    def _locked(self, name: str) -> Iterator[MemoryBank]:
+        """Holds the lock of the bank now called ``name``, retrying if the bank was
+        dropped or replaced while this thread waited for its lock."""
+        while True:
+            bank = self._lookup(name)
+            with bank.lock:
+                if not bank.retired:
+                    yield bank
+                    return
+
+    @contextlib.contextmanager
+    def _all_locked(self) -> Iterator[list[tuple[str, MemoryBank]]]:
+        """Holds the store lock and every bank lock (sorted by name)."""
+        with self.lock, contextlib.ExitStack() as stack:
+            banks = sorted(self._banks.items())
+            for _, bank in banks:
+                stack.enter_context(bank.lock)
+            yield banks
 
     # ------------------------------------------------------------------ banks
     def create_bank(
@@ -155,7 +186,12 @@ class MemoryStore:
             AlreadyExists: the bank exists and ``exist_ok`` is false.
         """
         validate_bank_name(name)
-        if isinstance(capacity, bool) or not 1 <= operator.index(capacity) <= self.max_capacity:
+        try:
+            capacity = operator.index(capacity)
+        except TypeError as e:
+            raise InvalidArgument(f"capacity must be an integer, got {capacity!r}",
+                                  field="capacity") from e
+        if not 1 <= capacity <= self.max_capacity:
             raise InvalidArgument(
                 f"capacity must be between 1 and {self.max_capacity}, got {capacity}",
                 field="capacity")
@@ -164,18 +200,23 @@ class MemoryStore:
         make_policy(policy, half_life)
         with self.lock:
             existing = self._banks.get(name)
-            if existing is not None:
-                if not exist_ok:
-                    raise AlreadyExists(f"bank {name!r} already exists", field="name")
-                with existing.lock:
-                    return existing.stats()
-            bank = self._new_bank(name, operator.index(capacity), policy, half_life)
-            seq = self._next_seq()
-            self._append(seq, "create_bank", name, {
-                "capacity": bank.capacity, "policy": bank.policy.name,
-                "half_life": bank.policy.half_life})
-            self._banks[name] = bank
-            stats = bank.stats()
+        if existing is None:
+            bank = self._new_bank(name, capacity, policy, half_life)  # allocate unlocked
+            with self.lock:
+                existing = self._banks.get(name)
+                if existing is None:
+                    with self.seq_lock:
+                        seq = self._next_seq()
+                        self._append(seq, "create_bank", name, {
+                            "capacity": bank.capacity, "policy": bank.policy.name,
+                            "half_life": bank.policy.half_life})
+                    self._banks[name] = bank
+                    stats = bank.stats()  # nobody else can hold the new bank's lock yet
+        if existing is not None:
+            if not exist_ok:
+                raise AlreadyExists(f"bank {name!r} already exists", field="name")
+            with existing.lock:
+                return existing.stats()
         self._wait(seq)
         return stats
 
@@ -183,20 +224,19 @@ class MemoryStore:
         """Removes a bank and its memories. Raises ``NotFound``."""
         with self.lock:
             bank = self._lookup(name)
-            with bank.lock:
+            with bank.lock, self.seq_lock:
                 seq = self._next_seq()
                 self._append(seq, "drop_bank", name, {})
                 del self._banks[name]
+                bank.retired = True
         self._wait(seq)
 
     def get(self, name: str) -> MemoryBank:
-        """The bank called ``name``. Raises ``NotFound``."""
-        with self.lock:
-            return self._lookup(name)
+        """The bank called ``name`` (hold its ``lock`` to use it). Raises ``NotFound``."""
+        return self._lookup(name)
 
     def describe(self, name: str) -> BankStats:
-        bank = self.get(name)
-        with bank.lock:
+        with self._locked(name) as bank:
             return bank.stats()
 
     # ------------------------------------------------------------------ write / read
@@ -218,25 +258,26 @@ class MemoryStore:
         Returns:
             One ``SlotWrite`` per code, in order.
         """
-        with self.lock:
-            b = self._lookup(bank)
-            with b.lock:
-                keys, payloads = b.validate_write(codes, keys, payloads)
-                n = codes.shape[0]
+        with self._locked(bank) as b:
+            keys, payloads = b.validate_write(codes, keys, payloads)
+            n = codes.shape[0]
+            # planning only compares new sequences with the bank's, which are all below
+            # last_seq + 1 (and cannot change while we hold its lock): no store lock needed
+            slots = b.plan_write(keys, self.last_seq + 1)
+            fields = {
+                "slots": np.asarray(slots, dtype=np.int64),
+                "codes": codes.detach().cpu().numpy().copy(),
+                "keys": [k or "" for k in keys],
+                "payloads": [p or b"" for p in payloads],
+            }
+            with self.seq_lock:
                 first = self.last_seq + 1
-                slots = b.plan_write(keys, first)
                 sequences = list(range(first, first + n))
-                self._append(first + n - 1, "write", bank, {
-                    "slots": np.asarray(slots, dtype=np.int64),
-                    "codes": codes.detach().cpu().numpy().copy(),
-                    "keys": [k or "" for k in keys],
-                    "payloads": [p or b"" for p in payloads],
-                    "sequences": np.asarray(sequences, dtype=np.int64),
-                })
+                fields["sequences"] = np.asarray(sequences, dtype=np.int64)
+                self._append(sequences[-1], "write", bank, fields)
                 self._next_seq(n)
-                result = b.apply_write(slots, codes, keys, payloads, sequences)
-                last = self.last_seq
-        self._wait(last)
+            result = b.apply_write(slots, codes, keys, payloads, sequences)
+        self._wait(sequences[-1])
         return result
 
     def read(
@@ -250,8 +291,7 @@ class MemoryStore:
         count_access: bool = True,
     ) -> ReadResult:
         """Cosine recall of queries [Q, m] float32 (latent space); see ``MemoryBank.read``."""
-        b = self.get(bank)
-        with b.lock:
+        with self._locked(bank) as b:
             return b.read(latents, top_k=top_k, temperature=temperature, min_score=min_score,
                           soft=soft, count_access=count_access)
 
@@ -266,42 +306,39 @@ class MemoryStore:
             InvalidArgument: a slot index outside the bank.
         """
         seq = None
-        with self.lock:
-            b = self._lookup(bank)
-            with b.lock:
-                freed, missing = b.resolve_delete(list(slots), list(keys))
-                if freed:
+        with self._locked(bank) as b:
+            freed, missing = b.resolve_delete(list(slots), list(keys))
+            if freed:
+                with self.seq_lock:
                     seq = self._next_seq()
                     self._append(seq, "delete", bank,
                                  {"slots": np.asarray(freed, dtype=np.int64)})
-                    b.free(freed)
+                b.free(freed)
         if seq is not None:
             self._wait(seq)
         return len(freed), missing
 
     def clear(self, bank: str) -> BankStats:
         """Frees every slot of a bank; the bank and its totals remain."""
-        with self.lock:
-            b = self._lookup(bank)
-            with b.lock:
+        with self._locked(bank) as b:
+            with self.seq_lock:
                 seq = self._next_seq()
                 self._append(seq, "clear", bank, {})
-                b.clear()
-                stats = b.stats()
+            b.clear()
+            stats = b.stats()
         self._wait(seq)
         return stats
 
     # ------------------------------------------------------------------ state
     def export_state(self) -> StoreState:
-        """A consistent copy of every bank (store lock and every bank lock held)."""
-        with self.lock, contextlib.ExitStack() as stack:
-            banks = sorted(self._banks.items())
-            for _, bank in banks:
-                stack.enter_context(bank.lock)
+        """A consistent copy of every bank (every bank lock and the store lock held)."""
+        with self._all_locked() as banks:
             return StoreState(self.last_seq, {name: bank.export() for name, bank in banks})
 
     def load_state(self, state: StoreState) -> None:
         """Replaces every bank with ``state`` (restore / recovery).
+
+        Writers that were waiting for a replaced bank's lock retry on the new bank.
 
         Raises:
             FailedPrecondition: the state's codes do not match this store's codec.
@@ -316,7 +353,9 @@ class MemoryStore:
             banks[name] = MemoryBank.from_export(
                 config, arrays, scale=self.scale, device=self.device,
                 max_payload_bytes=self.max_payload_bytes, max_key_length=self.max_key_length)
-        with self.lock:
+        with self._all_locked() as old, self.seq_lock:
+            for _, bank in old:
+                bank.retired = True
             self._banks = banks
             self.last_seq = int(state.last_seq)
 
@@ -338,17 +377,20 @@ class MemoryStore:
                 self._banks[bank] = self._new_bank(
                     bank, int(fields["capacity"]), str(fields["policy"]),
                     float(fields["half_life"]) or self.default_half_life)
-            elif kind not in ("drop_bank", "write", "delete", "clear"):
+                with self.seq_lock:
+                    self.last_seq = seq
+                return
+            if kind not in ("drop_bank", "write", "delete", "clear"):
                 raise FailedPrecondition(f"replay: unknown record kind {kind!r}")
-            else:
-                b = self._banks.get(bank)
-                if b is None:
-                    raise FailedPrecondition(f"replay: {kind} on missing bank {bank!r}")
-                with b.lock:
-                    self._replay(b, kind, fields)
+            b = self._banks.get(bank)
+            if b is None:
+                raise FailedPrecondition(f"replay: {kind} on missing bank {bank!r}")
+            with b.lock, self.seq_lock:
+                self._replay(b, kind, fields)
                 if kind == "drop_bank":
                     del self._banks[bank]
-            self.last_seq = seq
+                    b.retired = True
+                self.last_seq = seq
 
     def _replay(self, b: MemoryBank, kind: str, fields: dict[str, Any]) -> None:
         if kind == "write":
