@@ -724,3 +724,40 @@ def test_snapshot_with_a_checksum_but_a_path_like_bank_name_is_refused(tmp_path:
     with pytest.raises(InvalidArgument):
         snap.write_snapshot(tmp_path, "ok", banks={"../x": ({}, {})}, wal_sequence=1,
                             wal_segment=1, model_hash=HASH, codec_kind="pca")
+
+
+@pytest.mark.timeout(60)
+def test_restore_while_writers_run_completes_and_recovers_to_the_live_state(
+    tmp_path: Path,
+) -> None:
+    store = _store()
+    mgr = _manager(tmp_path, store)
+    mgr.recover()
+    mgr.start()
+    store.create_bank("b", 50_000)
+    _write_some(store, 3, seed=1)
+    mgr.snapshot("base")
+    stop = threading.Event()
+    counts = [0] * 4
+
+    def writer(tid: int) -> None:
+        gen = torch.Generator().manual_seed(tid)
+        while not stop.is_set():
+            store.write("b", torch.randn(1, 8, generator=gen).half(),
+                        [f"w{tid}-{counts[tid]}"], [b"x"])
+            counts[tid] += 1
+
+    threads = [threading.Thread(target=writer, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    while sum(counts) < 50:
+        threading.Event().wait(0.005)
+    mgr.restore("base")  # must not deadlock with the writers' locks
+    before_stop = sum(counts)
+    threading.Event().wait(0.1)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert sum(counts) > before_stop  # writes went on after the restore
+    recovered, _ = _crash_and_recover(tmp_path)
+    _assert_states_equal(store, recovered)
