@@ -664,14 +664,26 @@ class MemoryBank:
         expected: dict[str, tuple[int, ...]] = {"codes": (capacity, bank.code_dim)}
         for name in ("occupied", "counts", "count_clock", "sequences", "inv_norms"):
             expected[name] = (capacity,)
+        for name in ("payload_offsets", "key_offsets"):
+            expected[name] = (capacity + 1,)
+        for name in ("payload_data", "key_data"):
+            if name not in arrays:
+                raise FailedPrecondition(f"bank {bank.name!r}: array {name} is missing")
         for name, shape in expected.items():
+            if name not in arrays:
+                raise FailedPrecondition(f"bank {bank.name!r}: array {name} is missing")
             if tuple(arrays[name].shape) != shape:
                 raise FailedPrecondition(
                     f"bank {bank.name!r}: array {name} has shape {arrays[name].shape}, "
                     f"expected {shape}")
         dev = bank.device
-        bank.codes = torch.from_numpy(np.ascontiguousarray(arrays["codes"])).to(
-            device=dev, dtype=bank.torch_dtype).clone()
+        if arrays["codes"].dtype != np.dtype(bank.code_dtype):
+            raise FailedPrecondition(
+                f"bank {bank.name!r}: codes are {arrays['codes'].dtype}, expected "
+                f"{bank.code_dtype}")
+        # np.array copies: snapshot arrays may be read-only views of a mapped file
+        bank.codes = torch.from_numpy(np.array(arrays["codes"])).to(
+            device=dev, dtype=bank.torch_dtype)
         bank.occupied = torch.from_numpy(arrays["occupied"].astype(bool)).to(dev)
         bank.counts = torch.from_numpy(arrays["counts"].astype(np.float64)).to(dev)
         bank.count_clock = torch.from_numpy(arrays["count_clock"].astype(np.int64)).to(dev)

@@ -394,7 +394,7 @@ class MemoryStore:
 
     def _replay(self, b: MemoryBank, kind: str, fields: dict[str, Any]) -> None:
         if kind == "write":
-            codes = torch.from_numpy(np.ascontiguousarray(fields["codes"]))
+            codes = torch.from_numpy(np.array(fields["codes"]))  # copy: may be read-only
             if codes.dtype != b.torch_dtype or tuple(codes.shape[1:]) != (b.code_dim,):
                 raise FailedPrecondition("replay: write record codes do not match the bank")
             b.apply_write([int(s) for s in fields["slots"]], codes,

@@ -602,6 +602,17 @@ def test_export_import_round_trip():
         state.last_seq + 1
     with pytest.raises(FailedPrecondition):
         make_store("float16").load_state(state)
+    config, arrays = state.banks["b"]
+    for broken in ({**arrays, "codes": arrays["codes"].astype(np.float32)},
+                   {k: v for k, v in arrays.items() if k != "key_offsets"},
+                   {**arrays, "counts": arrays["counts"][:-1]}):
+        with pytest.raises(FailedPrecondition):
+            make_store("int8").load_state(StoreState(state.last_seq, {"b": (config, broken)}))
+    for array in arrays.values():  # read-only arrays (a mapped snapshot) load fine
+        array.setflags(write=False)
+    restored = make_store("int8")
+    restored.load_state(state)
+    assert restored.write("b", torch.ones(1, M, dtype=torch.int8), [], [])[0].slot >= 0
 
 
 def test_apply_record_replay_is_deterministic():
