@@ -63,7 +63,7 @@ def _code_space(args: argparse.Namespace) -> tuple[int, str, Any, str]:
     return args.code_dim, args.code_dtype, scale, "random codes"
 
 
-def _fill(store: Any, n: int, step: Any, gen: Any, quantize: Any) -> Any:
+def _fill(store: Any, n: int, step: Any, gen: Any, quantizer: Any) -> Any:
     """Writes n random codes into bank "bench"; returns them dequantised [n, m] float32.
 
     Latents are Gaussian with a spread of 40 int8 steps per dimension, like trained
@@ -74,9 +74,9 @@ def _fill(store: Any, n: int, step: Any, gen: Any, quantize: Any) -> Any:
     deq = []
     for i in range(0, n, 65536):
         z = torch.randn(min(65536, n - i), step.shape[0], generator=gen) * step * 40
-        codes = quantize(z)
+        codes = quantizer.quantize(z)
         store.write("bench", codes, [], [])
-        deq.append(store.get("bench")._dequantize(codes))
+        deq.append(quantizer.dequantize(codes))
     return torch.cat(deq)
 
 
@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> dict:
                             default_half_life=1000.0)
         store.create_bank("bench", n)
         step = scale if scale is not None else torch.ones(code_dim)
-        deq = _fill(store, n, step, gen, quantizer.quantize)
+        deq = _fill(store, n, step, gen, quantizer)
         index = faiss.IndexFlatIP(code_dim)
         index.add(torch.nn.functional.normalize(deq).numpy())
         del deq
