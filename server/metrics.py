@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import (
@@ -19,6 +20,8 @@ from prometheus_client import (
     ProcessCollector,
     start_http_server,
 )
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
@@ -58,12 +61,8 @@ class Metrics:
             ["name", "kind", "hash", "device", "code_dim", "code_dtype", "ratio"], registry=r,
         )
         self.serving = Gauge("apcm_serving", "1 when health is SERVING, else 0", registry=r)
-        self.bank_capacity = Gauge(
-            "apcm_bank_capacity_slots", "Slots of each bank", ["bank"], registry=r
-        )
-        self.bank_occupied = Gauge(
-            "apcm_bank_occupied_slots", "Occupied slots of each bank", ["bank"], registry=r
-        )
+        self._banks = _BankCollector()
+        r.register(self._banks)
         self.bank_evictions = Counter(
             "apcm_bank_evictions", "Memories evicted to make room", ["bank"], registry=r
         )
@@ -115,14 +114,12 @@ class Metrics:
             ratio=f"{codec.compression_ratio:g}",
         ).set(1)
 
-    def observe_banks(self, stats: list[Any]) -> None:
-        for s in stats:
-            self.bank_capacity.labels(bank=s.name).set(s.capacity)
-            self.bank_occupied.labels(bank=s.name).set(s.occupied)
+    def watch_banks(self, source: Callable[[], list[Any]]) -> None:
+        """Report bank capacity/occupancy from ``source()`` (bank stats) at scrape time."""
+        self._banks.source = source
 
     def forget_bank(self, name: str) -> None:
-        for metric in (self.bank_capacity, self.bank_occupied, self.bank_evictions,
-                       self.bank_writes):
+        for metric in (self.bank_evictions, self.bank_writes):
             with contextlib.suppress(KeyError):
                 metric.remove(name)
 
@@ -137,3 +134,22 @@ class Metrics:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+
+class _BankCollector(Collector):
+    """Bank gauges read when Prometheus scrapes, not on every write: describing a
+    bank walks its slots, which is too slow for the write path of a large bank."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], list[Any]] | None = None
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        capacity = GaugeMetricFamily("apcm_bank_capacity_slots", "Slots of each bank",
+                                     labels=["bank"])
+        occupied = GaugeMetricFamily("apcm_bank_occupied_slots", "Occupied slots of each bank",
+                                     labels=["bank"])
+        for s in self.source() if self.source is not None else []:
+            capacity.add_metric([s.name], s.capacity)
+            occupied.add_metric([s.name], s.occupied)
+        yield capacity
+        yield occupied

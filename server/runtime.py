@@ -48,6 +48,7 @@ class Runtime:
             default_half_life=settings.default_half_life,
         )
         self.persistence: Any = self._build_persistence()
+        metrics.watch_banks(self.store.list)
         self._reads: KeyedBatcher | None = None
         if settings.batching:
             wait_s = settings.batch_max_wait_us / 1e6
@@ -98,7 +99,6 @@ class Runtime:
         self.persistence.start()
         s = self.settings
         self.store.create_bank(s.default_bank, s.default_bank_capacity, exist_ok=True)
-        self.refresh_bank_metrics()
 
     def require_ready(self) -> None:
         if not self.ready.is_set():
@@ -111,12 +111,8 @@ class Runtime:
         try:
             return self.persistence.restore(name)
         finally:
-            self.refresh_bank_metrics()
             self.ready.set()
             self.on_serving_change(True)
-
-    def refresh_bank_metrics(self) -> None:
-        self.metrics.observe_banks(self.store.list())
 
     def close(self) -> None:
         self.engine.close()

@@ -154,7 +154,6 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         evicted = sum(1 for w in written if w.evicted)
         if evicted:
             m.bank_evictions.labels(bank).inc(evicted)
-        self.rt.refresh_bank_metrics()
 
     def Read(self, request, context):  # noqa: N802
         self.rt.require_ready()
@@ -216,7 +215,6 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
             request.name, request.capacity, policy=policy,
             half_life=request.half_life or None, exist_ok=request.exist_ok,
         )
-        self.rt.refresh_bank_metrics()
         return bank_info(stats)
 
     def ListBanks(self, request, context):  # noqa: N802
@@ -230,13 +228,11 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         deleted, missing = self.rt.store.delete(
             self._bank(request.bank), list(request.slots), list(request.keys)
         )
-        self.rt.refresh_bank_metrics()
         return memory_pb2.DeleteSlotsResponse(deleted=deleted, missing_keys=missing)
 
     def ClearBank(self, request, context):  # noqa: N802
         self.rt.require_ready()
         stats = self.rt.store.clear(self._bank(request.name))
-        self.rt.refresh_bank_metrics()
         return bank_info(stats)
 
     def DropBank(self, request, context):  # noqa: N802

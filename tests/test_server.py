@@ -234,3 +234,14 @@ def test_metrics_move_with_calls(server, client: MemoryClient) -> None:
     assert _sample(after, "apcm_serving") == 1.0
     assert _sample(after, "apcm_model_info", kind="pca", code_dim="8") == 1.0
     assert "process_cpu_seconds_total" in after
+
+
+def test_bank_gauges_follow_writes(server, client: MemoryClient) -> None:
+    name = "gauge-bank"
+    client.create_bank(name, 16, exist_ok=True)
+    client.clear_bank(name)
+    client.write(codes=np.eye(8, dtype=np.float32)[:3], bank=name, mode="per_item")
+    text = _scrape(server.metrics_port)
+    assert _sample(text, "apcm_bank_capacity_slots", bank=name) == 16
+    assert _sample(text, "apcm_bank_occupied_slots", bank=name) == 3
+    assert _sample(text, "apcm_bank_writes_total", bank=name) >= 3
