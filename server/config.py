@@ -57,7 +57,8 @@ class Settings:
     )
     wal_interval_s: float = _f(0.1, "fsync period of the write-ahead log in interval mode")
     allow_empty_start: bool = _f(
-        False, "start with empty banks when snapshots exist but none is valid"
+        False, "start even though data is known to be lost (no valid snapshot, or "
+        "write-ahead-log segments missing)"
     )
     batching: bool = _f(True, "gather concurrent small requests into one model call")
     batch_max_size: int = _f(256, "largest micro-batch, in items")
