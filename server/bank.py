@@ -285,8 +285,9 @@ class MemoryBank:
         free = self._first_free(n)
         queue = None
         if n > len(free):
-            rank = self.policy.rank(self.counts, self.count_clock, self.write_clock)
-            rank = rank.masked_fill(~self.occupied, math.inf)
+            rank = self.policy.rank(self.counts, self.count_clock)
+            if self._occupied_count < self.capacity:
+                rank = rank.masked_fill(~self.occupied, math.inf)
             queue = VictimQueue(self.policy, rank, self.sequences,
                                 min(self._occupied_count, 2 * n))
         key_slot: dict[str, int | None] = {}
@@ -309,7 +310,7 @@ class MemoryBank:
                 key_slot[key] = slot
             slot_key[slot] = key
             if queue is not None:
-                queue.written(slot, j + 1, first_sequence + j)
+                queue.written(slot, self.write_clock + j + 1, first_sequence + j)
             slots.append(slot)
         return slots
 

@@ -15,8 +15,8 @@ Ties again go to the oldest write.
 Decay is lazy and vectorised: each slot stores its count ``c`` and the bank's write
 clock ``t`` at its last update; its effective count at clock ``now`` is
 ``c * 2 ** (-(now - t) / half_life)``. Uniform decay never reorders slots, so
-victims are ranked by ``log2(c) + t / half_life`` (shifted by ``now``), which needs
-no exponentials and cannot overflow.
+victims are ranked by ``log2(c) + t / half_life`` (the log count at clock 0), which
+needs no exponentials and cannot overflow.
 """
 
 from __future__ import annotations
@@ -61,17 +61,21 @@ class Policy:
             return counts
         return counts * torch.exp2((clocks - now).double() / self.half_life)
 
-    def rank(self, counts: torch.Tensor, clocks: torch.Tensor, now: int) -> torch.Tensor:
-        """[n] float64 key, increasing with the effective count at any common clock."""
+    def rank(self, counts: torch.Tensor, clocks: torch.Tensor) -> torch.Tensor:
+        """[n] float64 key, increasing with the effective count at any common clock.
+
+        Under decay it is ``log2(c) + t / half_life``: the log2 of the count at a fixed
+        reference clock 0, valid for comparisons at any time.
+        """
         if not self.decays:
             return counts
-        return torch.log2(counts) + (clocks - now).double() / self.half_life
+        return clocks.to(torch.float64).div_(self.half_life).add_(torch.log2(counts))
 
-    def new_rank(self, clock_offset: int) -> float:
-        """Rank of a memory written at clock ``now + clock_offset`` (same frame as ``rank``)."""
+    def new_rank(self, clock: int) -> float:
+        """Rank of a memory written (fresh) at write clock ``clock``, as in ``rank``."""
         if not self.decays:
             return self.initial_count
-        return math.log2(self.initial_count) + clock_offset / self.half_life
+        return math.log2(self.initial_count) + clock / self.half_life
 
     def add_access(
         self, counts: torch.Tensor, clocks: torch.Tensor, slots: torch.Tensor, now: int
@@ -140,8 +144,8 @@ class VictimQueue:
 
     Args:
         policy: the bank's policy.
-        rank: [capacity] current ranks of slots (``Policy.rank`` at the batch's start
-            clock), +inf for slots that are not candidates.
+        rank: [capacity] ranks of slots (``Policy.rank``), +inf for slots that are not
+            candidates.
         sequences: [capacity] int64 write sequence numbers.
         k: how many existing slots to pre-select (>= evictions still possible plus
             existing slots the batch may still overwrite in place).
@@ -155,10 +159,10 @@ class VictimQueue:
         self._fresh: list[tuple[float, int, int]] = []
         self._current_seq: dict[int, int] = {}
 
-    def written(self, slot: int, clock_offset: int, sequence: int) -> None:
-        """Records that this batch wrote ``slot`` at clock ``start + clock_offset``."""
+    def written(self, slot: int, clock: int, sequence: int) -> None:
+        """Records that this batch wrote ``slot`` at write clock ``clock``."""
         self._current_seq[slot] = sequence
-        heapq.heappush(self._fresh, (self.policy.new_rank(clock_offset), sequence, slot))
+        heapq.heappush(self._fresh, (self.policy.new_rank(clock), sequence, slot))
 
     def pop(self) -> int:
         """The slot the next item evicts."""
