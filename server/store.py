@@ -32,8 +32,8 @@ from __future__ import annotations
 import contextlib
 import operator
 import threading
-from dataclasses import dataclass, field
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
