@@ -338,7 +338,9 @@ class MemoryStore:
     def load_state(self, state: StoreState) -> None:
         """Replaces every bank with ``state`` (restore / recovery).
 
-        Writers that were waiting for a replaced bank's lock retry on the new bank.
+        ``last_seq`` becomes the larger of the current and the state's, so sequence
+        numbers stay monotonic across a restore. Writers that were waiting for a
+        replaced bank's lock retry on the new bank.
 
         Raises:
             FailedPrecondition: the state's codes do not match this store's codec.
@@ -357,7 +359,9 @@ class MemoryStore:
             for _, bank in old:
                 bank.retired = True
             self._banks = banks
-            self.last_seq = int(state.last_seq)
+            # never backwards: mutations that finished while this waited for their bank
+            # locks used numbers above a last_seq the caller may have read earlier
+            self.last_seq = max(self.last_seq, int(state.last_seq))
 
     def apply_record(self, seq: int, kind: str, bank: str, fields: dict[str, Any]) -> None:
         """Re-applies one logged mutation (WAL replay): deterministic, never logged.
