@@ -288,8 +288,10 @@ class MemoryBank:
             rank = self.policy.rank(self.counts, self.count_clock)
             if self._occupied_count < self.capacity:
                 rank = rank.masked_fill(~self.occupied, math.inf)
+            # each item consumes at most one pre-selected slot (evicts it, or overwrites
+            # it in place by key), so n candidates always suffice
             queue = VictimQueue(self.policy, rank, self.sequences,
-                                min(self._occupied_count, 2 * n))
+                                min(self._occupied_count, n))
         key_slot: dict[str, int | None] = {}
         slot_key: dict[int, str | None] = {}
         slots: list[int] = []

@@ -147,8 +147,8 @@ class VictimQueue:
         rank: [capacity] ranks of slots (``Policy.rank``), +inf for slots that are not
             candidates.
         sequences: [capacity] int64 write sequence numbers.
-        k: how many existing slots to pre-select (>= evictions still possible plus
-            existing slots the batch may still overwrite in place).
+        k: how many existing slots to pre-select: at least the batch size (capped at the
+            number of candidates), since each item evicts or overwrites at most one.
     """
 
     def __init__(self, policy: Policy, rank: torch.Tensor, sequences: torch.Tensor, k: int):

@@ -194,6 +194,29 @@ def test_large_batch_eviction_matches_one_by_one():
         assert_states_equal(stores[0].export_state(), stores[1].export_state())
 
 
+@pytest.mark.parametrize("policy", ["lfu", "lfu_decay"])
+def test_batches_with_upserts_match_one_by_one(policy):
+    """Batches mixing new keys, keys already in the bank and no keys place every item
+    exactly where the same writes one at a time would (the victim pre-selection is
+    large enough even when upserts and evictions interleave)."""
+    rng = np.random.default_rng(5)
+    stores = [make_store(), make_store()]
+    for st in stores:
+        st.create_bank("b", 12, policy=policy, half_life=3.0)
+    for step in range(30):
+        n = int(rng.integers(1, 9))
+        names = rng.choice(40, size=n, replace=False)
+        keys = [f"k{i}" if i < 30 else None for i in names]
+        codes = torch.from_numpy(rng.standard_normal((n, M)).astype(np.float32))
+        batched = stores[0].write("b", codes, keys, [])
+        single = [stores[1].write("b", codes[j:j + 1], [keys[j]], [])[0] for j in range(n)]
+        assert [(w.slot, w.evicted_key, w.replaced) for w in batched] == \
+            [(w.slot, w.evicted_key, w.replaced) for w in single], step
+        for st in stores:
+            st.read("b", codes[:1])
+    assert_states_equal(stores[0].export_state(), stores[1].export_state())
+
+
 # ---------------------------------------------------------------------- read
 @pytest.mark.parametrize("code_dtype", ["float32", "float16", "int8"])
 def test_read_scores_weights_topk_soft_match_numpy(code_dtype):
