@@ -20,7 +20,7 @@ from pathlib import Path
 from apcm.server.cli import main as apcm
 from apcm.server.codec import load_codec
 
-COMMON = ["--ratio", "8", "--device", "cpu", "--seed", "0", "--threads", "2"]
+COMMON = ["--ratio", "8", "--device", "cpu", "--seed", "0", "--threads", "1"]
 MODELS: dict[str, dict[str, list[str]]] = {
     "digits": {
         "train": ["--data", "data/digits/digits.safetensors", "--shape", "8,8", "--image",
@@ -34,15 +34,15 @@ MODELS: dict[str, dict[str, list[str]]] = {
         "train": ["--data", "data/gravel/gravel.safetensors", "--shape", "16,16", "--image",
                   "--blocks", "4", "--hidden", "128", "--aux-hidden", "256", "--dropout", "0.1",
                   "--noise", "0.05", "--weight-decay", "1e-3", "--lr", "3e-4",
-                  "--epochs", "12", "--patience", "4", "--qat-epochs", "4"],
+                  "--batch-size", "512", "--epochs", "6", "--patience", "3", "--qat-epochs", "2"],
         "eval": ["--data", "data/gravel/gravel.safetensors", "--splits", "train,test",
                  "--image", "--data-range", "1"],
     },
     "text-minilm": {
         "train": ["--data", "data/text/minilm.safetensors", "--shape", "1,384",
                   "--blocks", "4", "--hidden", "128", "--aux-hidden", "256", "--dropout", "0.1",
-                  "--noise", "0.05", "--weight-decay", "1e-3", "--epochs", "25",
-                  "--patience", "6", "--qat-epochs", "6"],
+                  "--noise", "0.05", "--weight-decay", "1e-3", "--epochs", "16",
+                  "--patience", "4", "--qat-epochs", "4"],
         "eval": ["--data", "data/text/minilm.safetensors", "--splits", "train,test,ood",
                  "--embeddings"],
     },
