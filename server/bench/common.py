@@ -79,13 +79,17 @@ def machine() -> dict[str, Any]:
         "grpcio": grpc.__version__,
         "os": f"{platform.system()} {platform.release()}",
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        # A shared machine's other load is part of the conditions of a number.
+        "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
 
 
 def describe_machine(m: dict[str, Any]) -> str:
     gpu = f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU"
+    load = (f"; load average {m['load_average_1m']:.1f} at the end"
+            if m.get("load_average_1m") is not None else "")
     return (f"{m['cpu']}, {m['usable_cores']} usable cores (torch threads {m['torch_threads']})"
-            f"{gpu}; python {m['python']}, torch {m['torch']}, grpcio {m['grpcio']}")
+            f"{gpu}; python {m['python']}, torch {m['torch']}, grpcio {m['grpcio']}{load}")
 
 
 # -- timing ----------------------------------------------------------------------------
@@ -205,7 +209,9 @@ def load_embeddings(path: str, split: str) -> np.ndarray:
 
 # -- output ----------------------------------------------------------------------------
 def fmt(value: Any) -> str:
-    if isinstance(value, bool) or value is None:
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
         return str(value)
     if isinstance(value, float):
         if value == 0 or 0.01 <= abs(value) < 1e6:

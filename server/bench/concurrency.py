@@ -45,8 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="measuring time per cell and round (default 3.0)")
     parser.add_argument("--warmup", type=float, default=0.5,
                         help="unmeasured seconds before each measurement (default 0.5)")
-    parser.add_argument("--rounds", type=int, default=2,
-                        help="times the two servers alternate per client count (default 2)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="times the two servers alternate per client count (default 3)")
     parser.add_argument("--data", default=DEFAULT_DATA,
                         help="prepared embeddings to send (Gaussian inputs when absent)")
 

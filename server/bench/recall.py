@@ -149,7 +149,7 @@ def _faiss_rows(db: np.ndarray, queries: np.ndarray, truth: np.ndarray, m_bytes:
 
 def _reference_rows(codec: Any, memories: np.ndarray, queries: np.ndarray,
                     truth: np.ndarray, pca_train: np.ndarray) -> list[dict]:
-    """Cosine over the codec's codes, and over a PCA codec with the same m and code dtype."""
+    """Cosine over the codec's codes, over a PCA codec's (same m and dtype), and decoded."""
     import torch
 
     from apcm.server.pca_codec import PCACodec
@@ -165,6 +165,13 @@ def _reference_rows(codec: Any, memories: np.ndarray, queries: np.ndarray,
         rows.append({"method": f"{label} ({c.code_dtype} m={c.code_dim})",
                      "bytes_per_vector": c.bytes_per_code, **recall_stats(found, truth),
                      "where": "in-process"})
+    # Diagnostic: is the neighbourhood lost by the code, or only by scoring in latent space?
+    with torch.inference_mode():
+        decoded = codec.decompress(codec.compress(torch.from_numpy(memories))).cpu().numpy()
+    found = exact_topk(normalise(decoded), normalise(queries))
+    rows.append({"method": f"{codec.kind} decoded memories vs raw queries, exact cosine "
+                           "in-process (diagnostic)", "bytes_per_vector": codec.bytes_per_code,
+                 **recall_stats(found, truth), "where": "in-process"})
     return rows
 
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from apcm.server.bench.common import describe_machine, markdown_table
+from apcm.server.bench.common import describe_machine, fmt, markdown_table
 
 ORDER = ("rpc", "concurrency", "recall", "read", "durability")
 READ_COLUMNS = [
@@ -26,7 +27,8 @@ READ_COLUMNS = [
     ("faiss_bytes_per_slot", "FAISS bytes/slot"),
 ]
 COMMANDS = """\
-Regenerate (from the repository root, after `pip install -e '.[server,bench]'`):
+Regenerate everything with `make bench` (`apcm bench all`: every benchmark with its
+defaults, then this report), or one benchmark at a time, then the report:
 
 ```
 apcm bench rpc --json docs/bench/rpc.json
@@ -130,13 +132,14 @@ def plot_concurrency(result: dict[str, Any], path: Path) -> None:
 def plot_recall(result: dict[str, Any], path: Path) -> None:
     plt, fig, axes = _figure(1)
     rows = result["rows"][::-1]
-    labels = [f"{r['method']}\n({r['bytes_per_vector']} B/vector)" for r in rows]
+    labels = [textwrap.fill(f"{r['method']} ({r['bytes_per_vector']} B/vector)", 48)
+              for r in rows]
     axes[0].barh(range(len(rows)), [r["recall_at_10"] for r in rows], color="tab:blue")
     axes[0].set_yticks(range(len(rows)), labels, fontsize=7)
     axes[0].set(xlim=(0, 1), xlabel="recall@10 vs exact float32 cosine",
                 title="recall from memory (held-out queries)")
     axes[0].grid(True, axis="x", alpha=0.3)
-    fig.set_size_inches(8, 0.6 * len(rows) + 1.5)
+    fig.set_size_inches(9, 0.7 * len(rows) + 1.5)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -177,7 +180,7 @@ def section(name: str, result: dict[str, Any], folder: Path, out: Path) -> str:
     for key in ("inputs", "data", "params", "memory"):
         if result.get(key):
             value = result[key]
-            text = ", ".join(f"{k}: {v}" for k, v in value.items()) if isinstance(
+            text = ", ".join(f"{k}: {fmt(v)}" for k, v in value.items()) if isinstance(
                 value, dict) else value
             lines += [f"{key.capitalize()}: {text}.", ""]
     if "columns" in result:

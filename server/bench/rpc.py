@@ -46,8 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated batch sizes (default 1,32,256,4096)")
     parser.add_argument("--seconds", type=float, default=1.0,
                         help="measuring time per side, cell and round (default 1.0)")
-    parser.add_argument("--rounds", type=int, default=2,
-                        help="times in-process and gRPC alternate per cell (default 2)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="times in-process and gRPC alternate per cell (default 3)")
     parser.add_argument("--data", default=DEFAULT_DATA,
                         help="prepared embeddings to send (Gaussian inputs when absent)")
 
