@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import torch
+
 from apcm.server.batching import KeyedBatcher, MicroBatcher
 from apcm.server.pca_codec import PCACodec
 
