@@ -1,7 +1,7 @@
 """numpy <-> apcm.v1.Tensor: shape + dtype + raw little-endian bytes.
 
-Decoding is zero-copy (``np.frombuffer`` over the message bytes, read-only);
-encoding copies once, into the message.
+Decoding makes one copy (protobuf's ``bytes`` accessor) and then views it with
+``np.frombuffer`` (read-only); encoding copies once, into the message.
 """
 
 from __future__ import annotations
@@ -65,9 +65,10 @@ def from_proto(tensor: tensor_pb2.Tensor) -> np.ndarray:
         raise TensorFormatError(f"tensor shape {list(shape)} has a negative dimension")
     count = int(np.prod(shape, dtype=np.int64)) if shape else 1
     expected = count * dtype.itemsize
-    if len(tensor.data) != expected:
+    data = tensor.data  # each attribute access copies the bytes out of the message
+    if len(data) != expected:
         raise TensorFormatError(
             f"tensor of shape {list(shape)} and dtype {DTYPE_NAMES[tensor.dtype]} needs "
-            f"{expected} bytes, got {len(tensor.data)}"
+            f"{expected} bytes, got {len(data)}"
         )
-    return np.frombuffer(tensor.data, dtype=dtype, count=count).reshape(shape)
+    return np.frombuffer(data, dtype=dtype, count=count).reshape(shape)

@@ -132,6 +132,8 @@ def build_server(
 
     Nothing is served until ``start()``. Returns the server and its bound port.
     """
+    if settings.torch_threads > 0:
+        torch.set_num_threads(settings.torch_threads)
     device = resolve_device(settings.device)
     codec = load_codec(settings.model, device)
     metrics = Metrics(registry)

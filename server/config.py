@@ -60,6 +60,9 @@ class Settings:
         False, "start even though data is known to be lost (no valid snapshot, or "
         "write-ahead-log segments missing)"
     )
+    torch_threads: int = _f(
+        0, "intra-op threads of the model (0 = torch's default, one per core)"
+    )
     batching: bool = _f(True, "gather concurrent small requests into one model call")
     batch_max_size: int = _f(256, "largest micro-batch, in items")
     batch_max_wait_us: int = _f(500, "longest a request waits for a micro-batch to fill, us")

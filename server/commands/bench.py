@@ -20,6 +20,7 @@ BENCHMARKS = {
     "concurrency": "throughput and p99 with 1..128 concurrent clients, batching on/off",
     "recall": "recall@10 of Read over real sentence embeddings vs FAISS flat/PQ/OPQ",
     "report": "turn benchmark JSON files into docs/BENCHMARKS.md with plots",
+    "all": "run every benchmark with its defaults, then the report",
 }
 
 
