@@ -74,7 +74,6 @@ def run(args: argparse.Namespace) -> int:
     from apcm.server.evaluation import datasets, plots
     from apcm.server.idrp.codec import IDRPCodec
     from apcm.server.idrp.model import IDRP, IDRPConfig
-    from apcm.server.pca_codec import PCACodec
     from apcm.server.idrp.train import (
         TrainConfig,
         code_dim_for_ratio,
@@ -82,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
         fit_quantizer,
         train_idrp,
     )
+    from apcm.server.pca_codec import PCACodec
 
     if args.threads:
         torch.set_num_threads(args.threads)

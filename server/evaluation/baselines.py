@@ -7,6 +7,7 @@ own dtype) and back; ``bytes_per_code`` is what one stored item costs.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Any
 
 import numpy as np
 import torch
@@ -80,14 +81,15 @@ class FaissMethod(Method):
         if d % n_bytes:
             raise ValueError(f"{kind} needs d={d} divisible by the byte budget {n_bytes}")
         spec = f"PQ{n_bytes}x8" if kind == "PQ" else f"OPQ{n_bytes},PQ{n_bytes}x8"
-        self.index = faiss.index_factory(d, spec)
-        pq_index = self.index if kind == "PQ" else faiss.downcast_index(self.index.index)
+        index: Any = faiss.index_factory(d, spec)
+        self.index = index
+        pq_index: Any = index if kind == "PQ" else faiss.downcast_index(index.index)
         # polysemous training only reorders codes for Hamming search; it does not change
         # reconstructions and takes minutes
         pq_index.do_polysemous_training = False
         pq_index.pq.cp.min_points_per_centroid = 1  # small sets are fine; silences warnings
         if kind == "OPQ":
-            opq = faiss.downcast_VectorTransform(self.index.chain.at(0))
+            opq: Any = faiss.downcast_VectorTransform(index.chain.at(0))
             opq.niter = opq_iters
             opq.niter_pq_0 = 4  # first round as cheap as the others (faiss default 40)
             spec += f" ({opq_iters} iters)"

@@ -30,6 +30,9 @@ class PCARotation(Bijection):
         mean: [d] training mean. rotation: [d, d] orthogonal, rows by decreasing variance.
     """
 
+    mean: torch.Tensor
+    rotation: torch.Tensor
+
     def __init__(self, mean: torch.Tensor, rotation: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("mean", mean.float().clone())
@@ -50,6 +53,8 @@ class FixedScale(Bijection):
         scale: [d] positive (e.g. principal standard deviations, floored).
     """
 
+    scale: torch.Tensor
+
     def __init__(self, scale: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("scale", scale.float().clone())
@@ -68,6 +73,9 @@ class Permutation(Bijection):
     Args:
         perm: [d] int64 permutation.
     """
+
+    perm: torch.Tensor
+    inv_perm: torch.Tensor
 
     def __init__(self, perm: torch.Tensor) -> None:
         super().__init__()

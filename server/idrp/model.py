@@ -13,7 +13,7 @@ principal coefficients and ``g`` predicts 0 (the mean) for the rest.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -134,7 +134,7 @@ class IDRP(nn.Module):
     def flow_inverse(self, z: torch.Tensor) -> torch.Tensor:
         """f^-1: [B, d] -> [B, d]."""
         for layer in reversed(self.layers):
-            z = layer.inverse(z)
+            z = cast(Bijection, layer).inverse(z)
         return z
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
