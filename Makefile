@@ -20,8 +20,9 @@ $(STAMP): pyproject.toml setup.py $(wildcard proto/apcm/v1/*.proto)
 
 install: $(STAMP)
 
+# Regenerate the apcm.v1 stubs after editing proto/ (the editable install runs protoc).
 stubs: $(STAMP)
-	$(PY) setup.py -q build_py >/dev/null
+	$(PIP) install -q --no-deps -e .
 
 serve: $(STAMP)
 	$(VENV)/bin/apcm serve --model $(MODEL)

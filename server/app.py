@@ -22,6 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
+from apcm.server.auth import build_auth_interceptor
 from apcm.server.codec import load_codec
 from apcm.server.config import Settings
 from apcm.server.engine import Engine
@@ -30,6 +31,7 @@ from apcm.server.interceptors import ErrorInterceptor, MetricsInterceptor
 from apcm.server.metrics import Metrics
 from apcm.server.runtime import Runtime
 from apcm.server.service import MemoryServicer
+from apcm.server.tls import server_credentials
 from apcm.v1 import memory_pb2, memory_pb2_grpc
 
 log = logging.getLogger("apcm")
@@ -42,25 +44,6 @@ def resolve_device(choice: str) -> torch.device:
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(choice)
-
-
-def _optional_interceptors(settings: Settings) -> list[grpc.ServerInterceptor]:
-    try:
-        from apcm.server.auth import build_auth_interceptor
-    except ImportError:  # auth lands separately; without it no keys can be configured
-        if settings.api_keys or settings.read_only_api_keys or settings.api_keys_file:
-            raise
-        return []
-    interceptor = build_auth_interceptor(settings)
-    return [interceptor] if interceptor is not None else []
-
-
-def _server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
-    # Always consult tls.py: it refuses a client CA without a server certificate,
-    # which would otherwise silently serve plaintext.
-    from apcm.server.tls import server_credentials
-
-    return server_credentials(settings)
 
 
 class ApcmServer:
@@ -140,7 +123,8 @@ def build_server(
     metrics.set_model(codec)
     runtime = Runtime(settings, codec, Engine(codec, settings.max_batch_size), metrics)
 
-    interceptors: list[Any] = [MetricsInterceptor(metrics), *_optional_interceptors(settings),
+    auth = build_auth_interceptor(settings)
+    interceptors: list[Any] = [MetricsInterceptor(metrics), *([auth] if auth else []),
                                ErrorInterceptor()]
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -163,7 +147,9 @@ def build_server(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     address = f"{settings.host}:{settings.grpc_port}"
-    credentials = _server_credentials(settings)
+    # tls.py also refuses a client CA without a server certificate, which would
+    # otherwise silently serve plaintext.
+    credentials = server_credentials(settings)
     if credentials is None:
         port = server.add_insecure_port(address)
     else:
