@@ -326,7 +326,8 @@ class PersistenceManager:
         if info.model_hash != self.codec_hash:
             raise FailedPrecondition(
                 f"snapshot {info.name!r} was made with model {info.model_hash}, but this "
-                f"server serves model {self.codec_hash}; it needs model {info.model_hash}"
+                f"server serves model {self.codec_hash}; it needs model {info.model_hash} "
+                f"(serve that model, or give this one an empty --data-dir)"
             )
 
     @staticmethod
