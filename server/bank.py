@@ -136,6 +136,8 @@ class MemoryBank:
         code_dtype: "float32", "float16" or "int8".
         scale: per-dimension int8 step [m] (the codec's ``quantizer.scale``), else None.
         device: where codes live.
+        metric: per-dimension weights [m] applied to latents before cosine (the codec's
+            ``similarity_weights``), else None.
         policy: eviction policy.
         max_payload_bytes: largest payload per memory.
         max_key_length: longest key.
@@ -153,6 +155,7 @@ class MemoryBank:
         policy: Policy,
         max_payload_bytes: int,
         max_key_length: int,
+        metric: torch.Tensor | None = None,
     ) -> None:
         self.name = name
         self.capacity = int(capacity)
@@ -164,6 +167,10 @@ class MemoryBank:
             else None
         if code_dtype == "int8" and self.scale is None:
             raise ValueError("int8 banks need the quantiser's per-dimension scale")
+        self.metric = metric.float().to(self.device) if metric is not None else None
+        # what a normalised (weighted) query is multiplied by to score raw codes
+        fold = [t for t in (self.scale, self.metric) if t is not None]
+        self._query_fold = fold[0] * fold[1] if len(fold) == 2 else (fold[0] if fold else None)
         self.policy = policy
         self.max_payload_bytes = max_payload_bytes
         self.max_key_length = max_key_length
@@ -386,7 +393,8 @@ class MemoryBank:
         return out
 
     def _inverse_norms(self, codes: torch.Tensor) -> torch.Tensor:
-        norms = self._dequantize(codes).norm(dim=1)
+        z = self._dequantize(codes)
+        norms = (z * self.metric if self.metric is not None else z).norm(dim=1)
         return torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms))
 
     def _dequantize(self, codes: torch.Tensor) -> torch.Tensor:
@@ -490,9 +498,11 @@ class MemoryBank:
             soft: also accumulate the softmax-weighted sum of codes (one chunk per span,
                 because it needs the converted chunk again).
         """
+        if self.metric is not None:
+            q = q * self.metric
         q = q / q.norm(dim=1, keepdim=True).clamp_min(1e-30)
-        if self.scale is not None:
-            q = q * self.scale
+        if self._query_fold is not None:
+            q = q * self._query_fold
         n_q, rows, m = q.shape[0], self._high, self.code_dim
         convert = self.torch_dtype != torch.float32
         if self.device.type != "cpu":
@@ -656,6 +666,7 @@ class MemoryBank:
         device: torch.device,
         max_payload_bytes: int,
         max_key_length: int,
+        metric: torch.Tensor | None = None,
     ) -> MemoryBank:
         """Rebuilds a bank from ``export()`` output (e.g. a snapshot)."""
         capacity = int(config["capacity"])
@@ -663,7 +674,7 @@ class MemoryBank:
         bank = cls(str(config["name"]), capacity, code_dim=int(config["code_dim"]),
                    code_dtype=str(config["code_dtype"]), scale=scale, device=device,
                    policy=policy, max_payload_bytes=max_payload_bytes,
-                   max_key_length=max_key_length)
+                   max_key_length=max_key_length, metric=metric)
         expected: dict[str, tuple[int, ...]] = {"codes": (capacity, bank.code_dim)}
         for name in ("occupied", "counts", "count_clock", "sequences", "inv_norms"):
             expected[name] = (capacity,)

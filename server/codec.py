@@ -110,6 +110,12 @@ class Codec(ABC):
     def compression_ratio(self) -> float:
         return self.input_bytes / self.bytes_per_code
 
+    @property
+    def similarity_weights(self) -> torch.Tensor | None:
+        """Per-dimension weights [m] under which cosine of latents best tracks cosine
+        of the inputs (None: compare latents as they are). Banks search with them."""
+        return None
+
     def to(self, device: torch.device | str) -> Codec:
         self.device = torch.device(device)
         self._move(self.device)

@@ -46,6 +46,7 @@ class Runtime:
             max_key_length=settings.max_key_length,
             default_policy=settings.default_policy,
             default_half_life=settings.default_half_life,
+            metric=codec.similarity_weights,
         )
         self.persistence: Any = self._build_persistence()
         metrics.watch_banks(self.store.list)

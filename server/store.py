@@ -76,6 +76,7 @@ class MemoryStore:
         code_dim: m of the codec.
         code_dtype: "float32", "float16" or "int8".
         scale: the codec's int8 per-dimension scale [m] (None otherwise).
+        metric: the codec's similarity weights [m] for cosine search (None: plain).
         device: where banks live.
         max_capacity: largest bank capacity.
         max_payload_bytes: largest payload per memory.
@@ -98,12 +99,14 @@ class MemoryStore:
         default_policy: str,
         default_half_life: float,
         log: MutationLog | None = None,
+        metric: torch.Tensor | None = None,
     ) -> None:
         if code_dtype not in CODE_DTYPES:
             raise ValueError(f"unknown code dtype {code_dtype!r}")
         self.code_dim = int(code_dim)
         self.code_dtype = code_dtype
         self.scale = scale.detach().float().cpu() if scale is not None else None
+        self.metric = metric.detach().float().cpu() if metric is not None else None
         self.device = torch.device(device)
         self.max_capacity = int(max_capacity)
         self.max_payload_bytes = int(max_payload_bytes)
@@ -141,7 +144,8 @@ class MemoryStore:
         return MemoryBank(
             name, capacity, code_dim=self.code_dim, code_dtype=self.code_dtype,
             scale=self.scale, device=self.device, policy=make_policy(policy, half_life),
-            max_payload_bytes=self.max_payload_bytes, max_key_length=self.max_key_length)
+            max_payload_bytes=self.max_payload_bytes, max_key_length=self.max_key_length,
+            metric=self.metric)
 
     def _lookup(self, name: str) -> MemoryBank:
         with self.lock:
@@ -354,7 +358,8 @@ class MemoryStore:
                     f"{self.code_dim}")
             banks[name] = MemoryBank.from_export(
                 config, arrays, scale=self.scale, device=self.device,
-                max_payload_bytes=self.max_payload_bytes, max_key_length=self.max_key_length)
+                max_payload_bytes=self.max_payload_bytes, max_key_length=self.max_key_length,
+                metric=self.metric)
         with self._all_locked() as old, self.seq_lock:
             for _, bank in old:
                 bank.retired = True

