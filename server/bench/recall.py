@@ -156,11 +156,17 @@ def _reference_rows(codec: Any, memories: np.ndarray, queries: np.ndarray,
 
     pca = PCACodec.fit(torch.from_numpy(pca_train), codec.code_dim, codec.code_dtype)
     rows = []
-    for label, c in ((f"{codec.kind} codes, exact cosine in-process", codec),
-                     ("PCA codes (same m and dtype), exact cosine in-process", pca)):
+    cases = [(f"{codec.kind} codes, plain cosine in-process (the paper's read)", codec, False),
+             ("PCA codes (same m and dtype), exact cosine in-process", pca, False)]
+    if codec.similarity_weights is not None:
+        cases.insert(1, (f"{codec.kind} codes under its similarity weights, in-process (what "
+                         "Read does)", codec, True))
+    for label, c, weighted in cases:
         with torch.inference_mode():
             mem = c.quantizer.dequantize(c.compress(torch.from_numpy(memories)))
             q = c.encode_latent(torch.from_numpy(queries).reshape(len(queries), -1))
+            if weighted:
+                mem, q = mem * c.similarity_weights, q * c.similarity_weights
         found = exact_topk(normalise(mem.cpu().numpy()), normalise(q.cpu().numpy()))
         rows.append({"method": f"{label} ({c.code_dtype} m={c.code_dim})",
                      "bytes_per_vector": c.bytes_per_code, **recall_stats(found, truth),
