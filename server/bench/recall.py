@@ -207,7 +207,7 @@ def _server_rows(args: argparse.Namespace, memories: np.ndarray, texts: list[str
             hits = client.read(queries[i:i + 1], bank=BANK, top_k=K, payloads=True)[0].hits
             lat.append(time.perf_counter() - t0)
             found[i, :len(hits)] = [slot_to_index[h.slot] for h in hits]
-            payload_ok += bool(hits) and hits[0].payload.decode() == texts[found[i, 0]]
+            payload_ok += bool(hits) and (hits[0].payload or b"").decode() == texts[found[i, 0]]
     row = {"method": f"ApCM Read over gRPC ({info.kind}, {info.code_dtype} m={info.code_dim})",
            "bytes_per_vector": info.bytes_per_code, **recall_stats(found, truth),
            "p50_ms": percentile_ms(lat, 50), "p99_ms": percentile_ms(lat, 99),

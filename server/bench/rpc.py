@@ -165,6 +165,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "goals": goals(rows),
     }
     print(markdown_table(rows, COLUMNS))
-    for g in result["goals"]:
+    for g in goals(rows):
         print(f"- {'MET' if g['met'] else 'NOT MET'}: {g['goal']} — {g['measured']}")
     return result
