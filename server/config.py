@@ -33,7 +33,9 @@ class Settings:
     metrics_host: str = _f("0.0.0.0", "address to bind the metrics HTTP server to")
     model: str = _f(DEFAULT_MODEL, "codec weights file (.safetensors) to serve")
     device: str = _f("auto", "where the codec and banks live", ("auto", "cpu", "cuda"))
-    max_workers: int = _f(16, "gRPC handler threads")
+    max_workers: int = _f(
+        64, "gRPC handler threads (micro-batches only form from requests handled at once)"
+    )
     max_concurrent_rpcs: int = _f(
         256, "RPCs admitted at once; more are refused with RESOURCE_EXHAUSTED"
     )
