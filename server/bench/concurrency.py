@@ -138,6 +138,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 rows.append(_summarise(clients, batching, cells[batching]))
             print(markdown_table(rows[-2:], COLUMNS).split("\n", 2)[2], flush=True)
 
+    met = goals(rows)
     result = {
         "benchmark": "concurrency",
         "title": "Concurrency scaling: single-vector Compress, batching on vs off",
@@ -157,9 +158,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "columns": COLUMNS,
         "rows": rows,
-        "goals": goals(rows),
+        "goals": met,
     }
     print(markdown_table(rows, COLUMNS))
-    for g in goals(rows):
+    for g in met:
         print(f"- {'MET' if g['met'] else 'NOT MET'}: {g['goal']} — {g['measured']}")
     return result

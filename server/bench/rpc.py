@@ -148,6 +148,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             rows.append(_row("Decompress", batch, in_d, rpc_d, diff))
             print(markdown_table(rows[-2:], COLUMNS).split("\n", 2)[2], flush=True)
 
+    met = goals(rows)
     result = {
         "benchmark": "rpc",
         "title": "RPC overhead: gRPC vs in-process codec",
@@ -162,9 +163,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                    "server": "separate process, loopback TCP, default settings"},
         "columns": COLUMNS,
         "rows": rows,
-        "goals": goals(rows),
+        "goals": met,
     }
     print(markdown_table(rows, COLUMNS))
-    for g in goals(rows):
+    for g in met:
         print(f"- {'MET' if g['met'] else 'NOT MET'}: {g['goal']} — {g['measured']}")
     return result
