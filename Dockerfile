@@ -19,6 +19,7 @@ COPY pyproject.toml setup.py README.md ./
 COPY proto/ proto/
 COPY server/ server/
 COPY client/ client/
+COPY wire/ wire/
 # The package build generates the apcm.v1 stubs from proto/ (setup.py); the pinned
 # torch above already satisfies the server extra, so pip keeps that build.
 RUN pip install --no-cache-dir "./[server]"

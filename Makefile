@@ -28,18 +28,20 @@ serve: $(STAMP)
 	$(VENV)/bin/apcm serve --model $(MODEL)
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check server client tests scripts deploy
+	$(VENV)/bin/ruff check server client wire tools tests scripts deploy
 	$(PY) -m pytest -q
 
 # mypy needs the apcm.* import names, which package-dir maps; a symlink tree gives it them.
 lint: $(STAMP)
-	$(VENV)/bin/ruff check server client tests scripts deploy
+	$(VENV)/bin/ruff check server client wire tools tests scripts deploy
 	rm -rf build/typecheck && mkdir -p build/typecheck/apcm && touch build/typecheck/apcm/__init__.py
 	ln -s ../../../server build/typecheck/apcm/server
 	ln -s ../../../client build/typecheck/apcm/client
+	ln -s ../../../wire build/typecheck/apcm/wire
+	ln -s ../../../tools build/typecheck/apcm/tools
 	ln -s ../../../gen/apcm/v1 build/typecheck/apcm/v1
 	cd build/typecheck && ../../$(VENV)/bin/mypy --config-file ../../pyproject.toml \
-		-p apcm.server -p apcm.client
+		-p apcm.server -p apcm.client -p apcm.wire -p apcm.tools
 
 bench: $(STAMP)
 	$(VENV)/bin/apcm bench all --out docs/bench

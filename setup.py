@@ -15,7 +15,15 @@ from setuptools.command.build_py import build_py
 ROOT = Path(__file__).parent.resolve()
 PROTO_ROOT = ROOT / "proto"
 GEN_ROOT = ROOT / "gen"
-PACKAGE_DIRS = {"apcm.server": "server", "apcm.client": "client", "apcm.v1": "gen/apcm/v1"}
+# Folder -> import name. ``tools`` (training, evaluation, benchmarks) is mapped only
+# where the folder exists: the serving image copies server/, client/ and wire/ alone.
+PACKAGE_DIRS = {
+    "apcm.server": "server",
+    "apcm.client": "client",
+    "apcm.wire": "wire",
+    "apcm.tools": "tools",
+    "apcm.v1": "gen/apcm/v1",
+}
 
 
 def generate_stubs() -> None:
@@ -48,6 +56,8 @@ def find_packages_mapped() -> list[str]:
     packages = []
     for name, folder in PACKAGE_DIRS.items():
         base = ROOT / folder
+        if not base.is_dir():
+            continue
         for init in sorted(base.rglob("__init__.py")):
             rel = init.parent.relative_to(base)
             packages.append(".".join([name, *rel.parts]) if rel.parts else name)
@@ -62,4 +72,7 @@ class BuildWithStubs(build_py):
 
 
 generate_stubs()
-setup(packages=find_packages_mapped(), cmdclass={"build_py": BuildWithStubs})
+setup(
+    packages=find_packages_mapped(),
+    package_dir={n: f for n, f in PACKAGE_DIRS.items() if (ROOT / f).is_dir()},
+    cmdclass={"build_py": BuildWithStubs})

@@ -28,7 +28,6 @@ from apcm.client.errors import (
 )
 from apcm.client.retry import RetryPolicy
 from apcm.client.sync import MemoryClient
-from apcm.client.tensors import TensorFormatError
 from apcm.client.types import (
     BankInfo,
     DeleteResult,
@@ -39,6 +38,7 @@ from apcm.client.types import (
     SnapshotInfo,
     WrittenSlot,
 )
+from apcm.wire.tensors import TensorFormatError
 
 __all__ = [
     "AlreadyExistsError",

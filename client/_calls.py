@@ -16,7 +16,6 @@ import numpy as np
 
 from apcm.client import _health
 from apcm.client.errors import invalid_argument
-from apcm.client.tensors import from_proto, to_proto
 from apcm.client.types import (
     POLICY_CODES,
     WRITE_MODES,
@@ -29,6 +28,7 @@ from apcm.client.types import (
     WrittenSlot,
 )
 from apcm.v1 import memory_pb2, memory_pb2_grpc
+from apcm.wire.tensors import from_proto, to_proto
 
 T = TypeVar("T")
 HEALTH_CHECK = "HealthCheck"

@@ -11,8 +11,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from apcm.client.tensors import DTYPE_NAMES, from_proto
 from apcm.v1 import memory_pb2
+from apcm.wire.tensors import DTYPE_NAMES, from_proto
 
 POLICY_NAMES = {
     memory_pb2.EVICTION_POLICY_UNSPECIFIED: "unspecified",

@@ -33,7 +33,7 @@ promtool check config deploy/prometheus/prometheus.yml
 
 step "the image's package build, from exactly what the Dockerfile copies, generates the stubs"
 mkdir -p "$tmp/src"
-cp -r pyproject.toml setup.py README.md proto server client "$tmp/src/"
+cp -r pyproject.toml setup.py README.md proto server client wire "$tmp/src/"
 find "$tmp/src" -name __pycache__ -prune -exec rm -rf {} +
 if ! "$VENV_BIN/python" -m pip wheel --no-deps --no-build-isolation -w "$tmp/wheel" \
     "$tmp/src" > "$tmp/wheel.log" 2>&1; then
@@ -44,7 +44,11 @@ fi
 import sys, zipfile
 names = set(zipfile.ZipFile(sys.argv[1]).namelist())
 need = {"apcm/v1/memory_pb2.py", "apcm/v1/memory_pb2_grpc.py", "apcm/v1/tensor_pb2.py",
-        "apcm/server/app.py", "apcm/server/auth.py", "apcm/server/tls.py", "apcm/client/__init__.py"}
+        "apcm/server/api/app.py", "apcm/server/api/auth.py", "apcm/server/api/tls.py",
+        "apcm/client/__init__.py", "apcm/wire/tensors.py"}
+leaked = sorted(n for n in names if n.startswith("apcm/tools/"))
+if leaked:
+    sys.exit(f"the serving wheel must not ship the tools: {leaked[:3]}")
 missing = need - names
 sys.exit(f"wheel lacks {sorted(missing)}" if missing else 0)
 PY

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from apcm.server.cli import main as apcm
-from apcm.server.codec import load_codec
+from apcm.server.codecs.base import load_codec
 
 COMMON = ["--ratio", "8", "--device", "cpu", "--seed", "0", "--threads", "1"]
 MODELS: dict[str, dict[str, list[str]]] = {

@@ -1,1 +1,12 @@
-"""ApCM server: codec, memory banks and the gRPC service around them."""
+"""ApCM server. Layers, outermost first; a layer imports only the ones below it:
+
+- ``api``: the gRPC edge (servicer, interceptors, auth, TLS, server lifecycle).
+  Translates proto <-> domain objects and maps domain errors to status codes.
+- ``domain``: ``MemoryService``, the one place requests are validated, pooled,
+  batched, placed on the device and bounded; ``Engine`` runs the codec.
+- ``memory``: banks, the store of banks, eviction policies, names.
+- ``persistence``: write-ahead log, snapshots, recovery (imports ``memory``).
+- ``codecs``: the served codecs and their file format (never imports grpc).
+
+Shared by every layer: ``config``, ``errors``, ``metrics``, ``fsutil``.
+"""

@@ -1,7 +1,9 @@
 """The ``apcm`` command line: serve, train, eval, bench, fit-pca.
 
-Each sub-command lives in ``apcm.server.commands.<name>`` and registers its own
-parser; heavy imports happen inside the command, so ``apcm --help`` is fast.
+``serve`` lives in ``apcm.server.commands``; the others are tools for ML
+engineers and operators (``apcm.tools.commands``), installed with a checkout
+but not with the serving image. Each module registers its own parser; heavy
+imports happen inside the command, so ``apcm --help`` is fast.
 """
 
 from __future__ import annotations
@@ -10,7 +12,33 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("serve", "train", "eval", "bench", "fit_pca")
+COMMANDS = {
+    "serve": "apcm.server.commands.serve",
+    "train": "apcm.tools.commands.train",
+    "eval": "apcm.tools.commands.eval",
+    "bench": "apcm.tools.commands.bench",
+    "fit_pca": "apcm.tools.commands.fit_pca",
+}
+
+
+def _register(sub: argparse._SubParsersAction, name: str) -> None:
+    try:
+        module = importlib.import_module(COMMANDS[name])
+    except ModuleNotFoundError as e:
+        if not (e.name or "").startswith("apcm.tools"):
+            raise
+        # the serving image ships without the tools; say so instead of a traceback
+        sub.add_parser(name.replace("_", "-"), help="(not installed: needs the apcm.tools "
+                       "package of a source checkout)").set_defaults(func=_missing_tools)
+        return
+    module.register(sub)
+
+
+def _missing_tools(args: argparse.Namespace) -> int:
+    print(f"apcm {args.command}: this install has no apcm.tools (the serving image leaves "
+          "training, evaluation and benchmarks out); run it from a source checkout "
+          "(`make install`).", file=sys.stderr)
+    return 2
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -22,7 +50,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS if only is None else (only,):
-        importlib.import_module(f"apcm.server.commands.{name}").register(sub)
+        _register(sub, name)
     return parser
 
 

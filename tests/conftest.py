@@ -15,10 +15,10 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from apcm.server.app import ApcmServer, build_server
-from apcm.server.codec import Codec, load_codec, save_codec
+from apcm.server.api.app import ApcmServer, build_server
+from apcm.server.codecs.base import Codec, load_codec, save_codec
+from apcm.server.codecs.pca import PCACodec
 from apcm.server.config import Settings
-from apcm.server.pca_codec import PCACodec
 
 DIGITS_SHAPE = (8, 8)
 

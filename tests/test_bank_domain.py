@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from apcm.server.bank import READ_CHUNK_ROWS
 from apcm.server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from apcm.server.names import validate_bank_name, validate_key, validate_snapshot_name
-from apcm.server.store import MemoryStore, StoreState
+from apcm.server.memory.bank import READ_CHUNK_ROWS
+from apcm.server.memory.names import validate_bank_name, validate_key, validate_snapshot_name
+from apcm.server.memory.store import MemoryStore, StoreState
 
 M = 4
 SCALE = torch.tensor([0.5, 0.25, 1.0, 2.0])

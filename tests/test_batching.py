@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from apcm.server.batching import KeyedBatcher, MicroBatcher
-from apcm.server.pca_codec import PCACodec
+from apcm.server.codecs.pca import PCACodec
+from apcm.server.domain.batching import KeyedBatcher, MicroBatcher
 
 
 class Recorder:

@@ -27,7 +27,7 @@ from apcm.client import (
     Overloaded,
     RetryPolicy,
 )
-from apcm.server.codec import Codec
+from apcm.server.codecs.base import Codec
 
 HELD_OUT = slice(1200, 1232)  # the fixture codec was fitted on digits[:1200]
 

@@ -37,11 +37,11 @@ from apcm.client.errors import (
     InvalidArgumentError,
     NotFoundError,
 )
-from apcm.server.codec import load_codec
+from apcm.server.codecs.base import load_codec
 from apcm.server.config import Settings
+from apcm.server.memory.store import MemoryStore
 from apcm.server.persistence.manager import PersistenceManager
 from apcm.server.persistence.wal import list_segments
-from apcm.server.store import MemoryStore
 
 BANK = "crash"
 START_TIMEOUT_S = 60.0

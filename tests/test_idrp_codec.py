@@ -10,11 +10,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from apcm.server.codec import content_hash, load_codec, save_codec
+from apcm.server.codecs.base import content_hash, load_codec, save_codec
+from apcm.server.codecs.idrp.codec import IDRPCodec
+from apcm.server.codecs.idrp.model import IDRP, IDRPConfig
+from apcm.server.codecs.quant import CodeQuantizer
 from apcm.server.errors import ModelFileError
-from apcm.server.idrp.codec import IDRPCodec
-from apcm.server.idrp.model import IDRP, IDRPConfig
-from apcm.server.quant import CodeQuantizer
 
 
 def make_codec(code_dtype: str = "float32") -> tuple[IDRPCodec, torch.Tensor]:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from apcm.server.idrp.flow import AffineCoupling, FixedScale, PCARotation, Permutation
-from apcm.server.idrp.model import IDRP, IDRPConfig
+from apcm.server.codecs.idrp.flow import AffineCoupling, FixedScale, PCARotation, Permutation
+from apcm.server.codecs.idrp.model import IDRP, IDRPConfig
 
 
 def perturb(module: torch.nn.Module, std: float, seed: int = 0) -> None:

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from sklearn.decomposition import PCA
 
-from apcm.server.idrp.model import IDRP, IDRPConfig
+from apcm.server.codecs.idrp.model import IDRP, IDRPConfig
 
 
 def correlated_data(n: int, d: int, seed: int) -> np.ndarray:

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from apcm.server.cli import main
-from apcm.server.codec import load_codec
-from apcm.server.idrp.model import IDRP, IDRPConfig
-from apcm.server.idrp.train import (
+from apcm.server.codecs.base import load_codec
+from apcm.server.codecs.idrp.model import IDRP, IDRPConfig
+from apcm.tools.training.idrp import (
     TrainConfig,
     code_dim_for_ratio,
     coded_mse,

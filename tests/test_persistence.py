@@ -14,12 +14,12 @@ from safetensors import safe_open
 
 from apcm.server.config import Settings
 from apcm.server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from apcm.server.memory.store import MemoryStore
 from apcm.server.persistence import snapshot as snap
 from apcm.server.persistence import wal
 from apcm.server.persistence.manager import PersistenceManager, RecoveryReport
 from apcm.server.persistence.snapshot import SnapshotCorrupt, SnapshotDirectory
 from apcm.server.persistence.wal import WalCorruptError, WalError, WriteAheadLog
-from apcm.server.store import MemoryStore
 
 HASH = "a" * 64
 

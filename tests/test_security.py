@@ -34,10 +34,10 @@ from apcm.client import (
     UnauthenticatedError,
     UnavailableError,
 )
-from apcm.server.app import ApcmServer, build_server
-from apcm.server.auth import KeyRing, Role, bearer_token, read_keys_file
+from apcm.server.api.app import ApcmServer, build_server
+from apcm.server.api.auth import KeyRing, Role, bearer_token, read_keys_file
+from apcm.server.api.tls import server_credentials
 from apcm.server.config import Settings
-from apcm.server.tls import server_credentials
 
 ROOT = Path(__file__).resolve().parents[1]
 RW_KEY = "rw-0123456789abcdef0123456789abcdef"

@@ -15,8 +15,8 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from apcm.client import InvalidArgumentError, MemoryClient
-from apcm.client.tensors import to_proto
 from apcm.v1 import memory_pb2, memory_pb2_grpc, tensor_pb2
+from apcm.wire.tensors import to_proto
 
 
 @pytest.fixture(scope="module")

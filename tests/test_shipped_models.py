@@ -12,11 +12,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from apcm.server.codec import load_codec
+from apcm.server.codecs.base import load_codec
+from apcm.server.codecs.idrp.codec import IDRPCodec
+from apcm.server.codecs.pca import PCACodec
+from apcm.server.codecs.quant import CodeQuantizer
 from apcm.server.errors import ModelFileError
-from apcm.server.idrp.codec import IDRPCodec
-from apcm.server.pca_codec import PCACodec
-from apcm.server.quant import CodeQuantizer
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"

@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from apcm.server.bank import MemoryBank
-from apcm.server.codec import load_codec
-from apcm.server.eviction import make_policy
-from apcm.server.quant import CodeQuantizer
+from apcm.server.codecs.base import load_codec
+from apcm.server.codecs.quant import CodeQuantizer
+from apcm.server.memory.bank import MemoryBank
+from apcm.server.memory.eviction import make_policy
 
 M = 16
 

@@ -20,6 +20,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from apcm.server.app import serve
+    from apcm.server.api.app import serve
 
     return serve(settings_from_args(args))

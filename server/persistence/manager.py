@@ -22,6 +22,7 @@ from typing import Any
 
 from apcm.server.config import Settings
 from apcm.server.errors import AlreadyExists, ApcmError, FailedPrecondition
+from apcm.server.memory.store import StoreState
 from apcm.server.persistence import wal as wal_mod
 from apcm.server.persistence.snapshot import (
     SnapshotCorrupt,
@@ -32,7 +33,6 @@ from apcm.server.persistence.snapshot import (
     write_snapshot,
 )
 from apcm.server.persistence.wal import WalError, WalRecord, WriteAheadLog
-from apcm.server.store import StoreState
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from safetensors.numpy import save_file
 
 from apcm.server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from apcm.server.fsutil import atomic_write, fsync_dir
-from apcm.server.names import validate_bank_name, validate_snapshot_name
+from apcm.server.memory.names import validate_bank_name, validate_snapshot_name
 
 log = logging.getLogger(__name__)
 

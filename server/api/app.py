@@ -1,0 +1,194 @@
+"""Building and running the server: ``build_server(settings)`` then ``serve()``.
+
+Lifecycle (mirrors Kubernetes): health is NOT_SERVING from the moment the port
+is bound until the codec is loaded, the banks are recovered and a warm-up
+round trip has passed; on SIGTERM/SIGINT health goes NOT_SERVING, in-flight
+RPCs get ``shutdown_grace_s`` to finish, and a final snapshot is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from concurrent import futures
+from typing import Any
+
+import grpc
+import numpy as np
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
+
+from apcm.server.api.auth import build_auth_interceptor
+from apcm.server.api.interceptors import ErrorInterceptor, MetricsInterceptor
+from apcm.server.api.servicer import MemoryServicer
+from apcm.server.api.tls import server_credentials
+from apcm.server.codecs.base import load_codec
+from apcm.server.config import Settings
+from apcm.server.domain.engine import Engine
+from apcm.server.domain.runtime import Runtime
+from apcm.server.errors import FailedPrecondition
+from apcm.server.metrics import Metrics
+from apcm.v1 import memory_pb2, memory_pb2_grpc
+
+log = logging.getLogger("apcm")
+SERVICE_NAME = memory_pb2.DESCRIPTOR.services_by_name["MemoryService"].full_name
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise FailedPrecondition("--device cuda was asked for, but CUDA is not available")
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)
+
+
+class ApcmServer:
+    """The gRPC server plus everything it owns; ``start()``/``stop()`` drive its lifecycle."""
+
+    def __init__(self, settings: Settings, runtime: Runtime, grpc_server: grpc.Server,
+                 port: int, health_servicer: health.HealthServicer) -> None:
+        self.settings = settings
+        self.runtime = runtime
+        self.grpc_server = grpc_server
+        self.port = port
+        self.metrics_port: int | None = None
+        self.health = health_servicer
+        self._stopped = threading.Event()
+        self._stop_lock = threading.Lock()
+        runtime.on_serving_change = self._set_health
+
+    def _set_health(self, serving: bool) -> None:
+        status = (health_pb2.HealthCheckResponse.SERVING if serving
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, status)
+        self.runtime.metrics.serving.set(1 if serving else 0)
+
+    def start(self) -> ApcmServer:
+        """Bind, recover state, warm up, then report SERVING."""
+        s = self.settings
+        if s.metrics_port >= 0:
+            self.metrics_port = self.runtime.metrics.start_http(s.metrics_host, s.metrics_port)
+        self.grpc_server.start()
+        self._set_health(False)
+        self.runtime.recover()
+        self.warm_up()
+        self.runtime.ready.set()
+        self._set_health(True)
+        log.info("serving %s on port %d", self.runtime.codec.name, self.port)
+        return self
+
+    def warm_up(self) -> None:
+        """One compress/decompress round trip; refuses to serve a codec that fails it."""
+        engine = self.runtime.engine
+        x = np.zeros((2, *engine.codec.input_shape), dtype=np.float32)
+        out = engine.decompress(engine.compress(x))
+        if out.shape != x.shape or not np.isfinite(out).all():
+            raise FailedPrecondition("warm-up round trip failed: codec output is malformed")
+
+    def stop(self, grace: float | None = None) -> None:
+        """Drain and shut down; safe to call more than once."""
+        with self._stop_lock:
+            if self._stopped.is_set():
+                return
+            self.runtime.ready.clear()
+            self.health.enter_graceful_shutdown()
+            self.runtime.metrics.serving.set(0)
+            grace = self.settings.shutdown_grace_s if grace is None else grace
+            self.grpc_server.stop(grace).wait()
+            self.runtime.close()
+            self.runtime.metrics.stop_http()
+            self._stopped.set()
+
+    def wait(self) -> None:
+        self._stopped.wait()
+
+
+def build_server(
+    settings: Settings, registry: CollectorRegistry | None = None
+) -> tuple[ApcmServer, int]:
+    """Load the codec and wire servicers, health, reflection and interceptors.
+
+    Nothing is served until ``start()``. Returns the server and its bound port.
+    """
+    if settings.torch_threads > 0:
+        torch.set_num_threads(settings.torch_threads)
+    device = resolve_device(settings.device)
+    codec = load_codec(settings.model, device)
+    metrics = Metrics(registry)
+    metrics.set_model(codec)
+    runtime = Runtime(settings, codec, Engine(codec, settings.max_batch_size), metrics)
+
+    auth = build_auth_interceptor(settings)
+    interceptors: list[Any] = [MetricsInterceptor(metrics), *([auth] if auth else []),
+                               ErrorInterceptor()]
+    options = [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="apcm"),
+        interceptors=interceptors,
+        options=options,
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+    )
+    memory_pb2_grpc.add_MemoryServiceServicer_to_server(MemoryServicer(runtime), server)
+    health_servicer = health.HealthServicer(
+        experimental_non_blocking=True,
+        experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=2),
+    )
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    address = f"{settings.host}:{settings.grpc_port}"
+    # tls.py also refuses a client CA without a server certificate, which would
+    # otherwise silently serve plaintext.
+    credentials = server_credentials(settings)
+    if credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, credentials)
+    if port == 0:
+        raise FailedPrecondition(f"could not bind gRPC to {address}")
+    apcm_server = ApcmServer(settings, runtime, server, port, health_servicer)
+    health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+    return apcm_server, port
+
+
+def serve(settings: Settings) -> int:
+    """Run until SIGTERM/SIGINT. Returns the process exit code."""
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        server, port = build_server(settings)
+        server.start()
+    except FailedPrecondition as e:
+        log.error("cannot start: %s", e.message)
+        return 2
+    except (ValueError, OSError) as e:  # bad TLS files, keys file, settings
+        log.error("cannot start: %s", e)
+        return 2
+    print(
+        f"apcm: serving gRPC on {settings.host}:{port}"
+        + (f", metrics on :{server.metrics_port}" if server.metrics_port is not None else ""),
+        file=sys.stderr,
+        flush=True,
+    )
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("signal %s: shutting down", signal.Signals(signum).name)
+        threading.Thread(target=server.stop, name="apcm-shutdown", daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    server.wait()
+    log.info("stopped")
+    return 0

@@ -1,0 +1,125 @@
+"""Server interceptors: metrics around every unary RPC, domain errors -> status codes.
+
+Domain code raises ``apcm.server.errors.ApcmError`` subclasses; this is the one
+place that turns them into gRPC statuses. Anything else is a server bug: it is
+logged with its traceback and the client gets ``INTERNAL`` with a generic message.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from apcm.server.errors import ApcmError
+from apcm.server.metrics import Metrics
+from apcm.wire.tensors import TensorFormatError
+
+log = logging.getLogger(__name__)
+
+Behavior = Callable[[Any, grpc.ServicerContext], Any]
+
+
+def _wrap_unary(
+    handler: grpc.RpcMethodHandler | None, wrap: Callable[[Behavior], Behavior]
+) -> grpc.RpcMethodHandler | None:
+    if handler is None or handler.unary_unary is None:
+        return handler
+    return grpc.unary_unary_rpc_method_handler(
+        wrap(handler.unary_unary),
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+def method_name(details: grpc.HandlerCallDetails) -> str:
+    return details.method.rsplit("/", 1)[-1]
+
+
+def _status_of(context: grpc.ServicerContext, raised: bool) -> grpc.StatusCode:
+    code = context.code()
+    if code is None:
+        return grpc.StatusCode.UNKNOWN if raised else grpc.StatusCode.OK
+    return code
+
+
+class MetricsInterceptor(grpc.ServerInterceptor):
+    """Counts, times and sizes every unary RPC, labelled by method and final code."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+        method = method_name(handler_call_details)
+        m = self.metrics
+
+        def wrap(behavior: Behavior) -> Behavior:
+            def observed(request: Any, context: grpc.ServicerContext) -> Any:
+                m.in_flight.labels(method).inc()
+                m.message_bytes.labels(method, "in").inc(request.ByteSize())
+                start = time.perf_counter()
+                raised = False
+                try:
+                    response = behavior(request, context)
+                    m.message_bytes.labels(method, "out").inc(response.ByteSize())
+                    return response
+                except BaseException:
+                    raised = True
+                    raise
+                finally:
+                    m.latency.labels(method).observe(time.perf_counter() - start)
+                    m.requests.labels(method, _status_of(context, raised).name).inc()
+                    m.in_flight.labels(method).dec()
+
+            return observed
+
+        return _wrap_unary(continuation(handler_call_details), wrap)
+
+
+def abort_with_error(context: grpc.ServicerContext, error: ApcmError) -> None:
+    """Abort the RPC with the error's status; field errors carry a BadRequest detail."""
+    code = grpc.StatusCode[error.code]
+    if error.field is None:
+        context.abort(code, error.message)
+    violation = error_details_pb2.BadRequest.FieldViolation(
+        field=error.field, description=error.message
+    )
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.BadRequest(field_violations=[violation]))
+    status = status_pb2.Status(
+        code=getattr(code_pb2, error.code), message=error.message, details=[detail]
+    )
+    context.abort_with_status(rpc_status.to_status(status))
+
+
+class ErrorInterceptor(grpc.ServerInterceptor):
+    """Maps domain errors to their status codes and hides internal failures."""
+
+    def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+        method = handler_call_details.method
+
+        def wrap(behavior: Behavior) -> Behavior:
+            def mapped(request: Any, context: grpc.ServicerContext) -> Any:
+                try:
+                    return behavior(request, context)
+                except ApcmError as e:
+                    abort_with_error(context, e)
+                except TensorFormatError as e:
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+                except Exception:
+                    if context.code() not in (None, grpc.StatusCode.OK):
+                        raise  # the handler aborted on purpose
+                    log.exception("unhandled error in %s", method)
+                    context.abort(
+                        grpc.StatusCode.INTERNAL, "internal server error; see the server log"
+                    )
+
+            return mapped
+
+        return _wrap_unary(continuation(handler_call_details), wrap)

@@ -1,0 +1,767 @@
+"""A memory bank: the paper's slot memory ``M`` [capacity, m] of codes, with counters.
+
+State per slot: the code (in the codec's code dtype), an ``occupied`` flag (separate
+from the counters: a counter reset to 0 does not mean "free"), the access count and
+the write clock of its last update (lazy decay, see ``eviction``), the write
+sequence number (age), the inverse L2 norm of the *dequantised* code (so cosine
+search is one matrix product), and optionally a key and an opaque payload.
+
+Write (the paper's): each code goes to the slot of its key if the key exists
+(replaced, counter reset), else to the first free slot (lowest index), else to the
+policy's victim (see ``eviction``). A new memory's count is the policy's initial
+count (0 under "lfu", one access under "lfu_decay").
+
+Read (the paper's): cosine similarity of each query with every occupied slot, a
+softmax with temperature T over the occupied slots gives the weights, hits are the
+top-k by score (optionally filtered by ``min_score``). Only the best slot ``i*`` of
+each query has its counter incremented (the paper's ``AFF_ctrl[i*] += 1``; the
+other top-k hits are not counted), and only if ``i*`` is returned (passes
+``min_score``). Reading an empty bank returns no hits, not an error.
+
+Lock discipline: every method here assumes the caller holds ``bank.lock`` (a
+``threading.Lock``); ``MemoryStore`` takes it for every mutation *and* for reads,
+because reads update access counters. The read's matrix product runs under the
+lock: simplest correct choice, and a bank's reads are memory-bound anyway. Methods
+validate everything before mutating, so a rejected request leaves no trace.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from apcm.server.codecs.quant import CODE_DTYPES
+from apcm.server.errors import FailedPrecondition, InvalidArgument
+from apcm.server.memory.eviction import Policy, VictimQueue, make_policy
+from apcm.server.memory.names import validate_key
+
+# Rows scanned at a time by a read on CPU: small enough that the float32 copy of an
+# int8/float16 chunk and its scores stay in cache, large enough to amortise per-call
+# overhead (measured by ``apcm bench read``).
+READ_CHUNK_ROWS = 4096
+# Rows per int8 x int8 matmul call of a single-query int8 read (3 MB at m = 192: the
+# second and third limb read the chunk from cache).
+_INT8_CHUNK_ROWS = 16384
+_SCORE_SPAN_FLOATS = 1 << 18  # scores post-processed at once on CPU (1 MB)
+_MIN_EXP_SUM = 1e-30
+_FREE_SCAN_ROWS = 65536
+
+
+@dataclass(frozen=True)
+class SlotWrite:
+    """What one written code did (the proto's ``WrittenSlot``)."""
+
+    slot: int
+    key: str | None
+    evicted: bool
+    evicted_key: str | None
+    sequence: int
+    replaced: bool
+
+
+@dataclass
+class Hit:
+    """One recalled memory.
+
+    Attributes:
+        code: the stored code [m] in the code dtype (a copy; safe outside the lock).
+    """
+
+    slot: int
+    key: str | None
+    score: float
+    weight: float
+    sequence: int
+    payload: bytes | None
+    code: torch.Tensor
+
+
+@dataclass
+class QueryResult:
+    hits: list[Hit] = field(default_factory=list)
+
+
+@dataclass
+class ReadResult:
+    """One ``QueryResult`` per query; ``soft`` is the softmax-weighted mix of the
+    dequantised codes [Q, m] float32 (latent space), or None when not requested or
+    the bank is empty."""
+
+    results: list[QueryResult]
+    soft: torch.Tensor | None = None
+
+
+@dataclass
+class _Scan:
+    """What one pass over the bank found for queries [Q, m]."""
+
+    top_scores: torch.Tensor  # [Q, k] cosine, best first
+    top_slots: torch.Tensor  # [Q, k] int64
+    exp_sum: torch.Tensor  # [Q] sum over occupied slots of exp((score - shift) / T)
+    shift: torch.Tensor | float  # [Q, 1], or one shift for all queries
+    soft_sum: torch.Tensor | None  # [Q, m] sum of exp(...) * code (before the int8 scale)
+
+
+@dataclass(frozen=True)
+class BankStats:
+    name: str
+    capacity: int
+    occupied: int
+    policy: str
+    half_life: float
+    code_dim: int
+    code_dtype: str
+    evictions_total: int
+    writes_total: int
+    reads_total: int
+    counter_min: float
+    counter_max: float
+    counter_mean: float
+    memory_bytes: int
+    payload_bytes: int
+
+
+class MemoryBank:
+    """Slots of codes on one device. Not thread-safe by itself: hold ``lock``.
+
+    Args:
+        name: validated bank name.
+        capacity: number of slots.
+        code_dim: m.
+        code_dtype: "float32", "float16" or "int8".
+        scale: per-dimension int8 step [m] (the codec's ``quantizer.scale``), else None.
+        device: where codes live.
+        metric: per-dimension weights [m] applied to latents before cosine (the codec's
+            ``similarity_weights``), else None.
+        policy: eviction policy.
+        max_payload_bytes: largest payload per memory.
+        max_key_length: longest key.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        capacity: int,
+        *,
+        code_dim: int,
+        code_dtype: str,
+        scale: torch.Tensor | None,
+        device: torch.device,
+        policy: Policy,
+        max_payload_bytes: int,
+        max_key_length: int,
+        metric: torch.Tensor | None = None,
+    ) -> None:
+        self.name = name
+        self.capacity = int(capacity)
+        self.code_dim = int(code_dim)
+        self.code_dtype = code_dtype
+        self.torch_dtype = CODE_DTYPES[code_dtype]
+        self.device = torch.device(device)
+        self.scale = scale.float().to(self.device) if code_dtype == "int8" and scale is not None \
+            else None
+        if code_dtype == "int8" and self.scale is None:
+            raise ValueError("int8 banks need the quantiser's per-dimension scale")
+        self.metric = metric.float().to(self.device) if metric is not None else None
+        # what a normalised (weighted) query is multiplied by to score raw codes
+        fold = [t for t in (self.scale, self.metric) if t is not None]
+        self._query_fold = fold[0] * fold[1] if len(fold) == 2 else (fold[0] if fold else None)
+        self.policy = policy
+        self.max_payload_bytes = max_payload_bytes
+        self.max_key_length = max_key_length
+        self.lock = threading.Lock()
+        # set (under ``lock``) when the bank is dropped or replaced by a restore, so a
+        # thread that looked it up before and then waited for its lock can notice
+        self.retired = False
+
+        n, dev = self.capacity, self.device
+        self.codes = torch.zeros(n, self.code_dim, dtype=self.torch_dtype, device=dev)
+        self.occupied = torch.zeros(n, dtype=torch.bool, device=dev)
+        self.counts = torch.zeros(n, dtype=torch.float64, device=dev)
+        self.count_clock = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.sequences = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.inv_norms = torch.zeros(n, dtype=torch.float32, device=dev)
+        self._slot_key: dict[int, str] = {}
+        self._key_slot: dict[str, int] = {}
+        self._payloads: dict[int, bytes] = {}
+        self._payload_bytes = 0
+        self._key_bytes = 0
+        self._occupied_count = 0
+        self._high = 0  # one past the highest slot ever occupied since the last clear
+        self._free_hint = 0  # every slot below it is occupied
+        self.write_clock = 0
+        self.writes_total = 0
+        self.evictions_total = 0
+        self.reads_total = 0
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def occupied_count(self) -> int:
+        return self._occupied_count
+
+    def slot_of(self, key: str) -> int | None:
+        return self._key_slot.get(key)
+
+    def key_of(self, slot: int) -> str | None:
+        return self._slot_key.get(slot)
+
+    def payload_of(self, slot: int) -> bytes | None:
+        return self._payloads.get(slot)
+
+    def effective_counts(self) -> torch.Tensor:
+        """[capacity] float64 access counts at the current write clock."""
+        return self.policy.effective(self.counts, self.count_clock, self.write_clock)
+
+    def stats(self) -> BankStats:
+        if self._occupied_count:
+            eff = self.effective_counts()[self.occupied]
+            cmin, cmax, cmean = float(eff.min()), float(eff.max()), float(eff.mean())
+        else:
+            cmin = cmax = cmean = 0.0
+        return BankStats(
+            name=self.name, capacity=self.capacity, occupied=self._occupied_count,
+            policy=self.policy.name, half_life=self.policy.half_life, code_dim=self.code_dim,
+            code_dtype=self.code_dtype, evictions_total=self.evictions_total,
+            writes_total=self.writes_total, reads_total=self.reads_total,
+            counter_min=cmin, counter_max=cmax, counter_mean=cmean,
+            memory_bytes=self.memory_bytes(), payload_bytes=self._payload_bytes,
+        )
+
+    def memory_bytes(self) -> int:
+        """Bytes of codes, per-slot metadata tensors and key text (not payloads)."""
+        tensors = (self.codes, self.occupied, self.counts, self.count_clock, self.sequences,
+                   self.inv_norms)
+        return sum(t.numel() * t.element_size() for t in tensors) + self._key_bytes
+
+    # ------------------------------------------------------------------ write
+    def validate_write(
+        self, codes: torch.Tensor, keys: list[str | None], payloads: list[bytes | None]
+    ) -> tuple[list[str | None], list[bytes | None]]:
+        """Checks a write; returns keys and payloads normalised to one per code.
+
+        Args:
+            codes: [n, m] in the bank's code dtype, n >= 1.
+            keys: [] (no keys) or n entries, None or "" meaning no key.
+            payloads: [] (none) or n entries, None or b"" meaning no payload.
+        """
+        if not isinstance(codes, torch.Tensor) or codes.dim() != 2 \
+                or codes.shape[1] != self.code_dim or codes.shape[0] < 1:
+            shape = tuple(codes.shape) if isinstance(codes, torch.Tensor) else type(codes)
+            raise InvalidArgument(
+                f"codes must have shape [n >= 1, {self.code_dim}], got {shape}", field="codes")
+        if codes.dtype != self.torch_dtype:
+            raise InvalidArgument(
+                f"codes must be {self.code_dtype}, got {str(codes.dtype).replace('torch.', '')}",
+                field="codes")
+        if codes.is_floating_point() and not bool(torch.isfinite(codes).all()):
+            raise InvalidArgument("codes contain NaN or infinity", field="codes")
+        n = codes.shape[0]
+        keys = list(keys) if keys else [None] * n
+        payloads = list(payloads) if payloads else [None] * n
+        if len(keys) != n:
+            raise InvalidArgument(f"got {len(keys)} keys for {n} memories", field="keys")
+        if len(payloads) != n:
+            raise InvalidArgument(f"got {len(payloads)} payloads for {n} memories",
+                                  field="payloads")
+        keys = [validate_key(k, self.max_key_length) if k else None for k in keys]
+        given = [k for k in keys if k is not None]
+        if len(set(given)) != len(given):
+            raise InvalidArgument("a key appears more than once in one write", field="keys")
+        for p in payloads:
+            if p is not None and not isinstance(p, bytes | bytearray | memoryview):
+                raise InvalidArgument("payloads must be bytes", field="payloads")
+            if p is not None and len(p) > self.max_payload_bytes:
+                raise InvalidArgument(
+                    f"payload of {len(p)} bytes exceeds the limit of {self.max_payload_bytes}",
+                    field="payloads")
+        return keys, [bytes(p) if p else None for p in payloads]
+
+    def plan_write(self, keys: list[str | None], first_sequence: int) -> list[int]:
+        """Slot for each code of a validated write, in order (does not mutate the bank).
+
+        Args:
+            keys: one per code (None for none).
+            first_sequence: sequence number the first code will get (the rest follow).
+        """
+        n = len(keys)
+        free = self._first_free(n)
+        queue = None
+        if n > len(free):
+            rank = self.policy.rank(self.counts, self.count_clock)
+            if self._occupied_count < self.capacity:
+                rank = rank.masked_fill(~self.occupied, math.inf)
+            # each item consumes at most one pre-selected slot (evicts it, or overwrites
+            # it in place by key), so n candidates always suffice
+            queue = VictimQueue(self.policy, rank, self.sequences,
+                                min(self._occupied_count, n))
+        key_slot: dict[str, int | None] = {}
+        slot_key: dict[int, str | None] = {}
+        slots: list[int] = []
+        next_free = 0
+        for j, key in enumerate(keys):
+            slot = (key_slot[key] if key in key_slot else self._key_slot.get(key)) \
+                if key is not None else None
+            if slot is None:
+                if next_free < len(free):
+                    slot, next_free = free[next_free], next_free + 1
+                else:
+                    assert queue is not None
+                    slot = queue.pop()
+            old = slot_key[slot] if slot in slot_key else self._slot_key.get(slot)
+            if old is not None:
+                key_slot[old] = None
+            if key is not None:
+                key_slot[key] = slot
+            slot_key[slot] = key
+            if queue is not None:
+                queue.written(slot, self.write_clock + j + 1, first_sequence + j)
+            slots.append(slot)
+        return slots
+
+    def apply_write(
+        self,
+        slots: list[int],
+        codes: torch.Tensor,
+        keys: list[str | None],
+        payloads: list[bytes | None],
+        sequences: list[int],
+    ) -> list[SlotWrite]:
+        """Stores code j in ``slots[j]`` in order (later items win a repeated slot).
+
+        Used by ``write`` (after ``plan_write``) and by WAL replay, so both derive
+        evictions, keys and counters the same way. Item j is written at write clock
+        ``write_clock + j + 1``.
+
+        Args:
+            slots: n slot indices.
+            codes: [n, m] validated codes.
+            keys, payloads: n entries each (None for none).
+            sequences: n write sequence numbers.
+        """
+        n = len(slots)
+        slot_t = torch.tensor(slots, dtype=torch.int64, device=self.device)
+        was_occupied = self.occupied[slot_t].tolist()
+        seen: set[int] = set()
+        out = []
+        for j, slot in enumerate(slots):
+            key, payload = keys[j], payloads[j]
+            occupied_before = was_occupied[j] or slot in seen
+            old_key = self._slot_key.pop(slot, None)
+            replaced = key is not None and key == old_key
+            evicted = occupied_before and not replaced
+            if old_key is not None:
+                del self._key_slot[old_key]
+                self._key_bytes -= len(old_key.encode())
+            if key is not None:
+                other = self._key_slot.get(key)
+                if other is not None and other != slot:  # replay of an inconsistent log
+                    raise FailedPrecondition(f"key {key!r} is already at slot {other}")
+                self._key_slot[key] = slot
+                self._slot_key[slot] = key
+                self._key_bytes += len(key.encode())
+            old_payload = self._payloads.pop(slot, None)
+            if old_payload is not None:
+                self._payload_bytes -= len(old_payload)
+            if payload:
+                self._payloads[slot] = payload
+                self._payload_bytes += len(payload)
+            if not occupied_before:
+                self._occupied_count += 1
+            self.evictions_total += int(evicted)
+            seen.add(slot)
+            out.append(SlotWrite(slot, key, evicted, old_key if evicted else None,
+                                 sequences[j], replaced))
+
+        last = {slot: j for j, slot in enumerate(slots)}
+        dst = torch.tensor(list(last.keys()), dtype=torch.int64, device=self.device)
+        src = torch.tensor(list(last.values()), dtype=torch.int64, device=self.device)
+        new = codes.to(self.device)[src]
+        self.codes[dst] = new
+        self.inv_norms[dst] = self._inverse_norms(new)
+        self.occupied[dst] = True
+        self.sequences[dst] = torch.tensor(sequences, dtype=torch.int64, device=self.device)[src]
+        self.counts[dst] = self.policy.initial_count
+        self.count_clock[dst] = self.write_clock + 1 + src
+        self.write_clock += n
+        self.writes_total += n
+        self._high = max(self._high, max(slots) + 1)
+        return out
+
+    def _inverse_norms(self, codes: torch.Tensor) -> torch.Tensor:
+        z = self._dequantize(codes)
+        norms = (z * self.metric if self.metric is not None else z).norm(dim=1)
+        return torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms))
+
+    def _dequantize(self, codes: torch.Tensor) -> torch.Tensor:
+        z = codes.float()
+        return z * self.scale if self.scale is not None else z
+
+    def _first_free(self, n: int) -> list[int]:
+        """Up to ``n`` free slots, lowest index first."""
+        need = min(n, self.capacity - self._occupied_count)
+        found: list[int] = []
+        start = self._free_hint
+        while len(found) < need and start < self.capacity:
+            end = min(self.capacity, start + _FREE_SCAN_ROWS)
+            idx = torch.nonzero(~self.occupied[start:end]).flatten()
+            if not found:
+                self._free_hint = start + int(idx[0]) if idx.numel() else end
+            found.extend((idx[: need - len(found)] + start).tolist())
+            start = end
+        return found
+
+    # ------------------------------------------------------------------ read
+    def read(
+        self,
+        latents: torch.Tensor,
+        top_k: int = 1,
+        temperature: float = 1.0,
+        min_score: float | None = None,
+        soft: bool = False,
+        count_access: bool = True,
+    ) -> ReadResult:
+        """The paper's read, batched, with top-k, min_score and the soft read.
+
+        Args:
+            latents: queries [Q, m] float32 in latent (dequantised) space.
+            top_k: hits per query (clamped to the occupied count), >= 1.
+            temperature: softmax temperature over cosine scores, > 0.
+            min_score: drop hits with a lower cosine score.
+            soft: also return the softmax-weighted mix of codes [Q, m] float32.
+            count_access: increment the counter of each query's returned best hit.
+        """
+        q = self._validate_read(latents, top_k, temperature, min_score)
+        n_q = q.shape[0]
+        if self._occupied_count == 0:
+            return ReadResult([QueryResult() for _ in range(n_q)], None)
+        k = min(top_k, self._occupied_count)
+        scan = self._scan(q, k, temperature, soft, shift=None)
+        if bool((scan.exp_sum < _MIN_EXP_SUM).any()):
+            # exp((s - 1) / T) underflowed (tiny T, all scores far below 1): rescan,
+            # shifting each query by its best score, which makes every sum >= 1
+            scan = self._scan(q, k, temperature, soft, shift=scan.top_scores[:, :1])
+        top_scores, top_slots = scan.top_scores, scan.top_slots
+        top_weights = torch.exp((top_scores - scan.shift) / temperature) / scan.exp_sum[:, None]
+        mix = None
+        if scan.soft_sum is not None:
+            mix = scan.soft_sum / scan.exp_sum[:, None]
+            mix = mix * self.scale if self.scale is not None else mix
+        keep = top_scores >= min_score if min_score is not None else \
+            torch.ones_like(top_scores, dtype=torch.bool)
+        if count_access:
+            best = top_slots[:, 0][keep[:, 0]]
+            self.policy.add_access(self.counts, self.count_clock, best, self.write_clock)
+            self.reads_total += int(best.numel())
+        hit_codes = self.codes[top_slots].cpu()
+        return ReadResult(self._hits(top_slots, top_scores, top_weights, keep, hit_codes), mix)
+
+    def _validate_read(self, latents: torch.Tensor, top_k: int, temperature: float,
+                       min_score: float | None) -> torch.Tensor:
+        if not isinstance(latents, torch.Tensor) or latents.dim() != 2 \
+                or latents.shape[1] != self.code_dim or latents.shape[0] < 1:
+            shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents)
+            raise InvalidArgument(
+                f"queries must have shape [Q >= 1, {self.code_dim}], got {shape}",
+                field="query")
+        if top_k < 1:
+            raise InvalidArgument(f"top_k must be >= 1, got {top_k}", field="top_k")
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise InvalidArgument(f"temperature must be > 0, got {temperature}",
+                                  field="temperature")
+        if min_score is not None and math.isnan(min_score):
+            raise InvalidArgument("min_score is NaN", field="min_score")
+        q = latents.to(self.device, torch.float32)
+        if not bool(torch.isfinite(q).all()):
+            raise InvalidArgument("queries contain NaN or infinity", field="query")
+        return q
+
+    def _scan(self, q: torch.Tensor, k: int, temperature: float, soft: bool,
+              shift: torch.Tensor | None) -> _Scan:
+        """One pass over slots ``[0, high)``: scores, top-k and softmax sums, fused per span.
+
+        Cosine of query q and slot i is ``(q/|q| * scale) . code_i * inv_norm_i`` (the
+        int8 scale folds into the query), so int8/float16 codes are converted to
+        float32 one cache-sized chunk at a time, never as a float copy of the bank.
+        Scores of a span of rows (about 1 MB) are then post-processed at once, which
+        keeps the number of small tensor ops per read low. Softmax sums use
+        ``exp((s - shift) / T)`` with shift 1 (the largest possible cosine) unless a
+        per-query ``shift`` [Q, 1] is given, so no separate max pass is needed.
+
+        Args:
+            q: queries [Q, m] float32.
+            k: hits per query, 1 <= k <= occupied.
+            soft: also accumulate the softmax-weighted sum of codes (one chunk per span,
+                because it needs the converted chunk again).
+        """
+        if self.metric is not None:
+            q = q * self.metric
+        q = q / q.norm(dim=1, keepdim=True).clamp_min(1e-30)
+        if self._query_fold is not None:
+            q = q * self._query_fold
+        n_q, rows, m = q.shape[0], self._high, self.code_dim
+        convert = self.torch_dtype != torch.float32
+        if self.device.type != "cpu":
+            chunk = span = 1 << 18
+        else:
+            span = max(READ_CHUNK_ROWS, _SCORE_SPAN_FLOATS // n_q // READ_CHUNK_ROWS
+                       * READ_CHUNK_ROWS)
+            chunk = READ_CHUNK_ROWS if convert else span
+        if soft or n_q > 1:
+            # one chunk per span: soft needs the converted chunk again, and a [Q, c]
+            # product is only a contiguous slice of the [Q, span] scores when c == span
+            span = chunk
+        span, chunk = min(span, rows), min(chunk, rows)
+        full = self._occupied_count == rows  # no hole to mask
+        shift_t: torch.Tensor | float = 1.0 if shift is None else shift
+        limbs = _int8_limbs(q[0]) if (n_q == 1 and not soft and self.scale is not None
+                                      and self.device.type == "cpu" and _int_mm_works()) \
+            else None
+        if limbs is not None:
+            chunk = min(_INT8_CHUNK_ROWS, span)
+            dots = torch.empty(len(limbs), span, 1, dtype=torch.int32)
+        block_buf = torch.empty(chunk * m, device=self.device) \
+            if convert and limbs is None else None
+        score_buf = torch.empty(span * n_q, device=self.device)
+        exp_sum = torch.zeros(n_q, dtype=torch.float32, device=self.device)
+        soft_sum = torch.zeros(n_q, m, device=self.device) if soft else None
+        cand_scores, cand_slots = [], []
+        for s0 in range(0, rows, span):
+            width = min(span, rows - s0)
+            scores = score_buf[: n_q * width].view(n_q, width)
+            for i in range(s0, s0 + width, chunk):
+                c = min(chunk, s0 + width - i)
+                block = self.codes[i:i + c]
+                if limbs is not None:
+                    for j, (limb, _) in enumerate(limbs):
+                        torch._int_mm(block, limb, out=dots[j, i - s0:i - s0 + c])
+                    continue
+                if block_buf is not None:
+                    block = block_buf[: c * m].view(c, m).copy_(block)
+                torch.mm(q, block.T, out=scores[:, i - s0:i - s0 + c])
+            if limbs is not None:
+                torch.mul(dots[0, :width].view(1, width), limbs[0][1], out=scores)
+                for j in range(1, len(limbs)):
+                    scores.add_(dots[j, :width].view(1, width), alpha=limbs[j][1])
+            scores.mul_(self.inv_norms[s0:s0 + width])
+            if not full:
+                scores.masked_fill_(~self.occupied[s0:s0 + width], -math.inf)
+            top = torch.topk(scores, min(k, width), dim=1)
+            cand_scores.append(top.values)
+            cand_slots.append(top.indices + s0)
+            weights = scores.sub_(shift_t).div_(temperature).exp_()  # scores are not reused
+            exp_sum += weights.sum(dim=1)
+            if soft_sum is not None:
+                soft_sum.addmm_(weights, block)  # span == chunk: block is the whole span
+        values, slots = torch.cat(cand_scores, dim=1), torch.cat(cand_slots, dim=1)
+        top = torch.topk(values, k, dim=1)
+        return _Scan(top.values, torch.gather(slots, 1, top.indices), exp_sum, shift_t,
+                     soft_sum)
+
+    def _hits(self, slots: torch.Tensor, scores: torch.Tensor, weights: torch.Tensor,
+              keep: torch.Tensor, codes: torch.Tensor) -> list[QueryResult]:
+        seqs = self.sequences[slots].tolist()
+        slots_l, scores_l, weights_l, keep_l = (slots.tolist(), scores.tolist(),
+                                                weights.tolist(), keep.tolist())
+        results = []
+        for i, query_codes in enumerate(codes.unbind(0)):
+            rows = query_codes.unbind(0)  # one call, not one indexing op per hit
+            hits = [Hit(s, self._slot_key.get(s), scores_l[i][j], weights_l[i][j], seqs[i][j],
+                        self._payloads.get(s), rows[j])
+                    for j, s in enumerate(slots_l[i]) if keep_l[i][j]]
+            results.append(QueryResult(hits))
+        return results
+
+    # ------------------------------------------------------------------ delete / clear
+    def resolve_delete(self, slots: list[int], keys: list[str]) -> tuple[list[int], list[str]]:
+        """Occupied slots to free (sorted, unique) and the keys that are not in the bank.
+
+        Raises:
+            InvalidArgument: a slot index outside ``[0, capacity)`` or an invalid key.
+        """
+        for s in slots:
+            if not 0 <= int(s) < self.capacity:
+                raise InvalidArgument(
+                    f"slot {s} is out of range for a bank of capacity {self.capacity}",
+                    field="slots")
+        chosen = {int(s) for s in slots}
+        missing = []
+        for key in keys:
+            validate_key(key, self.max_key_length)
+            slot = self._key_slot.get(key)
+            if slot is None:
+                missing.append(key)
+            else:
+                chosen.add(slot)
+        if not chosen:
+            return [], missing
+        idx = torch.tensor(sorted(chosen), dtype=torch.int64, device=self.device)
+        return idx[self.occupied[idx]].tolist(), missing
+
+    def free(self, slots: list[int]) -> None:
+        """Frees occupied ``slots`` (from ``resolve_delete`` or a WAL record)."""
+        if not slots:
+            return
+        for s in slots:
+            key = self._slot_key.pop(s, None)
+            if key is not None:
+                del self._key_slot[key]
+                self._key_bytes -= len(key.encode())
+            payload = self._payloads.pop(s, None)
+            if payload is not None:
+                self._payload_bytes -= len(payload)
+        idx = torch.tensor(slots, dtype=torch.int64, device=self.device)
+        self._occupied_count -= int(self.occupied[idx].sum())
+        self._reset_slots(idx)
+        self._free_hint = min(self._free_hint, min(slots))
+
+    def clear(self) -> None:
+        """Frees every slot; totals and the write clock continue."""
+        self._slot_key.clear()
+        self._key_slot.clear()
+        self._payloads.clear()
+        self._payload_bytes = self._key_bytes = 0
+        self._reset_slots(slice(None))
+        self._occupied_count = self._high = self._free_hint = 0
+
+    def _reset_slots(self, idx: torch.Tensor | slice) -> None:
+        for t in (self.codes, self.occupied, self.counts, self.count_clock, self.sequences,
+                  self.inv_norms):
+            t[idx] = 0
+
+    # ------------------------------------------------------------------ export / import
+    def export(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """A consistent copy as (config, arrays) of plain Python / numpy values."""
+        config = {
+            "name": self.name, "capacity": self.capacity, "policy": self.policy.name,
+            "half_life": self.policy.half_life, "code_dim": self.code_dim,
+            "code_dtype": self.code_dtype, "evictions_total": self.evictions_total,
+            "writes_total": self.writes_total, "reads_total": self.reads_total,
+            "write_clock": self.write_clock,
+        }
+        arrays = {
+            "codes": self.codes.cpu().clone().numpy(),
+            "occupied": self.occupied.cpu().to(torch.uint8).numpy(),
+            "counts": self.counts.cpu().clone().numpy(),
+            "count_clock": self.count_clock.cpu().clone().numpy(),
+            "sequences": self.sequences.cpu().clone().numpy(),
+            "inv_norms": self.inv_norms.cpu().clone().numpy(),
+        }
+        for prefix, table in (("payload", self._payloads),
+                              ("key", {s: k.encode() for s, k in self._slot_key.items()})):
+            arrays[f"{prefix}_data"], arrays[f"{prefix}_offsets"] = _pack(table, self.capacity)
+        return config, arrays
+
+    @classmethod
+    def from_export(
+        cls,
+        config: dict,
+        arrays: dict[str, np.ndarray],
+        *,
+        scale: torch.Tensor | None,
+        device: torch.device,
+        max_payload_bytes: int,
+        max_key_length: int,
+        metric: torch.Tensor | None = None,
+    ) -> MemoryBank:
+        """Rebuilds a bank from ``export()`` output (e.g. a snapshot)."""
+        capacity = int(config["capacity"])
+        policy = make_policy(str(config["policy"]), float(config["half_life"]))
+        bank = cls(str(config["name"]), capacity, code_dim=int(config["code_dim"]),
+                   code_dtype=str(config["code_dtype"]), scale=scale, device=device,
+                   policy=policy, max_payload_bytes=max_payload_bytes,
+                   max_key_length=max_key_length, metric=metric)
+        expected: dict[str, tuple[int, ...]] = {"codes": (capacity, bank.code_dim)}
+        for name in ("occupied", "counts", "count_clock", "sequences", "inv_norms"):
+            expected[name] = (capacity,)
+        for name in ("payload_offsets", "key_offsets"):
+            expected[name] = (capacity + 1,)
+        for name in ("payload_data", "key_data"):
+            if name not in arrays:
+                raise FailedPrecondition(f"bank {bank.name!r}: array {name} is missing")
+        for name, shape in expected.items():
+            if name not in arrays:
+                raise FailedPrecondition(f"bank {bank.name!r}: array {name} is missing")
+            if tuple(arrays[name].shape) != shape:
+                raise FailedPrecondition(
+                    f"bank {bank.name!r}: array {name} has shape {arrays[name].shape}, "
+                    f"expected {shape}")
+        dev = bank.device
+        if arrays["codes"].dtype != np.dtype(bank.code_dtype):
+            raise FailedPrecondition(
+                f"bank {bank.name!r}: codes are {arrays['codes'].dtype}, expected "
+                f"{bank.code_dtype}")
+        # np.array copies: snapshot arrays may be read-only views of a mapped file
+        bank.codes = torch.from_numpy(np.array(arrays["codes"])).to(
+            device=dev, dtype=bank.torch_dtype)
+        bank.occupied = torch.from_numpy(arrays["occupied"].astype(bool)).to(dev)
+        bank.counts = torch.from_numpy(arrays["counts"].astype(np.float64)).to(dev)
+        bank.count_clock = torch.from_numpy(arrays["count_clock"].astype(np.int64)).to(dev)
+        bank.sequences = torch.from_numpy(arrays["sequences"].astype(np.int64)).to(dev)
+        bank.inv_norms = torch.from_numpy(arrays["inv_norms"].astype(np.float32)).to(dev)
+        bank._payloads = _unpack(arrays["payload_data"], arrays["payload_offsets"])
+        bank._slot_key = {s: k.decode() for s, k in
+                          _unpack(arrays["key_data"], arrays["key_offsets"]).items()}
+        bank._key_slot = {k: s for s, k in bank._slot_key.items()}
+        bank._payload_bytes = sum(len(p) for p in bank._payloads.values())
+        bank._key_bytes = sum(len(k.encode()) for k in bank._key_slot)
+        occupied_idx = torch.nonzero(bank.occupied).flatten()
+        bank._occupied_count = int(occupied_idx.numel())
+        bank._high = int(occupied_idx[-1]) + 1 if occupied_idx.numel() else 0
+        for attr in ("evictions_total", "writes_total", "reads_total", "write_clock"):
+            setattr(bank, attr, int(config[attr]))
+        return bank
+
+
+def _int8_limbs(q: torch.Tensor, n: int = 3) -> list[tuple[torch.Tensor, float]]:
+    """Splits a float query [m] into int8 limbs: ``q ~= sum_j scale_j * limb_j``.
+
+    Three limbs of 8 bits leave a residual below float32 rounding, and each dot with
+    int8 codes is exact in int32, so ``sum_j scale_j * (codes @ limb_j)`` is as exact as
+    a float32 product, while reading the int8 bank directly (no float conversion).
+
+    Returns:
+        (limb [m, 1] int8, scale) pairs; all-zero limbs are left out.
+    """
+    rest = q.detach().cpu().double().numpy()  # numpy: cheaper than torch ops on [m]
+    limbs = []
+    for _ in range(n):
+        step = float(np.abs(rest).max()) / 127.0
+        if step == 0.0:
+            break
+        digits = np.clip(np.rint(rest / step), -127, 127)
+        limbs.append((torch.from_numpy(digits.astype(np.int8).reshape(-1, 1)), step))
+        rest = rest - digits * step
+    return limbs or [(torch.zeros(q.shape[0], 1, dtype=torch.int8), 0.0)]
+
+
+@functools.cache
+def _int_mm_works() -> bool:
+    """Whether this torch build has a CPU int8 x int8 -> int32 matmul (a private op)."""
+    try:
+        a = torch.tensor([[1, -2, 3]], dtype=torch.int8)
+        b = torch.tensor([[4], [5], [-6]], dtype=torch.int8)
+        return int(torch._int_mm(a, b)[0, 0]) == -24
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
+def _pack(table: dict[int, bytes], capacity: int) -> tuple[np.ndarray, np.ndarray]:
+    """{slot: bytes} -> (uint8 data, int64 offsets [capacity + 1])."""
+    lengths = np.zeros(capacity, dtype=np.int64)
+    order = sorted(table)
+    lengths[order] = [len(table[s]) for s in order]
+    offsets = np.zeros(capacity + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    data = np.frombuffer(b"".join(table[s] for s in order), dtype=np.uint8).copy()
+    return data, offsets
+
+
+def _unpack(data: np.ndarray, offsets: np.ndarray) -> dict[int, bytes]:
+    raw = data.astype(np.uint8).tobytes()
+    lengths = np.diff(offsets)
+    return {int(s): raw[offsets[s]:offsets[s + 1]] for s in np.nonzero(lengths)[0]}

@@ -1,0 +1,427 @@
+"""The memory store: every bank of the server, sequence numbers, and the mutation log.
+
+Lock discipline — three locks, always taken in this order, so no deadlock:
+
+1. ``store.lock`` (an ``RLock``) guards the bank dict. Operations hold it only to
+   look a bank up, except the rare ones that change the dict or need every bank at
+   once: create / drop, ``export_state`` and ``load_state`` (which then take the
+   bank locks in sorted name order while holding it).
+2. ``bank.lock`` of the bank an operation touches, held for the whole operation,
+   reads included (they update access counters; the read's matrix product runs
+   under it). A slow read of one bank delays only that bank's mutations.
+3. ``store.seq_lock`` guards ``last_seq``; a mutation holds it while it takes its
+   sequence numbers and calls ``log.append``, so log order == sequence order.
+
+A mutation never waits for ``store.lock`` while holding a bank lock. A thread that
+looked a bank up and then waited for its lock re-checks ``bank.retired`` (set
+under that lock by drop and restore) and retries the lookup, so it never writes
+into a dropped or replaced bank. Holding ``store.lock`` (as a restore does) keeps
+new operations out while letting the ones already inside a bank finish.
+
+A mutation validates, appends its record to the log (buffered), then changes
+memory, all under its bank lock; then, with every lock released, it waits until
+its record is durable (``log.wait_durable``) before returning, so a client is
+answered only for durable writes and concurrent writers share one fsync (group
+commit). ``export_state`` holds the store lock and every bank lock, so no logged
+mutation is half-applied in a copy and its ``last_seq`` matches the banks
+exactly. Access counters are not logged; snapshots persist them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import operator
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from apcm.server.codecs.quant import CODE_DTYPES
+from apcm.server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from apcm.server.memory.bank import BankStats, MemoryBank, ReadResult, SlotWrite
+from apcm.server.memory.eviction import make_policy
+from apcm.server.memory.names import validate_bank_name
+
+
+class MutationLog(Protocol):
+    """Where mutations go before they are acknowledged (the write-ahead log)."""
+
+    def append(self, seq: int, kind: str, bank: str, fields: dict[str, Any]) -> None:
+        """Buffers one record; called with the bank lock and ``store.seq_lock`` held."""
+
+    def wait_durable(self, seq: int) -> None:
+        """Blocks until every record up to ``seq`` is durable; called without locks."""
+
+
+@dataclass
+class StoreState:
+    """A consistent copy of every bank, as plain Python and numpy values.
+
+    Attributes:
+        last_seq: last sequence number reflected in the banks.
+        banks: name -> (config, arrays), as produced by ``MemoryBank.export``.
+    """
+
+    last_seq: int
+    banks: dict[str, tuple[dict[str, Any], dict[str, np.ndarray]]] = field(default_factory=dict)
+
+
+class MemoryStore:
+    """All banks of one server, for one codec (code dim, dtype and int8 scale).
+
+    Args:
+        code_dim: m of the codec.
+        code_dtype: "float32", "float16" or "int8".
+        scale: the codec's int8 per-dimension scale [m] (None otherwise).
+        metric: the codec's similarity weights [m] for cosine search (None: plain).
+        device: where banks live.
+        max_capacity: largest bank capacity.
+        max_payload_bytes: largest payload per memory.
+        max_key_length: longest key.
+        default_policy: policy of banks created without one.
+        default_half_life: half-life (in writes) of "lfu_decay" banks created without one.
+        log: the mutation log, or None (no durability).
+    """
+
+    def __init__(
+        self,
+        *,
+        code_dim: int,
+        code_dtype: str,
+        scale: torch.Tensor | None,
+        device: torch.device,
+        max_capacity: int,
+        max_payload_bytes: int,
+        max_key_length: int,
+        default_policy: str,
+        default_half_life: float,
+        log: MutationLog | None = None,
+        metric: torch.Tensor | None = None,
+    ) -> None:
+        if code_dtype not in CODE_DTYPES:
+            raise ValueError(f"unknown code dtype {code_dtype!r}")
+        self.code_dim = int(code_dim)
+        self.code_dtype = code_dtype
+        self.scale = scale.detach().float().cpu() if scale is not None else None
+        self.metric = metric.detach().float().cpu() if metric is not None else None
+        self.device = torch.device(device)
+        self.max_capacity = int(max_capacity)
+        self.max_payload_bytes = int(max_payload_bytes)
+        self.max_key_length = int(max_key_length)
+        make_policy(default_policy, default_half_life)  # fail fast on bad settings
+        self.default_policy = default_policy
+        self.default_half_life = float(default_half_life)
+        self.lock = threading.RLock()
+        self.seq_lock = threading.Lock()
+        self.last_seq = 0
+        self._log = log
+        self._banks: dict[str, MemoryBank] = {}
+
+    def set_log(self, log: MutationLog | None) -> None:
+        with self.lock, self.seq_lock:
+            self._log = log
+
+    # ------------------------------------------------------------------ helpers
+    def _next_seq(self, n: int = 1) -> int:
+        """Reserves ``n`` sequence numbers (``seq_lock`` held); returns the first."""
+        first = self.last_seq + 1
+        self.last_seq += n
+        return first
+
+    def _append(self, seq: int, kind: str, bank: str, fields: dict[str, Any]) -> None:
+        if self._log is not None:
+            self._log.append(seq, kind, bank, fields)
+
+    def _wait(self, seq: int) -> None:
+        log = self._log
+        if log is not None:
+            log.wait_durable(seq)
+
+    def _new_bank(self, name: str, capacity: int, policy: str, half_life: float) -> MemoryBank:
+        return MemoryBank(
+            name, capacity, code_dim=self.code_dim, code_dtype=self.code_dtype,
+            scale=self.scale, device=self.device, policy=make_policy(policy, half_life),
+            max_payload_bytes=self.max_payload_bytes, max_key_length=self.max_key_length,
+            metric=self.metric)
+
+    def _lookup(self, name: str) -> MemoryBank:
+        with self.lock:
+            bank = self._banks.get(name)
+        if bank is None:
+            raise NotFound(f"bank {name!r} does not exist", field="bank")
+        return bank
+
+    @contextlib.contextmanager
+    def _locked(self, name: str) -> Iterator[MemoryBank]:
+        """Holds the lock of the bank now called ``name``, retrying if the bank was
+        dropped or replaced while this thread waited for its lock."""
+        while True:
+            bank = self._lookup(name)
+            with bank.lock:
+                if not bank.retired:
+                    yield bank
+                    return
+
+    @contextlib.contextmanager
+    def _all_locked(self) -> Iterator[list[tuple[str, MemoryBank]]]:
+        """Holds the store lock and every bank lock (sorted by name)."""
+        with self.lock, contextlib.ExitStack() as stack:
+            banks = sorted(self._banks.items())
+            for _, bank in banks:
+                stack.enter_context(bank.lock)
+            yield banks
+
+    # ------------------------------------------------------------------ banks
+    def create_bank(
+        self,
+        name: str,
+        capacity: int,
+        policy: str | None = None,
+        half_life: float | None = None,
+        exist_ok: bool = False,
+    ) -> BankStats:
+        """Creates an empty bank (or, with ``exist_ok``, returns the existing one's stats).
+
+        Raises:
+            InvalidArgument: bad name, capacity outside 1..max_capacity, unknown policy.
+            AlreadyExists: the bank exists and ``exist_ok`` is false.
+        """
+        validate_bank_name(name)
+        try:
+            capacity = operator.index(capacity)
+        except TypeError as e:
+            raise InvalidArgument(f"capacity must be an integer, got {capacity!r}",
+                                  field="capacity") from e
+        if not 1 <= capacity <= self.max_capacity:
+            raise InvalidArgument(
+                f"capacity must be between 1 and {self.max_capacity}, got {capacity}",
+                field="capacity")
+        policy = policy or self.default_policy
+        half_life = half_life or self.default_half_life
+        make_policy(policy, half_life)
+        with self.lock:
+            existing = self._banks.get(name)
+        if existing is None:
+            bank = self._new_bank(name, capacity, policy, half_life)  # allocate unlocked
+            with self.lock:
+                existing = self._banks.get(name)
+                if existing is None:
+                    with self.seq_lock:
+                        seq = self._next_seq()
+                        self._append(seq, "create_bank", name, {
+                            "capacity": bank.capacity, "policy": bank.policy.name,
+                            "half_life": bank.policy.half_life})
+                    self._banks[name] = bank
+                    stats = bank.stats()  # nobody else can hold the new bank's lock yet
+        if existing is not None:
+            if not exist_ok:
+                raise AlreadyExists(f"bank {name!r} already exists", field="name")
+            with existing.lock:
+                return existing.stats()
+        self._wait(seq)
+        return stats
+
+    def drop_bank(self, name: str) -> None:
+        """Removes a bank and its memories. Raises ``NotFound``."""
+        with self.lock:
+            bank = self._lookup(name)
+            with bank.lock, self.seq_lock:
+                seq = self._next_seq()
+                self._append(seq, "drop_bank", name, {})
+                del self._banks[name]
+                bank.retired = True
+        self._wait(seq)
+
+    def get(self, name: str) -> MemoryBank:
+        """The bank called ``name`` (hold its ``lock`` to use it). Raises ``NotFound``."""
+        return self._lookup(name)
+
+    def describe(self, name: str) -> BankStats:
+        with self._locked(name) as bank:
+            return bank.stats()
+
+    # ------------------------------------------------------------------ write / read
+    def write(
+        self,
+        bank: str,
+        codes: torch.Tensor,
+        keys: list[str | None],
+        payloads: list[bytes | None],
+    ) -> list[SlotWrite]:
+        """Stores each code [n, m] (code dtype) in its own slot; see ``MemoryBank``.
+
+        Args:
+            bank: bank name.
+            codes: [n, m] codes in the store's code dtype.
+            keys: [] or n keys (None / "" for none); an existing key is overwritten in place.
+            payloads: [] or n payloads (None / b"" for none).
+
+        Returns:
+            One ``SlotWrite`` per code, in order.
+        """
+        with self._locked(bank) as b:
+            keys, payloads = b.validate_write(codes, keys, payloads)
+            n = codes.shape[0]
+            # planning only compares new sequences with the bank's, which are all below
+            # last_seq + 1 (and cannot change while we hold its lock): no store lock needed
+            slots = b.plan_write(keys, self.last_seq + 1)
+            fields = {
+                "slots": np.asarray(slots, dtype=np.int64),
+                "codes": codes.detach().cpu().numpy().copy(),
+                "keys": [k or "" for k in keys],
+                "payloads": [p or b"" for p in payloads],
+            }
+            with self.seq_lock:
+                first = self.last_seq + 1
+                sequences = list(range(first, first + n))
+                fields["sequences"] = np.asarray(sequences, dtype=np.int64)
+                self._append(sequences[-1], "write", bank, fields)
+                self._next_seq(n)
+            result = b.apply_write(slots, codes, keys, payloads, sequences)
+        self._wait(sequences[-1])
+        return result
+
+    def read(
+        self,
+        bank: str,
+        latents: torch.Tensor,
+        top_k: int = 1,
+        temperature: float = 1.0,
+        min_score: float | None = None,
+        soft: bool = False,
+        count_access: bool = True,
+    ) -> ReadResult:
+        """Cosine recall of queries [Q, m] float32 (latent space); see ``MemoryBank.read``."""
+        with self._locked(bank) as b:
+            return b.read(latents, top_k=top_k, temperature=temperature, min_score=min_score,
+                          soft=soft, count_access=count_access)
+
+    # ------------------------------------------------------------------ delete / clear
+    def delete(self, bank: str, slots: list[int], keys: list[str]) -> tuple[int, list[str]]:
+        """Frees slots by index and/or key.
+
+        Returns:
+            (number of occupied slots freed, requested keys that were not in the bank).
+
+        Raises:
+            InvalidArgument: a slot index outside the bank.
+        """
+        seq = None
+        with self._locked(bank) as b:
+            freed, missing = b.resolve_delete(list(slots), list(keys))
+            if freed:
+                with self.seq_lock:
+                    seq = self._next_seq()
+                    self._append(seq, "delete", bank,
+                                 {"slots": np.asarray(freed, dtype=np.int64)})
+                b.free(freed)
+        if seq is not None:
+            self._wait(seq)
+        return len(freed), missing
+
+    def clear(self, bank: str) -> BankStats:
+        """Frees every slot of a bank; the bank and its totals remain."""
+        with self._locked(bank) as b:
+            with self.seq_lock:
+                seq = self._next_seq()
+                self._append(seq, "clear", bank, {})
+            b.clear()
+            stats = b.stats()
+        self._wait(seq)
+        return stats
+
+    # ------------------------------------------------------------------ state
+    def export_state(self) -> StoreState:
+        """A consistent copy of every bank (every bank lock and the store lock held)."""
+        with self._all_locked() as banks:
+            return StoreState(self.last_seq, {name: bank.export() for name, bank in banks})
+
+    def load_state(self, state: StoreState) -> None:
+        """Replaces every bank with ``state`` (restore / recovery).
+
+        ``last_seq`` becomes the larger of the current and the state's, so sequence
+        numbers stay monotonic across a restore. Writers that were waiting for a
+        replaced bank's lock retry on the new bank.
+
+        Raises:
+            FailedPrecondition: the state's codes do not match this store's codec.
+        """
+        banks = {}
+        for name, (config, arrays) in state.banks.items():
+            if int(config["code_dim"]) != self.code_dim or config["code_dtype"] != self.code_dtype:
+                raise FailedPrecondition(
+                    f"bank {name!r} holds {config['code_dtype']} codes of dim "
+                    f"{config['code_dim']}; the served codec uses {self.code_dtype} of dim "
+                    f"{self.code_dim}")
+            banks[name] = MemoryBank.from_export(
+                config, arrays, scale=self.scale, device=self.device,
+                max_payload_bytes=self.max_payload_bytes, max_key_length=self.max_key_length,
+                metric=self.metric)
+        with self._all_locked() as old, self.seq_lock:
+            for _, bank in old:
+                bank.retired = True
+            self._banks = banks
+            # never backwards: mutations that finished while this waited for their bank
+            # locks used numbers above a last_seq the caller may have read earlier
+            self.last_seq = max(self.last_seq, int(state.last_seq))
+
+    def apply_record(self, seq: int, kind: str, bank: str, fields: dict[str, Any]) -> None:
+        """Re-applies one logged mutation (WAL replay): deterministic, never logged.
+
+        Records with ``seq <= last_seq`` are already reflected and are skipped, so
+        replaying a log over a snapshot that overlaps it is safe.
+
+        Raises:
+            FailedPrecondition: the record does not fit the current state (corrupt log).
+        """
+        with self.lock:
+            if seq <= self.last_seq:
+                return
+            if kind == "create_bank":
+                if bank in self._banks:
+                    raise FailedPrecondition(f"replay: bank {bank!r} already exists")
+                self._banks[bank] = self._new_bank(
+                    bank, int(fields["capacity"]), str(fields["policy"]),
+                    float(fields["half_life"]) or self.default_half_life)
+                with self.seq_lock:
+                    self.last_seq = seq
+                return
+            if kind not in ("drop_bank", "write", "delete", "clear"):
+                raise FailedPrecondition(f"replay: unknown record kind {kind!r}")
+            b = self._banks.get(bank)
+            if b is None:
+                raise FailedPrecondition(f"replay: {kind} on missing bank {bank!r}")
+            with b.lock, self.seq_lock:
+                self._replay(b, kind, fields)
+                if kind == "drop_bank":
+                    del self._banks[bank]
+                    b.retired = True
+                self.last_seq = seq
+
+    def _replay(self, b: MemoryBank, kind: str, fields: dict[str, Any]) -> None:
+        if kind == "write":
+            codes = torch.from_numpy(np.array(fields["codes"]))  # copy: may be read-only
+            if codes.dtype != b.torch_dtype or tuple(codes.shape[1:]) != (b.code_dim,):
+                raise FailedPrecondition("replay: write record codes do not match the bank")
+            b.apply_write([int(s) for s in fields["slots"]], codes,
+                          [k or None for k in fields["keys"]],
+                          [bytes(p) or None for p in fields["payloads"]],
+                          [int(s) for s in fields["sequences"]])
+        elif kind == "delete":
+            b.free([int(s) for s in fields["slots"]])
+        elif kind == "clear":
+            b.clear()
+
+    # defined last: inside the class body, the name ``list`` shadows the builtin
+    def list(self) -> list[BankStats]:
+        """Stats of every bank, sorted by name."""
+        with self.lock:
+            banks = sorted(self._banks.items())
+        out = []
+        for _, bank in banks:
+            with bank.lock:
+                out.append(bank.stats())
+        return out

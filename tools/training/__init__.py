@@ -1,0 +1,1 @@
+"""Training loops for the served codecs (the serving code never imports them)."""
