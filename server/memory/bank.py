@@ -195,6 +195,9 @@ class MemoryBank:
         self._high = 0  # one past the highest slot ever occupied since the last clear
         self._free_hint = 0  # every slot below it is occupied
         self.write_clock = 0
+        # sequence of the last logged mutation applied here (snapshots copy banks one
+        # at a time, so replay skips a bank's records up to its own copy)
+        self.applied_seq = 0
         self.writes_total = 0
         self.evictions_total = 0
         self.reads_total = 0
@@ -636,25 +639,27 @@ class MemoryBank:
     # ------------------------------------------------------------------ export / import
     def export(self) -> tuple[dict, dict[str, np.ndarray]]:
         """A consistent copy as (config, arrays) of plain Python / numpy values."""
+        return self.export_copy().pack()
+
+    def export_copy(self) -> BankCopy:
+        """What ``export`` needs, copied quickly (memcpy and dict copies) under the
+        bank lock; ``BankCopy.pack`` does the slow per-slot packing outside it."""
         config = {
             "name": self.name, "capacity": self.capacity, "policy": self.policy.name,
             "half_life": self.policy.half_life, "code_dim": self.code_dim,
             "code_dtype": self.code_dtype, "evictions_total": self.evictions_total,
             "writes_total": self.writes_total, "reads_total": self.reads_total,
-            "write_clock": self.write_clock,
+            "write_clock": self.write_clock, "applied_seq": self.applied_seq,
         }
-        arrays = {
-            "codes": self.codes.cpu().clone().numpy(),
-            "occupied": self.occupied.cpu().to(torch.uint8).numpy(),
-            "counts": self.counts.cpu().clone().numpy(),
-            "count_clock": self.count_clock.cpu().clone().numpy(),
-            "sequences": self.sequences.cpu().clone().numpy(),
-            "inv_norms": self.inv_norms.cpu().clone().numpy(),
+        tensors = {
+            "codes": self.codes.cpu().clone(),
+            "occupied": self.occupied.cpu().to(torch.uint8),
+            "counts": self.counts.cpu().clone(),
+            "count_clock": self.count_clock.cpu().clone(),
+            "sequences": self.sequences.cpu().clone(),
+            "inv_norms": self.inv_norms.cpu().clone(),
         }
-        for prefix, table in (("payload", self._payloads),
-                              ("key", {s: k.encode() for s, k in self._slot_key.items()})):
-            arrays[f"{prefix}_data"], arrays[f"{prefix}_offsets"] = _pack(table, self.capacity)
-        return config, arrays
+        return BankCopy(config, tensors, dict(self._payloads), dict(self._slot_key))
 
     @classmethod
     def from_export(
@@ -714,7 +719,28 @@ class MemoryBank:
         bank._high = int(occupied_idx[-1]) + 1 if occupied_idx.numel() else 0
         for attr in ("evictions_total", "writes_total", "reads_total", "write_clock"):
             setattr(bank, attr, int(config[attr]))
+        # snapshots older than per-bank sequences were consistent at one store-wide
+        # sequence, which the store's replay rule already covers
+        bank.applied_seq = int(config.get("applied_seq", 0))
         return bank
+
+
+@dataclass
+class BankCopy:
+    """A bank's state copied under its lock, packed into arrays outside it."""
+
+    config: dict
+    tensors: dict[str, torch.Tensor]
+    payloads: dict[int, bytes]
+    slot_keys: dict[int, str]
+
+    def pack(self) -> tuple[dict, dict[str, np.ndarray]]:
+        arrays = {name: t.numpy() for name, t in self.tensors.items()}
+        capacity = int(self.config["capacity"])
+        for prefix, table in (("payload", self.payloads),
+                              ("key", {s: k.encode() for s, k in self.slot_keys.items()})):
+            arrays[f"{prefix}_data"], arrays[f"{prefix}_offsets"] = _pack(table, capacity)
+        return self.config, arrays
 
 
 def _int8_limbs(q: torch.Tensor, n: int = 3) -> list[tuple[torch.Tensor, float]]:

@@ -1,30 +1,35 @@
 """The memory store: every bank of the server, sequence numbers, and the mutation log.
 
-Lock discipline — three locks, always taken in this order, so no deadlock:
+Lock discipline. Three kinds of lock; a thread holding one never waits for one
+listed above it, so there is no deadlock, and only a bank's own lock is ever
+held over slow work:
 
-1. ``store.lock`` (an ``RLock``) guards the bank dict. Operations hold it only to
-   look a bank up, except the rare ones that change the dict or need every bank at
-   once: create / drop, ``export_state`` and ``load_state`` (which then take the
-   bank locks in sorted name order while holding it).
-2. ``bank.lock`` of the bank an operation touches, held for the whole operation,
+1. ``bank.lock`` of the bank an operation touches, held for the whole operation,
    reads included (they update access counters; the read's matrix product runs
-   under it). A slow read of one bank delays only that bank's mutations.
+   under it). A slow read of one bank delays only that bank.
+2. ``store.lock`` guards changes to the bank dict (create, drop, restore). It is
+   held only for a dict copy and a log append, never while waiting for a bank.
+   The dict is copy-on-write, so looking a bank up takes no lock at all.
 3. ``store.seq_lock`` guards ``last_seq``; a mutation holds it while it takes its
-   sequence numbers and calls ``log.append``, so log order == sequence order.
+   sequence numbers and appends its (already encoded) record, so log order ==
+   sequence order.
 
-A mutation never waits for ``store.lock`` while holding a bank lock. A thread that
-looked a bank up and then waited for its lock re-checks ``bank.retired`` (set
-under that lock by drop and restore) and retries the lookup, so it never writes
-into a dropped or replaced bank. Holding ``store.lock`` (as a restore does) keeps
-new operations out while letting the ones already inside a bank finish.
+A thread that looked a bank up and then waited for its lock re-checks
+``bank.retired`` (set under that lock by drop and restore) and retries the
+lookup, so it never writes into a dropped or replaced bank.
 
 A mutation validates, appends its record to the log (buffered), then changes
 memory, all under its bank lock; then, with every lock released, it waits until
 its record is durable (``log.wait_durable``) before returning, so a client is
 answered only for durable writes and concurrent writers share one fsync (group
-commit). ``export_state`` holds the store lock and every bank lock, so no logged
-mutation is half-applied in a copy and its ``last_seq`` matches the banks
-exactly. Access counters are not logged; snapshots persist them.
+commit). Access counters are not logged; snapshots persist them.
+
+Snapshots copy one bank at a time (``export_state``): the store-wide sequence
+``S`` is read with the bank dict, then each bank is copied under its own lock
+with ``bank.applied_seq``, the sequence of its last applied mutation (>= every
+sequence of that bank up to ``S``). Replay skips a record if its sequence is at
+most ``S``, or at most its bank's ``applied_seq``, so the copy plus the log is
+exactly the live state although the banks were copied at different moments.
 """
 
 from __future__ import annotations
@@ -148,8 +153,7 @@ class MemoryStore:
             metric=self.metric)
 
     def _lookup(self, name: str) -> MemoryBank:
-        with self.lock:
-            bank = self._banks.get(name)
+        bank = self._banks.get(name)  # copy-on-write dict: no lock needed
         if bank is None:
             raise NotFound(f"bank {name!r} does not exist", field="bank")
         return bank
@@ -167,12 +171,17 @@ class MemoryStore:
 
     @contextlib.contextmanager
     def _all_locked(self) -> Iterator[list[tuple[str, MemoryBank]]]:
-        """Holds the store lock and every bank lock (sorted by name)."""
-        with self.lock, contextlib.ExitStack() as stack:
+        """Holds every bank lock (sorted by name), then the store lock, with no bank
+        created or dropped in between (retries if one was)."""
+        while True:
             banks = sorted(self._banks.items())
-            for _, bank in banks:
-                stack.enter_context(bank.lock)
-            yield banks
+            with contextlib.ExitStack() as stack:
+                for _, bank in banks:
+                    stack.enter_context(bank.lock)
+                stack.enter_context(self.lock)
+                if sorted(self._banks.items()) == banks:
+                    yield banks
+                    return
 
     # ------------------------------------------------------------------ banks
     def create_bank(
@@ -202,8 +211,7 @@ class MemoryStore:
         policy = policy or self.default_policy
         half_life = half_life or self.default_half_life
         make_policy(policy, half_life)
-        with self.lock:
-            existing = self._banks.get(name)
+        existing = self._banks.get(name)
         if existing is None:
             bank = self._new_bank(name, capacity, policy, half_life)  # allocate unlocked
             with self.lock:
@@ -214,7 +222,8 @@ class MemoryStore:
                         self._append(seq, "create_bank", name, {
                             "capacity": bank.capacity, "policy": bank.policy.name,
                             "half_life": bank.policy.half_life})
-                    self._banks[name] = bank
+                    bank.applied_seq = seq
+                    self._banks = {**self._banks, name: bank}
                     stats = bank.stats()  # nobody else can hold the new bank's lock yet
         if existing is not None:
             if not exist_ok:
@@ -226,13 +235,11 @@ class MemoryStore:
 
     def drop_bank(self, name: str) -> None:
         """Removes a bank and its memories. Raises ``NotFound``."""
-        with self.lock:
-            bank = self._lookup(name)
-            with bank.lock, self.seq_lock:
-                seq = self._next_seq()
-                self._append(seq, "drop_bank", name, {})
-                del self._banks[name]
-                bank.retired = True
+        with self._locked(name) as bank, self.lock, self.seq_lock:
+            seq = self._next_seq()
+            self._append(seq, "drop_bank", name, {})
+            self._banks = {n: b for n, b in self._banks.items() if n != name}
+            bank.retired = True
         self._wait(seq)
 
     def get(self, name: str) -> MemoryBank:
@@ -281,6 +288,7 @@ class MemoryStore:
                 self._append(sequences[-1], "write", bank, fields)
                 self._next_seq(n)
             result = b.apply_write(slots, codes, keys, payloads, sequences)
+            b.applied_seq = sequences[-1]
         self._wait(sequences[-1])
         return result
 
@@ -318,6 +326,7 @@ class MemoryStore:
                     self._append(seq, "delete", bank,
                                  {"slots": np.asarray(freed, dtype=np.int64)})
                 b.free(freed)
+                b.applied_seq = seq
         if seq is not None:
             self._wait(seq)
         return len(freed), missing
@@ -329,15 +338,26 @@ class MemoryStore:
                 seq = self._next_seq()
                 self._append(seq, "clear", bank, {})
             b.clear()
+            b.applied_seq = seq
             stats = b.stats()
         self._wait(seq)
         return stats
 
     # ------------------------------------------------------------------ state
     def export_state(self) -> StoreState:
-        """A consistent copy of every bank (every bank lock and the store lock held)."""
-        with self._all_locked() as banks:
-            return StoreState(self.last_seq, {name: bank.export() for name, bank in banks})
+        """A copy of every bank that, with the log after ``last_seq``, is the live state.
+
+        Banks are copied one at a time under their own lock (see the module
+        docstring), so a snapshot never stalls the banks it is not copying.
+        """
+        with self.lock, self.seq_lock:
+            banks, last_seq = sorted(self._banks.items()), self.last_seq
+        copies = []
+        for name, bank in banks:
+            # a bank dropped since is still copied whole: its drop record follows S
+            with bank.lock:
+                copies.append((name, bank.export_copy()))
+        return StoreState(last_seq, {name: copy.pack() for name, copy in copies})
 
     def load_state(self, state: StoreState) -> None:
         """Replaces every bank with ``state`` (restore / recovery).
@@ -371,8 +391,10 @@ class MemoryStore:
     def apply_record(self, seq: int, kind: str, bank: str, fields: dict[str, Any]) -> None:
         """Re-applies one logged mutation (WAL replay): deterministic, never logged.
 
-        Records with ``seq <= last_seq`` are already reflected and are skipped, so
-        replaying a log over a snapshot that overlaps it is safe.
+        Records the state already reflects are skipped: those with ``seq <= last_seq``
+        (the snapshot's sequence) and those a bank's own copy holds
+        (``seq <= bank.applied_seq``), so replaying a log over a snapshot that
+        overlaps it is safe.
 
         Raises:
             FailedPrecondition: the record does not fit the current state (corrupt log).
@@ -383,9 +405,11 @@ class MemoryStore:
             if kind == "create_bank":
                 if bank in self._banks:
                     raise FailedPrecondition(f"replay: bank {bank!r} already exists")
-                self._banks[bank] = self._new_bank(
+                new = self._new_bank(
                     bank, int(fields["capacity"]), str(fields["policy"]),
                     float(fields["half_life"]) or self.default_half_life)
+                new.applied_seq = seq
+                self._banks = {**self._banks, bank: new}
                 with self.seq_lock:
                     self.last_seq = seq
                 return
@@ -395,10 +419,12 @@ class MemoryStore:
             if b is None:
                 raise FailedPrecondition(f"replay: {kind} on missing bank {bank!r}")
             with b.lock, self.seq_lock:
-                self._replay(b, kind, fields)
-                if kind == "drop_bank":
-                    del self._banks[bank]
-                    b.retired = True
+                if seq > b.applied_seq:
+                    self._replay(b, kind, fields)
+                    b.applied_seq = seq
+                    if kind == "drop_bank":
+                        self._banks = {n: x for n, x in self._banks.items() if n != bank}
+                        b.retired = True
                 self.last_seq = seq
 
     def _replay(self, b: MemoryBank, kind: str, fields: dict[str, Any]) -> None:
@@ -418,8 +444,7 @@ class MemoryStore:
     # defined last: inside the class body, the name ``list`` shadows the builtin
     def list(self) -> list[BankStats]:
         """Stats of every bank, sorted by name."""
-        with self.lock:
-            banks = sorted(self._banks.items())
+        banks = sorted(self._banks.items())
         out = []
         for _, bank in banks:
             with bank.lock:
