@@ -60,7 +60,8 @@ def codec(model_path: Path) -> Codec:
 
 def server_settings(model_path: Path, data_dir: Path, **overrides: object) -> Settings:
     base = dict(
-        host="127.0.0.1", grpc_port=0, metrics_port=0, metrics_host="127.0.0.1",
+        # no metrics HTTP server unless a test scrapes it: stopping one costs ~0.5 s
+        host="127.0.0.1", grpc_port=0, metrics_port=-1, metrics_host="127.0.0.1",
         model=str(model_path), device="cpu", data_dir=str(data_dir),
         snapshot_interval_s=0.0, default_bank_capacity=64, shutdown_grace_s=1.0,
         max_batch_size=512,
@@ -91,8 +92,8 @@ def make_server(
 
 @pytest.fixture(scope="module")
 def server(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApcmServer]:
-    """One running server per test module (float32 PCA on digits)."""
-    settings = server_settings(model_path, tmp_path_factory.mktemp("data"))
+    """One running server per test module (float32 PCA on digits), metrics served."""
+    settings = server_settings(model_path, tmp_path_factory.mktemp("data"), metrics_port=0)
     srv, _ = build_server(settings, registry=CollectorRegistry())
     srv.start()
     yield srv

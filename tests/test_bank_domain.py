@@ -588,15 +588,20 @@ def test_bank_by_bank_snapshot_under_writes_plus_log_replays_to_the_live_state()
     threads = [threading.Thread(target=writer, args=(b,)) for b in "abc"]
     for th in threads:
         th.start()
-    snaps = [s.export_state() for _ in range(3)]
+    snaps: list[StoreState] = []
+    for _ in range(500):  # bounded: writers interleave with copies within a few tries
+        snap = s.export_state()
+        if any(cfg["applied_seq"] > snap.last_seq for cfg, _ in snap.banks.values()):
+            snaps.append(snap)  # banks copied at different moments: what is under test
+            if len(snaps) == 3:
+                break
     s.drop_bank("c")  # its writer now fails; the drop must replay too
     stop.set()
     for th in threads:
         th.join(timeout=30)
     live = s.export_state()
+    assert snaps, "no snapshot copied a bank after its sequence: the test proves nothing"
     for snap in snaps:
-        assert any(cfg["applied_seq"] > snap.last_seq for cfg, _ in snap.banks.values()), \
-            "the banks were all copied at the snapshot's sequence: the test proves nothing"
         t = make_store("int8")
         t.load_state(snap)
         for seq, kind, bank, fields in log.records:

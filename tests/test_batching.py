@@ -140,8 +140,10 @@ def test_lone_request_after_a_burst_waits_at_most_max_wait() -> None:
         head = pool.submit(batcher, x)
         assert model.entered.wait(5)
         queued = [pool.submit(batcher, x) for _ in range(3)]
-        while batcher._queued_rows < 3:
+        deadline = time.monotonic() + 5
+        while batcher._queued_rows < 3 and time.monotonic() < deadline:
             time.sleep(0.001)
+        assert batcher._queued_rows == 3
         gate.set()
         for f in (head, *queued):
             f.result(5)
@@ -183,8 +185,10 @@ def test_output_of_wrong_length_is_an_error_per_request() -> None:
         head = pool.submit(batcher, one)
         assert model.entered.wait(5)
         others = [pool.submit(batcher, one * 3), pool.submit(batcher, one * 5)]
-        while batcher._queued_rows < 2:
+        deadline = time.monotonic() + 5
+        while batcher._queued_rows < 2 and time.monotonic() < deadline:
             time.sleep(0.001)
+        assert batcher._queued_rows == 2
         gate.set()
         # Single-row requests re-run alone and get their full (one-row) result.
         for f, x in zip((head, *others), (one, one * 3, one * 5), strict=True):

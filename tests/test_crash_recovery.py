@@ -294,7 +294,7 @@ def test_snapshot_rpcs_create_list_and_validate_names(make_server: Any, codec: A
         info = client.create_snapshot("first")
         assert info.name == "first" and info.valid
         assert info.model_hash == codec.content_hash
-        assert info.wal_sequence == server.runtime.store.last_seq
+        assert info.wal_sequence == server.service.store.last_seq
         assert set(info.banks) == {BANK, server.settings.default_bank}
         assert info.size_bytes == _snapshot_file(server, "first").stat().st_size
         auto = client.create_snapshot()
@@ -340,11 +340,15 @@ def _health_watch(port: int) -> tuple[list[str], Any]:
 def test_restore_under_concurrent_writes_equals_the_snapshot_state(
     make_server: Any, codec: Any
 ) -> None:
+    """Writers keep writing through the restore: writes refused meanwhile (not
+    serving) are not acknowledged, and the state afterwards is the snapshot plus
+    exactly the writes acknowledged after the swap."""
     server = make_server()
     address = f"127.0.0.1:{server.port}"
     with MemoryClient(address, timeout=30.0) as client:
         client.create_bank(BANK, 20_000)
-    acked: list[tuple[int, int, bytes]] = []  # (sequence, slot, code bytes)
+    acked: list[tuple[int, int, bytes, float]] = []  # (sequence, slot, code, sent at)
+    refused = [0]
     lock = threading.Lock()
     stop = threading.Event()
 
@@ -352,42 +356,65 @@ def test_restore_under_concurrent_writes_equals_the_snapshot_state(
         gen = np.random.default_rng(tid)
         with MemoryClient(address, timeout=30.0, retries=0) as c:
             i = 0
-            while not stop.is_set():
+            while not stop.is_set() and i < 20_000:
                 code = gen.standard_normal((1, codec.code_dim)).astype(np.float32)
-                (w,) = c.write(codes=code, bank=BANK, mode="per_item", keys=[f"{tid}-{i}"])
-                with lock:
-                    acked.append((w.sequence, w.slot, code.tobytes()))
+                sent = time.monotonic()
+                try:
+                    (w,) = c.write(codes=code, bank=BANK, mode="per_item",
+                                   keys=[f"{tid}-{i}"])
+                except FailedPreconditionError:  # not serving: the restore is running
+                    with lock:
+                        refused[0] += 1
+                else:
+                    with lock:
+                        acked.append((w.sequence, w.slot, code.tobytes(), sent))
                 i += 1
+
+    def wait_for(n: int) -> None:
+        deadline = time.monotonic() + 60
+        while len(acked) < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(acked) >= n, "writers stalled"
 
     threads = [threading.Thread(target=writer, args=(t,)) for t in range(4)]
     for t in threads:
         t.start()
-    while len(acked) < 100:
-        time.sleep(0.01)
+    wait_for(100)
     with MemoryClient(address, timeout=30.0) as client:
         mid = client.create_snapshot("mid")
-        time.sleep(0.3)
-        stop.set()
-        for t in threads:
-            t.join()
+        wait_for(len(acked) + 100)
         seen, stop_watch = _health_watch(server.port)
         time.sleep(0.2)
-        result = client.restore_snapshot("mid")
-        time.sleep(0.3)
+        result = client.restore_snapshot("mid")  # the writers are still running
+        restored_at = time.monotonic()
+        wait_for(len(acked) + 100)
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+        assert not any(t.is_alive() for t in threads)
         stop_watch()
         assert result.snapshot.name == "mid"
         assert client.health() == "SERVING"
         after = client.create_snapshot("after-restore")
     assert "NOT_SERVING" in seen and seen[-1] == "SERVING"
-    assert after.wal_sequence >= max(seq for seq, _, _ in acked)  # sequences never go back
+    assert after.wal_sequence >= max(a[0] for a in acked)  # sequences never go back
     arrays = _snapshot_arrays(_snapshot_file(server, "after-restore"))
+
+    def present(seq: int, slot: int, code: bytes) -> bool:
+        return bool(arrays["occupied"][slot]) and int(arrays["sequences"][slot]) == seq \
+            and arrays["codes"][slot].tobytes() == code
+
     before = [a for a in acked if a[0] <= mid.wal_sequence]
-    later = [a for a in acked if a[0] > mid.wal_sequence]
-    assert before and later, "the snapshot must land while writes were in flight"
-    for seq, slot, code in before:
-        assert arrays["occupied"][slot] and arrays["sequences"][slot] == seq
-        assert arrays["codes"][slot].tobytes() == code
-    assert not any(arrays["occupied"][slot] for _, slot, _ in later)
+    lost_window = [a for a in acked if a[0] > mid.wal_sequence and a[3] < restored_at]
+    later = [a for a in acked if a[3] > restored_at]
+    assert before and lost_window and later, "writes must be in flight around the restore"
+    assert all(present(seq, slot, code) for seq, slot, code, _ in before)
+    assert all(present(seq, slot, code) for seq, slot, code, _ in later)
+    # writes acknowledged between the snapshot and the swap are replaced by the restore
+    pre_swap = [a for a in lost_window if not present(*a[:3])]
+    assert pre_swap, "no write landed between the snapshot and the swap"
+    occupied = int(arrays["occupied"].sum())
+    assert occupied == len(before) + sum(present(*a[:3]) for a in acked if a not in before)
 
 
 def test_restore_refuses_damaged_and_foreign_snapshots(

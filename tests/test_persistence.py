@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -633,8 +634,10 @@ def test_snapshot_under_concurrent_writes_is_the_state_at_its_sequence(tmp_path:
     threads = [threading.Thread(target=writer, args=(s,)) for s in range(4)]
     for t in threads:
         t.start()
-    while len(acked) < 200:
+    deadline = time.monotonic() + 60
+    while len(acked) < 200 and time.monotonic() < deadline:
         threading.Event().wait(0.005)
+    assert len(acked) >= 200, "writers stalled"
     info = mgr.snapshot("mid")
     stop.set()
     for t in threads:
@@ -750,8 +753,10 @@ def test_restore_while_writers_run_completes_and_recovers_to_the_live_state(
     threads = [threading.Thread(target=writer, args=(t,)) for t in range(4)]
     for t in threads:
         t.start()
-    while sum(counts) < 50:
+    deadline = time.monotonic() + 30
+    while sum(counts) < 50 and time.monotonic() < deadline:
         threading.Event().wait(0.005)
+    assert sum(counts) >= 50, "writers stalled"
     mgr.restore("base")  # must not deadlock with the writers' locks
     before_stop = sum(counts)
     threading.Event().wait(0.1)

@@ -16,20 +16,22 @@ from concurrent import futures
 from typing import Any
 
 import grpc
-import numpy as np
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from apcm.server.api.auth import build_auth_interceptor
-from apcm.server.api.interceptors import ErrorInterceptor, MetricsInterceptor
+from apcm.server.api.interceptors import (
+    ErrorInterceptor,
+    MetricsInterceptor,
+    ReadinessInterceptor,
+)
 from apcm.server.api.servicer import MemoryServicer
 from apcm.server.api.tls import server_credentials
 from apcm.server.codecs.base import load_codec
 from apcm.server.config import Settings
-from apcm.server.domain.engine import Engine
-from apcm.server.domain.runtime import Runtime
+from apcm.server.domain.service import MemoryService
 from apcm.server.errors import FailedPrecondition
 from apcm.server.metrics import Metrics
 from apcm.v1 import memory_pb2, memory_pb2_grpc
@@ -49,59 +51,49 @@ def resolve_device(choice: str) -> torch.device:
 class ApcmServer:
     """The gRPC server plus everything it owns; ``start()``/``stop()`` drive its lifecycle."""
 
-    def __init__(self, settings: Settings, runtime: Runtime, grpc_server: grpc.Server,
+    def __init__(self, settings: Settings, service: MemoryService, grpc_server: grpc.Server,
                  port: int, health_servicer: health.HealthServicer) -> None:
         self.settings = settings
-        self.runtime = runtime
+        self.service = service
         self.grpc_server = grpc_server
         self.port = port
         self.metrics_port: int | None = None
         self.health = health_servicer
         self._stopped = threading.Event()
         self._stop_lock = threading.Lock()
-        runtime.on_serving_change = self._set_health
+        service.on_serving_change = self._set_health
 
     def _set_health(self, serving: bool) -> None:
         status = (health_pb2.HealthCheckResponse.SERVING if serving
                   else health_pb2.HealthCheckResponse.NOT_SERVING)
         for name in ("", SERVICE_NAME):
             self.health.set(name, status)
-        self.runtime.metrics.serving.set(1 if serving else 0)
+        self.service.metrics.serving.set(1 if serving else 0)
 
     def start(self) -> ApcmServer:
         """Bind, recover state, warm up, then report SERVING."""
         s = self.settings
         if s.metrics_port >= 0:
-            self.metrics_port = self.runtime.metrics.start_http(s.metrics_host, s.metrics_port)
+            self.metrics_port = self.service.metrics.start_http(s.metrics_host, s.metrics_port)
         self.grpc_server.start()
         self._set_health(False)
-        self.runtime.recover()
-        self.warm_up()
-        self.runtime.ready.set()
-        self._set_health(True)
-        log.info("serving %s on port %d", self.runtime.codec.name, self.port)
+        self.service.start()  # recovers, warms up, then reports SERVING
+        log.info("serving %s on port %d", self.service.codec.name, self.port)
         return self
-
-    def warm_up(self) -> None:
-        """One compress/decompress round trip; refuses to serve a codec that fails it."""
-        engine = self.runtime.engine
-        x = np.zeros((2, *engine.codec.input_shape), dtype=np.float32)
-        out = engine.decompress(engine.compress(x))
-        if out.shape != x.shape or not np.isfinite(out).all():
-            raise FailedPrecondition("warm-up round trip failed: codec output is malformed")
 
     def stop(self, grace: float | None = None) -> None:
         """Drain and shut down; safe to call more than once."""
         with self._stop_lock:
             if self._stopped.is_set():
                 return
-            self.runtime.ready.clear()
+            self.service.on_serving_change = lambda serving: None
+            self.service.stop_serving()
             self.health.enter_graceful_shutdown()
-            self.runtime.metrics.serving.set(0)
+            self.service.metrics.serving.set(0)
             grace = self.settings.shutdown_grace_s if grace is None else grace
             self.grpc_server.stop(grace).wait()
-            self.runtime.close()
-            self.runtime.metrics.stop_http()
+            self.service.close()
+            self.service.metrics.stop_http()
             self._stopped.set()
 
     def wait(self) -> None:
@@ -121,11 +113,13 @@ def build_server(
     codec = load_codec(settings.model, device)
     metrics = Metrics(registry)
     metrics.set_model(codec)
-    runtime = Runtime(settings, codec, Engine(codec, settings.max_batch_size), metrics)
+    service = MemoryService(settings, codec, metrics)
 
     auth = build_auth_interceptor(settings)
-    interceptors: list[Any] = [MetricsInterceptor(metrics), *([auth] if auth else []),
-                               ErrorInterceptor()]
+    interceptors: list[Any] = [
+        MetricsInterceptor(metrics), *([auth] if auth else []), ErrorInterceptor(),
+        ReadinessInterceptor(lambda: service.ready, f"/{SERVICE_NAME}/"),
+    ]
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -137,7 +131,7 @@ def build_server(
         options=options,
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
-    memory_pb2_grpc.add_MemoryServiceServicer_to_server(MemoryServicer(runtime), server)
+    memory_pb2_grpc.add_MemoryServiceServicer_to_server(MemoryServicer(service), server)
     health_servicer = health.HealthServicer(
         experimental_non_blocking=True,
         experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=2),
@@ -156,7 +150,7 @@ def build_server(
         port = server.add_secure_port(address, credentials)
     if port == 0:
         raise FailedPrecondition(f"could not bind gRPC to {address}")
-    apcm_server = ApcmServer(settings, runtime, server, port, health_servicer)
+    apcm_server = ApcmServer(settings, service, server, port, health_servicer)
     health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
     health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
     return apcm_server, port

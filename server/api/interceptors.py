@@ -1,4 +1,5 @@
-"""Server interceptors: metrics around every unary RPC, domain errors -> status codes.
+"""Server interceptors: metrics around every unary RPC, readiness, domain errors ->
+status codes.
 
 Domain code raises ``apcm.server.errors.ApcmError`` subclasses; this is the one
 place that turns them into gRPC statuses. Anything else is a server bug: it is
@@ -17,7 +18,7 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from apcm.server.errors import ApcmError
+from apcm.server.errors import ApcmError, FailedPrecondition
 from apcm.server.metrics import Metrics
 from apcm.wire.tensors import TensorFormatError
 
@@ -123,3 +124,40 @@ class ErrorInterceptor(grpc.ServerInterceptor):
             return mapped
 
         return _wrap_unary(continuation(handler_call_details), wrap)
+
+
+# Methods that only look at the server answer while it starts, restores or stops.
+ALWAYS_ANSWERED = frozenset({"GetModelInfo", "ListBanks", "DescribeBank", "ListSnapshots"})
+
+
+class ReadinessInterceptor(grpc.ServerInterceptor):
+    """Refuses every other method with FAILED_PRECONDITION until the service is ready.
+
+    Args:
+        is_ready: tells whether the service serves now (recovered, warmed up, not
+            restoring or stopping).
+        service_prefix: full name of the guarded service, e.g. "/apcm.v1.MemoryService/";
+            health and reflection are never guarded.
+    """
+
+    def __init__(self, is_ready: Callable[[], bool], service_prefix: str) -> None:
+        self.is_ready = is_ready
+        self.prefix = service_prefix
+
+    def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+        handler = continuation(handler_call_details)
+        full = handler_call_details.method
+        if not full.startswith(self.prefix) or method_name(handler_call_details) in \
+                ALWAYS_ANSWERED:
+            return handler
+
+        def wrap(behavior: Behavior) -> Behavior:
+            def guarded(request: Any, context: grpc.ServicerContext) -> Any:
+                if not self.is_ready():
+                    raise FailedPrecondition(
+                        "the server is not ready (starting, restoring or stopping)")
+                return behavior(request, context)
+
+            return guarded
+
+        return _wrap_unary(handler, wrap)

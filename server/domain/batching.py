@@ -184,7 +184,7 @@ class MicroBatcher:
             self._run_alone(batch[0])
             return
         try:
-            out = self._call(np.concatenate([r.items for r in batch]))
+            out = self._call(_concat([r.items for r in batch]))
             total = sum(r.rows for r in batch)
             if len(out) != total:
                 raise ValueError(f"batched fn returned {len(out)} rows for {total} inputs")
@@ -203,6 +203,15 @@ class MicroBatcher:
             req.result = self._call(req.items)
         except Exception as e:
             req.error = e
+
+
+def _concat(items: list[Any]) -> Any:
+    """Rows of numpy arrays or torch tensors, joined where they are (no device copy)."""
+    if isinstance(items[0], np.ndarray):
+        return np.concatenate(items)
+    import torch
+
+    return torch.cat(items)
 
 
 class KeyedBatcher(Generic[K]):

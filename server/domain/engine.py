@@ -21,11 +21,15 @@ from apcm.server.errors import InvalidArgument
 FLOAT_INPUTS = (np.dtype("float32"), np.dtype("float16"), np.dtype("float64"))
 
 
+# Request arrays are read-only views of the request bytes, and torch only reads them.
+# Filtered once at import: warnings.catch_warnings() per request is not thread-safe
+# and flips process-wide state under 64 handler threads.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable",
+                        category=UserWarning)
+
+
 def _as_tensor(array: np.ndarray) -> torch.Tensor:
-    with warnings.catch_warnings():
-        # Request bytes are immutable; torch only reads them, never writes.
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(array)
+    return torch.from_numpy(array)
 
 
 class Engine:

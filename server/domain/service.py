@@ -1,0 +1,370 @@
+"""``MemoryService``: the memory domain behind every RPC, on numpy and torch objects.
+
+It owns, once each: request validation (through ``Engine`` for arrays, here for
+the rest), batch-mean pooling, micro-batching, device placement, request limits,
+readiness and the per-item metrics. The gRPC servicer only translates proto
+messages to the arguments below and results back; the store and banks below it
+keep their own invariants (keys, payload sizes, slot indices).
+
+A Write goes ``service.write`` -> ``Engine`` (encode, quantise) -> ``store.write``;
+a Read goes ``service.read`` -> ``Engine`` -> the read batcher -> ``store.read``
+-> ``Engine`` (reconstructions), with the queries kept on the codec's device.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from apcm.server.codecs.base import Codec
+from apcm.server.config import Settings
+from apcm.server.domain.batching import KeyedBatcher
+from apcm.server.domain.engine import Engine
+from apcm.server.errors import FailedPrecondition, InvalidArgument
+from apcm.server.memory.bank import BankStats, Hit, ReadResult, SlotWrite
+from apcm.server.memory.store import MemoryStore
+from apcm.server.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+MAX_TOP_K = 1024
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a client needs to know about the served codec and the request limits."""
+
+    name: str
+    kind: str
+    input_shape: tuple[int, int]
+    code_dim: int
+    code_dtype: str
+    bytes_per_code: int
+    input_bytes: int
+    compression_ratio: float
+    model_hash: str
+    device: str
+    max_batch_size: int
+    max_message_bytes: int
+
+
+@dataclass
+class QueryHits:
+    """One query's hits, with reconstructions [L, D] per hit when asked for."""
+
+    hits: list[Hit]
+    reconstructions: list[np.ndarray] | None = None
+    soft_reconstruction: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class ReadParams:
+    """Validated parameters of a read; equal params let concurrent reads share a search."""
+
+    top_k: int = 1
+    temperature: float = 1.0
+    min_score: float | None = None
+    soft: bool = False
+    count_access: bool = True
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.top_k <= MAX_TOP_K:
+            raise InvalidArgument(f"top_k must be in [1, {MAX_TOP_K}], got {self.top_k}",
+                                  field="top_k")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise InvalidArgument(f"temperature must be > 0, got {self.temperature}",
+                                  field="temperature")
+        if self.min_score is not None and math.isnan(self.min_score):
+            raise InvalidArgument("min_score must be a number", field="min_score")
+
+
+class MemoryService:
+    """Codec, engine, banks, persistence and readiness of one server.
+
+    Args:
+        settings: the server's settings.
+        codec: the served codec, already on its device.
+        metrics: where per-item and per-bank metrics go.
+    """
+
+    def __init__(self, settings: Settings, codec: Codec, metrics: Metrics) -> None:
+        self.settings = settings
+        self.codec = codec
+        self.metrics = metrics
+        self.engine = Engine(codec, settings.max_batch_size)
+        self.on_serving_change: Callable[[bool], None] = lambda serving: None
+        self._ready = threading.Event()
+        self._pauses = 0  # restores in flight; serving resumes when the last one ends
+        self._pause_lock = threading.Lock()
+        self.store = MemoryStore(
+            code_dim=codec.code_dim,
+            code_dtype=codec.code_dtype,
+            scale=codec.quantizer.scale,
+            device=codec.device,
+            max_capacity=settings.max_bank_capacity,
+            max_payload_bytes=settings.max_payload_bytes,
+            max_key_length=settings.max_key_length,
+            default_policy=settings.default_policy,
+            default_half_life=settings.default_half_life,
+            metric=codec.similarity_weights,
+        )
+        self.persistence: Any = self._build_persistence()
+        metrics.watch_banks(self.store.list)
+        self._reads: KeyedBatcher | None = None
+        if settings.batching:
+            wait_s = settings.batch_max_wait_us / 1e6
+
+            def observe(method: str, n: int) -> None:
+                metrics.batch_size.labels(method).observe(n)
+
+            self.engine.enable_batching(settings.batch_max_size, wait_s, observe)
+            self._reads = KeyedBatcher(
+                self._read_batch, max_batch=settings.batch_max_size, max_wait_s=wait_s,
+                observe=lambda n: observe("Read", n),
+            )
+
+    def _build_persistence(self) -> Any:
+        from apcm.server.persistence.manager import PersistenceManager
+
+        return PersistenceManager(
+            self.store, self.settings, self.codec.content_hash, self.codec.kind,
+            metrics=self.metrics,
+        )
+
+    # -- lifecycle -----------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    def start(self) -> None:
+        """Restore banks from disk, make sure the default bank exists, warm up, serve."""
+        self.persistence.recover()
+        self.persistence.start()
+        s = self.settings
+        self.store.create_bank(s.default_bank, s.default_bank_capacity, exist_ok=True)
+        self._warm_up()
+        self._set_ready(True)
+
+    def _warm_up(self) -> None:
+        """One compress/decompress round trip; refuses to serve a codec that fails it."""
+        x = np.zeros((2, *self.codec.input_shape), dtype=np.float32)
+        out = self.engine.decompress(self.engine.compress(x))
+        if out.shape != x.shape or not np.isfinite(out).all():
+            raise FailedPrecondition("warm-up round trip failed: codec output is malformed")
+
+    def stop_serving(self) -> None:
+        self._set_ready(False)
+
+    def _set_ready(self, serving: bool) -> None:
+        if serving:
+            self._ready.set()
+        else:
+            self._ready.clear()
+        self.on_serving_change(serving)
+
+    def close(self) -> None:
+        self._set_ready(False)
+        self.engine.close()
+        if self._reads is not None:
+            self._reads.close()
+        try:
+            self.persistence.close(final_snapshot=True)
+        except Exception:
+            log.exception("final snapshot failed")
+
+    # -- model ---------------------------------------------------------------------------
+    def model_info(self) -> ModelInfo:
+        c = self.codec
+        return ModelInfo(
+            name=c.name, kind=c.kind, input_shape=c.input_shape, code_dim=c.code_dim,
+            code_dtype=c.code_dtype, bytes_per_code=c.bytes_per_code, input_bytes=c.input_bytes,
+            compression_ratio=c.compression_ratio, model_hash=c.content_hash,
+            device=str(c.device), max_batch_size=self.settings.max_batch_size,
+            max_message_bytes=self.settings.max_message_bytes,
+        )
+
+    def compress(self, inputs: np.ndarray) -> np.ndarray:
+        """Items [B, L, D] -> codes [B, m] in the code dtype."""
+        inputs = self.engine.check_inputs(inputs)
+        codes = self.engine.compress(inputs)
+        self._count("Compress", inputs.shape[0])
+        return codes
+
+    def decompress(self, codes: np.ndarray) -> np.ndarray:
+        """Codes [B, m] -> items [B, L, D] float32."""
+        codes = self.engine.check_codes(codes)
+        outputs = self.engine.decompress(codes)
+        self._count("Decompress", codes.shape[0])
+        return outputs
+
+    # -- write / read --------------------------------------------------------------------
+    def write(
+        self,
+        bank: str,
+        *,
+        inputs: np.ndarray | None = None,
+        codes: np.ndarray | None = None,
+        per_item: bool = False,
+        keys: Sequence[str] = (),
+        payloads: Sequence[bytes] = (),
+    ) -> list[SlotWrite]:
+        """Store items (encoded) or codes, as their batch mean or one memory each.
+
+        Args:
+            bank: bank name ("" for the default bank).
+            inputs: items [B, L, D], or
+            codes: codes [B, m] in the code dtype (exactly one of the two).
+            per_item: one memory per item instead of the paper's batch mean.
+            keys, payloads: none, or one per memory written ("" / b"" for none).
+        """
+        name = self.bank_name(bank)
+        self.store.get(name)  # NOT_FOUND before any model work
+        stored = self._codes_to_store(inputs, codes, per_item)
+        n = stored.shape[0]
+        for field, given in (("payloads", payloads), ("keys", keys)):
+            if given and len(given) != n:
+                raise InvalidArgument(
+                    f"{field}: {len(given)} given, but this write fills {n} slot(s) "
+                    f"({'one per item' if per_item else 'the batch mean is one memory'})",
+                    field=field,
+                )
+        written = self.store.write(name, stored, [k or None for k in keys] or [None] * n,
+                                   [p or None for p in payloads] or [None] * n)
+        self._count("Write", n)
+        m = self.metrics
+        m.bank_writes.labels(name).inc(n)
+        evicted = sum(1 for w in written if w.evicted)
+        if evicted:
+            m.bank_evictions.labels(name).inc(evicted)
+        return written
+
+    def _codes_to_store(self, inputs: np.ndarray | None, codes: np.ndarray | None,
+                        per_item: bool) -> torch.Tensor:
+        engine = self.engine
+        if codes is not None and per_item:
+            checked = engine.check_codes(codes)
+            return torch.from_numpy(checked.copy()).to(self.codec.device)
+        latents = self._latents(inputs, codes, "content")
+        if not per_item:
+            latents = latents.mean(dim=0, keepdim=True)
+        return engine.latent_to_codes(latents)
+
+    def _latents(self, inputs: np.ndarray | None, codes: np.ndarray | None,
+                 field: str) -> torch.Tensor:
+        """z_comp [B, m] float32 on the codec's device, of items or of codes."""
+        if (inputs is None) == (codes is None):
+            raise InvalidArgument(f"{field}: set either inputs or codes", field=field)
+        if inputs is not None:
+            return self.engine.encode_latent(self.engine.check_inputs(inputs))
+        assert codes is not None
+        return self.engine.codes_to_latent(self.engine.check_codes(codes))
+
+    def read(
+        self,
+        bank: str,
+        params: ReadParams,
+        *,
+        inputs: np.ndarray | None = None,
+        codes: np.ndarray | None = None,
+        include_reconstruction: bool = False,
+    ) -> list[QueryHits]:
+        """Recall from a bank for each query (items or codes); see ``MemoryBank.read``."""
+        name = self.bank_name(bank)
+        self.store.get(name)
+        latents = self._latents(inputs, codes, "query")
+        result = self._search(name, latents, params)
+        self._count("Read", latents.shape[0])
+        recon: list[np.ndarray] = []
+        if include_reconstruction:
+            hit_codes = [h.code for r in result.results for h in r.hits]
+            if hit_codes:
+                recon = list(self.engine.decode_codes(torch.stack(hit_codes)))
+        soft = self.engine.decode_latent(result.soft) if result.soft is not None else None
+        out, cursor = [], 0
+        for q, r in enumerate(result.results):
+            n = len(r.hits)
+            out.append(QueryHits(
+                hits=r.hits,
+                reconstructions=recon[cursor:cursor + n] if include_reconstruction else None,
+                soft_reconstruction=soft[q] if soft is not None and n else None,
+            ))
+            cursor += n
+        return out
+
+    def _search(self, bank: str, latents: torch.Tensor, p: ReadParams) -> ReadResult:
+        """Concurrent reads of one bank with equal parameters share one search."""
+        if self._reads is None:
+            return self.store.read(bank, latents, top_k=p.top_k, temperature=p.temperature,
+                                   min_score=p.min_score, soft=p.soft,
+                                   count_access=p.count_access)
+        rows = self._reads((bank, p), latents)
+        soft_rows = [s for _, s in rows]
+        return ReadResult(
+            results=[r for r, _ in rows],
+            soft=torch.stack(soft_rows) if p.soft and soft_rows[0] is not None else None,
+        )
+
+    def _read_batch(self, key: tuple[str, ReadParams],
+                    latents: torch.Tensor) -> list[tuple[Any, Any]]:
+        bank, p = key
+        result = self.store.read(bank, latents, top_k=p.top_k, temperature=p.temperature,
+                                 min_score=p.min_score, soft=p.soft, count_access=p.count_access)
+        softs = list(result.soft) if result.soft is not None else [None] * len(result.results)
+        return list(zip(result.results, softs, strict=True))
+
+    # -- banks ---------------------------------------------------------------------------
+    def bank_name(self, name: str) -> str:
+        """The bank a request names; the empty name means the default bank."""
+        return name or self.settings.default_bank
+
+    def create_bank(self, name: str, capacity: int, *, policy: str | None = None,
+                    half_life: float | None = None, exist_ok: bool = False) -> BankStats:
+        return self.store.create_bank(name, capacity, policy=policy, half_life=half_life,
+                                      exist_ok=exist_ok)
+
+    def list_banks(self) -> list[BankStats]:
+        return self.store.list()
+
+    def describe_bank(self, name: str) -> BankStats:
+        return self.store.describe(self.bank_name(name))
+
+    def delete_slots(self, bank: str, slots: Sequence[int],
+                     keys: Sequence[str]) -> tuple[int, list[str]]:
+        return self.store.delete(self.bank_name(bank), list(slots), list(keys))
+
+    def clear_bank(self, name: str) -> BankStats:
+        return self.store.clear(self.bank_name(name))
+
+    def drop_bank(self, name: str) -> None:
+        self.store.drop_bank(name)
+        self.metrics.forget_bank(name)
+
+    # -- snapshots -----------------------------------------------------------------------
+    def create_snapshot(self, name: str | None) -> Any:
+        return self.persistence.snapshot(name)
+
+    def list_snapshots(self) -> list[Any]:
+        return self.persistence.list_snapshots()
+
+    def restore_snapshot(self, name: str) -> Any:
+        """Replace every bank with a snapshot; not serving while any restore runs."""
+        with self._pause_lock:
+            self._pauses += 1
+            self._set_ready(False)
+        try:
+            return self.persistence.restore(name)
+        finally:
+            with self._pause_lock:
+                self._pauses -= 1
+                if self._pauses == 0:
+                    self._set_ready(True)
+
+    def _count(self, method: str, n: int) -> None:
+        self.metrics.items.labels(method).inc(n)
