@@ -30,7 +30,8 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 
 K = TypeVar("K", bound=Hashable)
-BatchFn = Callable[[np.ndarray], Any]
+Rows = Any  # a numpy array or a torch tensor [n, ...]; batches stay where they are
+BatchFn = Callable[[Rows], Any]
 
 
 class _Pending:
@@ -38,7 +39,7 @@ class _Pending:
 
     __slots__ = ("items", "rows", "arrived", "done", "promoted", "result", "error")
 
-    def __init__(self, items: np.ndarray) -> None:
+    def __init__(self, items: Rows) -> None:
         self.items = items
         self.rows = int(items.shape[0])
         self.arrived = time.monotonic()
@@ -97,7 +98,7 @@ class MicroBatcher:
     def __repr__(self) -> str:
         return f"MicroBatcher({self.name!r}, max_batch={self.max_batch}, wait={self.max_wait_s})"
 
-    def __call__(self, items: np.ndarray) -> Any:
+    def __call__(self, items: Rows) -> Any:
         """Run ``fn`` on ``items`` [b, ...], possibly batched with other callers' rows.
 
         Blocks until this request's rows are computed. Returns exactly ``fn``'s
@@ -127,7 +128,7 @@ class MicroBatcher:
             self._closed = True
 
     # -- the leader's work -------------------------------------------------------------
-    def _call(self, items: np.ndarray) -> Any:
+    def _call(self, items: Rows) -> Any:
         if self._observe is not None:
             self._observe(int(items.shape[0]))
         return self.fn(items)
@@ -228,7 +229,7 @@ class KeyedBatcher(Generic[K]):
         **kwargs: ``max_batch``, ``max_wait_s``, ``observe`` of each batcher.
     """
 
-    def __init__(self, fn: Callable[[K, np.ndarray], Any], *, max_keys: int = 64,
+    def __init__(self, fn: Callable[[K, Rows], Any], *, max_keys: int = 64,
                  **kwargs: Any) -> None:
         self.fn = fn
         self.max_keys = max_keys
@@ -237,7 +238,7 @@ class KeyedBatcher(Generic[K]):
         self._batchers: dict[K, MicroBatcher] = {}
         self._closed = False
 
-    def __call__(self, key: K, items: np.ndarray) -> Any:
+    def __call__(self, key: K, items: Rows) -> Any:
         """Run ``fn(key, items)``, batched with concurrent calls of the same key."""
         return self._batcher(key)(items)
 
