@@ -55,9 +55,18 @@ class RecordingLog:
         self.store = store
         self.mu = threading.Lock()
 
-    def append(self, seq, kind, bank, fields):
+    def prepare(self, kind, bank, fields, count=1):
+        if self.store is not None:
+            # encoding must not serialise every bank's writes behind the sequence lock
+            assert not self.store.seq_lock.locked()
+        return kind, bank, dict(fields), count
+
+    def append(self, seq, record):
+        kind, bank, fields, count = record
         if self.store is not None:
             assert self.store.seq_lock.locked()
+        if kind == "write":  # the record's sequences end at seq, as replay rebuilds them
+            fields["sequences"] = np.arange(seq - count + 1, seq + 1, dtype=np.int64)
         with self.mu:
             assert not self.records or seq > self.records[-1][0], "log order != seq order"
             self.records.append((seq, kind, bank, fields))

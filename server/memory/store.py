@@ -49,8 +49,13 @@ from apcm.server.memory.names import validate_bank_name
 class MutationLog(Protocol):
     """Where mutations go before they are acknowledged (the write-ahead log)."""
 
-    def append(self, seq: int, kind: str, bank: str, fields: dict[str, Any]) -> None:
-        """Buffers one record; called with the bank lock and ``store.seq_lock`` held."""
+    def prepare(self, kind: str, bank: str, fields: dict[str, Any], count: int = 1) -> Any:
+        """Encodes a record of ``count`` sequences; called before ``store.seq_lock``."""
+
+    def append(self, seq: int, record: Any) -> None:
+        """Buffers a prepared record as sequences ``seq - count + 1 .. seq``; called with
+        the bank lock and ``store.seq_lock`` held, so it must be cheap. Raising leaves
+        the mutation unapplied and its sequence unused."""
 
     def wait_durable(self, seq: int) -> None:
         """Blocks until every record up to ``seq`` is durable; called without locks."""
@@ -131,9 +136,15 @@ class MemoryStore:
         self.last_seq += n
         return first
 
-    def _append(self, seq: int, kind: str, bank: str, fields: dict[str, Any]) -> None:
+    def _prepare(self, kind: str, bank: str, fields: dict[str, Any], count: int = 1) -> Any:
+        log = self._log
+        return None if log is None else log.prepare(kind, bank, fields, count)
+
+    def _append(self, seq: int, record: Any) -> None:
         if self._log is not None:
-            self._log.append(seq, kind, bank, fields)
+            if record is None:
+                raise FailedPrecondition("the log was attached during this mutation; retry")
+            self._log.append(seq, record)
 
     def _wait(self, seq: int) -> None:
         log = self._log
@@ -209,11 +220,12 @@ class MemoryStore:
             with self.lock:
                 existing = self._banks.get(name)
                 if existing is None:
+                    record = self._prepare("create_bank", name, {
+                        "capacity": bank.capacity, "policy": bank.policy.name,
+                        "half_life": bank.policy.half_life})
                     with self.seq_lock:
+                        self._append(self.last_seq + 1, record)
                         seq = self._next_seq()
-                        self._append(seq, "create_bank", name, {
-                            "capacity": bank.capacity, "policy": bank.policy.name,
-                            "half_life": bank.policy.half_life})
                     self._banks[name] = bank
                     stats = bank.stats()  # nobody else can hold the new bank's lock yet
         if existing is not None:
@@ -228,9 +240,10 @@ class MemoryStore:
         """Removes a bank and its memories. Raises ``NotFound``."""
         with self.lock:
             bank = self._lookup(name)
+            record = self._prepare("drop_bank", name, {})
             with bank.lock, self.seq_lock:
+                self._append(self.last_seq + 1, record)
                 seq = self._next_seq()
-                self._append(seq, "drop_bank", name, {})
                 del self._banks[name]
                 bank.retired = True
         self._wait(seq)
@@ -274,11 +287,11 @@ class MemoryStore:
                 "keys": [k or "" for k in keys],
                 "payloads": [p or b"" for p in payloads],
             }
+            record = self._prepare("write", bank, fields, count=n)
             with self.seq_lock:
                 first = self.last_seq + 1
                 sequences = list(range(first, first + n))
-                fields["sequences"] = np.asarray(sequences, dtype=np.int64)
-                self._append(sequences[-1], "write", bank, fields)
+                self._append(sequences[-1], record)
                 self._next_seq(n)
             result = b.apply_write(slots, codes, keys, payloads, sequences)
         self._wait(sequences[-1])
@@ -313,10 +326,11 @@ class MemoryStore:
         with self._locked(bank) as b:
             freed, missing = b.resolve_delete(list(slots), list(keys))
             if freed:
+                record = self._prepare("delete", bank,
+                                       {"slots": np.asarray(freed, dtype=np.int64)})
                 with self.seq_lock:
+                    self._append(self.last_seq + 1, record)
                     seq = self._next_seq()
-                    self._append(seq, "delete", bank,
-                                 {"slots": np.asarray(freed, dtype=np.int64)})
                 b.free(freed)
         if seq is not None:
             self._wait(seq)
@@ -325,9 +339,10 @@ class MemoryStore:
     def clear(self, bank: str) -> BankStats:
         """Frees every slot of a bank; the bank and its totals remain."""
         with self._locked(bank) as b:
+            record = self._prepare("clear", bank, {})
             with self.seq_lock:
+                self._append(self.last_seq + 1, record)
                 seq = self._next_seq()
-                self._append(seq, "clear", bank, {})
             b.clear()
             stats = b.stats()
         self._wait(seq)
