@@ -350,3 +350,108 @@ def test_restore_then_crash_recovers_the_restored_state_plus_later_writes(
     assert [b.name for b in store.list()] == ["b"]
     _writes(store, 2, seed=3)
     _same(store, _recovered(tmp_path))  # no close(): the process dies here
+
+
+# ------------------------------------------------------------------ item: CreateSnapshot errors
+
+
+def test_create_snapshot_on_a_failing_disk_is_unavailable_naming_the_cause(
+    make_server: Any, file_size_limit
+) -> None:
+    from apcm.client import MemoryClient
+    from apcm.client.errors import UnavailableError
+
+    server = make_server()
+    with MemoryClient(f"127.0.0.1:{server.port}", timeout=30.0, retries=0) as client:
+        client.create_bank("big", 4096)
+        with file_size_limit(16_384), pytest.raises(UnavailableError) as exc:
+            client.create_snapshot("s1")
+        assert "EFBIG" in str(exc.value) and "s1.safetensors" in str(exc.value)
+        assert client.create_snapshot("s1").name == "s1"  # nothing half-written is left
+
+
+# ------------------------------------------------------------------ item: races in the log
+
+
+def test_rotation_races_with_the_sync_thread_and_writers_keep_the_log_exact(
+    tmp_path: Path,
+) -> None:
+    old_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # many more thread switches inside the racy windows
+    try:
+        store, mgr = _started(tmp_path, wal_mode="interval", wal_interval_s=0.0001,
+                              snapshot_keep=2)
+        store.create_bank("b", 5000)
+        errors: list[BaseException] = []
+
+        def writer(seed: int) -> None:
+            try:
+                _writes(store, 150, seed=seed)
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=writer, args=(s,)) for s in range(3)]
+        for t in threads:
+            t.start()
+        for _ in range(40):
+            assert mgr.wal is not None
+            mgr.wal.rotate()
+            mgr.wal.delete_segments_before(mgr.wal.segment_index - 1)
+        for t in threads:
+            t.join(timeout=60)
+        assert not errors, errors
+        assert mgr.wal is not None
+        on_disk = sum(p.stat().st_size for _, p in wal.list_segments(tmp_path / "wal"))
+        assert mgr.wal.size_bytes == on_disk
+        assert mgr.wal_healthy
+    finally:
+        sys.setswitchinterval(old_interval)
+
+
+# ------------------------------------------------------------------ version-1 segments
+
+
+def _v1_segment(path: Path, records: list[tuple[int, str, str, dict]]) -> None:
+    """A segment exactly as the version-1 writer framed it (the format before the v2 bump)."""
+    import json
+    import struct
+    import zlib
+
+    meta = json.dumps({"model_hash": HASH, "segment": 1, "created_at": 0.0})
+    head = struct.pack("<8sII", b"APCMWAL\n", 1, len(meta)) + meta.encode()
+    out = [head + struct.pack("<I", zlib.crc32(head))]
+    for seq, kind, bank, fields in records:
+        scalars, arrays, blobs = {}, [], []
+        for name, value in fields.items():
+            if isinstance(value, np.ndarray):
+                arrays.append([name, "nd", value.dtype.str, list(value.shape)])
+                blobs.append(value.tobytes())
+            elif isinstance(value, list):
+                items = [v.encode() if isinstance(v, str) else v for v in value]
+                tag = "str" if isinstance(value[0], str) else "bytes"
+                arrays.append([name, tag, "<i8", [len(items)]])
+                blobs += [np.array([len(b) for b in items], dtype="<i8").tobytes(), *items]
+            else:
+                scalars[name] = value
+        m = json.dumps({"kind": kind, "bank": bank, "scalars": scalars, "arrays": arrays},
+                       separators=(",", ":")).encode()
+        body = b"".join([struct.pack("<QI", seq, len(m)), m, *blobs])
+        length = struct.pack("<I", len(body))
+        out.append(length + struct.pack("<I", zlib.crc32(body, zlib.crc32(length))) + body)
+    path.write_bytes(b"".join(out))
+
+
+def test_version_1_segments_still_replay(tmp_path: Path) -> None:
+    (tmp_path / "wal").mkdir()
+    codes = np.arange(16, dtype=np.float16).reshape(2, 8)
+    _v1_segment(wal.segment_path(tmp_path / "wal", 1), [
+        (1, "create_bank", "b", {"capacity": 10, "policy": "lfu", "half_life": 100.0}),
+        (3, "write", "b", {"slots": np.array([0, 1], dtype=np.int64), "codes": codes,
+                           "keys": ["x", "y"], "payloads": [b"1", b"2"],
+                           "sequences": np.array([2, 3], dtype=np.int64)}),
+    ])
+    store, mgr = _started(tmp_path)
+    assert store.last_seq == 3
+    np.testing.assert_array_equal(store.export_state().banks["b"][1]["codes"][:2], codes)
+    _writes(store, 2, seed=1)  # into a version-2 segment after the version-1 one
+    _same(store, _recovered(tmp_path))
