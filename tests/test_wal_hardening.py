@@ -455,3 +455,44 @@ def test_version_1_segments_still_replay(tmp_path: Path) -> None:
     np.testing.assert_array_equal(store.export_state().banks["b"][1]["codes"][:2], codes)
     _writes(store, 2, seed=1)  # into a version-2 segment after the version-1 one
     _same(store, _recovered(tmp_path))
+
+
+# ------------------------------------------------------------------ recovery speed
+
+
+def test_merged_replay_of_write_runs_equals_the_live_state(tmp_path: Path) -> None:
+    # Small banks: items evict each other, keys are overwritten in place and the same
+    # slot repeats within a merged run; deletes and clears cut runs.
+    store, _ = _started(tmp_path)
+    store.create_bank("a", 8)
+    store.create_bank("b", 5)
+    gen = torch.Generator().manual_seed(0)
+    for i in range(120):
+        bank = "ab"[i // 10 % 2]  # runs of 10 writes to one bank
+        n = 1 + i % 3
+        keys = [f"k{(i + j) % 11}" if (i + j) % 3 else "" for j in range(n)]
+        payloads = [b"x" * j for j in range(n)]
+        store.write(bank, torch.randn(n, 8, generator=gen).half(), keys, payloads)
+        if i % 17 == 0:
+            store.delete(bank, [i % 5], [])
+        if i == 60:
+            store.clear("b")
+    _same(store, _recovered(tmp_path))
+
+
+def test_the_log_growing_past_snapshot_wal_bytes_triggers_a_snapshot(tmp_path: Path) -> None:
+    store, mgr = _started(tmp_path, snapshot_wal_bytes=20_000)
+    store.create_bank("b", 1000)
+    assert mgr.list_snapshots() == []
+    gen = torch.Generator().manual_seed(0)
+    for i in range(30):  # ~1 KB of payload per write: past 20 KB
+        store.write("b", torch.randn(1, 8, generator=gen).half(), [f"k{i}"], [b"x" * 1000])
+    deadline = threading.Event()
+    for _ in range(100):  # bounded: 10 s at most
+        if mgr.list_snapshots():
+            break
+        deadline.wait(0.1)
+    snaps = mgr.list_snapshots()
+    assert len(snaps) == 1 and 15 <= snaps[0].wal_sequence < 31
+    mgr.close(final_snapshot=False)
+    _same(store, _recovered(tmp_path))

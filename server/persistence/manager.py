@@ -22,12 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from apcm.server.config import Settings
 from apcm.server.errors import AlreadyExists, ApcmError, FailedPrecondition, Unavailable
 from apcm.server.memory.store import StoreState
 from apcm.server.persistence import wal as wal_mod
+from apcm.server.persistence.replayer import BatchingApplier
 from apcm.server.persistence.snapshot import (
     SnapshotCorrupt,
     SnapshotDirectory,
@@ -36,7 +35,7 @@ from apcm.server.persistence.snapshot import (
     read_snapshot,
     write_snapshot,
 )
-from apcm.server.persistence.wal import WalError, WalRecord, WriteAheadLog, segment_path
+from apcm.server.persistence.wal import WalError, WriteAheadLog, segment_path
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +108,8 @@ class PersistenceManager:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._wal_listeners: list[Callable[[bool], None]] = []
+        self._wake = threading.Event()
+        self._wal_mark = 0  # WriteAheadLog.written_bytes when the last snapshot rotated it
 
     @property
     def wal_healthy(self) -> bool:
@@ -166,11 +167,13 @@ class PersistenceManager:
         report.last_seq = after
         if not self._log_covers(info, bool(names)):
             return report
+        applier = BatchingApplier(self.store)
         result = wal_mod.replay(
-            self.wal_dir, self.codec_hash, after, self._apply,
+            self.wal_dir, self.codec_hash, after, applier,
             covered_below=info.wal_segment if info is not None else 0,
             allow_loss=self.settings.allow_empty_start,
         )
+        applier.flush()
         report.replayed = result.applied
         report.truncated_bytes = result.truncated_bytes
         if result.applied:
@@ -210,18 +213,6 @@ class PersistenceManager:
         log.error("%s; continuing because allow_empty_start", message)
         return True
 
-    def _apply(self, record: WalRecord) -> None:
-        fields = record.fields
-        if record.kind == "write" and "sequences" not in fields:
-            fields["sequences"] = np.arange(record.first_seq, record.seq + 1, dtype=np.int64)
-        try:
-            self.store.apply_record(record.seq, record.kind, record.bank, fields)
-        except ApcmError as e:
-            raise FailedPrecondition(
-                f"write-ahead log record {record.seq} ({record.kind} on bank {record.bank!r}) "
-                f"cannot be replayed: {e.message}"
-            ) from e
-
     def start(self) -> None:
         """Open a fresh log segment, attach it to the store, start periodic snapshots."""
         self.wal = WriteAheadLog(
@@ -232,24 +223,48 @@ class PersistenceManager:
             self.wal.add_listener(callback)
         self.wal.open()
         self.store.set_log(self.wal)
-        if self.settings.snapshot_interval_s > 0:
+        if self.settings.snapshot_wal_bytes > 0:
+            self._wal_mark = -self.wal.size_bytes  # the log already on disk counts too
+            self.wal.on_flush = self._on_wal_flush
+        if self.settings.snapshot_interval_s > 0 or self.settings.snapshot_wal_bytes > 0:
             self._stop.clear()
             self._thread = threading.Thread(
                 target=self._periodic, name="apcm-snapshots", daemon=True
             )
             self._thread.start()
 
+    def _wal_grown(self) -> bool:
+        wal = self.wal
+        return wal is not None and self.settings.snapshot_wal_bytes > 0 and \
+            wal.written_bytes - self._wal_mark >= self.settings.snapshot_wal_bytes
+
+    def _on_wal_flush(self, written: int) -> None:
+        if written - self._wal_mark >= self.settings.snapshot_wal_bytes:
+            self._wake.set()
+
     def _periodic(self) -> None:
         # Always snapshot on the interval: read counters change without a log record.
-        while not self._stop.wait(self.settings.snapshot_interval_s):
+        # Also once the log has grown past snapshot_wal_bytes: replay time stays bounded.
+        interval = self.settings.snapshot_interval_s
+        due = time.monotonic() + interval if interval > 0 else float("inf")
+        while not self._stop.is_set():
+            woke = self._wake.wait(
+                None if due == float("inf") else max(0.0, due - time.monotonic()))
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            if woke and time.monotonic() < due and not self._wal_grown():
+                continue  # a flush that raced with the last snapshot
             try:
                 self.snapshot()
             except Exception:
-                log.exception("periodic snapshot failed")
+                log.exception("automatic snapshot failed")
+            due = time.monotonic() + interval if interval > 0 else float("inf")
 
     def close(self, final_snapshot: bool = True) -> None:
         """Stop periodic snapshots, optionally write a final one, close the log."""
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
@@ -287,6 +302,8 @@ class PersistenceManager:
     def _snapshot_locked(self, name: str | None) -> SnapshotInfo:
         if name is not None and self.snapshots.path(name).exists():
             raise AlreadyExists(f"snapshot {name!r} already exists", field="name")
+        if self.wal is not None:
+            self._wal_mark = self.wal.written_bytes
         boundary = self._rotate()
         state = self.store.export_state()
         created = time.time()

@@ -269,6 +269,9 @@ class WriteAheadLog:
         self._syncer: threading.Thread | None = None
         self._retrier: threading.Thread | None = None
         self._listeners: list[Callable[[bool], None]] = []
+        self._written = 0
+        # Called with ``written_bytes`` after each write (outside the log's locks).
+        self.on_flush: Callable[[int], None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
     def open(self) -> None:
@@ -319,6 +322,11 @@ class WriteAheadLog:
     def size_bytes(self) -> int:
         """Bytes in all segments, as far as this process knows."""
         return self._bytes
+
+    @property
+    def written_bytes(self) -> int:
+        """Record bytes this process wrote (never decreases; trimming does not count)."""
+        return self._written
 
     @property
     def healthy(self) -> bool:
@@ -571,8 +579,12 @@ class WriteAheadLog:
             self._durable = max(self._durable, upto)
             self._good_end += len(data)
             self._bytes += len(data)
+            self._written += len(data)
+            written = self._written
         if data:
             self._report_bytes()
+            if self.on_flush is not None:
+                self.on_flush(written)
 
     def _sync_loop(self) -> None:
         while not self._stop.wait(self.interval_s):
