@@ -496,3 +496,38 @@ def test_the_log_growing_past_snapshot_wal_bytes_triggers_a_snapshot(tmp_path: P
     assert len(snaps) == 1 and 15 <= snaps[0].wal_sequence < 31
     mgr.close(final_snapshot=False)
     _same(store, _recovered(tmp_path))
+
+
+def test_kill_during_a_restore_recovers_the_pre_restore_state(tmp_path: Path) -> None:
+    # The child is killed by the kernel (SIGXFSZ) while writing the restored state's
+    # snapshot: a deterministic kill -9 inside RestoreSnapshot.
+    script = f"""
+import resource, signal, torch
+from apcm.server.config import Settings
+from apcm.server.memory.store import MemoryStore
+from apcm.server.persistence.manager import PersistenceManager
+store = MemoryStore(code_dim=8, code_dtype="float16", scale=None, device=torch.device("cpu"),
+                    max_capacity=100_000, max_payload_bytes=1024, max_key_length=64,
+                    default_policy="lfu", default_half_life=100.0)
+mgr = PersistenceManager(store, Settings(data_dir={str(tmp_path)!r},
+                         snapshot_interval_s=0.0).validated(), {HASH!r}, "pca")
+mgr.recover(); mgr.start()
+store.create_bank("b", 20_000)
+gen = torch.Generator().manual_seed(0)
+def put(tag, n):
+    for i in range(n):
+        store.write("b", torch.randn(1, 8, generator=gen).half(), [f"{{tag}}{{i}}"], [b"p"])
+put("a", 3)
+mgr.snapshot("base")
+put("b", 4)
+store.create_bank("extra", 10)
+signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))
+mgr.restore("base")
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert proc.returncode == -signal.SIGXFSZ, proc.stderr.decode()
+    recovered = _recovered(tmp_path)
+    assert [b.name for b in recovered.list()] == ["b", "extra"]
+    with recovered.get("b").lock:
+        assert recovered.get("b").stats().occupied == 7  # every acknowledged write
