@@ -52,6 +52,10 @@ class Settings:
     max_key_length: int = _f(256, "longest memory key, characters")
     data_dir: str = _f("var", "directory for snapshots and the write-ahead log")
     snapshot_interval_s: float = _f(300.0, "seconds between automatic snapshots (0 disables)")
+    snapshot_wal_bytes: int = _f(
+        256 * 1024 * 1024, "also snapshot once the write-ahead log has grown by this many "
+        "bytes since the last snapshot, which bounds replay at start-up (0 disables)"
+    )
     snapshot_keep: int = _f(5, "snapshots kept on disk; older ones are deleted")
     wal_mode: str = _f(
         "fsync", "write-ahead log durability: fsync per acknowledged write (group commit), "

@@ -38,6 +38,12 @@ class ResourceExhausted(ApcmError):
     code = "RESOURCE_EXHAUSTED"
 
 
+class Unavailable(ApcmError):
+    """A resource the request needs is failing now (e.g. the disk); retrying later may work."""
+
+    code = "UNAVAILABLE"
+
+
 class Unimplemented(ApcmError):
     code = "UNIMPLEMENTED"
 

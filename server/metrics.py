@@ -81,6 +81,11 @@ class Metrics:
             "apcm_snapshot_failures", "Snapshots that failed", registry=r
         )
         self.wal_bytes = Gauge("apcm_wal_bytes", "Size of the write-ahead log", registry=r)
+        self.wal_healthy = Gauge(
+            "apcm_wal_healthy",
+            "1 while the write-ahead log can make writes durable, 0 after an I/O error",
+            registry=r,
+        )
         self.wal_fsync = Histogram(
             "apcm_wal_fsync_duration_seconds", "Time of one write-ahead-log fsync",
             buckets=LATENCY_BUCKETS, registry=r,
@@ -102,6 +107,9 @@ class Metrics:
 
     def set_wal_bytes(self, n: int) -> None:
         self.wal_bytes.set(n)
+
+    def set_wal_healthy(self, ok: bool) -> None:
+        self.wal_healthy.set(1 if ok else 0)
 
     def observe_fsync(self, duration_s: float) -> None:
         self.wal_fsync.observe(duration_s)

@@ -7,6 +7,9 @@ milliseconds), saved through the real weights format; servers bind
 
 from __future__ import annotations
 
+import contextlib
+import resource
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -111,3 +114,25 @@ def client(server_address: str) -> Iterator[object]:
 
     with MemoryClient(server_address, timeout=30.0) as c:
         yield c
+
+
+@pytest.fixture
+def file_size_limit() -> Callable[[int], contextlib.AbstractContextManager[None]]:
+    """``with file_size_limit(n):`` writes past byte ``n`` of any file fail with EFBIG.
+
+    A real kernel refusal (RLIMIT_FSIZE) that stands in for a full disk without
+    filling one; SIGXFSZ is ignored meanwhile so the write fails instead of the process.
+    """
+
+    @contextlib.contextmanager
+    def limit(n: int) -> Iterator[None]:
+        old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+        old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (n, old_limit[1]))
+        try:
+            yield
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+            signal.signal(signal.SIGXFSZ, old_handler)
+
+    return limit

@@ -14,7 +14,6 @@ import os
 import random
 import re
 import signal
-import struct
 import subprocess
 import sys
 import threading
@@ -41,7 +40,7 @@ from apcm.server.codecs.base import load_codec
 from apcm.server.config import Settings
 from apcm.server.memory.store import MemoryStore
 from apcm.server.persistence.manager import PersistenceManager
-from apcm.server.persistence.wal import list_segments
+from apcm.server.persistence.wal import encode_record, list_segments
 
 BANK = "crash"
 START_TIMEOUT_S = 60.0
@@ -214,10 +213,12 @@ def test_acknowledged_writes_survive_kill9_rounds(
             data[len(data) // 2] ^= 0x5A
             damaged.write_bytes(bytes(data))
         if rnd == 1:
-            # A torn final log write (cut-off record header and body).
+            # A torn final log write: the first bytes of a real record (its header and
+            # the start of its body) made it to the file, the rest did not.
             _, segment = list_segments(data_dir / "wal")[-1]
+            record = encode_record(10**9, "clear", BANK, {"padding": "x" * 64})
             with open(segment, "ab") as f:
-                f.write(struct.pack("<II", 4096, 0x1234) + b"cut-off")
+                f.write(record[:19])
     port = _start(servers, model_path, data_dir)
     _verify_all_present(port, data_dir, acked, "final")
     assert f"SKIPPING damaged snapshot {damaged.name[:-len('.safetensors')]}" in (

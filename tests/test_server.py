@@ -72,6 +72,11 @@ BAD_COMPRESS = {
     "bytes do not match shape": (
         _tensor((2, 8, 8), data=b"\0" * 100), r"needs 512 bytes, got 100"
     ),
+    # np.prod of these wraps to 0 in int64, which matched b"" before the check used Python ints
+    "element count overflows int64": (
+        _tensor((4611686018427387904, 2, 2), data=b""), r"needs 73786976294838206464 bytes"
+    ),
+    "two 2**32 dims": (_tensor((4294967296, 4294967296), data=b""), r"needs \d+ bytes, got 0"),
     "unspecified dtype": (_tensor((1, 8, 8), dtype=tensor_pb2.DTYPE_UNSPECIFIED), r"dtype"),
     "int8 inputs": (
         _tensor((1, 8, 8), dtype=tensor_pb2.DTYPE_INT8, data=b"\1" * 64), r"must be float32"

@@ -6,6 +6,7 @@ Decoding makes one copy (protobuf's ``bytes`` accessor) and then views it with
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -63,7 +64,7 @@ def from_proto(tensor: tensor_pb2.Tensor) -> np.ndarray:
     shape = tuple(int(s) for s in tensor.shape)
     if any(s < 0 for s in shape):
         raise TensorFormatError(f"tensor shape {list(shape)} has a negative dimension")
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    count = math.prod(shape)  # Python ints: np.prod wraps around in int64
     expected = count * dtype.itemsize
     data = tensor.data  # each attribute access copies the bytes out of the message
     if len(data) != expected:
@@ -71,4 +72,7 @@ def from_proto(tensor: tensor_pb2.Tensor) -> np.ndarray:
             f"tensor of shape {list(shape)} and dtype {DTYPE_NAMES[tensor.dtype]} needs "
             f"{expected} bytes, got {len(data)}"
         )
-    return np.frombuffer(data, dtype=dtype, count=count).reshape(shape)
+    try:
+        return np.frombuffer(data, dtype=dtype, count=count).reshape(shape)
+    except ValueError as e:  # an empty tensor whose dims numpy cannot represent
+        raise TensorFormatError(f"tensor shape {list(shape)} is too large: {e}") from e

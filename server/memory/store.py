@@ -54,8 +54,13 @@ from apcm.server.memory.names import validate_bank_name
 class MutationLog(Protocol):
     """Where mutations go before they are acknowledged (the write-ahead log)."""
 
-    def append(self, seq: int, kind: str, bank: str, fields: dict[str, Any]) -> None:
-        """Buffers one record; called with the bank lock and ``store.seq_lock`` held."""
+    def prepare(self, kind: str, bank: str, fields: dict[str, Any], count: int = 1) -> Any:
+        """Encodes a record of ``count`` sequences; called before ``store.seq_lock``."""
+
+    def append(self, seq: int, record: Any) -> None:
+        """Buffers a prepared record as sequences ``seq - count + 1 .. seq``; called with
+        the bank lock and ``store.seq_lock`` held, so it must be cheap. Raising leaves
+        the mutation unapplied and its sequence unused."""
 
     def wait_durable(self, seq: int) -> None:
         """Blocks until every record up to ``seq`` is durable; called without locks."""
@@ -136,9 +141,15 @@ class MemoryStore:
         self.last_seq += n
         return first
 
-    def _append(self, seq: int, kind: str, bank: str, fields: dict[str, Any]) -> None:
+    def _prepare(self, kind: str, bank: str, fields: dict[str, Any], count: int = 1) -> Any:
+        log = self._log
+        return None if log is None else log.prepare(kind, bank, fields, count)
+
+    def _append(self, seq: int, record: Any) -> None:
         if self._log is not None:
-            self._log.append(seq, kind, bank, fields)
+            if record is None:
+                raise FailedPrecondition("the log was attached during this mutation; retry")
+            self._log.append(seq, record)
 
     def _wait(self, seq: int) -> None:
         log = self._log
@@ -217,11 +228,12 @@ class MemoryStore:
             with self.lock:
                 existing = self._banks.get(name)
                 if existing is None:
+                    record = self._prepare("create_bank", name, {
+                        "capacity": bank.capacity, "policy": bank.policy.name,
+                        "half_life": bank.policy.half_life})
                     with self.seq_lock:
+                        self._append(self.last_seq + 1, record)
                         seq = self._next_seq()
-                        self._append(seq, "create_bank", name, {
-                            "capacity": bank.capacity, "policy": bank.policy.name,
-                            "half_life": bank.policy.half_life})
                     bank.applied_seq = seq
                     self._banks = {**self._banks, name: bank}
                     stats = bank.stats()  # nobody else can hold the new bank's lock yet
@@ -235,9 +247,10 @@ class MemoryStore:
 
     def drop_bank(self, name: str) -> None:
         """Removes a bank and its memories. Raises ``NotFound``."""
+        record = self._prepare("drop_bank", name, {})
         with self._locked(name) as bank, self.lock, self.seq_lock:
+            self._append(self.last_seq + 1, record)
             seq = self._next_seq()
-            self._append(seq, "drop_bank", name, {})
             self._banks = {n: b for n, b in self._banks.items() if n != name}
             bank.retired = True
         self._wait(seq)
@@ -281,11 +294,11 @@ class MemoryStore:
                 "keys": [k or "" for k in keys],
                 "payloads": [p or b"" for p in payloads],
             }
+            record = self._prepare("write", bank, fields, count=n)
             with self.seq_lock:
                 first = self.last_seq + 1
                 sequences = list(range(first, first + n))
-                fields["sequences"] = np.asarray(sequences, dtype=np.int64)
-                self._append(sequences[-1], "write", bank, fields)
+                self._append(sequences[-1], record)
                 self._next_seq(n)
             result = b.apply_write(slots, codes, keys, payloads, sequences)
             b.applied_seq = sequences[-1]
@@ -321,10 +334,11 @@ class MemoryStore:
         with self._locked(bank) as b:
             freed, missing = b.resolve_delete(list(slots), list(keys))
             if freed:
+                record = self._prepare("delete", bank,
+                                       {"slots": np.asarray(freed, dtype=np.int64)})
                 with self.seq_lock:
+                    self._append(self.last_seq + 1, record)
                     seq = self._next_seq()
-                    self._append(seq, "delete", bank,
-                                 {"slots": np.asarray(freed, dtype=np.int64)})
                 b.free(freed)
                 b.applied_seq = seq
         if seq is not None:
@@ -334,9 +348,10 @@ class MemoryStore:
     def clear(self, bank: str) -> BankStats:
         """Frees every slot of a bank; the bank and its totals remain."""
         with self._locked(bank) as b:
+            record = self._prepare("clear", bank, {})
             with self.seq_lock:
+                self._append(self.last_seq + 1, record)
                 seq = self._next_seq()
-                self._append(seq, "clear", bank, {})
             b.clear()
             b.applied_seq = seq
             stats = b.stats()
@@ -429,13 +444,19 @@ class MemoryStore:
 
     def _replay(self, b: MemoryBank, kind: str, fields: dict[str, Any]) -> None:
         if kind == "write":
-            codes = torch.from_numpy(np.array(fields["codes"]))  # copy: may be read-only
+            sequences = np.asarray(fields["sequences"], dtype=np.int64)
+            # a merged run of write records may start inside what the bank's copy holds
+            new = np.flatnonzero(sequences > b.applied_seq)
+            if new.size == 0:
+                return
+            codes = torch.from_numpy(np.array(fields["codes"])[new])  # copy: may be read-only
             if codes.dtype != b.torch_dtype or tuple(codes.shape[1:]) != (b.code_dim,):
                 raise FailedPrecondition("replay: write record codes do not match the bank")
-            b.apply_write([int(s) for s in fields["slots"]], codes,
-                          [k or None for k in fields["keys"]],
-                          [bytes(p) or None for p in fields["payloads"]],
-                          [int(s) for s in fields["sequences"]])
+            keys, payloads = fields["keys"], fields["payloads"]
+            b.apply_write([int(fields["slots"][i]) for i in new], codes,
+                          [keys[i] or None for i in new],
+                          [bytes(payloads[i]) or None for i in new],
+                          sequences[new].tolist())
         elif kind == "delete":
             b.free([int(s) for s in fields["slots"]])
         elif kind == "clear":

@@ -13,17 +13,20 @@ Invariants:
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from apcm.server.config import Settings
-from apcm.server.errors import AlreadyExists, ApcmError, FailedPrecondition
+from apcm.server.errors import AlreadyExists, ApcmError, FailedPrecondition, Unavailable
 from apcm.server.memory.store import StoreState
 from apcm.server.persistence import wal as wal_mod
+from apcm.server.persistence.replayer import BatchingApplier
 from apcm.server.persistence.snapshot import (
     SnapshotCorrupt,
     SnapshotDirectory,
@@ -32,11 +35,31 @@ from apcm.server.persistence.snapshot import (
     read_snapshot,
     write_snapshot,
 )
-from apcm.server.persistence.wal import WalError, WalRecord, WriteAheadLog
+from apcm.server.persistence.wal import WalError, WriteAheadLog, segment_path
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PersistenceManager", "RecoveryReport", "SnapshotInfo"]
+__all__ = ["PersistenceManager", "RecoveryReport", "SnapshotInfo", "SnapshotWriteError"]
+
+# A restore moves sequence numbers this far ahead, past any a write still in flight
+# on the replaced state can take, so the restored snapshot's sequence separates
+# those writes (covered, never replayed onto it) from later ones (replayed).
+RESTORE_SEQ_JUMP = 1 << 32
+
+
+class SnapshotWriteError(Unavailable):
+    """A snapshot could not be written (disk full, I/O error); retrying later may work."""
+
+
+class SnapshotDirUnwritable(FailedPrecondition):
+    """The snapshot directory refuses writes (read-only, permissions): an operator must act."""
+
+
+def _snapshot_write_error(e: OSError, path: Path) -> ApcmError:
+    cls = SnapshotDirUnwritable if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM) \
+        else SnapshotWriteError
+    code = errno.errorcode.get(e.errno or 0, str(e.errno))
+    return cls(f"snapshot could not be written to {path}: {code}: {e.strerror or e}")
 
 
 @dataclass
@@ -84,6 +107,21 @@ class PersistenceManager:
         self._snapshot_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._wal_listeners: list[Callable[[bool], None]] = []
+        self._wake = threading.Event()
+        self._wal_mark = 0  # WriteAheadLog.written_bytes when the last snapshot rotated it
+
+    @property
+    def wal_healthy(self) -> bool:
+        """Whether acknowledged writes can be made durable now (False: writes get UNAVAILABLE)."""
+        return self.wal is not None and self.wal.healthy
+
+    def add_wal_listener(self, callback: Callable[[bool], None]) -> None:
+        """Call ``callback(healthy)`` when the log turns unusable or usable again (e.g. to
+        set health NOT_SERVING); registered before ``start``."""
+        self._wal_listeners.append(callback)
+        if self.wal is not None:
+            self.wal.add_listener(callback)
 
     # -- start-up ----------------------------------------------------------------------
     def recover(self) -> RecoveryReport:
@@ -129,7 +167,13 @@ class PersistenceManager:
         report.last_seq = after
         if not self._log_covers(info, bool(names)):
             return report
-        result = wal_mod.replay(self.wal_dir, self.codec_hash, after, self._apply)
+        applier = BatchingApplier(self.store)
+        result = wal_mod.replay(
+            self.wal_dir, self.codec_hash, after, applier,
+            covered_below=info.wal_segment if info is not None else 0,
+            allow_loss=self.settings.allow_empty_start,
+        )
+        applier.flush()
         report.replayed = result.applied
         report.truncated_bytes = result.truncated_bytes
         if result.applied:
@@ -141,12 +185,18 @@ class PersistenceManager:
     def _log_covers(self, info: SnapshotInfo | None, had_snapshots: bool) -> bool:
         """Whether the log holds every segment the recovered snapshot does not cover."""
         segments = wal_mod.list_segments(self.wal_dir)
-        if not segments:
-            return False
         need = info.wal_segment if info is not None else 1
-        if segments[0][0] <= max(need, 1):
+        if info is not None and need > (segments[-1][0] if segments else 1):
+            # The snapshot's log rotation created segment ``need`` (a rotation never
+            # yields 1; a snapshot made without a log names an existing one): it is gone.
+            missing = f"segment {segment_path(self.wal_dir, need).name} (sequences after " \
+                      f"{info.wal_sequence})"
+        elif not segments:
+            return False
+        elif segments[0][0] <= max(need, 1):
             return True
-        missing = f"segments {max(need, 1)}..{segments[0][0] - 1}"
+        else:
+            missing = f"segments {max(need, 1)}..{segments[0][0] - 1}"
         if info is None and had_snapshots:
             # Empty start accepted: the log's head was covered by the lost snapshots.
             aside = self.wal_dir.with_name(f"wal.unusable-{int(time.time())}")
@@ -163,41 +213,58 @@ class PersistenceManager:
         log.error("%s; continuing because allow_empty_start", message)
         return True
 
-    def _apply(self, record: WalRecord) -> None:
-        try:
-            self.store.apply_record(record.seq, record.kind, record.bank, record.fields)
-        except ApcmError as e:
-            raise FailedPrecondition(
-                f"write-ahead log record {record.seq} ({record.kind} on bank {record.bank!r}) "
-                f"cannot be replayed: {e.message}"
-            ) from e
-
     def start(self) -> None:
         """Open a fresh log segment, attach it to the store, start periodic snapshots."""
         self.wal = WriteAheadLog(
             self.wal_dir, self.codec_hash, mode=self.settings.wal_mode,
             interval_s=self.settings.wal_interval_s, metrics=self.metrics,
         )
+        for callback in self._wal_listeners:
+            self.wal.add_listener(callback)
         self.wal.open()
         self.store.set_log(self.wal)
-        if self.settings.snapshot_interval_s > 0:
+        if self.settings.snapshot_wal_bytes > 0:
+            self._wal_mark = -self.wal.size_bytes  # the log already on disk counts too
+            self.wal.on_flush = self._on_wal_flush
+        if self.settings.snapshot_interval_s > 0 or self.settings.snapshot_wal_bytes > 0:
             self._stop.clear()
             self._thread = threading.Thread(
                 target=self._periodic, name="apcm-snapshots", daemon=True
             )
             self._thread.start()
 
+    def _wal_grown(self) -> bool:
+        wal = self.wal
+        return wal is not None and self.settings.snapshot_wal_bytes > 0 and \
+            wal.written_bytes - self._wal_mark >= self.settings.snapshot_wal_bytes
+
+    def _on_wal_flush(self, written: int) -> None:
+        if written - self._wal_mark >= self.settings.snapshot_wal_bytes:
+            self._wake.set()
+
     def _periodic(self) -> None:
         # Always snapshot on the interval: read counters change without a log record.
-        while not self._stop.wait(self.settings.snapshot_interval_s):
+        # Also once the log has grown past snapshot_wal_bytes: replay time stays bounded.
+        interval = self.settings.snapshot_interval_s
+        due = time.monotonic() + interval if interval > 0 else float("inf")
+        while not self._stop.is_set():
+            woke = self._wake.wait(
+                None if due == float("inf") else max(0.0, due - time.monotonic()))
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            if woke and time.monotonic() < due and not self._wal_grown():
+                continue  # a flush that raced with the last snapshot
             try:
                 self.snapshot()
             except Exception:
-                log.exception("periodic snapshot failed")
+                log.exception("automatic snapshot failed")
+            due = time.monotonic() + interval if interval > 0 else float("inf")
 
     def close(self, final_snapshot: bool = True) -> None:
         """Stop periodic snapshots, optionally write a final one, close the log."""
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
@@ -217,6 +284,8 @@ class PersistenceManager:
         Raises:
             InvalidArgument: a bad name.
             AlreadyExists: a snapshot of that name exists.
+            SnapshotWriteError: the file could not be written (UNAVAILABLE, names errno
+                and path). SnapshotDirUnwritable: the folder refuses writes.
         """
         if name is not None:
             self.snapshots.path(name)  # validate before doing any work
@@ -233,6 +302,8 @@ class PersistenceManager:
     def _snapshot_locked(self, name: str | None) -> SnapshotInfo:
         if name is not None and self.snapshots.path(name).exists():
             raise AlreadyExists(f"snapshot {name!r} already exists", field="name")
+        if self.wal is not None:
+            self._wal_mark = self.wal.written_bytes
         boundary = self._rotate()
         state = self.store.export_state()
         created = time.time()
@@ -242,22 +313,24 @@ class PersistenceManager:
             while self.snapshots.path(name).exists():
                 suffix += 1
                 name = f"{default_name(created, state.last_seq)}-{suffix}"
-        info = write_snapshot(
-            self.snapshots.directory,
-            name,
-            banks=state.banks,
-            wal_sequence=state.last_seq,
-            wal_segment=boundary,
-            model_hash=self.codec_hash,
-            codec_kind=self.codec_kind,
-            created_at=created,
-        )
+        info = self._write(name, state.banks, state.last_seq, boundary, created)
         self.snapshots.remember(info)
         log.info("snapshot %s written: %d bytes, wal sequence %d", info.name, info.size_bytes,
                  info.wal_sequence)
         self.snapshots.prune(self.settings.snapshot_keep)
         self._trim_log()
         return info
+
+    def _write(self, name: str, banks: dict[str, Any], seq: int, boundary: int,
+               created: float) -> SnapshotInfo:
+        try:
+            return write_snapshot(
+                self.snapshots.directory, name, banks=banks, wal_sequence=seq,
+                wal_segment=boundary, model_hash=self.codec_hash, codec_kind=self.codec_kind,
+                created_at=created,
+            )
+        except OSError as e:
+            raise _snapshot_write_error(e, self.snapshots.path(name)) from e
 
     def _rotate(self) -> int:
         """Start a new log segment; returns the first index the snapshot may not cover."""
@@ -268,8 +341,9 @@ class PersistenceManager:
                 # The state in memory holds every logged record, so a snapshot is still
                 # worth writing; it covers every existing segment.
                 log.error("snapshot without log rotation: %s", e.message)
+        # Name the newest existing segment: start-up expects the snapshot's segment to exist.
         segments = wal_mod.list_segments(self.wal_dir)
-        return segments[-1][0] + 1 if segments else 1
+        return segments[-1][0] if segments else 1
 
     def _trim_log(self) -> None:
         if self.wal is None:
@@ -288,37 +362,50 @@ class PersistenceManager:
         return self.snapshots.newest_first(verify=True)
 
     def restore(self, name: str) -> SnapshotInfo:
-        """Replace every bank with snapshot ``name``, then snapshot the result.
+        """Replace every bank with snapshot ``name``, as one durable step.
 
-        Sequence numbers keep increasing across a restore, so log records written
-        before it are covered by the snapshot that follows it.
+        The restored state is first written as a new snapshot whose sequence is
+        ``RESTORE_SEQ_JUMP`` past the current one, after the log is rotated; only
+        then is memory swapped, at that sequence. A crash before that snapshot is
+        durable recovers the pre-restore state; after it, the restored state plus
+        the writes made after the swap (their sequences are above it). Writes still
+        in flight on the replaced state have lower sequences: replaced, as live.
 
         Raises:
             InvalidArgument: a bad name. NotFound: no such snapshot.
             FailedPrecondition: damaged, or made with another model (names its hash).
+            SnapshotWriteError: the restored state could not be written; nothing changed.
         """
         path = self.snapshots.path(name)
         self.snapshots.info(name, verify=False)  # NotFound when absent
         info, banks = read_snapshot(path)
         self._check_model(info)
-        # The runtime refuses new RPCs meanwhile (NOT_SERVING). A write already in flight
-        # lands before the swap (and is replaced) or after it (and is in the snapshot
-        # below); holding store.lock here instead would invert the store's lock order.
+        # The runtime refuses new RPCs meanwhile (NOT_SERVING); holding store.lock here
+        # instead would invert the store's lock order.
         with self._snapshot_lock:
-            state = self._state(max(info.wal_sequence, int(self.store.last_seq)), banks)
-            self.store.load_state(state)
-            log.warning("restored snapshot %s (%d banks)", name, len(banks))
             t0 = time.perf_counter()
             try:
-                after = self._snapshot_locked(None)
+                seq = int(self.store.last_seq) + RESTORE_SEQ_JUMP
+                boundary = self._rotate()
+                created = time.time()
+                after = self._write(f"{default_name(created, seq)}-restore-{name}"[:64],
+                                    banks, seq, boundary, created)
             except Exception:
                 self._observe(time.perf_counter() - t0, ok=False)
                 raise
             self._observe(time.perf_counter() - t0, ok=True)
+            self.snapshots.remember(after)
+            self.store.load_state(self._state(seq, banks))
+            if int(self.store.last_seq) != seq:
+                log.error("restore: in-flight writes moved the sequence past %d (now %d); "
+                          "a crash before the next snapshot may replay them onto the restored "
+                          "state", seq, self.store.last_seq)
+            log.warning("restored snapshot %s (%d banks) as %s", name, len(banks), after.name)
             if self.wal is not None:
                 # Older snapshots + this log would mix pre- and post-restore state; with
                 # the log cut here, falling back past the restore is refused, not merged.
                 self.wal.delete_segments_before(after.wal_segment)
+            self.snapshots.prune(self.settings.snapshot_keep)
         return info
 
     # -- helpers -----------------------------------------------------------------------

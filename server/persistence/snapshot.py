@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,6 @@ from typing import Any
 
 import numpy as np
 from safetensors import safe_open
-from safetensors.numpy import save_file
 
 from apcm.server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from apcm.server.fsutil import atomic_write, fsync_dir
@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = "1"
 FORMAT = "apcm-snapshot"
 SUFFIX = ".safetensors"
+# Temp files that safetensors.save_file (used by older versions) left on a crash.
+_SAFETENSORS_TMP = re.compile(r"^\.tmp[A-Za-z0-9]{6}$")
 BankArrays = dict[str, np.ndarray]
 Banks = dict[str, tuple[dict[str, Any], BankArrays]]
 
@@ -137,7 +139,7 @@ def write_snapshot(
         "banks": json.dumps({b: cfg for b, (cfg, _) in banks.items()}, sort_keys=True),
     }
     metadata["checksum"] = _checksum(metadata, tensors)
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write(path, lambda tmp: _save_safetensors(tmp, tensors, metadata))
     return _info_from_metadata(name, metadata, path.stat().st_size, valid=True)
 
 
@@ -195,6 +197,35 @@ _DTYPES = {
     "F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
     "I8": "i1", "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?",
 }
+
+
+_NAMES = {np.dtype(v).str: k for k, v in _DTYPES.items()}
+
+
+def _save_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
+    """Write a safetensors file at exactly ``path`` (``safetensors.save_file`` writes a
+    ``.tmpXXXXXX`` file of its own beside it first, which a crash leaves behind)."""
+    header: dict[str, Any] = {}
+    arrays = []
+    offset = 0
+    for key in sorted(tensors):
+        arr = tensors[key]
+        arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
+        if arr.dtype.str not in _NAMES:
+            raise ValueError(f"tensor {key!r} has an unsupported dtype {arr.dtype}")
+        header[key] = {"dtype": _NAMES[arr.dtype.str], "shape": list(arr.shape),
+                       "data_offsets": [offset, offset + arr.nbytes]}
+        offset += arr.nbytes
+        arrays.append(arr)
+    header["__metadata__"] = metadata
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for arr in arrays:
+            if arr.nbytes:
+                f.write(arr.reshape(-1).view(np.uint8).data)
 
 
 def _load_safetensors(path: Path) -> tuple[dict[str, str], dict[str, np.ndarray]]:
@@ -334,8 +365,9 @@ class SnapshotDirectory:
         """Delete temp files of snapshot writes a crash interrupted; returns their names."""
         if not self.directory.is_dir():
             return []
-        stale = [p for p in self.directory.iterdir()
-                 if p.name.startswith(".") and f"{SUFFIX}.tmp-" in p.name]
+        stale = [p for p in self.directory.iterdir() if p.is_file() and (
+            (p.name.startswith(".") and f"{SUFFIX}.tmp-" in p.name)
+            or _SAFETENSORS_TMP.match(p.name))]
         for p in stale:
             log.warning("removing %s, left by a snapshot write that did not finish", p.name)
             p.unlink()

@@ -1,18 +1,9 @@
 """Write-ahead log: every acknowledged mutation is on disk before its reply.
 
 Layout: ``<dir>/wal-<index:010d>.log`` segments, replayed in index order. A new
-segment is started on every open and before every snapshot, so segments that a
-snapshot covers can be deleted whole.
-
-Segment = header, then records::
-
-    header: b"APCMWAL\\n" | u32 version | u32 json_len | json | u32 crc32(all before)
-    record: u32 body_len | u32 crc32(body_len bytes + body) | body
-    body:   u64 seq | u32 meta_len | meta json | blob bytes
-
-``meta`` holds the kind, the bank, JSON scalars and, per array field, its tag,
-dtype and shape; the arrays' little-endian bytes follow in ``blob`` (no pickle).
-A list of ``str``/``bytes`` is stored as int64 lengths followed by the data.
+segment is started on every open, before every snapshot and after an I/O error,
+so segments that a snapshot covers can be deleted whole. The record format is in
+``walformat``.
 
 Durability modes (``wal_mode``):
     fsync: ``wait_durable`` returns after the record is fsynced. Concurrent callers
@@ -21,59 +12,63 @@ Durability modes (``wal_mode``):
         background thread fsyncs every ``interval_s`` (an OS crash or power loss
         can lose that window).
     off: like interval without the thread; the OS decides when data reaches disk.
+
+After an I/O error the log refuses mutations (``WalError``, UNAVAILABLE) and a
+thread retries every ``retry_s``: it cuts the failed segment back to its last
+complete record, starts a new segment and writes the records that were not
+durable yet. ``healthy`` and the listeners report the state.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
-import struct
 import threading
 import time
-import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
-import numpy as np
-
-from apcm.server.errors import ApcmError, FailedPrecondition
+from apcm.server.errors import FailedPrecondition, Unavailable
 from apcm.server.fsutil import fsync_dir
+from apcm.server.persistence.walformat import (
+    SEGMENT_END,
+    VERSION,
+    BadRecord,
+    PreparedRecord,
+    WalRecord,
+    decode_body,
+    encode_header,
+    encode_record,
+    iter_segment,
+    prepare_record,
+    segment_version,
+)
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"APCMWAL\n"
-VERSION = 1
+__all__ = [
+    "MODES", "VERSION", "PreparedRecord", "ReplayResult", "WalCorruptError", "WalError",
+    "WalGapError", "WalRecord", "WriteAheadLog", "decode_body", "encode_record",
+    "iter_segment", "list_segments", "replay",
+]
+
 MODES = ("fsync", "interval", "off")
-MAX_RECORD_BYTES = 1 << 31
 _SEGMENT_RE = re.compile(r"^wal-(\d{10})\.log$")
-_REC_HEAD = struct.Struct("<II")
-_BODY_HEAD = struct.Struct("<QI")
-_FILE_HEAD = struct.Struct("<8sII")
-_CRC = struct.Struct("<I")
 
 
-class WalError(ApcmError):
-    """The log cannot be written (disk full, I/O error); nothing more is acknowledged."""
-
-    code = "INTERNAL"
+class WalError(Unavailable):
+    """The log cannot make writes durable now (disk full, I/O error, closed)."""
 
 
 class WalCorruptError(FailedPrecondition):
     """A record before the end of the log fails its checks; replay refuses to skip it."""
 
 
-@dataclass
-class WalRecord:
-    """One logged mutation, as ``MemoryStore.apply_record`` takes it."""
-
-    seq: int
-    kind: str
-    bank: str
-    fields: dict[str, Any]
+class WalGapError(FailedPrecondition):
+    """Logged sequences are missing (a segment was deleted); replay refuses to guess."""
 
 
 @dataclass
@@ -84,171 +79,12 @@ class ReplayResult:
     applied: int = 0
     truncated_bytes: int = 0
     segments: list[Path] = field(default_factory=list)
+    skipped_segments: list[tuple[Path, str]] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
 
 
-# --------------------------------------------------------------------------- encoding
-
-
-def encode_record(seq: int, kind: str, bank: str, fields: dict[str, Any]) -> bytes:
-    """Serialise one mutation into a framed, checksummed record.
-
-    Args:
-        seq: the store's sequence number of the mutation.
-        kind: record type, e.g. ``"write"``.
-        bank: bank name.
-        fields: JSON scalars, numpy arrays (any shape) and lists of ``str``/``bytes``.
-
-    Returns:
-        The record bytes: length, CRC32 and body.
-    """
-    scalars: dict[str, Any] = {}
-    arrays: list[list[Any]] = []
-    blobs: list[bytes] = []
-    for name, value in fields.items():
-        if isinstance(value, np.ndarray):
-            if value.dtype.hasobject:
-                raise TypeError(f"field {name!r}: object arrays cannot be logged")
-            arr = np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("<"))
-            arrays.append([name, "nd", arr.dtype.str, list(arr.shape)])
-            blobs.append(arr.tobytes())
-        elif isinstance(value, (list, tuple)) and value and all(
-            isinstance(v, (str, bytes, bytearray, memoryview)) for v in value
-        ):
-            is_str = isinstance(value[0], str)
-            if any(isinstance(v, str) != is_str for v in value):
-                raise TypeError(f"field {name!r} mixes str and bytes")
-            items = [v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in value]
-            lengths = np.array([len(b) for b in items], dtype="<i8")
-            arrays.append([name, "str" if is_str else "bytes", "<i8", [len(items)]])
-            blobs.append(lengths.tobytes())
-            blobs.extend(items)
-        elif isinstance(value, np.generic):
-            scalars[name] = value.item()
-        else:
-            scalars[name] = value
-    meta = json.dumps(
-        {"kind": kind, "bank": bank, "scalars": scalars, "arrays": arrays},
-        separators=(",", ":"),
-    ).encode("utf-8")
-    body = b"".join([_BODY_HEAD.pack(seq, len(meta)), meta, *blobs])
-    head = struct.pack("<I", len(body))
-    return head + _CRC.pack(zlib.crc32(body, zlib.crc32(head))) + body
-
-
-def decode_body(body: bytes | bytearray) -> WalRecord:
-    """Parse a record body whose CRC already matched. Raises ``ValueError`` if malformed."""
-    view = memoryview(body)
-    seq, meta_len = _BODY_HEAD.unpack_from(view, 0)
-    pos = _BODY_HEAD.size
-    meta = json.loads(bytes(view[pos:pos + meta_len]))
-    pos += meta_len
-    fields: dict[str, Any] = dict(meta["scalars"])
-    for name, tag, dtype_str, shape in meta["arrays"]:
-        dtype = np.dtype(dtype_str)
-        if dtype.hasobject or any(int(d) < 0 for d in shape):
-            raise ValueError(f"array {name!r} has an invalid dtype or shape")
-        count = int(np.prod(shape, dtype=np.int64))
-        nbytes = count * dtype.itemsize
-        if pos + nbytes > len(view):
-            raise ValueError(f"array {name!r} runs past the record")
-        arr = np.frombuffer(body, dtype=dtype, count=count, offset=pos).reshape(shape)
-        pos += nbytes
-        if tag == "nd":
-            fields[name] = arr
-            continue
-        items: list[Any] = []
-        for n in arr.tolist():
-            if n < 0 or pos + n > len(view):
-                raise ValueError(f"list {name!r} runs past the record")
-            chunk = bytes(view[pos:pos + n])
-            items.append(chunk.decode("utf-8") if tag == "str" else chunk)
-            pos += n
-        fields[name] = items
-    if pos != len(view):
-        raise ValueError("trailing bytes after the last field")
-    return WalRecord(int(seq), meta["kind"], meta["bank"], fields)
-
-
-def _encode_header(model_hash: str, index: int) -> bytes:
-    meta = json.dumps({"model_hash": model_hash, "segment": index, "created_at": time.time()})
-    head = _FILE_HEAD.pack(MAGIC, VERSION, len(meta)) + meta.encode("utf-8")
-    return head + _CRC.pack(zlib.crc32(head))
-
-
-# --------------------------------------------------------------------------- reading
-
-
-class _BadRecord(Exception):
-    def __init__(self, offset: int, reason: str, reaches_eof: bool) -> None:
-        super().__init__(reason)
-        self.offset = offset
-        self.reason = reason
-        self.reaches_eof = reaches_eof
-
-
-def _zeros_to_eof(f: BinaryIO) -> bool:
-    while chunk := f.read(1 << 20):
-        if chunk.count(0) != len(chunk):
-            return False
-    return True
-
-
-def _read_header(f: BinaryIO, size: int) -> dict[str, Any]:
-    raw = f.read(_FILE_HEAD.size)
-    if len(raw) < _FILE_HEAD.size:
-        raise _BadRecord(0, "segment header is cut short", True)
-    magic, version, meta_len = _FILE_HEAD.unpack(raw)
-    if magic != MAGIC:
-        raise _BadRecord(0, "not an ApCM write-ahead log (bad magic)", False)
-    if version != VERSION:
-        raise _BadRecord(0, f"unsupported log version {version}", False)
-    if _FILE_HEAD.size + meta_len + _CRC.size > size:
-        raise _BadRecord(0, "segment header is cut short", True)
-    meta = f.read(meta_len)
-    (crc,) = _CRC.unpack(f.read(_CRC.size))
-    if crc != zlib.crc32(raw + meta):
-        raise _BadRecord(0, "segment header fails its CRC", False)
-    return json.loads(meta)
-
-
-def iter_segment(
-    path: Path, check_header: Callable[[dict[str, Any]], None] | None = None
-) -> Iterator[tuple[int, WalRecord]]:
-    """Yield ``(end_offset, record)`` for each intact record of one segment.
-
-    ``check_header`` sees the segment header's JSON before any record.
-
-    Raises:
-        _BadRecord: at the first record (or header) that fails a check; its
-            ``reaches_eof`` says whether everything from there on looks like a
-            torn final write (cut short, or followed only by zero bytes).
-    """
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        header = _read_header(f, size)
-        if check_header is not None:
-            check_header(header)
-        offset = f.tell()
-        while offset < size:
-            head = f.read(_REC_HEAD.size)
-            if len(head) < _REC_HEAD.size:
-                raise _BadRecord(offset, "record header cut short", True)
-            length, crc = _REC_HEAD.unpack(head)
-            end = offset + _REC_HEAD.size + length
-            if length == 0 and crc == 0:
-                raise _BadRecord(offset, "zero bytes where a record should be", _zeros_to_eof(f))
-            if end > size or length > MAX_RECORD_BYTES:
-                raise _BadRecord(offset, "record runs past the end of the file", True)
-            body = bytearray(length)
-            f.readinto(body)
-            if crc != zlib.crc32(body, zlib.crc32(head[:4])):
-                raise _BadRecord(offset, "record fails its CRC32", end == size or _zeros_to_eof(f))
-            try:
-                record = decode_body(body)
-            except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-                raise _BadRecord(offset, f"record is malformed: {e}", False) from e
-            offset = end
-            yield end, record
+def segment_path(directory: Path, index: int) -> Path:
+    return Path(directory) / f"wal-{index:010d}.log"
 
 
 def list_segments(directory: Path) -> list[tuple[int, Path]]:
@@ -268,23 +104,34 @@ def replay(
     model_hash: str,
     after_seq: int,
     apply: Callable[[WalRecord], None],
+    *,
+    covered_below: int = 0,
+    allow_loss: bool = False,
 ) -> ReplayResult:
     """Apply every logged record with ``seq > after_seq``, in log order.
 
     A torn tail of the last segment (cut short, or bad CRC followed only by
-    zeros) is truncated away: its write was never acknowledged. Any other bad
-    record stops replay with ``WalCorruptError`` — skipping it would silently
-    drop an acknowledged memory.
+    zeros) is truncated away: its write was never acknowledged. Damage in a
+    segment below ``covered_below`` (all its records are in the snapshot) is
+    logged and skipped. Any other bad record stops replay with
+    ``WalCorruptError`` — skipping it would silently drop an acknowledged memory.
+    Missing sequences (after ``after_seq``, between records, or a segment that
+    the one before it names) raise ``WalGapError`` unless ``allow_loss``.
 
     Raises:
         WalCorruptError: a record in the middle of the log is damaged.
+        WalGapError: logged sequences are missing.
         FailedPrecondition: the log was written for another model.
     """
     result = ReplayResult(last_seq=after_seq)
     segments = list_segments(directory)
-    for i, (_, path) in enumerate(segments):
-        last_segment = i == len(segments) - 1
+    seen = {i for i, _ in segments}
+    expected = after_seq + 1
+    link: int | None = None
+    for n, (index, path) in enumerate(segments):
+        last_segment = n == len(segments) - 1
         result.segments.append(path)
+        link = None
 
         def check_header(header: dict[str, Any], path: Path = path) -> None:
             logged_hash = header.get("model_hash")
@@ -297,11 +144,26 @@ def replay(
 
         try:
             for _, record in iter_segment(path, check_header):
+                if record.kind == SEGMENT_END:
+                    link = int(record.fields["next_segment"])
+                    continue
                 result.last_seq = max(result.last_seq, record.seq)
-                if record.seq > after_seq:
-                    apply(record)
-                    result.applied += 1
-        except _BadRecord as bad:
+                if record.seq <= after_seq:
+                    continue
+                if record.first_seq > expected:
+                    _gap(result, f"sequences {expected}..{record.first_seq - 1} (before "
+                                 f"{path.name})", allow_loss)
+                expected = record.seq + 1
+                apply(record)
+                result.applied += 1
+        except BadRecord as bad:
+            if index < covered_below:
+                log.warning(
+                    "write-ahead log %s is damaged at byte %d (%s); SKIPPING it: the "
+                    "snapshot being loaded holds all of its records", path, bad.offset,
+                    bad.reason)
+                result.skipped_segments.append((path, bad.reason))
+                continue
             if not (last_segment and bad.reaches_eof):
                 raise WalCorruptError(
                     f"write-ahead log {path} is corrupt at byte {bad.offset}: {bad.reason}; "
@@ -309,26 +171,46 @@ def replay(
                     "would be lost if skipped: restore the file or move it aside "
                     "deliberately)"
                 ) from bad
-            size = path.stat().st_size
-            log.warning(
-                "write-ahead log %s: torn final write at byte %d (%s); truncating %d bytes "
-                "that were never acknowledged", path, bad.offset, bad.reason, size - bad.offset,
-            )
-            result.truncated_bytes += size - bad.offset
+            _cut_torn_tail(directory, path, bad, result)
             if bad.offset == 0:
-                # Crashed while creating the segment: no record was ever in it.
-                path.unlink()
-                fsync_dir(directory)
-            else:
-                _truncate(path, bad.offset)
+                seen.discard(index)
+                seen.add(-index)  # it existed, empty: a link to it is not a gap
+    if link is not None and link not in seen and -link not in seen:
+        _gap(result, f"segment {segment_path(directory, link).name}, named by the end of "
+                     f"{result.segments[-1].name} (sequences after {result.last_seq})",
+             allow_loss)
     return result
 
 
-def _truncate(path: Path, size: int) -> None:
-    with open(path, "r+b") as f:
-        f.truncate(size)
-        f.flush()
-        os.fsync(f.fileno())
+def _gap(result: ReplayResult, what: str, allow_loss: bool) -> None:
+    result.missing.append(what)
+    message = (f"write-ahead log is missing {what}: acknowledged writes were lost (a log "
+               "segment was deleted or moved)")
+    if not allow_loss:
+        raise WalGapError(message + "; put the segment back, or start with "
+                          "--allow-empty-start to accept the loss")
+    log.error("%s; continuing WITHOUT them because allow_empty_start", message)
+
+
+def _cut_torn_tail(directory: Path, path: Path, bad: BadRecord, result: ReplayResult) -> None:
+    size = path.stat().st_size
+    dropped = "0 records (zero bytes)" if bad.reason.startswith("zero bytes") else \
+        f"1 partial record after sequence {result.last_seq}"
+    log.warning(
+        "write-ahead log %s: torn final write at byte %d (%s); dropping %s: %d bytes "
+        "that were never acknowledged", path, bad.offset, bad.reason, dropped,
+        size - bad.offset,
+    )
+    result.truncated_bytes += size - bad.offset
+    if bad.offset == 0:
+        # Crashed while creating the segment: no record was ever in it.
+        path.unlink()
+        fsync_dir(directory)
+    else:
+        with open(path, "r+b") as f:
+            f.truncate(bad.offset)
+            f.flush()
+            os.fsync(f.fileno())
 
 
 # --------------------------------------------------------------------------- writing
@@ -337,17 +219,22 @@ def _truncate(path: Path, size: int) -> None:
 class WriteAheadLog:
     """Appends records to the newest segment with group commit.
 
-    ``append`` only buffers (it runs under the store's locks); ``wait_durable``
-    writes and, in ``fsync`` mode, fsyncs. Whoever finds no flush in progress
-    becomes the leader and flushes every buffered record; the rest wait on the
-    condition and find their records already durable — one fsync per group.
+    ``prepare`` encodes a record (no lock needed); ``append`` gives it its
+    sequence and buffers it (it runs under the store's sequence lock, so it only
+    finishes a CRC); ``wait_durable`` writes and, in ``fsync`` mode, fsyncs.
+    Whoever finds no flush in progress becomes the leader and flushes every
+    buffered record; the rest wait on the condition and find their records
+    already durable — one fsync per group. ``_fd``, ``_index``, ``_bytes`` and
+    ``_good_end`` change only under ``_cond``.
 
     Args:
         directory: folder of the segments (created if missing).
         model_hash: content hash of the codec whose codes the log holds.
         mode: ``"fsync"``, ``"interval"`` or ``"off"``.
         interval_s: fsync period in ``interval`` mode.
-        metrics: optional object with ``observe_fsync(seconds)`` and ``set_wal_bytes(n)``.
+        metrics: optional object with ``observe_fsync(seconds)``, ``set_wal_bytes(n)``
+            and (optionally) ``set_wal_healthy(ok)``.
+        retry_s: after an I/O error, seconds between attempts to start a new segment.
     """
 
     def __init__(
@@ -357,6 +244,7 @@ class WriteAheadLog:
         mode: str = "fsync",
         interval_s: float = 0.1,
         metrics: Any = None,
+        retry_s: float = 1.0,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"wal mode must be one of {MODES}, got {mode!r}")
@@ -364,6 +252,7 @@ class WriteAheadLog:
         self.model_hash = model_hash
         self.mode = mode
         self.interval_s = interval_s
+        self.retry_s = retry_s
         self.metrics = metrics
         self._cond = threading.Condition()
         self._buf: list[bytes] = []
@@ -371,20 +260,30 @@ class WriteAheadLog:
         self._durable = 0
         self._flushing = False
         self._failed: BaseException | None = None
+        self._failed_at = 0.0
         self._fd: int | None = None
         self._index = 0
+        self._good_end = 0  # bytes of the current segment known to be completely written
         self._bytes = 0
         self._stop = threading.Event()
         self._syncer: threading.Thread | None = None
+        self._retrier: threading.Thread | None = None
+        self._listeners: list[Callable[[bool], None]] = []
+        self._written = 0
+        # Called with ``written_bytes`` after each write (outside the log's locks).
+        self.on_flush: Callable[[int], None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
     def open(self) -> None:
         """Start a fresh segment after the existing ones (call after ``replay``)."""
         self.directory.mkdir(parents=True, exist_ok=True)
         existing = list_segments(self.directory)
-        self._bytes = sum(p.stat().st_size for _, p in existing)
-        self._fd = self._new_segment((existing[-1][0] + 1) if existing else 1)
-        self._report_bytes()
+        with self._cond:
+            self._bytes = sum(p.stat().st_size for _, p in existing)
+        self._switch_segment((existing[-1][0] + 1) if existing else 1)
+        if existing:
+            self._link_previous(existing[-1][1])
+        self._set_healthy(True)
         if self.mode == "interval":
             self._syncer = threading.Thread(target=self._sync_loop, name="apcm-wal-sync",
                                             daemon=True)
@@ -393,9 +292,10 @@ class WriteAheadLog:
     def close(self) -> None:
         """Flush, fsync and close the log. Idempotent."""
         self._stop.set()
-        if self._syncer is not None:
-            self._syncer.join()
-            self._syncer = None
+        for thread in (self._syncer, self._retrier):
+            if thread is not None:
+                thread.join()
+        self._syncer = self._retrier = None
         with self._cond:
             while self._flushing:
                 self._cond.wait()
@@ -423,13 +323,38 @@ class WriteAheadLog:
         """Bytes in all segments, as far as this process knows."""
         return self._bytes
 
+    @property
+    def written_bytes(self) -> int:
+        """Record bytes this process wrote (never decreases; trimming does not count)."""
+        return self._written
+
+    @property
+    def healthy(self) -> bool:
+        """Whether a write appended now can be made durable (open, no unrecovered error)."""
+        with self._cond:
+            return self._fd is not None and self._failed is None
+
+    def add_listener(self, callback: Callable[[bool], None]) -> None:
+        """Call ``callback(healthy)`` whenever the log turns unusable or usable again."""
+        self._listeners.append(callback)
+
     # -- the MutationLog protocol ------------------------------------------------------
-    def append(self, seq: int, kind: str, bank: str, fields: dict[str, Any]) -> None:
-        """Buffer one record. Runs under the store's locks: no I/O here."""
-        record = encode_record(seq, kind, bank, fields)
+    def prepare(
+        self, kind: str, bank: str, fields: dict[str, Any], count: int = 1
+    ) -> PreparedRecord:
+        """Encode a record without its sequence; call it before taking the sequence lock."""
+        return prepare_record(kind, bank, fields, count)
+
+    def append(self, seq: int, record: PreparedRecord) -> None:
+        """Buffer ``record`` as sequence ``seq`` (its last one). Runs under the store's
+        locks: no I/O, no encoding here.
+
+        Raises:
+            WalError: the log is failed or closed; the mutation must not be applied.
+        """
         with self._cond:
             self._check_usable()
-            self._buf.append(record)
+            self._buf.extend(record.finish(seq))
             self._appended += 1
 
     def wait_durable(self, seq: int) -> None:
@@ -459,24 +384,29 @@ class WriteAheadLog:
     def rotate(self) -> int:
         """Flush and close the current segment, start the next; returns the new index.
 
-        Every record appended before this call is in a segment below the new index.
+        Every record appended before this call is in a segment below the new index
+        (after an I/O error, rotating is a recovery attempt: the records that were
+        not durable go into the new segment).
         """
         with self._cond:
             while self._flushing:
                 self._cond.wait()
-            self._check_usable()
+            if self._fd is None:
+                raise WalError("write-ahead log is closed")
             self._flushing = True
+            failed = self._failed is not None
         try:
+            if failed:
+                if not self._recover_locked():
+                    self._check_usable()
+                return self._index
             self._flush_buffer(force_fsync=True)
-            old = self._fd
-            assert old is not None
-            self._fd = self._new_segment(self._index + 1)
-            os.close(old)
-            self._report_bytes()
+            try:
+                self._switch_segment(self._index + 1)
+            except OSError as e:
+                self._fail(e)
+                raise WalError(f"write-ahead log rotation failed: {e}") from e
             return self._index
-        except OSError as e:
-            self._fail(e)
-            raise WalError(f"write-ahead log rotation failed: {e}") from e
         finally:
             with self._cond:
                 self._flushing = False
@@ -490,7 +420,8 @@ class WriteAheadLog:
                 break
             size = path.stat().st_size
             path.unlink()
-            self._bytes -= size
+            with self._cond:
+                self._bytes -= size
             removed += 1
         if removed:
             fsync_dir(self.directory)
@@ -500,57 +431,168 @@ class WriteAheadLog:
     # -- internals ---------------------------------------------------------------------
     def _check_usable(self) -> None:
         if self._failed is not None:
-            raise WalError(f"write-ahead log is unusable after an I/O error: {self._failed}")
+            raise WalError(
+                f"write-ahead log cannot make writes durable since "
+                f"{time.strftime('%H:%M:%S', time.localtime(self._failed_at))}: "
+                f"{self._failed}; retrying every {self.retry_s:g} s"
+            )
         if self._fd is None:
             raise WalError("write-ahead log is closed")
 
     def _fail(self, exc: BaseException) -> None:
-        log.error("write-ahead log failed; no further writes are acknowledged: %s", exc)
         with self._cond:
+            first = self._failed is None
             self._failed = exc
+            if first:
+                self._failed_at = time.time()
             self._cond.notify_all()
+            start_retrier = self._retrier is None or not self._retrier.is_alive()
+            if start_retrier and not self._stop.is_set():
+                self._retrier = threading.Thread(target=self._retry_loop,
+                                                 name="apcm-wal-retry", daemon=True)
+                self._retrier.start()
+        if first:
+            log.error("write-ahead log failed; writes are refused until it recovers: %s", exc)
+            self._set_healthy(False)
 
-    def _new_segment(self, index: int) -> int:
-        path = self.directory / f"wal-{index:010d}.log"
+    def _retry_loop(self) -> None:
+        while not self._stop.wait(self.retry_s):
+            with self._cond:
+                if self._failed is None or self._fd is None:
+                    return
+                if self._flushing:
+                    continue
+                self._flushing = True
+            try:
+                if self._recover_locked():
+                    return
+            finally:
+                with self._cond:
+                    self._flushing = False
+                    self._cond.notify_all()
+
+    def _recover_locked(self) -> bool:
+        """Start a new segment holding the records that were not durable. Caller holds
+        the flushing role. Returns whether the log is usable again."""
+        try:
+            with self._cond:
+                index, good_end = self._index, self._good_end
+            # A half-written record must not stay in the middle of the log. By path: the
+            # old descriptor may be the broken part.
+            path = segment_path(self.directory, index)
+            os.truncate(path, good_end)
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self._switch_segment(index + 1)
+            self._flush_buffer(force_fsync=True, raise_os_error=True)
+        except OSError as e:
+            with self._cond:
+                self._failed = e
+            log.warning("write-ahead log still unusable: %s", e)
+            return False
+        with self._cond:
+            self._failed = None
+            self._cond.notify_all()
+        log.warning("write-ahead log usable again: writing to %s",
+                    segment_path(self.directory, self._index).name)
+        self._set_healthy(True)
+        return True
+
+    def _switch_segment(self, index: int) -> None:
+        """Create segment ``index``, link the current one to it, make it current."""
+        path = segment_path(self.directory, index)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
-        header = _encode_header(self.model_hash, index)
-        _write_all(fd, header)
-        os.fsync(fd)
-        fsync_dir(self.directory)
-        self._index = index
-        self._bytes += len(header)
-        return fd
+        header = encode_header(self.model_hash, index)
+        try:
+            _write_all(fd, header)
+            os.fsync(fd)
+            fsync_dir(self.directory)
+        except OSError:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
+        link = 0
+        old = self._fd
+        if old is not None:
+            link = self._write_link(old, index)
+        with self._cond:
+            self._fd, self._index, self._good_end = fd, index, len(header)
+            self._bytes += len(header) + link
+        if old is not None:
+            os.close(old)  # after the swap: the sync thread dups the descriptor under _cond
+        self._report_bytes()
 
-    def _flush_buffer(self, force_fsync: bool) -> None:
+    def _write_link(self, fd: int, index: int) -> int:
+        """End the segment open at ``fd`` with a record naming the next one; returns its size."""
+        data = encode_record(0, SEGMENT_END, "", {"next_segment": index}, count=0)
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        except OSError as e:
+            # The log stays correct; only a later deletion of the new segment goes unnoticed.
+            log.warning("could not end the previous log segment with a link to %d: %s", index, e)
+            return 0
+        return len(data)
+
+    def _link_previous(self, path: Path) -> None:
+        try:
+            if segment_version(path) != VERSION:
+                return
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        except (OSError, BadRecord) as e:
+            log.warning("could not link %s to the new segment: %s", path.name, e)
+            return
+        try:
+            size = self._write_link(fd, self._index)
+        finally:
+            os.close(fd)
+        with self._cond:
+            self._bytes += size
+
+    def _flush_buffer(self, force_fsync: bool, raise_os_error: bool = False) -> None:
         """Write (and maybe fsync) everything buffered. Caller holds the flushing role."""
         with self._cond:
             batch, self._buf = self._buf, []
             upto = self._appended
-        fd = self._fd
+            fd = self._fd
         assert fd is not None
+        data = b"".join(batch)
         try:
-            if batch:
-                data = b"".join(batch)
+            if data:
                 _write_all(fd, data)
-                self._bytes += len(data)
-            if force_fsync or (batch and self.mode == "fsync"):
+            if force_fsync or (data and self.mode == "fsync"):
                 t0 = time.perf_counter()
                 os.fsync(fd)
                 if self.metrics is not None:
                     self.metrics.observe_fsync(time.perf_counter() - t0)
         except OSError as e:
+            with self._cond:
+                self._buf[:0] = batch  # kept for the new segment a recovery starts
+            if raise_os_error:
+                raise
             self._fail(e)
             raise WalError(f"write-ahead log write failed: {e}") from e
         with self._cond:
             self._durable = max(self._durable, upto)
-        if batch:
+            self._good_end += len(data)
+            self._bytes += len(data)
+            self._written += len(data)
+            written = self._written
+        if data:
             self._report_bytes()
+            if self.on_flush is not None:
+                self.on_flush(written)
 
     def _sync_loop(self) -> None:
         while not self._stop.wait(self.interval_s):
             with self._cond:
-                if self._fd is None or self._failed is not None:
+                if self._fd is None:
                     return
+                if self._failed is not None:
+                    continue
                 fd = os.dup(self._fd)
             try:
                 t0 = time.perf_counter()
@@ -559,9 +601,18 @@ class WriteAheadLog:
                     self.metrics.observe_fsync(time.perf_counter() - t0)
             except OSError as e:
                 self._fail(e)
-                return
             finally:
                 os.close(fd)
+
+    def _set_healthy(self, ok: bool) -> None:
+        setter = getattr(self.metrics, "set_wal_healthy", None)
+        if setter is not None:
+            setter(ok)
+        for callback in list(self._listeners):
+            try:
+                callback(ok)
+            except Exception:
+                log.exception("write-ahead-log health listener failed")
 
     def _report_bytes(self) -> None:
         if self.metrics is not None:

@@ -13,6 +13,12 @@ holding a code, a key and a payload), against a raw write + fsync and a raw
 read of the same number of bytes on the same disk (``--dir``). Reads are cold:
 the file's pages are dropped from the page cache first (``posix_fadvise``).
 Goal (issue 5): snapshot and restore within 2x of raw I/O.
+
+Part 3 — recovery speed. ``--writers`` threads write ``--replay-items`` items
+(``Write`` calls of 1 and of 64 items, key + payload) in-process into a store
+with a WAL in ``off`` mode (its fastest); then a fresh store replays that log,
+as start-up does. Goal (issue 13): replay items/s >= the rate at which the same
+records were written. Medians of ``--rounds``.
 """
 
 from __future__ import annotations
@@ -72,6 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="concurrent writers of the group-commit cell (default 16)")
     parser.add_argument("--slots", type=int, default=1_000_000,
                         help="slots of the snapshot/restore bank (default 1,000,000)")
+    parser.add_argument("--replay-items", type=int, default=64_000,
+                        help="items written, then replayed, per recovery-speed cell")
     parser.add_argument("--skip-rpc", action="store_true",
                         help="measure writes/s in-process only (no server process)")
 
@@ -370,6 +378,59 @@ def _codec(args: argparse.Namespace, root: Path) -> tuple[Any, str, str]:
     return codec, str(path), f"{args.model} absent: PCA of sklearn digits, m=8 float32 (8:1)"
 
 
+REPLAY_COLUMNS = [
+    ("items_per_write", "items per write"), ("records", "log records"),
+    ("write_items_per_s", "written items/s"), ("replay_items_per_s", "replayed items/s"),
+    ("ratio", "replay / write"), ("goal_met", "replay >= write"),
+]
+
+
+def replay_vs_write(codec: Any, root: Path, items: int, writers: int, batch: int,
+                    rounds: int) -> dict[str, Any]:
+    """Median items/s of writing ``items`` (``batch`` per call) and of replaying them."""
+    from apcm.server.config import Settings
+    from apcm.server.persistence.manager import PersistenceManager
+
+    per_writer = max(1, items // writers // batch)
+    total = per_writer * writers * batch
+    write_rates, replay_rates = [], []
+    for r in range(rounds):
+        data = Path(tempfile.mkdtemp(prefix=f"replay-{batch}-{r}-", dir=root))
+        settings = Settings(data_dir=str(data), snapshot_interval_s=0.0, wal_mode="off",
+                            snapshot_wal_bytes=0).validated()
+        store = _store(codec, total)
+        mgr = PersistenceManager(store, settings, codec.content_hash, codec.kind)
+        mgr.recover()
+        mgr.start()
+        store.create_bank("bench", total)
+        codes = _codes(codec, batch, r)
+
+        def write(tid: int, store: Any = store, codes: Any = codes, r: int = r) -> None:
+            for i in range(per_writer):
+                keys = [f"{r}-{tid}-{i}-{j}" for j in range(batch)]
+                store.write("bench", codes, keys, [PAYLOAD] * batch)
+
+        threads = [threading.Thread(target=write, args=(t,)) for t in range(writers)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        write_rates.append(total / (time.perf_counter() - t0))
+        mgr.close(final_snapshot=False)
+        fresh = _store(codec, total)
+        t0 = time.perf_counter()
+        report = PersistenceManager(fresh, settings, codec.content_hash,
+                                    codec.kind).recover()
+        replay_rates.append(total / (time.perf_counter() - t0))
+        assert fresh.last_seq == store.last_seq, "replay lost records"
+        shutil.rmtree(data, ignore_errors=True)
+    w, p = float(np.median(write_rates)), float(np.median(replay_rates))
+    return {"items_per_write": batch, "records": report.replayed,
+            "write_items_per_s": round(w), "replay_items_per_s": round(p),
+            "ratio": round(p / w, 2), "goal_met": p >= w}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     set_torch_threads(args.torch_threads)
     Path(args.dir).mkdir(parents=True, exist_ok=True)
@@ -391,6 +452,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         snapshot_interval_s=0.0))
                     targets.append(RpcTarget(address, mode))
             write_rows = measure_writes(targets, writer_counts, args.seconds, args.rounds)
+        replay_rows = [replay_vs_write(codec, root, args.replay_items, args.writers, batch,
+                                       args.rounds) for batch in (1, 64)]
         disk_rows = [row for with_keys in (False, True)
                      for row in snapshot_vs_raw(codec, root, args.slots, with_keys)]
     finally:
@@ -408,6 +471,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
           "read + checksum verify + rebuild the bank; raw = one write + fsync / one cold read "
           "of as many bytes, same disk.\n")
     print(markdown_table(disk_rows, DISK_COLUMNS))
+    print(f"\n## Recovery speed: replaying the log vs writing it ({args.writers} writers, "
+          "wal off, in-process)\n")
+    print(markdown_table(replay_rows, REPLAY_COLUMNS))
     return {"benchmark": "durability", "machine": m, "model": model_note,
             "code_dim": codec.code_dim, "code_dtype": codec.code_dtype,
-            "writes": write_rows, "snapshot": disk_rows}
+            "writes": write_rows, "snapshot": disk_rows, "replay": replay_rows}
