@@ -210,3 +210,78 @@ def test_write_ahead_log_record_carries_metadata() -> None:
         b.apply_record(rec.seq, rec.kind, rec.bank, rec.fields)
     hits = b.read("b", codes, top_k=1).results
     assert [r.hits[0].metadata for r in hits] == [{"user": "u1"}, None]
+
+
+# ---------------------------------------------------------------- MCP over stdio
+
+
+def _mcp_session(target: str, steps: Any) -> Any:
+    """Spawns ``apcm mcp --target`` and runs ``steps(client)`` with the official mcp client."""
+    pytest.importorskip("mcp")
+    import sys
+
+    from mcp import Client
+    from mcp.client.stdio import StdioServerParameters
+
+    apcm = str(Path(sys.executable).with_name("apcm"))
+    params = StdioServerParameters(command=apcm, args=["mcp", "--target", target,
+                                                       "--timeout", "5"])
+
+    async def go() -> Any:
+        async with Client(params) as client:
+            return await steps(client)
+
+    return asyncio.run(go())
+
+
+def _result(r: Any) -> Any:
+    assert not r.is_error, r.content
+    return r.structured_content.get("result", r.structured_content)
+
+
+def test_mcp_tools_end_to_end_over_stdio(text_server: ApcmServer) -> None:
+    async def steps(c: Any) -> dict[str, Any]:
+        tools = {t.name: t for t in (await c.list_tools()).tools}
+        out: dict[str, Any] = {"tools": tools}
+        out["remember"] = [_result(await c.call_tool("remember", {
+            "text": t, "bank": "mcp", "key": k, "metadata": {"user": u}}))
+            for t, k, u in (("Carol's birthday is on 12 May.", "bday", "carol"),
+                            ("Carol is vegetarian.", "diet", "carol"),
+                            ("Dave drives a red bicycle to work.", "dave", "dave"))]
+        out["recall"] = _result(await c.call_tool("recall", {
+            "query": "When is Carol's birthday?", "bank": "mcp", "top_k": 2}))
+        out["filtered"] = _result(await c.call_tool("recall", {
+            "query": "When is Carol's birthday?", "bank": "mcp", "filter": {"user": "dave"}}))
+        out["forget"] = _result(await c.call_tool("forget", {
+            "query": "what does Carol eat", "bank": "mcp"}))
+        out["after"] = _result(await c.call_tool("recall", {
+            "query": "Carol food", "bank": "mcp", "top_k": 5}))
+        out["banks"] = _result(await c.call_tool("list_banks", {}))
+        out["missing"] = await c.call_tool("recall", {"query": "x", "bank": "no-such-bank"})
+        out["neither"] = await c.call_tool("forget", {"bank": "mcp"})
+        return out
+
+    with MemoryClient(f"127.0.0.1:{text_server.port}") as c:  # the agent's bank must exist
+        c.create_bank("mcp", 32)
+    out = _mcp_session(f"127.0.0.1:{text_server.port}", steps)
+    tools = out["tools"]
+    assert set(tools) == {"remember", "recall", "forget", "list_banks"}
+    assert tools["recall"].input_schema["required"] == ["query"]
+    assert "filter" in tools["recall"].input_schema["properties"]
+    assert all(tools[n].description for n in tools)
+    assert [r["key"] for r in out["remember"]] == ["bday", "diet", "dave"]
+    assert out["recall"][0]["key"] == "bday" and out["recall"][0]["metadata"] == {"user": "carol"}
+    assert [h["key"] for h in out["filtered"]] == ["dave"]
+    assert out["forget"]["key"] == "diet"
+    assert "diet" not in [h["key"] for h in out["after"]]
+    assert {"name": "mcp", "memories": 2, "capacity": 32} in out["banks"]
+    assert out["missing"].is_error and "list_banks" in out["missing"].content[0].text
+    assert out["neither"].is_error and "exactly one" in out["neither"].content[0].text
+
+
+def test_mcp_unreachable_server_is_a_clear_tool_error() -> None:
+    async def steps(c: Any) -> Any:
+        return await c.call_tool("list_banks", {})
+
+    r = _mcp_session("127.0.0.1:1", steps)
+    assert r.is_error and "unreachable" in r.content[0].text
