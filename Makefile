@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml setup.py $(wildcard proto/apcm/v1/*.proto)
 	$(PIP) install -q --upgrade pip
 	# A pinned CPU wheel: an open torch range would pull a multi-GB CUDA build.
 	$(PIP) install -q "torch==$(TORCH_VERSION)"
-	$(PIP) install -q -e ".[server,eval,dev]"
+	$(PIP) install -q -e ".[server,agent,eval,dev]"
 	touch $(STAMP)
 
 install: $(STAMP)

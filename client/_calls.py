@@ -21,6 +21,8 @@ from apcm.client.types import (
     WRITE_MODES,
     BankInfo,
     DeleteResult,
+    Hit,
+    Memory,
     ModelInfo,
     QueryResult,
     RestoreResult,
@@ -196,6 +198,61 @@ def read(
     return Call(
         "Read", request, lambda r: [QueryResult.from_proto(q, payloads) for q in r.results]
     )
+
+
+# ------------------------------------------------------------------ text memories
+
+
+def _texts(values: Any, what: str) -> list[str]:
+    texts = _as_list(values, what)
+    if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+        raise invalid_argument(f"{what} must be a non-empty string or list of non-empty strings")
+    return texts
+
+
+def _metadata_maps(metadata: Any, n: int) -> list[memory_pb2.MemoryMetadata]:
+    """None, one map for every text, or one map per text."""
+    if metadata is None:
+        return []
+    maps = [metadata] * n if isinstance(metadata, dict) else list(metadata)
+    if len(maps) != n or not all(isinstance(m, dict) for m in maps):
+        raise invalid_argument(f"metadata must be one dict, or {n} dicts (one per text)")
+    return [memory_pb2.MemoryMetadata(entries={str(k): str(v) for k, v in (m or {}).items()})
+            for m in maps]
+
+
+def remember(texts: Any, bank: str, keys: Any, metadata: Any) -> Call[list[WrittenSlot]]:
+    text_list = _texts(texts, "texts")
+    key_list = [str(k) for k in _as_list(keys, "keys")]
+    _check_count(key_list, len(text_list), "keys", "per_item")
+    request = memory_pb2.WriteRequest(
+        bank=bank, mode=memory_pb2.WRITE_MODE_PER_ITEM, keys=key_list,
+        texts=memory_pb2.TextBatch(texts=text_list),
+        metadata=_metadata_maps(metadata, len(text_list)),
+    )
+    return Call("Write", request, lambda r: [WrittenSlot.from_proto(s) for s in r.slots],
+                retryable=bool(key_list))
+
+
+def recall(query: Any, bank: str, top_k: int, where: dict[str, str] | None,
+           min_score: float | None) -> Call[Any]:
+    single = isinstance(query, str)
+    queries = _texts(query, "query")
+    if int(top_k) < 1:
+        raise invalid_argument(f"top_k must be >= 1, got {top_k}")
+    request = memory_pb2.ReadRequest(
+        bank=bank, top_k=int(top_k), include_payloads=True,
+        texts=memory_pb2.TextBatch(texts=queries),
+        filter={str(k): str(v) for k, v in (where or {}).items()},
+    )
+    if min_score is not None:
+        request.min_score = float(min_score)
+
+    def parse(r: Any) -> Any:
+        out = [[Memory.from_hit(Hit.from_proto(h, True)) for h in q.hits] for q in r.results]
+        return out[0] if single else out
+
+    return Call("Read", request, parse)
 
 
 # ------------------------------------------------------------------ banks

@@ -204,6 +204,55 @@ class AsyncMemoryClient:
         )
         return await self._invoke(call, timeout)
 
+    # ------------------------------------------------------------ text memories
+
+    async def remember(
+        self,
+        texts: str | Iterable[str],
+        bank: str | None = None,
+        keys: str | Iterable[str] | None = None,
+        metadata: dict[str, str] | Iterable[dict[str, str]] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> list[WrittenSlot]:
+        """See :meth:`MemoryClient.remember`.
+
+        Args:
+            texts: one text or a list of texts.
+            bank: target bank (None = the server's default bank).
+            keys: none, or one per text; an existing key is overwritten in place.
+            metadata: none, one string map for every text, or one per text (e.g.
+                ``{"user": "u1", "kind": "fact"}``); usable as ``recall``'s filter.
+
+        Returns:
+            one written slot per text. Writes without keys are not retried.
+        """
+        return await self._invoke(_calls.remember(texts, bank or "", keys, metadata), timeout)
+
+    async def recall(
+        self,
+        query: str | Iterable[str],
+        bank: str | None = None,
+        top_k: int = 5,
+        filter: dict[str, str] | None = None,  # noqa: A002 - the documented name
+        min_score: float | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> Any:
+        """See :meth:`MemoryClient.recall`.
+
+        Args:
+            query: one text (returns a list of hits) or a list (a list of hit lists).
+            top_k: hits per query, best first.
+            filter: metadata equality filter, applied before top-k.
+            min_score: drop hits whose cosine score is below this.
+
+        Returns:
+            ``Memory`` hits with ``.text``, ``.key``, ``.score``, ``.metadata``.
+        """
+        call = _calls.recall(query, bank or "", top_k, filter, min_score)
+        return await self._invoke(call, timeout)
+
     # ------------------------------------------------------------ banks
 
     async def create_bank(

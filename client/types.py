@@ -6,7 +6,7 @@ Arrays are numpy views over the response bytes (read-only, zero-copy); take
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -44,6 +44,7 @@ class ModelInfo:
         device: where the codec runs, e.g. "cpu" or "cuda:0".
         max_batch_size: largest batch the server accepts in one request.
         max_message_bytes: largest message the server accepts.
+        embedder: the text embedder the model is bound to ("" = vectors only).
     """
 
     name: str
@@ -58,6 +59,7 @@ class ModelInfo:
     device: str
     max_batch_size: int
     max_message_bytes: int
+    embedder: str = ""
 
     @classmethod
     def from_proto(cls, msg: memory_pb2.ModelInfo) -> ModelInfo:
@@ -74,6 +76,7 @@ class ModelInfo:
             device=msg.device,
             max_batch_size=int(msg.max_batch_size),
             max_message_bytes=int(msg.max_message_bytes),
+            embedder=msg.embedder,
         )
 
 
@@ -117,6 +120,7 @@ class Hit:
         payload: payload bytes, or None when payloads were not requested.
         reconstruction: decoded memory [L, D] float32, or None when not requested.
         sequence: write sequence number of the memory (its age).
+        metadata: the memory's string metadata ({} if none).
     """
 
     slot: int
@@ -126,6 +130,7 @@ class Hit:
     payload: bytes | None
     reconstruction: np.ndarray | None
     sequence: int
+    metadata: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_proto(cls, msg: memory_pb2.Hit, with_payload: bool) -> Hit:
@@ -138,7 +143,35 @@ class Hit:
             payload=bytes(msg.payload) if with_payload else None,
             reconstruction=recon,
             sequence=int(msg.sequence),
+            metadata=dict(msg.metadata),
         )
+
+
+@dataclass(frozen=True)
+class Memory:
+    """One recalled text memory (``recall``).
+
+    Attributes:
+        text: the stored text (the memory's payload, decoded as UTF-8).
+        key: the memory's key ("" if none).
+        score: cosine similarity of query and memory, in [-1, 1].
+        metadata: the memory's string metadata ({} if none).
+        slot: slot index in the bank.
+        sequence: write sequence number (its age).
+    """
+
+    text: str
+    key: str
+    score: float
+    metadata: dict[str, str]
+    slot: int
+    sequence: int
+
+    @classmethod
+    def from_hit(cls, hit: Hit) -> Memory:
+        return cls(text=(hit.payload or b"").decode("utf-8", errors="replace"), key=hit.key,
+                   score=hit.score, metadata=dict(hit.metadata), slot=hit.slot,
+                   sequence=hit.sequence)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ COMMANDS = {
     "eval": "apcm.tools.commands.eval",
     "bench": "apcm.tools.commands.bench",
     "fit_pca": "apcm.tools.commands.fit_pca",
+    "mcp": "apcm.client.agent_mcp",
 }
 
 

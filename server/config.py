@@ -33,6 +33,10 @@ class Settings:
     metrics_host: str = _f("0.0.0.0", "address to bind the metrics HTTP server to")
     model: str = _f(DEFAULT_MODEL, "codec weights file (.safetensors) to serve")
     device: str = _f("auto", "where the codec and banks live", ("auto", "cpu", "cuda"))
+    embedder: str = _f(
+        "auto", "text embedder: auto (the one the model file names, if any), none (serve "
+        "vectors only), or an embedder JSON object like the model file's apcm.meta.embedder"
+    )
     max_workers: int = _f(
         64, "gRPC handler threads (micro-batches only form from requests handled at once)"
     )

@@ -7,7 +7,7 @@ status codes in ``ErrorInterceptor``.
 
 from __future__ import annotations
 
-import numpy as np
+from typing import Any
 
 from apcm.server.domain.service import MemoryService, QueryHits, ReadParams
 from apcm.v1 import memory_pb2, memory_pb2_grpc
@@ -74,6 +74,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
             device=info.device,
             max_batch_size=info.max_batch_size,
             max_message_bytes=info.max_message_bytes,
+            embedder=info.embedder,
         )
 
     def Compress(self, request, context):  # noqa: N802
@@ -86,15 +87,20 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
 
     # -- write / read ------------------------------------------------------------------
     @staticmethod
-    def _content(request, oneof: str) -> dict[str, np.ndarray]:  # type: ignore[no-untyped-def]
+    def _content(request, oneof: str) -> dict[str, Any]:  # type: ignore[no-untyped-def]
         which = request.WhichOneof(oneof)
+        if which == "texts":
+            return {"texts": list(request.texts.texts)}
         return {which: from_proto(getattr(request, which))} if which else {}
 
     def Write(self, request, context):  # noqa: N802
+        texts = request.WhichOneof("content") == "texts"
+        per_item = request.mode == memory_pb2.WRITE_MODE_PER_ITEM or (
+            texts and request.mode == memory_pb2.WRITE_MODE_UNSPECIFIED)
         written = self.service.write(
-            request.bank, **self._content(request, "content"),
-            per_item=request.mode == memory_pb2.WRITE_MODE_PER_ITEM,
+            request.bank, **self._content(request, "content"), per_item=per_item,
             keys=list(request.keys), payloads=[bytes(p) for p in request.payloads],
+            metadata=[dict(m.entries) for m in request.metadata],
         )
         return memory_pb2.WriteResponse(slots=[
             memory_pb2.WrittenSlot(
@@ -111,6 +117,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
             min_score=request.min_score if request.HasField("min_score") else None,
             soft=request.soft,
             count_access=not request.skip_access_count,
+            where=ReadParams.filter_items(dict(request.filter)),
         )
         results = self.service.read(
             request.bank, params, **self._content(request, "query"),
@@ -165,7 +172,7 @@ def _query_result(r: QueryHits, include_payloads: bool) -> memory_pb2.QueryResul
     qr = memory_pb2.QueryResult()
     for i, h in enumerate(r.hits):
         hit = qr.hits.add(slot=h.slot, key=h.key or "", score=h.score, weight=h.weight,
-                          sequence=h.sequence)
+                          sequence=h.sequence, metadata=h.metadata or {})
         if include_payloads and h.payload:
             hit.payload = h.payload
         if r.reconstructions is not None:

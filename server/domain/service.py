@@ -25,16 +25,18 @@ import torch
 
 from apcm.server.codecs.base import Codec
 from apcm.server.config import Settings
-from apcm.server.domain.batching import KeyedBatcher
+from apcm.server.domain.batching import KeyedBatcher, MicroBatcher
 from apcm.server.domain.engine import Engine
+from apcm.server.embedding.embedder import Embedder, EmbedderSpec, resolve_spec
 from apcm.server.errors import FailedPrecondition, InvalidArgument
-from apcm.server.memory.bank import BankStats, Hit, ReadResult, SlotWrite
+from apcm.server.memory.bank import BankStats, Hit, ReadResult, SlotWrite, validate_metadata
 from apcm.server.memory.store import MemoryStore
 from apcm.server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 MAX_TOP_K = 1024
+MAX_TEXT_CHARS = 16_384  # one text to embed (MiniLM reads its first 256 tokens anyway)
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,7 @@ class ModelInfo:
     device: str
     max_batch_size: int
     max_message_bytes: int
+    embedder: str = ""  # the text embedder, "" when the model serves vectors only
 
 
 @dataclass
@@ -73,6 +76,13 @@ class ReadParams:
     min_score: float | None = None
     soft: bool = False
     count_access: bool = True
+    where: tuple[tuple[str, str], ...] = ()  # metadata equality filter, sorted items
+
+    @staticmethod
+    def filter_items(where: dict[str, str] | None) -> tuple[tuple[str, str], ...]:
+        """A filter map, validated, as the hashable ``where`` of equal params."""
+        checked = validate_metadata(where, "filter")
+        return tuple(sorted(checked.items())) if checked else ()
 
     def __post_init__(self) -> None:
         if not 1 <= self.top_k <= MAX_TOP_K:
@@ -115,6 +125,11 @@ class MemoryService:
             default_half_life=settings.default_half_life,
             metric=codec.similarity_weights,
         )
+        self.embedder: Embedder | None = None
+        spec = resolve_spec(settings.embedder, codec.extra_metadata)
+        if spec is not None:
+            self.embedder = self._load_embedder(spec)
+        self._embed: Callable[[np.ndarray], Any] = self._embed_now
         self.persistence: Any = self._build_persistence()
         metrics.watch_banks(self.store.list)
         self._reads: KeyedBatcher | None = None
@@ -125,10 +140,55 @@ class MemoryService:
                 metrics.batch_size.labels(method).observe(n)
 
             self.engine.enable_batching(settings.batch_max_size, wait_s, observe)
+            if self.embedder is not None:
+                self._embed = MicroBatcher(self._embed_now, max_batch=settings.batch_max_size,
+                                           max_wait_s=wait_s, name="Embed",
+                                           observe=lambda n: observe("Embed", n))
             self._reads = KeyedBatcher(
                 self._read_batch, max_batch=settings.batch_max_size, max_wait_s=wait_s,
                 observe=lambda n: observe("Read", n),
             )
+
+    def _load_embedder(self, spec: EmbedderSpec) -> Embedder:
+        if spec.dim != self.codec.input_dim:
+            raise FailedPrecondition(
+                f"embedder {spec.model} makes {spec.dim}-d vectors, but model "
+                f"{self.codec.name} takes {self.codec.input_dim} values per item")
+        embedder = Embedder(spec, str(self.codec.device))
+        log.info("text embedder: %s on %s", spec.describe(), self.codec.device)
+        return embedder
+
+    def _embed_now(self, texts: np.ndarray) -> np.ndarray:
+        assert self.embedder is not None
+        return self.embedder.embed(texts)
+
+    def embed(self, texts: Sequence[str], field: str = "texts") -> np.ndarray:
+        """Texts [B] -> items [B, L, D] float32 by the model's embedder (micro-batched).
+
+        Raises:
+            FailedPrecondition: the served model names no embedder (vectors only).
+            InvalidArgument: no texts, too many, an empty or an overlong one.
+        """
+        if self.embedder is None:
+            raise FailedPrecondition(
+                f"model {self.codec.name!r} serves vectors only: it names no text embedder "
+                "(or the server runs with --embedder none). Send inputs or codes, or serve "
+                "a text model such as model_weights/text-minilm.safetensors.")
+        n = len(texts)
+        if n == 0:
+            raise InvalidArgument(f"{field} is empty; send at least one text", field=field)
+        if n > self.settings.max_batch_size:
+            raise InvalidArgument(f"{field}: {n} texts exceed the maximum batch of "
+                                  f"{self.settings.max_batch_size}", field=field)
+        for t in texts:
+            if not isinstance(t, str) or not t.strip():
+                raise InvalidArgument(f"{field} must be non-empty strings", field=field)
+            if len(t) > MAX_TEXT_CHARS:
+                raise InvalidArgument(f"a text of {len(t)} characters exceeds the limit of "
+                                      f"{MAX_TEXT_CHARS}", field=field)
+        vectors = self._embed(np.array(list(texts), dtype=object))
+        self._count("Embed", n)
+        return np.asarray(vectors, dtype=np.float32).reshape(n, *self.codec.input_shape)
 
     def _build_persistence(self) -> Any:
         from apcm.server.persistence.manager import PersistenceManager
@@ -172,6 +232,8 @@ class MemoryService:
     def close(self) -> None:
         self._set_ready(False)
         self.engine.close()
+        if isinstance(self._embed, MicroBatcher):
+            self._embed.close()
         if self._reads is not None:
             self._reads.close()
         try:
@@ -188,6 +250,7 @@ class MemoryService:
             compression_ratio=c.compression_ratio, model_hash=c.content_hash,
             device=str(c.device), max_batch_size=self.settings.max_batch_size,
             max_message_bytes=self.settings.max_message_bytes,
+            embedder=self.embedder.spec.describe() if self.embedder is not None else "",
         )
 
     def compress(self, inputs: np.ndarray) -> np.ndarray:
@@ -211,24 +274,38 @@ class MemoryService:
         *,
         inputs: np.ndarray | None = None,
         codes: np.ndarray | None = None,
+        texts: Sequence[str] | None = None,
         per_item: bool = False,
         keys: Sequence[str] = (),
         payloads: Sequence[bytes] = (),
+        metadata: Sequence[dict[str, str] | None] = (),
     ) -> list[SlotWrite]:
-        """Store items (encoded) or codes, as their batch mean or one memory each.
+        """Store items (encoded), codes or texts, as their batch mean or one memory each.
 
         Args:
             bank: bank name ("" for the default bank).
             inputs: items [B, L, D], or
-            codes: codes [B, m] in the code dtype (exactly one of the two).
+            codes: codes [B, m] in the code dtype, or
+            texts: B texts, embedded by the model's embedder (exactly one of the three).
+                Each text is kept as its memory's payload unless payloads are given (in
+                mean mode the texts, joined by newlines, are the one payload).
             per_item: one memory per item instead of the paper's batch mean.
-            keys, payloads: none, or one per memory written ("" / b"" for none).
+            keys, payloads, metadata: none, or one per memory written ("" / b"" / {} for
+                none); metadata is a small string -> string map usable as a read filter.
         """
         name = self.bank_name(bank)
         self.store.get(name)  # NOT_FOUND before any model work
+        if texts is not None:
+            if inputs is not None or codes is not None:
+                raise InvalidArgument("content: set one of inputs, codes or texts",
+                                      field="content")
+            inputs = self.embed(texts)
+            if not payloads:
+                payloads = [t.encode() for t in texts] if per_item \
+                    else ["\n".join(texts).encode()]
         stored = self._codes_to_store(inputs, codes, per_item)
         n = stored.shape[0]
-        for field, given in (("payloads", payloads), ("keys", keys)):
+        for field, given in (("payloads", payloads), ("keys", keys), ("metadata", metadata)):
             if given and len(given) != n:
                 raise InvalidArgument(
                     f"{field}: {len(given)} given, but this write fills {n} slot(s) "
@@ -236,7 +313,8 @@ class MemoryService:
                     field=field,
                 )
         written = self.store.write(name, stored, [k or None for k in keys] or [None] * n,
-                                   [p or None for p in payloads] or [None] * n)
+                                   [p or None for p in payloads] or [None] * n,
+                                   [m or None for m in metadata] or None)
         self._count("Write", n)
         m = self.metrics
         m.bank_writes.labels(name).inc(n)
@@ -273,11 +351,17 @@ class MemoryService:
         *,
         inputs: np.ndarray | None = None,
         codes: np.ndarray | None = None,
+        texts: Sequence[str] | None = None,
         include_reconstruction: bool = False,
     ) -> list[QueryHits]:
-        """Recall from a bank for each query (items or codes); see ``MemoryBank.read``."""
+        """Recall from a bank for each query (items, codes or texts); see
+        ``MemoryBank.read``. ``params.where`` filters by metadata before top-k."""
         name = self.bank_name(bank)
         self.store.get(name)
+        if texts is not None:
+            if inputs is not None or codes is not None:
+                raise InvalidArgument("query: set one of inputs, codes or texts", field="query")
+            inputs = self.embed(texts, "query")
         latents = self._latents(inputs, codes, "query")
         result = self._search(name, latents, params)
         self._count("Read", latents.shape[0])
@@ -303,7 +387,7 @@ class MemoryService:
         if self._reads is None:
             return self.store.read(bank, latents, top_k=p.top_k, temperature=p.temperature,
                                    min_score=p.min_score, soft=p.soft,
-                                   count_access=p.count_access)
+                                   count_access=p.count_access, where=dict(p.where) or None)
         rows = self._reads((bank, p), latents)
         soft_rows = [s for _, s in rows]
         return ReadResult(
@@ -315,7 +399,8 @@ class MemoryService:
                     latents: torch.Tensor) -> list[tuple[Any, Any]]:
         bank, p = key
         result = self.store.read(bank, latents, top_k=p.top_k, temperature=p.temperature,
-                                 min_score=p.min_score, soft=p.soft, count_access=p.count_access)
+                                 min_score=p.min_score, soft=p.soft, count_access=p.count_access,
+                                 where=dict(p.where) or None)
         softs = list(result.soft) if result.soft is not None else [None] * len(result.results)
         return list(zip(result.results, softs, strict=True))
 

@@ -28,9 +28,11 @@ validate everything before mutating, so a rejected request leaves no trace.
 from __future__ import annotations
 
 import functools
+import json
 import math
 import threading
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,6 +52,36 @@ _INT8_CHUNK_ROWS = 16384
 _SCORE_SPAN_FLOATS = 1 << 18  # scores post-processed at once on CPU (1 MB)
 _MIN_EXP_SUM = 1e-30
 _FREE_SCAN_ROWS = 65536
+# per-memory string metadata (user, session, kind, source, ...): small and bounded
+MAX_METADATA_ENTRIES = 16
+MAX_METADATA_KEY_CHARS = 64
+MAX_METADATA_VALUE_CHARS = 256
+
+
+def validate_metadata(meta: Any, field: str = "metadata") -> dict[str, str] | None:
+    """A memory's metadata (or a read filter) checked against the size bounds; None if empty.
+
+    Raises:
+        InvalidArgument: not a str -> str mapping, too many entries, empty or long keys,
+            long values.
+    """
+    if not meta:
+        return None
+    if not isinstance(meta, dict):
+        raise InvalidArgument(f"{field} must be a string -> string map", field=field)
+    if len(meta) > MAX_METADATA_ENTRIES:
+        raise InvalidArgument(f"{field} has {len(meta)} entries; at most "
+                              f"{MAX_METADATA_ENTRIES} are allowed", field=field)
+    for k, v in meta.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise InvalidArgument(f"{field} keys and values must be strings", field=field)
+        if not 1 <= len(k) <= MAX_METADATA_KEY_CHARS:
+            raise InvalidArgument(f"{field} key {k[:80]!r} must be 1-{MAX_METADATA_KEY_CHARS} "
+                                  "characters", field=field)
+        if len(v) > MAX_METADATA_VALUE_CHARS:
+            raise InvalidArgument(f"{field} value of {k!r} is {len(v)} characters; at most "
+                                  f"{MAX_METADATA_VALUE_CHARS} are allowed", field=field)
+    return dict(meta)
 
 
 @dataclass(frozen=True)
@@ -79,6 +111,7 @@ class Hit:
     sequence: int
     payload: bytes | None
     code: torch.Tensor
+    metadata: dict[str, str] | None = None
 
 
 @dataclass
@@ -191,6 +224,8 @@ class MemoryBank:
         self._payloads: dict[int, bytes] = {}
         self._payload_bytes = 0
         self._key_bytes = 0
+        self._metadata: dict[int, dict[str, str]] = {}
+        self._meta_index: dict[tuple[str, str], set[int]] = {}
         self._occupied_count = 0
         self._high = 0  # one past the highest slot ever occupied since the last clear
         self._free_hint = 0  # every slot below it is occupied
@@ -333,6 +368,7 @@ class MemoryBank:
         keys: list[str | None],
         payloads: list[bytes | None],
         sequences: list[int],
+        metadata: list[dict[str, str] | None] | None = None,
     ) -> list[SlotWrite]:
         """Stores code j in ``slots[j]`` in order (later items win a repeated slot).
 
@@ -345,6 +381,7 @@ class MemoryBank:
             codes: [n, m] validated codes.
             keys, payloads: n entries each (None for none).
             sequences: n write sequence numbers.
+            metadata: None, or n validated string maps (None for none).
         """
         n = len(slots)
         slot_t = torch.tensor(slots, dtype=torch.int64, device=self.device)
@@ -373,6 +410,7 @@ class MemoryBank:
             if payload:
                 self._payloads[slot] = payload
                 self._payload_bytes += len(payload)
+            self._set_metadata(slot, metadata[j] if metadata else None)
             if not occupied_before:
                 self._occupied_count += 1
             self.evictions_total += int(evicted)
@@ -394,6 +432,37 @@ class MemoryBank:
         self.writes_total += n
         self._high = max(self._high, max(slots) + 1)
         return out
+
+    def _set_metadata(self, slot: int, meta: dict[str, str] | None) -> None:
+        """Replaces a slot's metadata, keeping the (key, value) -> slots index in step."""
+        old = self._metadata.pop(slot, None)
+        for item in (old or {}).items():
+            slots = self._meta_index.get(item)
+            if slots is not None:
+                slots.discard(slot)
+                if not slots:
+                    del self._meta_index[item]
+        if meta:
+            self._metadata[slot] = meta
+            for item in meta.items():
+                self._meta_index.setdefault(item, set()).add(slot)
+
+    def metadata_of(self, slot: int) -> dict[str, str] | None:
+        return self._metadata.get(slot)
+
+    def _filter_mask(self, where: dict[str, str]) -> tuple[torch.Tensor, int]:
+        """Occupied slots whose metadata has every (key, value) of ``where``: a bool
+        mask [capacity] and its count."""
+        matched: set[int] | None = None
+        for item in where.items():
+            slots = self._meta_index.get(item, set())
+            matched = set(slots) if matched is None else matched & slots
+            if not matched:
+                break
+        mask = torch.zeros(self.capacity, dtype=torch.bool, device=self.device)
+        if matched:
+            mask[torch.tensor(sorted(matched), dtype=torch.int64, device=self.device)] = True
+        return mask, len(matched or ())
 
     def _inverse_norms(self, codes: torch.Tensor) -> torch.Tensor:
         z = self._dequantize(codes)
@@ -427,6 +496,7 @@ class MemoryBank:
         min_score: float | None = None,
         soft: bool = False,
         count_access: bool = True,
+        where: dict[str, str] | None = None,
     ) -> ReadResult:
         """The paper's read, batched, with top-k, min_score and the soft read.
 
@@ -437,17 +507,23 @@ class MemoryBank:
             min_score: drop hits with a lower cosine score.
             soft: also return the softmax-weighted mix of codes [Q, m] float32.
             count_access: increment the counter of each query's returned best hit.
+            where: metadata equality filter, applied before top-k: only memories whose
+                metadata holds every (key, value) are scored, ranked and weighted.
         """
         q = self._validate_read(latents, top_k, temperature, min_score)
         n_q = q.shape[0]
-        if self._occupied_count == 0:
+        allowed, n_allowed = None, self._occupied_count
+        if where:
+            allowed, n_allowed = self._filter_mask(where)
+        if n_allowed == 0:
             return ReadResult([QueryResult() for _ in range(n_q)], None)
-        k = min(top_k, self._occupied_count)
-        scan = self._scan(q, k, temperature, soft, shift=None)
+        k = min(top_k, n_allowed)
+        scan = self._scan(q, k, temperature, soft, shift=None, allowed=allowed)
         if bool((scan.exp_sum < _MIN_EXP_SUM).any()):
             # exp((s - 1) / T) underflowed (tiny T, all scores far below 1): rescan,
             # shifting each query by its best score, which makes every sum >= 1
-            scan = self._scan(q, k, temperature, soft, shift=scan.top_scores[:, :1])
+            scan = self._scan(q, k, temperature, soft, shift=scan.top_scores[:, :1],
+                              allowed=allowed)
         top_scores, top_slots = scan.top_scores, scan.top_slots
         top_weights = torch.exp((top_scores - scan.shift) / temperature) / scan.exp_sum[:, None]
         mix = None
@@ -484,7 +560,7 @@ class MemoryBank:
         return q
 
     def _scan(self, q: torch.Tensor, k: int, temperature: float, soft: bool,
-              shift: torch.Tensor | None) -> _Scan:
+              shift: torch.Tensor | None, allowed: torch.Tensor | None = None) -> _Scan:
         """One pass over slots ``[0, high)``: scores, top-k and softmax sums, fused per span.
 
         Cosine of query q and slot i is ``(q/|q| * scale) . code_i * inv_norm_i`` (the
@@ -500,6 +576,8 @@ class MemoryBank:
             k: hits per query, 1 <= k <= occupied.
             soft: also accumulate the softmax-weighted sum of codes (one chunk per span,
                 because it needs the converted chunk again).
+            allowed: bool mask [capacity] of the (occupied) slots to consider, or None
+                for every occupied slot.
         """
         if self.metric is not None:
             q = q * self.metric
@@ -519,7 +597,8 @@ class MemoryBank:
             # product is only a contiguous slice of the [Q, span] scores when c == span
             span = chunk
         span, chunk = min(span, rows), min(chunk, rows)
-        full = self._occupied_count == rows  # no hole to mask
+        full = self._occupied_count == rows and allowed is None  # no hole to mask
+        live = self.occupied if allowed is None else allowed
         shift_t: torch.Tensor | float = 1.0 if shift is None else shift
         limbs = _int8_limbs(q[0]) if (n_q == 1 and not soft and self.scale is not None
                                       and self.device.type == "cpu" and _int_mm_works()) \
@@ -552,7 +631,7 @@ class MemoryBank:
                     scores.add_(dots[j, :width].view(1, width), alpha=limbs[j][1])
             scores.mul_(self.inv_norms[s0:s0 + width])
             if not full:
-                scores.masked_fill_(~self.occupied[s0:s0 + width], -math.inf)
+                scores.masked_fill_(~live[s0:s0 + width], -math.inf)
             top = torch.topk(scores, min(k, width), dim=1)
             cand_scores.append(top.values)
             cand_slots.append(top.indices + s0)
@@ -574,7 +653,7 @@ class MemoryBank:
         for i, query_codes in enumerate(codes.unbind(0)):
             rows = query_codes.unbind(0)  # one call, not one indexing op per hit
             hits = [Hit(s, self._slot_key.get(s), scores_l[i][j], weights_l[i][j], seqs[i][j],
-                        self._payloads.get(s), rows[j])
+                        self._payloads.get(s), rows[j], self._metadata.get(s))
                     for j, s in enumerate(slots_l[i]) if keep_l[i][j]]
             results.append(QueryResult(hits))
         return results
@@ -617,6 +696,7 @@ class MemoryBank:
             payload = self._payloads.pop(s, None)
             if payload is not None:
                 self._payload_bytes -= len(payload)
+            self._set_metadata(s, None)
         idx = torch.tensor(slots, dtype=torch.int64, device=self.device)
         self._occupied_count -= int(self.occupied[idx].sum())
         self._reset_slots(idx)
@@ -627,6 +707,8 @@ class MemoryBank:
         self._slot_key.clear()
         self._key_slot.clear()
         self._payloads.clear()
+        self._metadata.clear()
+        self._meta_index.clear()
         self._payload_bytes = self._key_bytes = 0
         self._reset_slots(slice(None))
         self._occupied_count = self._high = self._free_hint = 0
@@ -659,7 +741,8 @@ class MemoryBank:
             "sequences": self.sequences.cpu().clone(),
             "inv_norms": self.inv_norms.cpu().clone(),
         }
-        return BankCopy(config, tensors, dict(self._payloads), dict(self._slot_key))
+        return BankCopy(config, tensors, dict(self._payloads), dict(self._slot_key),
+                        dict(self._metadata))
 
     @classmethod
     def from_export(
@@ -714,6 +797,12 @@ class MemoryBank:
         bank._key_slot = {k: s for s, k in bank._slot_key.items()}
         bank._payload_bytes = sum(len(p) for p in bank._payloads.values())
         bank._key_bytes = sum(len(k.encode()) for k in bank._key_slot)
+        if "metadata_data" in arrays and "metadata_offsets" in arrays:  # older: none
+            if tuple(arrays["metadata_offsets"].shape) != (capacity + 1,):
+                raise FailedPrecondition(f"bank {bank.name!r}: array metadata_offsets has "
+                                         f"shape {arrays['metadata_offsets'].shape}")
+            for s, raw in _unpack(arrays["metadata_data"], arrays["metadata_offsets"]).items():
+                bank._set_metadata(s, json.loads(raw.decode()))
         occupied_idx = torch.nonzero(bank.occupied).flatten()
         bank._occupied_count = int(occupied_idx.numel())
         bank._high = int(occupied_idx[-1]) + 1 if occupied_idx.numel() else 0
@@ -733,12 +822,15 @@ class BankCopy:
     tensors: dict[str, torch.Tensor]
     payloads: dict[int, bytes]
     slot_keys: dict[int, str]
+    metadata: dict[int, dict[str, str]] = field(default_factory=dict)
 
     def pack(self) -> tuple[dict, dict[str, np.ndarray]]:
         arrays = {name: t.numpy() for name, t in self.tensors.items()}
         capacity = int(self.config["capacity"])
         for prefix, table in (("payload", self.payloads),
-                              ("key", {s: k.encode() for s, k in self.slot_keys.items()})):
+                              ("key", {s: k.encode() for s, k in self.slot_keys.items()}),
+                              ("metadata", {s: encode_metadata(m)
+                                            for s, m in self.metadata.items()})):
             arrays[f"{prefix}_data"], arrays[f"{prefix}_offsets"] = _pack(table, capacity)
         return self.config, arrays
 
@@ -774,6 +866,15 @@ def _int_mm_works() -> bool:
         return int(torch._int_mm(a, b)[0, 0]) == -24
     except (AttributeError, RuntimeError, NotImplementedError):
         return False
+
+
+def encode_metadata(meta: dict[str, str] | None) -> bytes:
+    """A memory's metadata as compact JSON bytes (b"" for none): WAL and snapshots."""
+    return json.dumps(meta, sort_keys=True, separators=(",", ":")).encode() if meta else b""
+
+
+def decode_metadata(raw: bytes) -> dict[str, str] | None:
+    return json.loads(bytes(raw).decode()) if raw else None
 
 
 def _pack(table: dict[int, bytes], capacity: int) -> tuple[np.ndarray, np.ndarray]:

@@ -46,7 +46,15 @@ import torch
 
 from apcm.server.codecs.quant import CODE_DTYPES
 from apcm.server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from apcm.server.memory.bank import BankStats, MemoryBank, ReadResult, SlotWrite
+from apcm.server.memory.bank import (
+    BankStats,
+    MemoryBank,
+    ReadResult,
+    SlotWrite,
+    decode_metadata,
+    encode_metadata,
+    validate_metadata,
+)
 from apcm.server.memory.eviction import make_policy
 from apcm.server.memory.names import validate_bank_name
 
@@ -270,6 +278,7 @@ class MemoryStore:
         codes: torch.Tensor,
         keys: list[str | None],
         payloads: list[bytes | None],
+        metadata: list[dict[str, str] | None] | None = None,
     ) -> list[SlotWrite]:
         """Stores each code [n, m] (code dtype) in its own slot; see ``MemoryBank``.
 
@@ -278,6 +287,7 @@ class MemoryStore:
             codes: [n, m] codes in the store's code dtype.
             keys: [] or n keys (None / "" for none); an existing key is overwritten in place.
             payloads: [] or n payloads (None / b"" for none).
+            metadata: None, [] or n string maps (None / {} for none), size-bounded.
 
         Returns:
             One ``SlotWrite`` per code, in order.
@@ -285,6 +295,10 @@ class MemoryStore:
         with self._locked(bank) as b:
             keys, payloads = b.validate_write(codes, keys, payloads)
             n = codes.shape[0]
+            if metadata and len(metadata) != n:
+                raise InvalidArgument(f"got {len(metadata)} metadata maps for {n} memories",
+                                      field="metadata")
+            metas = [validate_metadata(m) for m in metadata] if metadata else None
             # planning only compares new sequences with the bank's, which are all below
             # last_seq + 1 (and cannot change while we hold its lock): no store lock needed
             slots = b.plan_write(keys, self.last_seq + 1)
@@ -294,13 +308,15 @@ class MemoryStore:
                 "keys": [k or "" for k in keys],
                 "payloads": [p or b"" for p in payloads],
             }
+            if metas and any(metas):  # absent from older records and metadata-less writes
+                fields["metadata"] = [encode_metadata(m) for m in metas]
             record = self._prepare("write", bank, fields, count=n)
             with self.seq_lock:
                 first = self.last_seq + 1
                 sequences = list(range(first, first + n))
                 self._append(sequences[-1], record)
                 self._next_seq(n)
-            result = b.apply_write(slots, codes, keys, payloads, sequences)
+            result = b.apply_write(slots, codes, keys, payloads, sequences, metas)
             b.applied_seq = sequences[-1]
         self._wait(sequences[-1])
         return result
@@ -314,11 +330,12 @@ class MemoryStore:
         min_score: float | None = None,
         soft: bool = False,
         count_access: bool = True,
+        where: dict[str, str] | None = None,
     ) -> ReadResult:
         """Cosine recall of queries [Q, m] float32 (latent space); see ``MemoryBank.read``."""
         with self._locked(bank) as b:
             return b.read(latents, top_k=top_k, temperature=temperature, min_score=min_score,
-                          soft=soft, count_access=count_access)
+                          soft=soft, count_access=count_access, where=where)
 
     # ------------------------------------------------------------------ delete / clear
     def delete(self, bank: str, slots: list[int], keys: list[str]) -> tuple[int, list[str]]:
@@ -453,10 +470,12 @@ class MemoryStore:
             if codes.dtype != b.torch_dtype or tuple(codes.shape[1:]) != (b.code_dim,):
                 raise FailedPrecondition("replay: write record codes do not match the bank")
             keys, payloads = fields["keys"], fields["payloads"]
+            metas = fields.get("metadata")
             b.apply_write([int(fields["slots"][i]) for i in new], codes,
                           [keys[i] or None for i in new],
                           [bytes(payloads[i]) or None for i in new],
-                          sequences[new].tolist())
+                          sequences[new].tolist(),
+                          [decode_metadata(metas[i]) for i in new] if metas else None)
         elif kind == "delete":
             b.free([int(s) for s in fields["slots"]])
         elif kind == "clear":

@@ -59,6 +59,9 @@ class BatchingApplier:
                 "payloads": [p for r in run for p in r.fields["payloads"]],
                 "sequences": np.concatenate([_sequences(r) for r in run]),
             }
+            if any("metadata" in r.fields for r in run):  # only some records carry it
+                fields["metadata"] = [m for r in run
+                                      for m in r.fields.get("metadata", [b""] * r.count)]
         except (KeyError, ValueError) as e:
             raise FailedPrecondition(
                 f"write-ahead log records {run[0].first_seq}..{run[-1].seq} (writes on bank "

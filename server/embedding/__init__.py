@@ -1,0 +1,1 @@
+"""Text embedders a text codec was trained for (see ``embedder``)."""
