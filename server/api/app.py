@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry
 
 from apcm.server.api.auth import build_auth_interceptor
 from apcm.server.api.interceptors import (
+    DecodeErrorInterceptor,
     ErrorInterceptor,
     MetricsInterceptor,
     ReadinessInterceptor,
@@ -119,6 +120,7 @@ def build_server(
     interceptors: list[Any] = [
         MetricsInterceptor(metrics), *([auth] if auth else []), ErrorInterceptor(),
         ReadinessInterceptor(lambda: service.ready, f"/{SERVICE_NAME}/"),
+        DecodeErrorInterceptor(),  # innermost: its deserializer is the one grpc calls
     ]
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),

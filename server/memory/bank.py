@@ -216,6 +216,11 @@ class MemoryBank:
     def payload_of(self, slot: int) -> bytes | None:
         return self._payloads.get(slot)
 
+    def mean_entry_bytes(self) -> tuple[float, float]:
+        """Mean UTF-8 bytes of a key and mean bytes of a payload over occupied slots."""
+        n = max(self._occupied_count, 1)
+        return self._key_bytes / n, self._payload_bytes / n
+
     def effective_counts(self) -> torch.Tensor:
         """[capacity] float64 access counts at the current write clock."""
         return self.policy.effective(self.counts, self.count_clock, self.write_clock)

@@ -47,8 +47,8 @@ import torch
 from apcm.server.codecs.quant import CODE_DTYPES
 from apcm.server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from apcm.server.memory.bank import BankStats, MemoryBank, ReadResult, SlotWrite
-from apcm.server.memory.eviction import make_policy
-from apcm.server.memory.names import validate_bank_name
+from apcm.server.memory.eviction import make_policy, validate_half_life
+from apcm.server.memory.names import shorten, validate_bank_name
 
 
 class MutationLog(Protocol):
@@ -117,6 +117,7 @@ class MemoryStore:
         self.max_payload_bytes = int(max_payload_bytes)
         self.max_key_length = int(max_key_length)
         make_policy(default_policy, default_half_life)  # fail fast on bad settings
+        validate_half_life(default_half_life)
         self.default_policy = default_policy
         self.default_half_life = float(default_half_life)
         self.lock = threading.RLock()
@@ -155,7 +156,7 @@ class MemoryStore:
     def _lookup(self, name: str) -> MemoryBank:
         bank = self._banks.get(name)  # copy-on-write dict: no lock needed
         if bank is None:
-            raise NotFound(f"bank {name!r} does not exist", field="bank")
+            raise NotFound(f"bank {shorten(name)} does not exist", field="bank")
         return bank
 
     @contextlib.contextmanager
@@ -211,6 +212,8 @@ class MemoryStore:
         policy = policy or self.default_policy
         half_life = half_life or self.default_half_life
         make_policy(policy, half_life)
+        if policy == "lfu_decay":
+            validate_half_life(half_life)
         existing = self._banks.get(name)
         if existing is None:
             bank = self._new_bank(name, capacity, policy, half_life)  # allocate unlocked
@@ -227,7 +230,7 @@ class MemoryStore:
                     stats = bank.stats()  # nobody else can hold the new bank's lock yet
         if existing is not None:
             if not exist_ok:
-                raise AlreadyExists(f"bank {name!r} already exists", field="name")
+                raise AlreadyExists(f"bank {shorten(name)} already exists", field="name")
             with existing.lock:
                 return existing.stats()
         self._wait(seq)
