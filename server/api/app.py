@@ -75,7 +75,14 @@ class ApcmServer:
         """Bind, recover state, warm up, then report SERVING."""
         s = self.settings
         if s.metrics_port >= 0:
-            self.metrics_port = self.service.metrics.start_http(s.metrics_host, s.metrics_port)
+            try:
+                self.metrics_port = self.service.metrics.start_http(s.metrics_host,
+                                                                    s.metrics_port)
+            except OSError as e:
+                raise FailedPrecondition(
+                    f"cannot serve metrics on {s.metrics_host}:{s.metrics_port}: "
+                    f"{e.strerror or e}; choose another port with --metrics-port "
+                    "(env APCM_METRICS_PORT, -1 disables metrics)") from e
         self.grpc_server.start()
         self._set_health(False)
         self.service.start()  # recovers, warms up, then reports SERVING
@@ -146,12 +153,17 @@ def build_server(
     # tls.py also refuses a client CA without a server certificate, which would
     # otherwise silently serve plaintext.
     credentials = server_credentials(settings)
-    if credentials is None:
-        port = server.add_insecure_port(address)
-    else:
-        port = server.add_secure_port(address, credentials)
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError:  # grpc raises a bare RuntimeError when the bind fails
+        port = 0
     if port == 0:
-        raise FailedPrecondition(f"could not bind gRPC to {address}")
+        raise FailedPrecondition(
+            f"cannot bind gRPC to {address}: port {settings.grpc_port} is in use or not "
+            "allowed; choose another with --port (env APCM_GRPC_PORT)")
     apcm_server = ApcmServer(settings, service, server, port, health_servicer)
     health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
     health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
