@@ -130,3 +130,51 @@ def test_absurd_half_life_is_invalid_argument(client: MemoryClient, half_life: f
         client.create_bank("half-life-bounds", 4, policy="lfu_decay", half_life=half_life)
     assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert "half_life" in info.value.message
+
+
+# -- item 2: banks and payloads respect a memory limit and a bank count ---------------------
+def test_memory_limit_and_bank_count_are_enforced_and_exported(make_server, digits) -> None:
+    from prometheus_client import generate_latest
+
+    # float32 codes of m=8: 32 + 29 metadata = 61 bytes per slot; default bank 64 slots
+    srv = make_server(memory_limit_bytes=100_000, max_banks=3)
+    with MemoryClient(f"127.0.0.1:{srv.port}") as c:
+        with pytest.raises(ApcmError) as info:
+            c.create_bank("too-big", 2000)
+        assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "122000" in info.value.message and "100000" in info.value.message
+        c.create_bank("fits", 1000)
+        c.write(digits[:2], bank="fits", mode="per_item", payloads=[b"p" * 16_000] * 2)
+        with pytest.raises(ApcmError) as info:
+            c.write(digits[:1], bank="fits", payloads=[b"p" * 16_000])
+        assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "memory_limit_bytes" in info.value.message
+        c.create_bank("third", 1)
+        with pytest.raises(ApcmError) as info:
+            c.create_bank("fourth", 1)
+        assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_banks" in info.value.message
+    text = generate_latest(srv.service.metrics.registry).decode()
+    assert "apcm_memory_limit_bytes 100000.0" in text
+    used = [line for line in text.splitlines() if line.startswith("apcm_memory_used_bytes ")]
+    assert used and 96_000 < float(used[0].split()[1]) <= 100_000
+    assert "apcm_banks 3.0" in text
+
+
+def test_default_memory_limit_comes_from_the_cgroup_or_ram() -> None:
+    from apcm.server.config import MEMORY_LIMIT_FRACTION, Settings, detected_memory_bytes
+
+    limit = Settings().effective_memory_limit_bytes
+    assert limit == int(detected_memory_bytes() * MEMORY_LIMIT_FRACTION) > 0
+    assert Settings(memory_limit_bytes=123).effective_memory_limit_bytes == 123
+
+
+# -- item 7: the limits are part of the contract ---------------------------------------------
+def test_model_info_reports_every_limit(make_server) -> None:
+    srv = make_server(memory_limit_bytes=10_000_000, max_banks=7, max_payload_bytes=1000,
+                      max_key_length=32, max_bank_capacity=5000)
+    with MemoryClient(f"127.0.0.1:{srv.port}") as c:
+        info = c.model_info()
+    assert (info.max_top_k, info.max_bank_capacity, info.max_payload_bytes,
+            info.max_key_length, info.memory_limit_bytes, info.max_banks,
+            info.max_batch_size) == (1024, 5000, 1000, 32, 10_000_000, 7, 512)

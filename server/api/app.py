@@ -108,6 +108,26 @@ class ApcmServer:
         self._stopped.wait()
 
 
+# grpcio-reflection (1.85) ships only grpc.reflection.v1alpha. The v1 service has the
+# same messages field for field, so the v1alpha servicer answers v1 calls too when it
+# is registered under the v1 name; grpcurl and newer clients ask for v1 first.
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def _add_reflection_v1(server: grpc.Server) -> None:
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    servicer = reflection.ReflectionServicer(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1))
+    handler = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        REFLECTION_V1, {"ServerReflectionInfo": handler}),))
+
+
 def build_server(
     settings: Settings, registry: CollectorRegistry | None = None
 ) -> tuple[ApcmServer, int]:
@@ -147,8 +167,9 @@ def build_server(
     )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1), server
     )
+    _add_reflection_v1(server)
     address = f"{settings.host}:{settings.grpc_port}"
     # tls.py also refuses a client CA without a server certificate, which would
     # otherwise silently serve plaintext.

@@ -91,6 +91,12 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
             device=info.device,
             max_batch_size=info.max_batch_size,
             max_message_bytes=info.max_message_bytes,
+            max_top_k=info.max_top_k,
+            max_bank_capacity=info.max_bank_capacity,
+            max_payload_bytes=info.max_payload_bytes,
+            max_key_length=info.max_key_length,
+            memory_limit_bytes=info.memory_limit_bytes,
+            max_banks=info.max_banks,
         )
 
     def Compress(self, request, context):  # noqa: N802

@@ -59,6 +59,12 @@ class ModelInfo:
     device: str
     max_batch_size: int
     max_message_bytes: int
+    max_top_k: int
+    max_bank_capacity: int
+    max_payload_bytes: int
+    max_key_length: int
+    memory_limit_bytes: int
+    max_banks: int
 
 
 @dataclass
@@ -120,9 +126,13 @@ class MemoryService:
             default_policy=settings.default_policy,
             default_half_life=settings.default_half_life,
             metric=codec.similarity_weights,
+            memory_limit_bytes=settings.effective_memory_limit_bytes,
+            max_banks=settings.max_banks,
         )
         self.persistence: Any = self._build_persistence()
         metrics.watch_banks(self.store.list)
+        metrics.memory_limit.set(settings.effective_memory_limit_bytes)
+        metrics.max_banks.set(settings.max_banks)
         self._reads: KeyedBatcher | None = None
         if settings.batching:
             wait_s = settings.batch_max_wait_us / 1e6
@@ -193,7 +203,12 @@ class MemoryService:
             code_dtype=c.code_dtype, bytes_per_code=c.bytes_per_code, input_bytes=c.input_bytes,
             compression_ratio=c.compression_ratio, model_hash=c.content_hash,
             device=str(c.device), max_batch_size=self.settings.max_batch_size,
-            max_message_bytes=self.settings.max_message_bytes,
+            max_message_bytes=self.settings.max_message_bytes, max_top_k=MAX_TOP_K,
+            max_bank_capacity=self.settings.max_bank_capacity,
+            max_payload_bytes=self.settings.max_payload_bytes,
+            max_key_length=self.settings.max_key_length,
+            memory_limit_bytes=self.store.memory_limit_bytes or 0,
+            max_banks=self.settings.max_banks,
         )
 
     def compress(self, inputs: np.ndarray) -> np.ndarray:

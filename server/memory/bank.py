@@ -240,6 +240,16 @@ class MemoryBank:
             memory_bytes=self.memory_bytes(), payload_bytes=self._payload_bytes,
         )
 
+    @staticmethod
+    def slot_bytes(code_dim: int, code_dtype: str) -> int:
+        """Bytes a bank preallocates per slot: its code and metadata tensors."""
+        code = code_dim * torch.empty((), dtype=CODE_DTYPES[code_dtype]).element_size()
+        return code + 1 + 8 + 8 + 8 + 4  # occupied, counts, count_clock, sequences, inv_norms
+
+    @property
+    def payload_bytes(self) -> int:
+        return self._payload_bytes
+
     def memory_bytes(self) -> int:
         """Bytes of codes, per-slot metadata tensors and key text (not payloads)."""
         tensors = (self.codes, self.occupied, self.counts, self.count_clock, self.sequences,

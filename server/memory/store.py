@@ -45,7 +45,13 @@ import numpy as np
 import torch
 
 from apcm.server.codecs.quant import CODE_DTYPES
-from apcm.server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from apcm.server.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
 from apcm.server.memory.bank import BankStats, MemoryBank, ReadResult, SlotWrite
 from apcm.server.memory.eviction import make_policy, validate_half_life
 from apcm.server.memory.names import shorten, validate_bank_name
@@ -89,6 +95,10 @@ class MemoryStore:
         default_policy: policy of banks created without one.
         default_half_life: half-life (in writes) of "lfu_decay" banks created without one.
         log: the mutation log, or None (no durability).
+        memory_limit_bytes: bytes all banks may hold (preallocated slots, keys and
+            payloads); None for no limit. Checked by ``create_bank`` and by writes that
+            add payload bytes; restores and replay are not refused.
+        max_banks: most banks at once (None for no limit).
     """
 
     def __init__(
@@ -105,6 +115,8 @@ class MemoryStore:
         default_half_life: float,
         log: MutationLog | None = None,
         metric: torch.Tensor | None = None,
+        memory_limit_bytes: int | None = None,
+        max_banks: int | None = None,
     ) -> None:
         if code_dtype not in CODE_DTYPES:
             raise ValueError(f"unknown code dtype {code_dtype!r}")
@@ -116,6 +128,8 @@ class MemoryStore:
         self.max_capacity = int(max_capacity)
         self.max_payload_bytes = int(max_payload_bytes)
         self.max_key_length = int(max_key_length)
+        self.memory_limit_bytes = memory_limit_bytes
+        self.max_banks = max_banks
         make_policy(default_policy, default_half_life)  # fail fast on bad settings
         validate_half_life(default_half_life)
         self.default_policy = default_policy
@@ -158,6 +172,23 @@ class MemoryStore:
         if bank is None:
             raise NotFound(f"bank {shorten(name)} does not exist", field="bank")
         return bank
+
+    def usage_bytes(self) -> int:
+        """Bytes all banks hold now: preallocated slots, keys and payloads (no locks:
+        an estimate while writes run)."""
+        return sum(b.memory_bytes() + b.payload_bytes for b in self._banks.values())
+
+    def _check_memory(self, adding: int, what: str) -> None:
+        limit = self.memory_limit_bytes
+        if limit is None or adding <= 0:
+            return
+        used = self.usage_bytes()
+        if used + adding > limit:
+            raise ResourceExhausted(
+                f"{what} needs {adding} more bytes, but the banks hold {used} of the "
+                f"server's memory_limit_bytes of {limit} ({limit - used} left): free "
+                "memory (DropBank, ClearBank, DeleteSlots) or ask the operator to raise "
+                "--memory-limit-bytes")
 
     @contextlib.contextmanager
     def _locked(self, name: str) -> Iterator[MemoryBank]:
@@ -216,8 +247,12 @@ class MemoryStore:
             validate_half_life(half_life)
         existing = self._banks.get(name)
         if existing is None:
+            self._check_new_bank(name, capacity)
             bank = self._new_bank(name, capacity, policy, half_life)  # allocate unlocked
             with self.lock:
+                # checked again: a concurrent create may have taken the room meanwhile
+                if name not in self._banks:
+                    self._check_new_bank(name, capacity)
                 existing = self._banks.get(name)
                 if existing is None:
                     with self.seq_lock:
@@ -235,6 +270,15 @@ class MemoryStore:
                 return existing.stats()
         self._wait(seq)
         return stats
+
+    def _check_new_bank(self, name: str, capacity: int) -> None:
+        if self.max_banks is not None and len(self._banks) >= self.max_banks:
+            raise ResourceExhausted(
+                f"the server already has {len(self._banks)} banks, its max_banks limit: "
+                "drop a bank or ask the operator to raise --max-banks")
+        slot = MemoryBank.slot_bytes(self.code_dim, self.code_dtype)
+        self._check_memory(capacity * slot,
+                           f"a bank of {capacity} slots ({slot} bytes each)")
 
     def drop_bank(self, name: str) -> None:
         """Removes a bank and its memories. Raises ``NotFound``."""
@@ -274,6 +318,8 @@ class MemoryStore:
         """
         with self._locked(bank) as b:
             keys, payloads = b.validate_write(codes, keys, payloads)
+            added = sum(len(p) for p in payloads if p) + sum(len(k.encode()) for k in keys if k)
+            self._check_memory(added, f"this write's {added} bytes of payloads and keys")
             n = codes.shape[0]
             # planning only compares new sequences with the bank's, which are all below
             # last_seq + 1 (and cannot change while we hold its lock): no store lock needed
