@@ -96,10 +96,18 @@ class Settings:
     tls_cert: str = _f("", "PEM server certificate; enables TLS with --tls-key")
     tls_key: str = _f("", "PEM private key of the server certificate")
     tls_client_ca: str = _f("", "PEM CA bundle; when set, clients must present a certificate")
-    api_keys: str = _f("", "comma-separated read-write API keys (empty: no auth)")
-    read_only_api_keys: str = _f("", "comma-separated read-only API keys")
+    api_keys: str = _f(
+        "", "comma-separated read-write API keys (empty: no auth). A key given as a flag "
+        "is visible in ps to every local user: prefer --api-keys-file or the APCM_API_KEYS "
+        "environment variable"
+    )
+    read_only_api_keys: str = _f(
+        "", "comma-separated read-only API keys (visible in ps as a flag: prefer "
+        "--api-keys-file or APCM_READ_ONLY_API_KEYS)"
+    )
     api_keys_file: str = _f(
-        "", "file with one key per line, 'rw:KEY' or 'ro:KEY' (never logged)"
+        "", "file with one key per line, 'rw:KEY' or 'ro:KEY' (never logged); the preferred "
+        "way to give keys (mode 0600)"
     )
     shutdown_grace_s: float = _f(10.0, "seconds in-flight RPCs get to finish on shutdown")
     log_level: str = _f("INFO", "logging level", ("DEBUG", "INFO", "WARNING", "ERROR"))
