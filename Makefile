@@ -5,16 +5,30 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
-MODEL ?= model_weights/text-minilm.safetensors
+# APCM_MODEL (the server's own env variable) is honoured; MODEL=... overrides both.
+ifdef APCM_MODEL
+MODEL ?= $(APCM_MODEL)
+endif
+MODEL ?=
+# Two stamps: serving needs only .[server] + torch; tests need the eval and dev extras.
+SERVE_STAMP := $(VENV)/.installed-server
 STAMP := $(VENV)/.installed
 
 .PHONY: serve test install lint stubs clean bench
 
-$(STAMP): pyproject.toml setup.py $(wildcard proto/apcm/v1/*.proto)
+$(SERVE_STAMP): pyproject.toml setup.py $(wildcard proto/apcm/v1/*.proto)
+	@echo ">> creating the virtualenv $(VENV)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
+	@echo ">> installing torch $(TORCH_VERSION) (CPU wheel; a few minutes on a fresh clone)"
 	# A pinned CPU wheel: an open torch range would pull a multi-GB CUDA build.
 	$(PIP) install -q "torch==$(TORCH_VERSION)"
+	@echo ">> installing the server (.[server]) and generating the gRPC stubs"
+	$(PIP) install -q -e ".[server]"
+	touch $(SERVE_STAMP)
+
+$(STAMP): $(SERVE_STAMP)
+	@echo ">> installing the eval and dev extras (faiss, scikit-image, mypy, ...) for tests"
 	$(PIP) install -q -e ".[server,agent,eval,dev]"
 	touch $(STAMP)
 
@@ -24,8 +38,8 @@ install: $(STAMP)
 stubs: $(STAMP)
 	$(PIP) install -q --no-deps -e .
 
-serve: $(STAMP)
-	$(VENV)/bin/apcm serve --model $(MODEL)
+serve: $(SERVE_STAMP)
+	$(VENV)/bin/apcm serve $(if $(MODEL),--model $(MODEL))
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check server client wire tools tests scripts deploy

@@ -45,6 +45,14 @@ class ModelInfo:
         max_batch_size: largest batch the server accepts in one request.
         max_message_bytes: largest message the server accepts.
         embedder: the text embedder the model is bound to ("" = vectors only).
+        max_message_bytes: largest message the server accepts or sends.
+        max_top_k: largest ``top_k`` of a read.
+        max_bank_capacity: largest capacity of a new bank.
+        max_payload_bytes: largest payload of one memory.
+        max_key_length: longest memory key, in characters.
+        memory_limit_bytes: bytes all banks together may hold (0 if the server
+            reports none, e.g. an older server).
+        max_banks: most banks that may exist at once (0 if not reported).
     """
 
     name: str
@@ -60,6 +68,12 @@ class ModelInfo:
     max_batch_size: int
     max_message_bytes: int
     embedder: str = ""
+    max_top_k: int = 0
+    max_bank_capacity: int = 0
+    max_payload_bytes: int = 0
+    max_key_length: int = 0
+    memory_limit_bytes: int = 0
+    max_banks: int = 0
 
     @classmethod
     def from_proto(cls, msg: memory_pb2.ModelInfo) -> ModelInfo:
@@ -77,6 +91,12 @@ class ModelInfo:
             max_batch_size=int(msg.max_batch_size),
             max_message_bytes=int(msg.max_message_bytes),
             embedder=msg.embedder,
+            max_top_k=int(msg.max_top_k),
+            max_bank_capacity=int(msg.max_bank_capacity),
+            max_payload_bytes=int(msg.max_payload_bytes),
+            max_key_length=int(msg.max_key_length),
+            memory_limit_bytes=int(msg.memory_limit_bytes),
+            max_banks=int(msg.max_banks),
         )
 
 

@@ -17,6 +17,24 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_MODEL = "model_weights/text-minilm.safetensors"
+# Share of the container's (or machine's) memory the banks may hold by default: the
+# rest is for the codec, Python, gRPC buffers and in-flight requests.
+MEMORY_LIMIT_FRACTION = 0.8
+_CGROUP_LIMIT_FILES = ("/sys/fs/cgroup/memory.max",  # cgroup v2
+                       "/sys/fs/cgroup/memory/memory.limit_in_bytes")  # cgroup v1
+
+
+def detected_memory_bytes() -> int:
+    """The cgroup memory limit if one is set, else the machine's physical memory."""
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in _CGROUP_LIMIT_FILES:
+        try:
+            raw = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if raw.isdigit() and 0 < int(raw) < physical:  # "max" or a huge v1 value: none
+            return int(raw)
+    return int(physical)
 
 
 def _f(
@@ -53,6 +71,13 @@ class Settings:
         1000.0, "half-life of access counts under lfu_decay, in writes to the bank"
     )
     max_payload_bytes: int = _f(65_536, "largest payload per memory, bytes")
+    memory_limit_bytes: int = _f(
+        0, "bytes all banks together may hold (codes, slot metadata, keys, payloads); "
+        "CreateBank and payload writes beyond it are refused with RESOURCE_EXHAUSTED. "
+        f"0 = {MEMORY_LIMIT_FRACTION:g} x the cgroup memory limit "
+        "(/sys/fs/cgroup/memory.max or memory.limit_in_bytes), or x physical RAM if none"
+    )
+    max_banks: int = _f(1024, "most banks that may exist at once")
     max_key_length: int = _f(256, "longest memory key, characters")
     data_dir: str = _f("var", "directory for snapshots and the write-ahead log")
     snapshot_interval_s: float = _f(300.0, "seconds between automatic snapshots (0 disables)")
@@ -79,10 +104,18 @@ class Settings:
     tls_cert: str = _f("", "PEM server certificate; enables TLS with --tls-key")
     tls_key: str = _f("", "PEM private key of the server certificate")
     tls_client_ca: str = _f("", "PEM CA bundle; when set, clients must present a certificate")
-    api_keys: str = _f("", "comma-separated read-write API keys (empty: no auth)")
-    read_only_api_keys: str = _f("", "comma-separated read-only API keys")
+    api_keys: str = _f(
+        "", "comma-separated read-write API keys (empty: no auth). A key given as a flag "
+        "is visible in ps to every local user: prefer --api-keys-file or the APCM_API_KEYS "
+        "environment variable"
+    )
+    read_only_api_keys: str = _f(
+        "", "comma-separated read-only API keys (visible in ps as a flag: prefer "
+        "--api-keys-file or APCM_READ_ONLY_API_KEYS)"
+    )
     api_keys_file: str = _f(
-        "", "file with one key per line, 'rw:KEY' or 'ro:KEY' (never logged)"
+        "", "file with one key per line, 'rw:KEY' or 'ro:KEY' (never logged); the preferred "
+        "way to give keys (mode 0600)"
     )
     shutdown_grace_s: float = _f(10.0, "seconds in-flight RPCs get to finish on shutdown")
     log_level: str = _f("INFO", "logging level", ("DEBUG", "INFO", "WARNING", "ERROR"))
@@ -106,17 +139,27 @@ class Settings:
                 value = getattr(self, f.name)
                 raise ValueError(f"{f.name} must be one of {choices}, got {value!r}")
         for name in ("max_workers", "max_concurrent_rpcs", "max_message_bytes", "max_batch_size",
-                     "max_bank_capacity", "default_bank_capacity", "batch_max_size"):
+                     "max_bank_capacity", "default_bank_capacity", "batch_max_size",
+                     "max_banks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.default_bank_capacity > self.max_bank_capacity:
             raise ValueError("default_bank_capacity exceeds max_bank_capacity")
+        if self.memory_limit_bytes < 0:
+            raise ValueError(f"memory_limit_bytes must be >= 0, got {self.memory_limit_bytes}")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key must be given together")
         return self
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes).validated()
+
+    @property
+    def effective_memory_limit_bytes(self) -> int:
+        """``memory_limit_bytes``, or the default derived from the cgroup / RAM."""
+        if self.memory_limit_bytes:
+            return self.memory_limit_bytes
+        return int(detected_memory_bytes() * MEMORY_LIMIT_FRACTION)
 
     @property
     def data_path(self) -> Path:

@@ -61,6 +61,12 @@ class Metrics:
             ["name", "kind", "hash", "device", "code_dim", "code_dtype", "ratio"], registry=r,
         )
         self.serving = Gauge("apcm_serving", "1 when health is SERVING, else 0", registry=r)
+        self.memory_limit = Gauge(
+            "apcm_memory_limit_bytes", "Bytes all banks may hold (--memory-limit-bytes)",
+            registry=r,
+        )
+        self.max_banks = Gauge("apcm_max_banks", "Most banks that may exist (--max-banks)",
+                               registry=r)
         self._banks = _BankCollector()
         r.register(self._banks)
         self.bank_evictions = Counter(
@@ -156,8 +162,18 @@ class _BankCollector(Collector):
                                      labels=["bank"])
         occupied = GaugeMetricFamily("apcm_bank_occupied_slots", "Occupied slots of each bank",
                                      labels=["bank"])
-        for s in self.source() if self.source is not None else []:
+        used = GaugeMetricFamily(
+            "apcm_memory_used_bytes",
+            "Bytes all banks hold: preallocated slots, keys and payloads (counted against "
+            "apcm_memory_limit_bytes)")
+        banks = GaugeMetricFamily("apcm_banks", "Banks that exist now")
+        stats = self.source() if self.source is not None else []
+        for s in stats:
             capacity.add_metric([s.name], s.capacity)
             occupied.add_metric([s.name], s.occupied)
+        used.add_metric([], sum(s.memory_bytes + s.payload_bytes for s in stats))
+        banks.add_metric([], len(stats))
         yield capacity
         yield occupied
+        yield used
+        yield banks

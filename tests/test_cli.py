@@ -71,3 +71,35 @@ def test_cli_refuses_a_missing_model_with_a_clear_message(tmp_path: Path) -> Non
     )
     assert out.returncode == 2
     assert "does not exist" in out.stderr
+
+
+def _taken_port() -> tuple[object, int]:
+    import socket
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(1)
+    return sock, sock.getsockname()[1]
+
+
+def test_taken_ports_give_one_line_naming_the_port_and_the_flag(model_path: Path,
+                                                                 tmp_path: Path) -> None:
+    sock, port = _taken_port()
+    try:
+        for args, env_extra, flag, env_var in (
+            (["--port", str(port), "--metrics-port", "-1"], {}, "--port", "APCM_GRPC_PORT"),
+            (["--port", "0", "--metrics-port", str(port), "--metrics-host", "127.0.0.1"], {},
+             "--metrics-port", "APCM_METRICS_PORT"),
+        ):
+            env = {**os.environ, "APCM_DATA_DIR": str(tmp_path), **env_extra}
+            out = subprocess.run(
+                [*APCM, "serve", "--model", str(model_path), "--host", "127.0.0.1", *args],
+                env=env, capture_output=True, text=True, timeout=60,
+            )
+            assert out.returncode == 2, out.stderr[-2000:]
+            assert "Traceback" not in out.stderr, out.stderr[-2000:]
+            errors = [line for line in out.stderr.splitlines() if "cannot start" in line]
+            assert len(errors) == 1, out.stderr[-2000:]
+            assert str(port) in errors[0] and flag in errors[0] and env_var in errors[0]
+    finally:
+        sock.close()  # type: ignore[attr-defined]

@@ -250,3 +250,18 @@ def test_bank_gauges_follow_writes(server, client: MemoryClient) -> None:
     assert _sample(text, "apcm_bank_capacity_slots", bank=name) == 16
     assert _sample(text, "apcm_bank_occupied_slots", bank=name) == 3
     assert _sample(text, "apcm_bank_writes_total", bank=name) >= 3
+
+
+def test_reflection_v1_answers_like_v1alpha(server_address: str) -> None:
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    with grpc.insecure_channel(server_address) as ch:
+        call = ch.stream_stream(
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+        )
+        replies = list(call(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                            timeout=10))
+    names = {s.name for s in replies[0].list_services_response.service}
+    assert "apcm.v1.MemoryService" in names and "grpc.reflection.v1.ServerReflection" in names

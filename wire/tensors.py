@@ -59,7 +59,8 @@ def from_proto(tensor: tensor_pb2.Tensor) -> np.ndarray:
     if dtype is None:
         raise TensorFormatError(
             f"tensor dtype {tensor.dtype} is not one of "
-            f"{', '.join(DTYPE_NAMES[c] for c in DTYPE_NAMES)}"
+            f"{', '.join(f'{name} ({c})' for c, name in DTYPE_NAMES.items())}"
+            + (" (0 is DTYPE_UNSPECIFIED: set the dtype)" if tensor.dtype == 0 else "")
         )
     shape = tuple(int(s) for s in tensor.shape)
     if any(s < 0 for s in shape):

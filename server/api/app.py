@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry
 
 from apcm.server.api.auth import build_auth_interceptor
 from apcm.server.api.interceptors import (
+    DecodeErrorInterceptor,
     ErrorInterceptor,
     MetricsInterceptor,
     ReadinessInterceptor,
@@ -74,7 +75,14 @@ class ApcmServer:
         """Bind, recover state, warm up, then report SERVING."""
         s = self.settings
         if s.metrics_port >= 0:
-            self.metrics_port = self.service.metrics.start_http(s.metrics_host, s.metrics_port)
+            try:
+                self.metrics_port = self.service.metrics.start_http(s.metrics_host,
+                                                                    s.metrics_port)
+            except OSError as e:
+                raise FailedPrecondition(
+                    f"cannot serve metrics on {s.metrics_host}:{s.metrics_port}: "
+                    f"{e.strerror or e}; choose another port with --metrics-port "
+                    "(env APCM_METRICS_PORT, -1 disables metrics)") from e
         self.grpc_server.start()
         self._set_health(False)
         self.service.start()  # recovers, warms up, then reports SERVING
@@ -100,6 +108,26 @@ class ApcmServer:
         self._stopped.wait()
 
 
+# grpcio-reflection (1.85) ships only grpc.reflection.v1alpha. The v1 service has the
+# same messages field for field, so the v1alpha servicer answers v1 calls too when it
+# is registered under the v1 name; grpcurl and newer clients ask for v1 first.
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def _add_reflection_v1(server: grpc.Server) -> None:
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    servicer = reflection.ReflectionServicer(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1))
+    handler = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        REFLECTION_V1, {"ServerReflectionInfo": handler}),))
+
+
 def build_server(
     settings: Settings, registry: CollectorRegistry | None = None
 ) -> tuple[ApcmServer, int]:
@@ -119,6 +147,7 @@ def build_server(
     interceptors: list[Any] = [
         MetricsInterceptor(metrics), *([auth] if auth else []), ErrorInterceptor(),
         ReadinessInterceptor(lambda: service.ready, f"/{SERVICE_NAME}/"),
+        DecodeErrorInterceptor(),  # innermost: its deserializer is the one grpc calls
     ]
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -138,18 +167,24 @@ def build_server(
     )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1), server
     )
+    _add_reflection_v1(server)
     address = f"{settings.host}:{settings.grpc_port}"
     # tls.py also refuses a client CA without a server certificate, which would
     # otherwise silently serve plaintext.
     credentials = server_credentials(settings)
-    if credentials is None:
-        port = server.add_insecure_port(address)
-    else:
-        port = server.add_secure_port(address, credentials)
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError:  # grpc raises a bare RuntimeError when the bind fails
+        port = 0
     if port == 0:
-        raise FailedPrecondition(f"could not bind gRPC to {address}")
+        raise FailedPrecondition(
+            f"cannot bind gRPC to {address}: port {settings.grpc_port} is in use or not "
+            "allowed; choose another with --port (env APCM_GRPC_PORT)")
     apcm_server = ApcmServer(settings, service, server, port, health_servicer)
     health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
     health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import Enum
@@ -41,6 +43,31 @@ READ_ONLY_METHODS = frozenset(
     )
 )
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+# At most one "rejected" log line per this many seconds: a misconfigured client or a
+# scanner would otherwise write one line per call.
+REJECTION_LOG_INTERVAL_S = 10.0
+
+
+class _RateLimitedLog:
+    """Logs the first rejection, then at most one per interval with a count of the
+    ones not logged since."""
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self._lock = threading.Lock()
+        self._next = 0.0
+        self._suppressed = 0
+
+    def rejected(self, method: str, message: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now < self._next:
+                self._suppressed += 1
+                return
+            suppressed, self._suppressed = self._suppressed, 0
+            self._next = now + self.interval_s
+        more = f" ({suppressed} more rejected calls not logged)" if suppressed else ""
+        log.info("rejected %s: %s%s", method, message, more)
 
 
 class Role(Enum):
@@ -179,6 +206,7 @@ class ApiKeyInterceptor(grpc.ServerInterceptor):
         if not len(keys):
             raise ValueError("ApiKeyInterceptor needs at least one key")
         self._keys = keys
+        self._log = _RateLimitedLog(REJECTION_LOG_INTERVAL_S)
 
     def intercept_service(
         self,
@@ -194,7 +222,7 @@ class ApiKeyInterceptor(grpc.ServerInterceptor):
             # An unknown method stays UNIMPLEMENTED, as grpc reports it.
             return handler
         code, message = denial
-        log.info("rejected %s: %s", method, message)
+        self._log.rejected(method, message)
         return _abort_handler(handler, code, message)
 
     def _denial(

@@ -15,10 +15,11 @@ from typing import Any
 
 import grpc
 from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from apcm.server.errors import ApcmError, FailedPrecondition
+from apcm.server.errors import ApcmError, FailedPrecondition, InvalidArgument
 from apcm.server.metrics import Metrics
 from apcm.wire.tensors import TensorFormatError
 
@@ -161,3 +162,59 @@ class ReadinessInterceptor(grpc.ServerInterceptor):
             return guarded
 
         return _wrap_unary(handler, wrap)
+
+
+class Undecodable:
+    """Stands in for a request whose bytes do not parse as its message type.
+
+    grpc deserializes a request before any interceptor's behaviour runs, and a
+    deserializer that raises makes grpc answer INTERNAL itself. Returning this
+    instead lets the RPC go through the interceptors (metrics, auth, errors) and be
+    refused with INVALID_ARGUMENT.
+    """
+
+    def __init__(self, message_name: str, size: int, error: Exception) -> None:
+        self.message_name = message_name
+        self.size = size
+        self.error = error
+
+    def ByteSize(self) -> int:  # noqa: N802  (the protobuf message method MetricsInterceptor calls)
+        return self.size
+
+
+def _safe_deserializer(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    message_name = getattr(getattr(deserialize, "__self__", None), "__name__", "the request")
+
+    def safe(raw: bytes) -> Any:
+        try:
+            return deserialize(raw)
+        except (DecodeError, UnicodeDecodeError, ValueError) as e:
+            return Undecodable(message_name, len(raw), e)
+
+    return safe
+
+
+class DecodeErrorInterceptor(grpc.ServerInterceptor):
+    """Undecodable requests (not protobuf, invalid UTF-8 in a string) -> INVALID_ARGUMENT.
+
+    Must come after ``ErrorInterceptor`` in the server's interceptor list, so its
+    ``InvalidArgument`` is mapped to a status like any other domain error.
+    """
+
+    def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+        handler = continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None or handler.request_deserializer is None:
+            return handler
+
+        def checked(request: Any, context: grpc.ServicerContext) -> Any:
+            if isinstance(request, Undecodable):
+                raise InvalidArgument(
+                    f"the request is not a valid {request.message_name} protobuf message "
+                    f"({request.size} bytes; strings must be valid UTF-8)")
+            return handler.unary_unary(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            checked,
+            request_deserializer=_safe_deserializer(handler.request_deserializer),
+            response_serializer=handler.response_serializer,
+        )

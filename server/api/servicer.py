@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from apcm.server.domain.service import MemoryService, QueryHits, ReadParams
+from apcm.server.errors import InvalidArgument
 from apcm.v1 import memory_pb2, memory_pb2_grpc
 from apcm.wire.tensors import DTYPE_CODES, from_proto, to_proto
 
@@ -17,7 +18,21 @@ POLICY_TO_PROTO = {
     "lfu": memory_pb2.EVICTION_POLICY_LFU,
     "lfu_decay": memory_pb2.EVICTION_POLICY_LFU_DECAY,
 }
-POLICY_FROM_PROTO = {v: k for k, v in POLICY_TO_PROTO.items()}
+POLICY_FROM_PROTO: dict[int, str | None] = {v: k for k, v in POLICY_TO_PROTO.items()}
+POLICY_FROM_PROTO[memory_pb2.EVICTION_POLICY_UNSPECIFIED] = None  # the server's default
+PER_ITEM_FROM_PROTO = {
+    memory_pb2.WRITE_MODE_UNSPECIFIED: False,
+    memory_pb2.WRITE_MODE_MEAN: False,
+    memory_pb2.WRITE_MODE_PER_ITEM: True,
+}
+
+
+def _from_enum(value: int, table: dict[int, Any], enum: Any, field: str) -> Any:
+    """Translates a wire enum value; proto3 keeps unknown numbers, so check them here."""
+    if value not in table:
+        valid = ", ".join(f"{enum.Name(v)} ({v})" for v in enum.values() if v in table)
+        raise InvalidArgument(f"{field} {value} is not one of {valid}", field=field)
+    return table[value]
 
 
 def bank_info(stats) -> memory_pb2.BankInfo:  # type: ignore[no-untyped-def]
@@ -75,6 +90,12 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
             max_batch_size=info.max_batch_size,
             max_message_bytes=info.max_message_bytes,
             embedder=info.embedder,
+            max_top_k=info.max_top_k,
+            max_bank_capacity=info.max_bank_capacity,
+            max_payload_bytes=info.max_payload_bytes,
+            max_key_length=info.max_key_length,
+            memory_limit_bytes=info.memory_limit_bytes,
+            max_banks=info.max_banks,
         )
 
     def Compress(self, request, context):  # noqa: N802
@@ -95,8 +116,9 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
 
     def Write(self, request, context):  # noqa: N802
         texts = request.WhichOneof("content") == "texts"
-        per_item = request.mode == memory_pb2.WRITE_MODE_PER_ITEM or (
-            texts and request.mode == memory_pb2.WRITE_MODE_UNSPECIFIED)
+        # texts default to one memory each: the mean of unrelated sentences means nothing
+        per_item = _from_enum(request.mode, PER_ITEM_FROM_PROTO, memory_pb2.WriteMode, "mode") \
+            or (texts and request.mode == memory_pb2.WRITE_MODE_UNSPECIFIED)
         written = self.service.write(
             request.bank, **self._content(request, "content"), per_item=per_item,
             keys=list(request.keys), payloads=[bytes(p) for p in request.payloads],
@@ -122,15 +144,16 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         results = self.service.read(
             request.bank, params, **self._content(request, "query"),
             include_reconstruction=request.include_reconstruction,
+            include_payloads=request.include_payloads,
         )
-        return memory_pb2.ReadResponse(
-            results=[_query_result(r, request.include_payloads) for r in results])
+        return memory_pb2.ReadResponse(results=[_query_result(r) for r in results])
 
     # -- banks -----------------------------------------------------------------------
     def CreateBank(self, request, context):  # noqa: N802
         stats = self.service.create_bank(
             request.name, request.capacity,
-            policy=POLICY_FROM_PROTO.get(request.policy),  # UNSPECIFIED -> server default
+            policy=_from_enum(request.policy, POLICY_FROM_PROTO, memory_pb2.EvictionPolicy,
+                              "policy"),
             half_life=request.half_life or None, exist_ok=request.exist_ok,
         )
         return bank_info(stats)
@@ -168,12 +191,12 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
             banks=[bank_info(s) for s in self.service.list_banks()])
 
 
-def _query_result(r: QueryHits, include_payloads: bool) -> memory_pb2.QueryResult:
+def _query_result(r: QueryHits) -> memory_pb2.QueryResult:
     qr = memory_pb2.QueryResult()
     for i, h in enumerate(r.hits):
         hit = qr.hits.add(slot=h.slot, key=h.key or "", score=h.score, weight=h.weight,
                           sequence=h.sequence, metadata=h.metadata or {})
-        if include_payloads and h.payload:
+        if h.payload:
             hit.payload = h.payload
         if r.reconstructions is not None:
             hit.reconstruction.CopyFrom(to_proto(r.reconstructions[i]))

@@ -28,8 +28,16 @@ from apcm.server.config import Settings
 from apcm.server.domain.batching import KeyedBatcher, MicroBatcher
 from apcm.server.domain.engine import Engine
 from apcm.server.embedding.embedder import Embedder, EmbedderSpec, resolve_spec
-from apcm.server.errors import FailedPrecondition, InvalidArgument
-from apcm.server.memory.bank import BankStats, Hit, ReadResult, SlotWrite, validate_metadata
+from apcm.server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from apcm.server.memory.bank import (
+    BankStats,
+    Hit,
+    MemoryBank,
+    ReadResult,
+    SlotWrite,
+    validate_metadata,
+)
+from apcm.server.memory.names import validate_bank_name, validate_snapshot_name
 from apcm.server.memory.store import MemoryStore
 from apcm.server.metrics import Metrics
 
@@ -37,6 +45,11 @@ log = logging.getLogger(__name__)
 
 MAX_TOP_K = 1024
 MAX_TEXT_CHARS = 16_384  # one text to embed (MiniLM reads its first 256 tokens anyway)
+# Serialized bytes of one Hit besides its key, payload and reconstruction: field tags,
+# slot and sequence varints (up to 10 bytes each), score and weight, length prefixes.
+HIT_OVERHEAD_BYTES = 40
+# A Tensor message besides its data: shape, dtype and the length prefixes.
+TENSOR_OVERHEAD_BYTES = 16
 
 
 @dataclass(frozen=True)
@@ -55,6 +68,12 @@ class ModelInfo:
     device: str
     max_batch_size: int
     max_message_bytes: int
+    max_top_k: int
+    max_bank_capacity: int
+    max_payload_bytes: int
+    max_key_length: int
+    memory_limit_bytes: int
+    max_banks: int
     embedder: str = ""  # the text embedder, "" when the model serves vectors only
 
 
@@ -124,6 +143,8 @@ class MemoryService:
             default_policy=settings.default_policy,
             default_half_life=settings.default_half_life,
             metric=codec.similarity_weights,
+            memory_limit_bytes=settings.effective_memory_limit_bytes,
+            max_banks=settings.max_banks,
         )
         self.embedder: Embedder | None = None
         spec = resolve_spec(settings.embedder, codec.extra_metadata)
@@ -132,6 +153,8 @@ class MemoryService:
         self._embed: Callable[[np.ndarray], Any] = self._embed_now
         self.persistence: Any = self._build_persistence()
         metrics.watch_banks(self.store.list)
+        metrics.memory_limit.set(settings.effective_memory_limit_bytes)
+        metrics.max_banks.set(settings.max_banks)
         self._reads: KeyedBatcher | None = None
         if settings.batching:
             wait_s = settings.batch_max_wait_us / 1e6
@@ -249,7 +272,12 @@ class MemoryService:
             code_dtype=c.code_dtype, bytes_per_code=c.bytes_per_code, input_bytes=c.input_bytes,
             compression_ratio=c.compression_ratio, model_hash=c.content_hash,
             device=str(c.device), max_batch_size=self.settings.max_batch_size,
-            max_message_bytes=self.settings.max_message_bytes,
+            max_message_bytes=self.settings.max_message_bytes, max_top_k=MAX_TOP_K,
+            max_bank_capacity=self.settings.max_bank_capacity,
+            max_payload_bytes=self.settings.max_payload_bytes,
+            max_key_length=self.settings.max_key_length,
+            memory_limit_bytes=self.store.memory_limit_bytes or 0,
+            max_banks=self.settings.max_banks,
             embedder=self.embedder.spec.describe() if self.embedder is not None else "",
         )
 
@@ -353,16 +381,36 @@ class MemoryService:
         codes: np.ndarray | None = None,
         texts: Sequence[str] | None = None,
         include_reconstruction: bool = False,
+        include_payloads: bool = False,
     ) -> list[QueryHits]:
         """Recall from a bank for each query (items, codes or texts); see
-        ``MemoryBank.read``. ``params.where`` filters by metadata before top-k."""
+        ``MemoryBank.read``. ``params.where`` filters by metadata before top-k.
+
+        Raises:
+            ResourceExhausted: the reply would exceed ``max_message_bytes``; refused
+                before any search work.
+        """
         name = self.bank_name(bank)
-        self.store.get(name)
+        b = self.store.get(name)
         if texts is not None:
             if inputs is not None or codes is not None:
                 raise InvalidArgument("query: set one of inputs, codes or texts", field="query")
             inputs = self.embed(texts, "query")
-        latents = self._latents(inputs, codes, "query")
+        if (inputs is None) == (codes is None):
+            raise InvalidArgument("query: set either inputs, codes or texts", field="query")
+        if inputs is not None:
+            inputs = self.engine.check_inputs(inputs)
+            n_queries = inputs.shape[0]
+        else:
+            assert codes is not None
+            codes = self.engine.check_codes(codes)
+            n_queries = codes.shape[0]
+        self._check_reply_size(b, n_queries, params, include_reconstruction, include_payloads)
+        if inputs is not None:
+            latents = self.engine.encode_latent(inputs)
+        else:
+            assert codes is not None
+            latents = self.engine.codes_to_latent(codes)
         result = self._search(name, latents, params)
         self._count("Read", latents.shape[0])
         recon: list[np.ndarray] = []
@@ -374,6 +422,9 @@ class MemoryService:
         out, cursor = [], 0
         for q, r in enumerate(result.results):
             n = len(r.hits)
+            if not include_payloads:
+                for h in r.hits:
+                    h.payload = None
             out.append(QueryHits(
                 hits=r.hits,
                 reconstructions=recon[cursor:cursor + n] if include_reconstruction else None,
@@ -381,6 +432,44 @@ class MemoryService:
             ))
             cursor += n
         return out
+
+    def _check_reply_size(self, bank: MemoryBank, n_queries: int, p: ReadParams,
+                          include_reconstruction: bool, include_payloads: bool) -> None:
+        """Refuses a read whose reply would not fit in one message, before doing it.
+
+        The estimate is queries x min(top_k, occupied) x bytes per hit, where a hit
+        costs its framing, the bank's mean key and (if asked for) mean payload and
+        its L*D*4 reconstruction. Refusing early bounds the server's memory: a reply
+        is built whole in memory (several copies) before gRPC can refuse to send it.
+        """
+        hits = min(p.top_k, bank.occupied_count)
+        key_bytes, payload_bytes = bank.mean_entry_bytes()
+        per_hit = HIT_OVERHEAD_BYTES + key_bytes
+        parts = [f"{HIT_OVERHEAD_BYTES + round(key_bytes)} per hit"]
+        if include_payloads:
+            per_hit += payload_bytes
+            parts.append(f"{round(payload_bytes)} per payload (include_payloads)")
+        if include_reconstruction:
+            per_hit += self.codec.input_bytes + TENSOR_OVERHEAD_BYTES
+            parts.append(f"{self.codec.input_bytes} per reconstruction "
+                         "(include_reconstruction)")
+        per_query = hits * per_hit + 8
+        if p.soft and hits:
+            per_query += self.codec.input_bytes + TENSOR_OVERHEAD_BYTES
+            parts.append(f"{self.codec.input_bytes} per soft read (soft)")
+        estimate = math.ceil(n_queries * per_query)
+        limit = self.settings.max_message_bytes
+        if estimate <= limit:
+            return
+        fixes = ["lower top_k", "send fewer queries per request"]
+        fixes += [f"drop {flag}" for flag, on in (
+            ("include_reconstruction", include_reconstruction),
+            ("include_payloads", include_payloads), ("soft", p.soft)) if on]
+        raise ResourceExhausted(
+            f"this Read's reply would be about {estimate} bytes ({n_queries} queries x "
+            f"{hits} hits (top_k {p.top_k}, {bank.occupied_count} occupied) x "
+            f"{', '.join(parts)}), over the server's max_message_bytes of {limit}: "
+            f"{', '.join(fixes)}", field="top_k")
 
     def _search(self, bank: str, latents: torch.Tensor, p: ReadParams) -> ReadResult:
         """Concurrent reads of one bank with equal parameters share one search."""
@@ -406,8 +495,13 @@ class MemoryService:
 
     # -- banks ---------------------------------------------------------------------------
     def bank_name(self, name: str) -> str:
-        """The bank a request names; the empty name means the default bank."""
-        return name or self.settings.default_bank
+        """The bank a request names; the empty name means the default bank.
+
+        Raises:
+            InvalidArgument: not a valid bank name (checked before any lookup, so an
+                error message never carries an unbounded name).
+        """
+        return validate_bank_name(name or self.settings.default_bank)
 
     def create_bank(self, name: str, capacity: int, *, policy: str | None = None,
                     half_life: float | None = None, exist_ok: bool = False) -> BankStats:
@@ -428,11 +522,14 @@ class MemoryService:
         return self.store.clear(self.bank_name(name))
 
     def drop_bank(self, name: str) -> None:
+        name = validate_bank_name(name)
         self.store.drop_bank(name)
         self.metrics.forget_bank(name)
 
     # -- snapshots -----------------------------------------------------------------------
     def create_snapshot(self, name: str | None) -> Any:
+        if name is not None:
+            validate_snapshot_name(name)
         return self.persistence.snapshot(name)
 
     def list_snapshots(self) -> list[Any]:
@@ -440,6 +537,7 @@ class MemoryService:
 
     def restore_snapshot(self, name: str) -> Any:
         """Replace every bank with a snapshot; not serving while any restore runs."""
+        validate_snapshot_name(name)
         with self._pause_lock:
             self._pauses += 1
             self._set_ready(False)

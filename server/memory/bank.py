@@ -251,6 +251,11 @@ class MemoryBank:
     def payload_of(self, slot: int) -> bytes | None:
         return self._payloads.get(slot)
 
+    def mean_entry_bytes(self) -> tuple[float, float]:
+        """Mean UTF-8 bytes of a key and mean bytes of a payload over occupied slots."""
+        n = max(self._occupied_count, 1)
+        return self._key_bytes / n, self._payload_bytes / n
+
     def effective_counts(self) -> torch.Tensor:
         """[capacity] float64 access counts at the current write clock."""
         return self.policy.effective(self.counts, self.count_clock, self.write_clock)
@@ -269,6 +274,16 @@ class MemoryBank:
             counter_min=cmin, counter_max=cmax, counter_mean=cmean,
             memory_bytes=self.memory_bytes(), payload_bytes=self._payload_bytes,
         )
+
+    @staticmethod
+    def slot_bytes(code_dim: int, code_dtype: str) -> int:
+        """Bytes a bank preallocates per slot: its code and metadata tensors."""
+        code = code_dim * torch.empty((), dtype=CODE_DTYPES[code_dtype]).element_size()
+        return code + 1 + 8 + 8 + 8 + 4  # occupied, counts, count_clock, sequences, inv_norms
+
+    @property
+    def payload_bytes(self) -> int:
+        return self._payload_bytes
 
     def memory_bytes(self) -> int:
         """Bytes of codes, per-slot metadata tensors and key text (not payloads)."""

@@ -30,6 +30,11 @@ import torch
 from apcm.server.errors import InvalidArgument
 
 POLICIES = ("lfu", "lfu_decay")
+# Half-lives a bank may be created with, in writes. Below the minimum a count is gone
+# after one write (decay is then meaningless); above the maximum it never decays in
+# any bank's lifetime. Both ends keep clock / half_life far from float64's limits.
+MIN_HALF_LIFE = 1e-3
+MAX_HALF_LIFE = 1e12
 
 
 @dataclass(frozen=True)
@@ -89,6 +94,19 @@ class Policy:
             clocks[unique] = now
         counts.index_add_(0, slots, torch.ones(slots.numel(), dtype=counts.dtype,
                                                 device=counts.device))
+
+
+def validate_half_life(half_life: float) -> float:
+    """Returns ``half_life`` if a new bank may use it, else raises ``InvalidArgument``.
+
+    Only new banks are checked: a bank restored from an older snapshot or log keeps
+    the half-life it was created with.
+    """
+    if not (math.isfinite(half_life) and MIN_HALF_LIFE <= half_life <= MAX_HALF_LIFE):
+        raise InvalidArgument(
+            f"half_life must be between {MIN_HALF_LIFE:g} and {MAX_HALF_LIFE:g} writes, "
+            f"got {half_life:g}", field="half_life")
+    return float(half_life)
 
 
 def make_policy(name: str, half_life: float) -> Policy:

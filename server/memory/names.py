@@ -13,7 +13,19 @@ import re
 from apcm.server.errors import InvalidArgument
 
 MAX_NAME_LENGTH = 64
+# Client input shown in an error message is cut to this many characters: a status
+# message travels in trailers, which gRPC limits (8 KiB by default).
+MAX_ECHO_CHARS = 80
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def shorten(value: object, limit: int = MAX_ECHO_CHARS) -> str:
+    """``repr(value)`` cut to about ``limit`` characters, saying how long it was."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = f"{len(value)} characters" if isinstance(value, str) else f"{len(text)} chars"
+    return f"{text[:limit]}... ({size})"
 
 
 def _validate_name(name: object, what: str) -> str:
@@ -26,7 +38,7 @@ def _validate_name(name: object, what: str) -> str:
         )
     if not _NAME_RE.fullmatch(name) or ".." in name:
         raise InvalidArgument(
-            f"{what} name {name!r} is invalid: use letters, digits, '_', '.', '-', "
+            f"{what} name {shorten(name)} is invalid: use letters, digits, '_', '.', '-', "
             "start with a letter or digit, and no '..'",
             field="name",
         )
@@ -58,6 +70,6 @@ def validate_key(key: object, max_length: int) -> str:
         )
     if not key.isprintable():
         raise InvalidArgument(
-            f"key {key!r} contains non-printable characters", field="keys"
+            f"key {shorten(key)} contains non-printable characters", field="keys"
         )
     return key

@@ -45,7 +45,13 @@ import numpy as np
 import torch
 
 from apcm.server.codecs.quant import CODE_DTYPES
-from apcm.server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from apcm.server.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
 from apcm.server.memory.bank import (
     BankStats,
     MemoryBank,
@@ -55,8 +61,8 @@ from apcm.server.memory.bank import (
     encode_metadata,
     validate_metadata,
 )
-from apcm.server.memory.eviction import make_policy
-from apcm.server.memory.names import validate_bank_name
+from apcm.server.memory.eviction import make_policy, validate_half_life
+from apcm.server.memory.names import shorten, validate_bank_name
 
 
 class MutationLog(Protocol):
@@ -102,6 +108,10 @@ class MemoryStore:
         default_policy: policy of banks created without one.
         default_half_life: half-life (in writes) of "lfu_decay" banks created without one.
         log: the mutation log, or None (no durability).
+        memory_limit_bytes: bytes all banks may hold (preallocated slots, keys and
+            payloads); None for no limit. Checked by ``create_bank`` and by writes that
+            add payload bytes; restores and replay are not refused.
+        max_banks: most banks at once (None for no limit).
     """
 
     def __init__(
@@ -118,6 +128,8 @@ class MemoryStore:
         default_half_life: float,
         log: MutationLog | None = None,
         metric: torch.Tensor | None = None,
+        memory_limit_bytes: int | None = None,
+        max_banks: int | None = None,
     ) -> None:
         if code_dtype not in CODE_DTYPES:
             raise ValueError(f"unknown code dtype {code_dtype!r}")
@@ -129,7 +141,10 @@ class MemoryStore:
         self.max_capacity = int(max_capacity)
         self.max_payload_bytes = int(max_payload_bytes)
         self.max_key_length = int(max_key_length)
+        self.memory_limit_bytes = memory_limit_bytes
+        self.max_banks = max_banks
         make_policy(default_policy, default_half_life)  # fail fast on bad settings
+        validate_half_life(default_half_life)
         self.default_policy = default_policy
         self.default_half_life = float(default_half_life)
         self.lock = threading.RLock()
@@ -174,8 +189,25 @@ class MemoryStore:
     def _lookup(self, name: str) -> MemoryBank:
         bank = self._banks.get(name)  # copy-on-write dict: no lock needed
         if bank is None:
-            raise NotFound(f"bank {name!r} does not exist", field="bank")
+            raise NotFound(f"bank {shorten(name)} does not exist", field="bank")
         return bank
+
+    def usage_bytes(self) -> int:
+        """Bytes all banks hold now: preallocated slots, keys and payloads (no locks:
+        an estimate while writes run)."""
+        return sum(b.memory_bytes() + b.payload_bytes for b in self._banks.values())
+
+    def _check_memory(self, adding: int, what: str) -> None:
+        limit = self.memory_limit_bytes
+        if limit is None or adding <= 0:
+            return
+        used = self.usage_bytes()
+        if used + adding > limit:
+            raise ResourceExhausted(
+                f"{what} needs {adding} more bytes, but the banks hold {used} of the "
+                f"server's memory_limit_bytes of {limit} ({limit - used} left): free "
+                "memory (DropBank, ClearBank, DeleteSlots) or ask the operator to raise "
+                "--memory-limit-bytes")
 
     @contextlib.contextmanager
     def _locked(self, name: str) -> Iterator[MemoryBank]:
@@ -230,10 +262,16 @@ class MemoryStore:
         policy = policy or self.default_policy
         half_life = half_life or self.default_half_life
         make_policy(policy, half_life)
+        if policy == "lfu_decay":
+            validate_half_life(half_life)
         existing = self._banks.get(name)
         if existing is None:
+            self._check_new_bank(name, capacity)
             bank = self._new_bank(name, capacity, policy, half_life)  # allocate unlocked
             with self.lock:
+                # checked again: a concurrent create may have taken the room meanwhile
+                if name not in self._banks:
+                    self._check_new_bank(name, capacity)
                 existing = self._banks.get(name)
                 if existing is None:
                     record = self._prepare("create_bank", name, {
@@ -247,11 +285,20 @@ class MemoryStore:
                     stats = bank.stats()  # nobody else can hold the new bank's lock yet
         if existing is not None:
             if not exist_ok:
-                raise AlreadyExists(f"bank {name!r} already exists", field="name")
+                raise AlreadyExists(f"bank {shorten(name)} already exists", field="name")
             with existing.lock:
                 return existing.stats()
         self._wait(seq)
         return stats
+
+    def _check_new_bank(self, name: str, capacity: int) -> None:
+        if self.max_banks is not None and len(self._banks) >= self.max_banks:
+            raise ResourceExhausted(
+                f"the server already has {len(self._banks)} banks, its max_banks limit: "
+                "drop a bank or ask the operator to raise --max-banks")
+        slot = MemoryBank.slot_bytes(self.code_dim, self.code_dtype)
+        self._check_memory(capacity * slot,
+                           f"a bank of {capacity} slots ({slot} bytes each)")
 
     def drop_bank(self, name: str) -> None:
         """Removes a bank and its memories. Raises ``NotFound``."""
@@ -294,6 +341,8 @@ class MemoryStore:
         """
         with self._locked(bank) as b:
             keys, payloads = b.validate_write(codes, keys, payloads)
+            added = sum(len(p) for p in payloads if p) + sum(len(k.encode()) for k in keys if k)
+            self._check_memory(added, f"this write's {added} bytes of payloads and keys")
             n = codes.shape[0]
             if metadata and len(metadata) != n:
                 raise InvalidArgument(f"got {len(metadata)} metadata maps for {n} memories",

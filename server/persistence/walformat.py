@@ -27,6 +27,7 @@ A list of ``str``/``bytes`` is stored as int64 lengths followed by the data.
 
 from __future__ import annotations
 
+import io
 import json
 import struct
 import time
@@ -34,7 +35,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
@@ -218,14 +219,14 @@ class BadRecord(Exception):
         self.reaches_eof = reaches_eof
 
 
-def _zeros_to_eof(f: BinaryIO) -> bool:
+def _zeros_to_eof(f: io.BufferedReader) -> bool:
     while chunk := f.read(1 << 20):
         if chunk.count(0) != len(chunk):
             return False
     return True
 
 
-def read_header(f: BinaryIO, size: int) -> tuple[int, dict[str, Any]]:
+def read_header(f: io.BufferedReader, size: int) -> tuple[int, dict[str, Any]]:
     """``(version, header JSON)`` of a segment open at offset 0. Raises ``BadRecord``."""
     raw = f.read(_FILE_HEAD.size)
     if len(raw) < _FILE_HEAD.size:
@@ -250,7 +251,7 @@ def segment_version(path: Path) -> int:
         return read_header(f, path.stat().st_size)[0]
 
 
-def _records_v1(f: BinaryIO, offset: int, size: int) -> Iterator[tuple[int, WalRecord]]:
+def _records_v1(f: io.BufferedReader, offset: int, size: int) -> Iterator[tuple[int, WalRecord]]:
     while offset < size:
         head = f.read(_REC1_HEAD.size)
         if len(head) < _REC1_HEAD.size:
@@ -270,7 +271,7 @@ def _records_v1(f: BinaryIO, offset: int, size: int) -> Iterator[tuple[int, WalR
         offset = end
 
 
-def _records_v2(f: BinaryIO, offset: int, size: int) -> Iterator[tuple[int, WalRecord]]:
+def _records_v2(f: io.BufferedReader, offset: int, size: int) -> Iterator[tuple[int, WalRecord]]:
     while offset < size:
         head = f.read(_REC2_HEAD.size)
         if len(head) < _REC2_HEAD.size:
