@@ -27,7 +27,7 @@ from apcm.client.errors import NotFoundError, UnavailableError
 from apcm.server.cluster.placement import owner_of
 from apcm.server.cluster.rebalance import rebalance
 from apcm.server.cluster.router import FORWARDED_HEADER
-from apcm.server.cluster.transfer import assemble, decode_bank
+from apcm.server.cluster.transfer import assemble, chunks, decode_bank
 from apcm.server.memory.bank import _unpack
 from apcm.v1 import cluster_pb2, cluster_pb2_grpc, memory_pb2, memory_pb2_grpc
 
@@ -316,8 +316,6 @@ def test_a_move_that_fails_or_is_cut_short_keeps_the_bank(
 
     # the source died after the owner acknowledged the import, before dropping its copy:
     # the rerun keeps the owner's copy and drops the leftover
-    from apcm.server.cluster.transfer import chunks
-
     cluster1.ImportBank(chunks(name, data), timeout=30)
     n1.kill9()  # the import is durable: it survives kill -9 of the new owner too
     nodes.remove(n1)
@@ -326,7 +324,28 @@ def test_a_move_that_fails_or_is_cut_short_keeps_the_bank(
     report = rebalance(n0.address, say=lambda s: None)
     assert report.dropped_leftovers == [(name, 0)] and not report.moved
     assert name not in local_banks(n0)
-    with n0.client() as c:
+    # shard 0's channel to the restarted owner reconnects within its backoff (<= 1 s)
+    with n0.client(retries=20) as c:
         assert c.describe_bank(name).occupied == len(written)
     ch0.close()
     ch1.close()
+
+
+def test_a_single_server_reports_one_shard_and_moves_nothing(make_server) -> None:  # type: ignore[no-untyped-def]
+    server = make_server()
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        cluster = cluster_pb2_grpc.ClusterServiceStub(ch)
+        info = cluster.GetClusterInfo(cluster_pb2.GetClusterInfoRequest(), timeout=10)
+        assert (info.shard_id, info.shard_count, list(info.peers)) == (0, 1, [])
+        with pytest.raises(grpc.RpcError) as err:
+            cluster.MoveBank(cluster_pb2.MoveBankRequest(name="default"), timeout=10)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        # a bank exported from one server imports into another with the same codec
+        _, data = assemble(cluster.ExportBank(cluster_pb2.ExportBankRequest(name="default"),
+                                              timeout=10))
+    other = make_server()
+    with grpc.insecure_channel(f"127.0.0.1:{other.port}") as ch:
+        cluster = cluster_pb2_grpc.ClusterServiceStub(ch)
+        with pytest.raises(grpc.RpcError) as err:  # it has a default bank of its own
+            cluster.ImportBank(chunks("default", data), timeout=10)
+        assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
