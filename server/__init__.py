@@ -7,6 +7,11 @@
 - ``memory``: banks, the store of banks, eviction policies, names.
 - ``persistence``: write-ahead log, snapshots, recovery (imports ``memory``).
 - ``codecs``: the served codecs and their file format (never imports grpc).
+- ``embedding``: the text embedder a text model is bound to (loaded lazily).
+- ``cluster``: sharding at the gRPC edge (placement, forwarding, bank moves);
+  beside ``api``, imported only by ``api.app``.
+- ``cluster``: beside ``api`` at the edge: shards banks over several servers
+  (placement, forwarding interceptor, bank moves); only ``api.app`` imports it.
 
 Shared by every layer: ``config``, ``errors``, ``metrics``, ``fsutil``.
 """

@@ -1,6 +1,6 @@
-"""The ``apcm`` command line: serve, train, eval, bench, fit-pca.
+"""The ``apcm`` command line: serve, train, eval, bench, fit-pca, cluster.
 
-``serve`` lives in ``apcm.server.commands``; the others are tools for ML
+``serve`` and ``cluster`` live in ``apcm.server``; the others are tools for ML
 engineers and operators (``apcm.tools.commands``), installed with a checkout
 but not with the serving image. Each module registers its own parser; heavy
 imports happen inside the command, so ``apcm --help`` is fast.
@@ -19,6 +19,7 @@ COMMANDS = {
     "bench": "apcm.tools.commands.bench",
     "fit_pca": "apcm.tools.commands.fit_pca",
     "mcp": "apcm.client.agent_mcp",
+    "cluster": "apcm.server.cluster.command",
 }
 
 

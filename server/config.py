@@ -119,6 +119,24 @@ class Settings:
     )
     shutdown_grace_s: float = _f(10.0, "seconds in-flight RPCs get to finish on shutdown")
     log_level: str = _f("INFO", "logging level", ("DEBUG", "INFO", "WARNING", "ERROR"))
+    # -- cluster (docs/cluster.md); no peers: a single server, as before
+    peers: str = _f(
+        "", "comma-separated host:port of every shard, indexed by shard id (empty: no cluster)"
+    )
+    shard_count: int = _f(0, "number of shards, with --peer-pattern instead of --peers")
+    peer_pattern: str = _f(
+        "", "address of shard {i} with --shard-count, e.g. apcm-{i}.apcm-headless:50051"
+    )
+    shard_id: int = _f(
+        -1, "this server's shard (-1: the ordinal suffix of $HOSTNAME, apcm-2 -> 2)"
+    )
+    previous_shard_count: int = _f(
+        0, "during a resize, the shard count before it: banks not yet moved by "
+        "`apcm cluster rebalance` are served by their previous owner (0: no resize)"
+    )
+    forward_timeout_s: float = _f(
+        30.0, "deadline of a call forwarded to another shard when the caller set none"
+    )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

@@ -307,3 +307,59 @@ def test_dashboard_queries_parse_and_cover_the_issue(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(rules), encoding="utf-8")
     result = _run(_tool("promtool"), "check", "rules", str(path))
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ---------------------------------------------------------------- sharded cluster
+
+K8S_CLUSTER = DEPLOY / "k8s" / "cluster"
+
+
+def _rendered_cluster() -> list[dict[str, Any]]:
+    rendered = _run(_tool("kubectl"), "kustomize", str(K8S_CLUSTER))
+    assert rendered.returncode == 0, rendered.stderr
+    return [d for d in yaml.safe_load_all(rendered.stdout) if d]
+
+
+def test_cluster_overlay_renders_valid_manifests_with_a_consistent_shard_map(
+        tmp_path: Path) -> None:
+    from apcm.server.cluster.placement import ClusterConfig
+
+    docs = _rendered_cluster()
+    out = tmp_path / "cluster.yaml"
+    out.write_text(yaml.safe_dump_all(docs), encoding="utf-8")
+    result = _run(_tool("kubernetes-validate"), "--strict", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    by_key = {f"{d['kind']}/{d['metadata']['name']}": d for d in docs}
+    sts, config = by_key["StatefulSet/apcm"], by_key["ConfigMap/apcm-config"]["data"]
+    headless = by_key["Service/apcm-headless"]["spec"]
+    assert set(config) <= SETTINGS_ENV, set(config) - SETTINGS_ENV
+    assert sts["spec"]["replicas"] == int(config["APCM_SHARD_COUNT"]) == 3
+    assert sts["spec"]["podManagementPolicy"] == "Parallel"
+    assert headless["clusterIP"] == "None" and headless["publishNotReadyAddresses"] is True
+    # what pod apcm-2 computes from these settings and the HOSTNAME Kubernetes gives it
+    settings = Settings.from_env(config)
+    cluster = ClusterConfig.from_settings(settings, env={"HOSTNAME": "apcm-2"})
+    assert cluster is not None and cluster.shard_id == 2 and cluster.shard_count == 3
+    assert cluster.peers[2] == (f"{sts['metadata']['name']}-2.{sts['spec']['serviceName']}:"
+                                f"{config['APCM_GRPC_PORT']}")
+    assert cluster.previous_shard_count == 0
+
+
+def test_rebalance_job_validates_and_runs_the_real_command() -> None:
+    from apcm.server.cli import build_parser
+
+    path = K8S_CLUSTER / "rebalance-job.yaml"
+    result = _run(_tool("kubernetes-validate"), "--strict", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    (job,) = _docs(path)
+    pod = job["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    sts = _k8s_objects()["StatefulSet/apcm"]
+    assert container["image"] == sts["spec"]["template"]["spec"]["containers"][0]["image"]
+    args = build_parser("cluster").parse_args(container["args"])
+    assert (args.command, args.cluster_command) == ("cluster", "rebalance")
+    service = _k8s_objects()["Service/apcm"]
+    assert args.address == f"{service['metadata']['name']}:{service['spec']['ports'][0]['port']}"
+    key = container["env"][0]
+    assert key["name"] == "APCM_API_KEY" and key["valueFrom"]["secretKeyRef"]["optional"]
+    assert pod["restartPolicy"] == "Never" and pod["securityContext"]["runAsNonRoot"]

@@ -30,6 +30,7 @@ from apcm.server.api.interceptors import (
 )
 from apcm.server.api.servicer import MemoryServicer
 from apcm.server.api.tls import server_credentials
+from apcm.server.cluster.node import CLUSTER_SERVICE_NAME, ClusterNode
 from apcm.server.codecs.base import load_codec
 from apcm.server.config import Settings
 from apcm.server.domain.service import MemoryService
@@ -60,6 +61,7 @@ class ApcmServer:
         self.port = port
         self.metrics_port: int | None = None
         self.health = health_servicer
+        self.cluster: ClusterNode | None = None
         self._stopped = threading.Event()
         self._stop_lock = threading.Lock()
         service.on_serving_change = self._set_health
@@ -86,6 +88,8 @@ class ApcmServer:
         self.grpc_server.start()
         self._set_health(False)
         self.service.start()  # recovers, warms up, then reports SERVING
+        if self.cluster is not None:
+            self.cluster.started()
         log.info("serving %s on port %d", self.service.codec.name, self.port)
         return self
 
@@ -100,6 +104,8 @@ class ApcmServer:
             self.service.metrics.serving.set(0)
             grace = self.settings.shutdown_grace_s if grace is None else grace
             self.grpc_server.stop(grace).wait()
+            if self.cluster is not None:
+                self.cluster.close()
             self.service.close()
             self.service.metrics.stop_http()
             self._stopped.set()
@@ -143,8 +149,10 @@ def build_server(
     metrics.set_model(codec)
     service = MemoryService(settings, codec, metrics)
 
+    cluster = ClusterNode(settings, service)
     auth = build_auth_interceptor(settings)
     interceptors: list[Any] = [
+        *cluster.interceptors,  # outermost: forwards before anything decodes
         MetricsInterceptor(metrics), *([auth] if auth else []), ErrorInterceptor(),
         ReadinessInterceptor(lambda: service.ready, f"/{SERVICE_NAME}/"),
         DecodeErrorInterceptor(),  # innermost: its deserializer is the one grpc calls
@@ -161,13 +169,16 @@ def build_server(
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
     memory_pb2_grpc.add_MemoryServiceServicer_to_server(MemoryServicer(service), server)
+    cluster.add_to_server(server)
     health_servicer = health.HealthServicer(
         experimental_non_blocking=True,
         experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=2),
     )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1), server
+        (SERVICE_NAME, CLUSTER_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME,
+         REFLECTION_V1),
+        server,
     )
     _add_reflection_v1(server)
     address = f"{settings.host}:{settings.grpc_port}"
@@ -186,6 +197,7 @@ def build_server(
             f"cannot bind gRPC to {address}: port {settings.grpc_port} is in use or not "
             "allowed; choose another with --port (env APCM_GRPC_PORT)")
     apcm_server = ApcmServer(settings, service, server, port, health_servicer)
+    apcm_server.cluster = cluster
     health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
     health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
     return apcm_server, port

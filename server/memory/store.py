@@ -310,6 +310,32 @@ class MemoryStore:
             bank.retired = True
         self._wait(seq)
 
+    def adopt_bank(self, bank: MemoryBank) -> None:
+        """Adds a bank built elsewhere (a bank moved in from another server), unlogged.
+
+        The caller makes it durable by a snapshot before anyone may use it. Its
+        records from now on are replayed after that snapshot, so its
+        ``applied_seq`` restarts at this store's sequence; ``last_seq`` moves past
+        the bank's slot sequences so new memories stay younger than moved ones.
+
+        Raises:
+            AlreadyExists: a bank of that name is here.
+        """
+        newest = int(bank.sequences.max()) if bank.capacity else 0
+        with self.lock, self.seq_lock:
+            if bank.name in self._banks:
+                raise AlreadyExists(f"bank {bank.name!r} already exists", field="name")
+            self.last_seq = max(self.last_seq, newest)
+            bank.applied_seq = self.last_seq
+            self._banks = {**self._banks, bank.name: bank}
+
+    def abandon_bank(self, bank: MemoryBank) -> None:
+        """Takes back an ``adopt_bank`` that never became durable (unlogged, like it)."""
+        with bank.lock, self.lock:
+            if self._banks.get(bank.name) is bank:
+                self._banks = {n: b for n, b in self._banks.items() if n != bank.name}
+            bank.retired = True
+
     def get(self, name: str) -> MemoryBank:
         """The bank called ``name`` (hold its ``lock`` to use it). Raises ``NotFound``."""
         return self._lookup(name)

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-SUITE = ("rpc", "concurrency", "recall", "read", "durability")
+SUITE = ("rpc", "concurrency", "recall", "read", "durability", "cluster")
 log = logging.getLogger(__name__)
 
 

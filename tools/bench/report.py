@@ -18,7 +18,7 @@ from typing import Any
 
 from apcm.tools.bench.common import describe_machine, fmt, markdown_table
 
-ORDER = ("rpc", "concurrency", "recall", "read", "durability")
+ORDER = ("rpc", "concurrency", "recall", "read", "durability", "cluster")
 READ_COLUMNS = [
     ("slots", "slots"), ("batch", "Q"), ("ours_p50_ms", "ApCM p50 ms"),
     ("ours_p99_ms", "ApCM p99 ms"), ("faiss_p50_ms", "FAISS p50 ms"),

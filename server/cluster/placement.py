@@ -1,0 +1,114 @@
+"""Placement: the shard that owns a bank, and the shard map from settings.
+
+A bank's owner is chosen by rendezvous (highest-random-weight) hashing: every
+shard scores ``blake2b(shard, name)`` and the highest score wins. Growing the
+cluster from N to N+1 shards moves exactly the banks the new shard now wins,
+about 1/(N+1) of them, and moves none between the old shards.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from apcm.server.config import Settings
+
+PLACEMENT = "rendezvous-blake2b-64"
+_ORDINAL = re.compile(r"-(\d+)$")
+
+
+def _score(name: str, shard: int) -> int:
+    digest = hashlib.blake2b(f"{shard}\x00{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
+@functools.lru_cache(maxsize=65536)
+def owner_of(name: str, shard_count: int) -> int:
+    """The shard (0..shard_count-1) that owns bank ``name``."""
+    if shard_count < 1:
+        raise ValueError(f"shard_count must be >= 1, got {shard_count}")
+    return max(range(shard_count), key=lambda shard: _score(name, shard))
+
+
+def ordinal_of(hostname: str) -> int | None:
+    """The StatefulSet ordinal of a pod's host name: ``apcm-2`` -> 2; None if it has none."""
+    m = _ORDINAL.search(hostname.split(".")[0])
+    return int(m.group(1)) if m else None
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """This server's place in the cluster.
+
+    Attributes:
+        shard_id: this server's shard (its pod ordinal).
+        peers: ``host:port`` of every shard, indexed by shard id (this one included).
+        previous_shard_count: the shard count before a resize still being
+            rebalanced, else 0.
+    """
+
+    shard_id: int
+    peers: tuple[str, ...]
+    previous_shard_count: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.peers:
+            raise ValueError("a cluster needs at least one peer")
+        if not 0 <= self.shard_id < len(self.peers):
+            raise ValueError(f"shard id {self.shard_id} is outside the {len(self.peers)} peers")
+        if self.previous_shard_count < 0:
+            raise ValueError("previous_shard_count must be >= 0")
+
+    @property
+    def shard_count(self) -> int:
+        return len(self.peers)
+
+    def owner(self, name: str) -> int:
+        return owner_of(name, self.shard_count)
+
+    def previous_owner(self, name: str) -> int | None:
+        """The owner before the resize, if a resize is under way and it differs."""
+        if not self.previous_shard_count or self.previous_shard_count == self.shard_count:
+            return None
+        prev = owner_of(name, self.previous_shard_count)
+        return None if prev == self.owner(name) else prev
+
+    def describe(self, shard: int) -> str:
+        """How messages name a shard: ``shard 2 (apcm-2.apcm-headless:50051)``."""
+        return f"shard {shard} ({self.peers[shard]})"
+
+    @classmethod
+    def from_settings(cls, settings: Settings,
+                      env: Mapping[str, str] | None = None) -> ClusterConfig | None:
+        """The cluster ``settings`` describe, or None for a single server.
+
+        Raises:
+            ValueError: contradictory settings, or no shard id and no ordinal in $HOSTNAME.
+        """
+        env = os.environ if env is None else env
+        s = settings
+        if s.peers and s.peer_pattern:
+            raise ValueError("set either peers or shard_count + peer_pattern, not both")
+        if s.peers:
+            peers = tuple(p.strip() for p in s.peers.split(",") if p.strip())
+            if s.shard_count and s.shard_count != len(peers):
+                raise ValueError(f"shard_count {s.shard_count} != {len(peers)} peers")
+        elif s.peer_pattern or s.shard_count:
+            if not (s.peer_pattern and s.shard_count > 0) or "{i}" not in s.peer_pattern:
+                raise ValueError("peer_pattern (with '{i}') and shard_count > 0 go together")
+            peers = tuple(s.peer_pattern.replace("{i}", str(i)) for i in range(s.shard_count))
+        else:
+            return None
+        shard_id = s.shard_id
+        if shard_id < 0:
+            hostname = env.get("HOSTNAME", "")
+            found = ordinal_of(hostname)
+            if found is None:
+                raise ValueError(f"no shard_id given and HOSTNAME {hostname!r} has no "
+                                 "ordinal suffix (like apcm-2)")
+            shard_id = found
+        return cls(shard_id, peers, s.previous_shard_count)

@@ -1,0 +1,52 @@
+"""Reading one string field out of a serialized request without decoding the rest.
+
+The router only needs the bank name of a request to route it; the tensors stay
+bytes and travel to the owner as they came.
+"""
+
+from __future__ import annotations
+
+
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(buf) or shift > 63:
+            raise ValueError("truncated varint")
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, pos
+        shift += 7
+
+
+def string_field(buf: bytes, number: int) -> str | None:
+    """The last top-level occurrence of string field ``number`` (proto3: last wins).
+
+    Returns None when the field is absent or the bytes are not a valid message
+    (the real deserializer then reports the error).
+    """
+    found = None
+    pos = 0
+    try:
+        while pos < len(buf):
+            tag, pos = _varint(buf, pos)
+            field, wire = tag >> 3, tag & 7
+            if wire == 0:
+                _, pos = _varint(buf, pos)
+            elif wire == 1:
+                pos += 8
+            elif wire == 5:
+                pos += 4
+            elif wire == 2:
+                size, pos = _varint(buf, pos)
+                if pos + size > len(buf):
+                    return None
+                if field == number:
+                    found = buf[pos:pos + size].decode("utf-8")
+                pos += size
+            else:
+                return None  # groups are not used by apcm.v1
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return found
