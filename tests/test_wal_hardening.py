@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -531,3 +532,33 @@ mgr.restore("base")
     assert [b.name for b in recovered.list()] == ["b", "extra"]
     with recovered.get("b").lock:
         assert recovered.get("b").stats().occupied == 7  # every acknowledged write
+
+
+def test_write_health_follows_the_log_while_reads_keep_serving(
+    make_server, file_size_limit
+) -> None:
+    """While the log cannot make writes durable, the health status of writes is
+    NOT_SERVING and writes get UNAVAILABLE naming the cause; reads and the service
+    status keep serving; once the cause is gone both come back."""
+    from apcm.client import MemoryClient, UnavailableError
+    from apcm.server.api.app import WRITES_HEALTH_NAME
+
+    server = make_server()
+    with MemoryClient(f"127.0.0.1:{server.port}", timeout=30.0, retries=0) as client:
+        codes = np.eye(8, dtype=np.float32)[:1]
+        client.write(codes=codes, mode="per_item", keys=["before"])
+        assert client.health(WRITES_HEALTH_NAME) == "SERVING"
+        wal = server.service.persistence.wal
+        assert wal is not None
+        wal.retry_s = 0.2
+        with file_size_limit(wal.size_bytes):
+            with pytest.raises(UnavailableError, match="File too large"):
+                client.write(codes=codes, mode="per_item", keys=["refused"])
+            assert client.health(WRITES_HEALTH_NAME) == "NOT_SERVING"
+            assert client.health() == "SERVING"
+            assert client.read(codes=codes, top_k=1)[0].hits[0].key == "before"
+        deadline = time.monotonic() + 10
+        while client.health(WRITES_HEALTH_NAME) != "SERVING" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert client.health(WRITES_HEALTH_NAME) == "SERVING"
+        client.write(codes=codes, mode="per_item", keys=["after"])

@@ -40,6 +40,10 @@ from apcm.v1 import memory_pb2, memory_pb2_grpc
 
 log = logging.getLogger("apcm")
 SERVICE_NAME = memory_pb2.DESCRIPTOR.services_by_name["MemoryService"].full_name
+# Health of writes alone: NOT_SERVING while the write-ahead log cannot make writes
+# durable (disk full, I/O error), while reads still serve. Probes and load balancers
+# that route writes can watch it; the plain service status stays about reads.
+WRITES_HEALTH_NAME = f"{SERVICE_NAME}/Write"
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -48,6 +52,11 @@ def resolve_device(choice: str) -> torch.device:
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(choice)
+
+
+def _status(serving: bool) -> int:
+    return (health_pb2.HealthCheckResponse.SERVING if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING)
 
 
 class ApcmServer:
@@ -65,13 +74,17 @@ class ApcmServer:
         self._stopped = threading.Event()
         self._stop_lock = threading.Lock()
         service.on_serving_change = self._set_health
+        service.persistence.add_wal_listener(lambda healthy: self._set_write_health())
 
     def _set_health(self, serving: bool) -> None:
-        status = (health_pb2.HealthCheckResponse.SERVING if serving
-                  else health_pb2.HealthCheckResponse.NOT_SERVING)
         for name in ("", SERVICE_NAME):
-            self.health.set(name, status)
+            self.health.set(name, _status(serving))
         self.service.metrics.serving.set(1 if serving else 0)
+        self._set_write_health()
+
+    def _set_write_health(self) -> None:
+        p = self.service.persistence
+        self.health.set(WRITES_HEALTH_NAME, _status(self.service.ready and p.wal_healthy))
 
     def start(self) -> ApcmServer:
         """Bind, recover state, warm up, then report SERVING."""
@@ -200,6 +213,7 @@ def build_server(
     apcm_server.cluster = cluster
     health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
     health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+    health_servicer.set(WRITES_HEALTH_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
     return apcm_server, port
 
 
