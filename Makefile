@@ -42,12 +42,12 @@ serve: $(SERVE_STAMP)
 	$(VENV)/bin/apcm serve $(if $(MODEL),--model $(MODEL))
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check server client wire tools tests scripts deploy
+	$(VENV)/bin/ruff check server client wire tools tests scripts deploy examples
 	$(PY) -m pytest -q
 
 # mypy needs the apcm.* import names, which package-dir maps; a symlink tree gives it them.
 lint: $(STAMP)
-	$(VENV)/bin/ruff check server client wire tools tests scripts deploy
+	$(VENV)/bin/ruff check server client wire tools tests scripts deploy examples
 	rm -rf build/typecheck && mkdir -p build/typecheck/apcm && touch build/typecheck/apcm/__init__.py
 	ln -s ../../../server build/typecheck/apcm/server
 	ln -s ../../../client build/typecheck/apcm/client
