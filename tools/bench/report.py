@@ -30,12 +30,14 @@ COMMANDS = """\
 Regenerate everything with `make bench` (`apcm bench all`: every benchmark with its
 defaults, then this report), or one benchmark at a time, then the report:
 
-```
+<!-- doc-test: skip — each benchmark runs for minutes; `make bench` runs them all -->
+```sh
 apcm bench rpc --json docs/bench/rpc.json
 apcm bench concurrency --json docs/bench/concurrency.json
 apcm bench recall --json docs/bench/recall.json
 apcm bench read --json docs/bench/read.json
 apcm bench durability --json docs/bench/durability.json
+apcm bench cluster --json docs/bench/cluster.json
 apcm bench report
 ```
 """
