@@ -141,6 +141,9 @@ class Hit:
         reconstruction: decoded memory [L, D] float32, or None when not requested.
         sequence: write sequence number of the memory (its age).
         metadata: the memory's string metadata ({} if none).
+        cosine: cosine similarity of query and memory codes (equals ``score`` in a
+            dense read; a hybrid or lexical text read ranks by another score).
+        lexical_score: BM25 score of the memory's text for the query (0 in dense).
     """
 
     slot: int
@@ -151,6 +154,8 @@ class Hit:
     reconstruction: np.ndarray | None
     sequence: int
     metadata: dict[str, str] = field(default_factory=dict)
+    cosine: float = 0.0
+    lexical_score: float = 0.0
 
     @classmethod
     def from_proto(cls, msg: memory_pb2.Hit, with_payload: bool) -> Hit:
@@ -164,6 +169,8 @@ class Hit:
             reconstruction=recon,
             sequence=int(msg.sequence),
             metadata=dict(msg.metadata),
+            cosine=float(msg.cosine),
+            lexical_score=float(msg.lexical_score),
         )
 
 
@@ -174,10 +181,12 @@ class Memory:
     Attributes:
         text: the stored text (the memory's payload, decoded as UTF-8).
         key: the memory's key ("" if none).
-        score: cosine similarity of query and memory, in [-1, 1].
+        score: the ranking score of the recall's mode: the fused RRF score in hybrid
+            mode, the cosine in dense mode (in [-1, 1]), BM25 in lexical mode.
         metadata: the memory's string metadata ({} if none).
         slot: slot index in the bank.
         sequence: write sequence number (its age).
+        cosine: cosine similarity of query and memory, in every mode.
     """
 
     text: str
@@ -186,12 +195,13 @@ class Memory:
     metadata: dict[str, str]
     slot: int
     sequence: int
+    cosine: float = 0.0
 
     @classmethod
     def from_hit(cls, hit: Hit) -> Memory:
         return cls(text=(hit.payload or b"").decode("utf-8", errors="replace"), key=hit.key,
                    score=hit.score, metadata=dict(hit.metadata), slot=hit.slot,
-                   sequence=hit.sequence)
+                   sequence=hit.sequence, cosine=hit.cosine)
 
 
 @dataclass(frozen=True)
