@@ -97,7 +97,7 @@ def test_only_texts_are_indexed(mem: MemoryClient) -> None:
     mem.create_bank("payloads", 8, exist_ok=True)
     info = mem.model_info()
     x = np.random.default_rng(0).standard_normal((1, *info.input_shape)).astype(np.float32)
-    mem.write(x, bank="payloads", per_item=True, payloads=[b"walrus walrus walrus"])
+    mem.write(x, bank="payloads", mode="per_item", payloads=[b"walrus walrus walrus"])
     assert mem.recall("walrus", bank="payloads", mode="lexical") == []
     assert len(mem.recall("walrus", bank="payloads", mode="dense")) == 1
     mem.remember("A walrus sleeps on the ice.", bank="payloads")
