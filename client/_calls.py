@@ -234,16 +234,28 @@ def remember(texts: Any, bank: str, keys: Any, metadata: Any) -> Call[list[Writt
                 retryable=bool(key_list))
 
 
+RECALL_MODES = {
+    None: memory_pb2.RECALL_MODE_UNSPECIFIED,
+    "dense": memory_pb2.RECALL_MODE_DENSE,
+    "hybrid": memory_pb2.RECALL_MODE_HYBRID,
+    "lexical": memory_pb2.RECALL_MODE_LEXICAL,
+}
+
+
 def recall(query: Any, bank: str, top_k: int, where: dict[str, str] | None,
-           min_score: float | None) -> Call[Any]:
+           min_score: float | None, mode: str | None = None) -> Call[Any]:
     single = isinstance(query, str)
     queries = _texts(query, "query")
     if int(top_k) < 1:
         raise invalid_argument(f"top_k must be >= 1, got {top_k}")
+    if mode not in RECALL_MODES:
+        raise invalid_argument(f"mode must be 'hybrid', 'dense' or 'lexical' (or None for "
+                               f"the server's choice), got {mode!r}")
     request = memory_pb2.ReadRequest(
         bank=bank, top_k=int(top_k), include_payloads=True,
         texts=memory_pb2.TextBatch(texts=queries),
         filter={str(k): str(v) for k, v in (where or {}).items()},
+        mode=RECALL_MODES[mode],
     )
     if min_score is not None:
         request.min_score = float(min_score)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any
+from typing import Any, Literal
 
 from apcm.client.errors import (
     ApcmError,
@@ -79,9 +79,11 @@ class AgentMemory:
                 "evicted_key": written.evicted_key if written.evicted else None}
 
     def recall(self, query: str, bank: str | None = None, top_k: int = 5,
-               filter: dict[str, str] | None = None) -> list[dict[str, Any]]:  # noqa: A002
-        hits = self._call(self.client.recall, query, bank=bank, top_k=top_k, filter=filter)
-        return [{"text": h.text, "key": h.key, "score": round(h.score, 4),
+               filter: dict[str, str] | None = None,  # noqa: A002
+               mode: str | None = None) -> list[dict[str, Any]]:
+        hits = self._call(self.client.recall, query, bank=bank, top_k=top_k, filter=filter,
+                          mode=mode)
+        return [{"text": h.text, "key": h.key, "similarity": round(h.score, 4),
                  "metadata": h.metadata} for h in hits]
 
     def forget(self, key: str | None = None, query: str | None = None,
@@ -140,16 +142,21 @@ def build_mcp(memory: AgentMemory, host: str = "127.0.0.1", port: int = 8000) ->
 
     @mcp.tool()
     def recall(query: str, bank: str | None = None, top_k: int = 5,
-               filter: dict[str, str] | None = None) -> list[dict[str, Any]]:  # noqa: A002
-        """Find the stored memories closest in meaning to a question or topic, best first.
+               filter: dict[str, str] | None = None,  # noqa: A002
+               mode: Literal["hybrid", "dense", "lexical"] | None = None,
+               ) -> list[dict[str, Any]]:
+        """Find the stored memories that best answer a question or topic, best first.
 
         Args:
             query: what you want to know, in natural language.
             bank: memory bank to search; leave out for the default bank.
             top_k: how many memories to return (1-50).
             filter: only memories whose metadata has all these labels, e.g. {"user": "u1"}.
+            mode: leave out (hybrid: matches words and meaning); "lexical" for exact
+                names, ids or rare words only; "dense" for meaning only.
         """
-        return guarded(memory.recall, query, bank, top_k, filter)  # type: ignore[no-any-return]
+        return guarded(memory.recall, query, bank, top_k,  # type: ignore[no-any-return]
+                       filter, mode)
 
     @mcp.tool()
     def forget(key: str | None = None, query: str | None = None,

@@ -236,6 +236,7 @@ class AsyncMemoryClient:
         top_k: int = 5,
         filter: dict[str, str] | None = None,  # noqa: A002 - the documented name
         min_score: float | None = None,
+        mode: str | None = None,
         *,
         timeout: float | None = None,
     ) -> Any:
@@ -244,13 +245,19 @@ class AsyncMemoryClient:
         Args:
             query: one text (returns a list of hits) or a list (a list of hit lists).
             top_k: hits per query, best first.
-            filter: metadata equality filter, applied before top-k.
-            min_score: drop hits whose cosine score is below this.
+            filter: metadata equality filter, applied before top-k (and before fusion).
+            min_score: drop hits whose cosine is below this (in every mode).
+            mode: "hybrid" (words and meaning: reciprocal-rank fusion of BM25 over the
+                bank's texts and the dense codes), "dense" (meaning only: cosine of
+                codes) or "lexical" (words only: BM25); None lets the server choose
+                (hybrid when the bank holds texts).
 
         Returns:
-            ``Memory`` hits with ``.text``, ``.key``, ``.score``, ``.metadata``.
+            ``Memory`` hits with ``.text``, ``.key``, ``.score`` (cosine in dense mode,
+            fused RRF score in hybrid, BM25 in lexical), ``.cosine`` (in every mode),
+            ``.metadata``.
         """
-        call = _calls.recall(query, bank or "", top_k, filter, min_score)
+        call = _calls.recall(query, bank or "", top_k, filter, min_score, mode)
         return await self._invoke(call, timeout)
 
     # ------------------------------------------------------------ banks

@@ -135,12 +135,17 @@ class Hit:
     Attributes:
         slot: slot index.
         key: slot key ("" if none).
-        score: cosine similarity of query and memory codes, in [-1, 1].
-        weight: softmax weight of this slot among all occupied slots.
+        score: cosine similarity of query and memory codes, in [-1, 1], in every mode.
+        weight: softmax weight of this slot among all occupied slots (hybrid and
+            lexical reads: the hit's share of the returned rank scores).
         payload: payload bytes, or None when payloads were not requested.
         reconstruction: decoded memory [L, D] float32, or None when not requested.
         sequence: write sequence number of the memory (its age).
         metadata: the memory's string metadata ({} if none).
+        cosine: the same cosine as ``score`` (kept for callers of the first text API).
+        lexical_score: BM25 score of the memory's text for the query (0 in dense).
+        rank_score: the score that ordered the hits: the cosine (dense), the fused
+            RRF score (hybrid) or BM25 (lexical).
     """
 
     slot: int
@@ -151,6 +156,9 @@ class Hit:
     reconstruction: np.ndarray | None
     sequence: int
     metadata: dict[str, str] = field(default_factory=dict)
+    cosine: float = 0.0
+    lexical_score: float = 0.0
+    rank_score: float = 0.0
 
     @classmethod
     def from_proto(cls, msg: memory_pb2.Hit, with_payload: bool) -> Hit:
@@ -164,6 +172,9 @@ class Hit:
             reconstruction=recon,
             sequence=int(msg.sequence),
             metadata=dict(msg.metadata),
+            cosine=float(msg.cosine),
+            lexical_score=float(msg.lexical_score),
+            rank_score=float(msg.rank_score),
         )
 
 
@@ -174,10 +185,13 @@ class Memory:
     Attributes:
         text: the stored text (the memory's payload, decoded as UTF-8).
         key: the memory's key ("" if none).
-        score: cosine similarity of query and memory, in [-1, 1].
+        score: cosine similarity of query and memory, in [-1, 1], in every mode.
         metadata: the memory's string metadata ({} if none).
         slot: slot index in the bank.
         sequence: write sequence number (its age).
+        cosine: the same cosine as ``score``.
+        rank_score: the score that ordered the hits (fused RRF in hybrid mode,
+            BM25 in lexical mode, the cosine in dense mode).
     """
 
     text: str
@@ -186,12 +200,14 @@ class Memory:
     metadata: dict[str, str]
     slot: int
     sequence: int
+    cosine: float = 0.0
+    rank_score: float = 0.0
 
     @classmethod
     def from_hit(cls, hit: Hit) -> Memory:
         return cls(text=(hit.payload or b"").decode("utf-8", errors="replace"), key=hit.key,
                    score=hit.score, metadata=dict(hit.metadata), slot=hit.slot,
-                   sequence=hit.sequence)
+                   sequence=hit.sequence, cosine=hit.cosine, rank_score=hit.rank_score)
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,6 @@
 - ``embedding``: the text embedder a text model is bound to (loaded lazily).
 - ``cluster``: sharding at the gRPC edge (placement, forwarding, bank moves);
   beside ``api``, imported only by ``api.app``.
-- ``cluster``: beside ``api`` at the edge: shards banks over several servers
-  (placement, forwarding interceptor, bank moves); only ``api.app`` imports it.
 
 Shared by every layer: ``config``, ``errors``, ``metrics``, ``fsutil``.
 """

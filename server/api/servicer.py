@@ -20,6 +20,12 @@ POLICY_TO_PROTO = {
 }
 POLICY_FROM_PROTO: dict[int, str | None] = {v: k for k, v in POLICY_TO_PROTO.items()}
 POLICY_FROM_PROTO[memory_pb2.EVICTION_POLICY_UNSPECIFIED] = None  # the server's default
+MODE_FROM_PROTO: dict[int, str | None] = {
+    memory_pb2.RECALL_MODE_UNSPECIFIED: None,
+    memory_pb2.RECALL_MODE_DENSE: "dense",
+    memory_pb2.RECALL_MODE_HYBRID: "hybrid",
+    memory_pb2.RECALL_MODE_LEXICAL: "lexical",
+}
 PER_ITEM_FROM_PROTO = {
     memory_pb2.WRITE_MODE_UNSPECIFIED: False,
     memory_pb2.WRITE_MODE_MEAN: False,
@@ -140,6 +146,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
             soft=request.soft,
             count_access=not request.skip_access_count,
             where=ReadParams.filter_items(dict(request.filter)),
+            mode=_from_enum(request.mode, MODE_FROM_PROTO, memory_pb2.RecallMode, "mode"),
         )
         results = self.service.read(
             request.bank, params, **self._content(request, "query"),
@@ -195,7 +202,10 @@ def _query_result(r: QueryHits) -> memory_pb2.QueryResult:
     qr = memory_pb2.QueryResult()
     for i, h in enumerate(r.hits):
         hit = qr.hits.add(slot=h.slot, key=h.key or "", score=h.score, weight=h.weight,
-                          sequence=h.sequence, metadata=h.metadata or {})
+                          sequence=h.sequence, metadata=h.metadata or {},
+                          cosine=getattr(h, "cosine", h.score),
+                          lexical_score=getattr(h, "lexical", 0.0),
+                          rank_score=getattr(h, "rank_score", h.score))
         if h.payload:
             hit.payload = h.payload
         if r.reconstructions is not None:

@@ -37,6 +37,7 @@ from apcm.server.memory.bank import (
     SlotWrite,
     validate_metadata,
 )
+from apcm.server.memory.hybrid import MODES
 from apcm.server.memory.names import validate_bank_name, validate_snapshot_name
 from apcm.server.memory.store import MemoryStore
 from apcm.server.metrics import Metrics
@@ -96,6 +97,9 @@ class ReadParams:
     soft: bool = False
     count_access: bool = True
     where: tuple[tuple[str, str], ...] = ()  # metadata equality filter, sorted items
+    # "dense", "hybrid" or "lexical" (see memory.hybrid); None: hybrid for a text query
+    # of a bank that holds text memories, else dense
+    mode: str | None = None
 
     @staticmethod
     def filter_items(where: dict[str, str] | None) -> tuple[tuple[str, str], ...]:
@@ -112,6 +116,9 @@ class ReadParams:
                                   field="temperature")
         if self.min_score is not None and math.isnan(self.min_score):
             raise InvalidArgument("min_score must be a number", field="min_score")
+        if self.mode is not None and self.mode not in MODES:
+            raise InvalidArgument(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}",
+                                  field="mode")
 
 
 class MemoryService:
@@ -323,14 +330,16 @@ class MemoryService:
         """
         name = self.bank_name(bank)
         self.store.get(name)  # NOT_FOUND before any model work
+        text_flags: list[bool] | None = None
         if texts is not None:
             if inputs is not None or codes is not None:
                 raise InvalidArgument("content: set one of inputs, codes or texts",
                                       field="content")
             inputs = self.embed(texts)
-            if not payloads:
+            if not payloads:  # the payload is the text: it joins the lexical index
                 payloads = [t.encode() for t in texts] if per_item \
                     else ["\n".join(texts).encode()]
+                text_flags = [True] * len(payloads)
         stored = self._codes_to_store(inputs, codes, per_item)
         n = stored.shape[0]
         for field, given in (("payloads", payloads), ("keys", keys), ("metadata", metadata)):
@@ -342,7 +351,7 @@ class MemoryService:
                 )
         written = self.store.write(name, stored, [k or None for k in keys] or [None] * n,
                                    [p or None for p in payloads] or [None] * n,
-                                   [m or None for m in metadata] or None)
+                                   [m or None for m in metadata] or None, text=text_flags)
         self._count("Write", n)
         m = self.metrics
         m.bank_writes.labels(name).inc(n)
@@ -392,10 +401,16 @@ class MemoryService:
         """
         name = self.bank_name(bank)
         b = self.store.get(name)
+        mode = params.mode
         if texts is not None:
             if inputs is not None or codes is not None:
                 raise InvalidArgument("query: set one of inputs, codes or texts", field="query")
             inputs = self.embed(texts, "query")
+            if mode is None:
+                mode = "hybrid" if self.store.has_texts(name) else "dense"
+        elif mode not in (None, "dense"):
+            raise InvalidArgument(f"mode {mode} ranks by the query's words: send the query "
+                                  "as texts, or use mode dense", field="mode")
         if (inputs is None) == (codes is None):
             raise InvalidArgument("query: set either inputs, codes or texts", field="query")
         if inputs is not None:
@@ -411,7 +426,14 @@ class MemoryService:
         else:
             assert codes is not None
             latents = self.engine.codes_to_latent(codes)
-        result = self._search(name, latents, params)
+        if mode in ("hybrid", "lexical"):
+            assert texts is not None
+            result = self.store.read_fused(
+                name, latents, list(texts), mode, top_k=params.top_k,
+                temperature=params.temperature, min_score=params.min_score, soft=params.soft,
+                count_access=params.count_access, where=dict(params.where) or None)
+        else:
+            result = self._search(name, latents, params)
         self._count("Read", latents.shape[0])
         recon: list[np.ndarray] = []
         if include_reconstruction:

@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import operator
 import threading
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -62,6 +63,8 @@ from apcm.server.memory.bank import (
     validate_metadata,
 )
 from apcm.server.memory.eviction import make_policy, validate_half_life
+from apcm.server.memory.hybrid import fused_read
+from apcm.server.memory.lexical import LexicalIndex, is_text
 from apcm.server.memory.names import shorten, validate_bank_name
 
 
@@ -152,6 +155,9 @@ class MemoryStore:
         self.last_seq = 0
         self._log = log
         self._banks: dict[str, MemoryBank] = {}
+        # each bank's BM25 index of its text memories, kept in step under the bank lock
+        self._lexical: weakref.WeakKeyDictionary[MemoryBank, LexicalIndex] = \
+            weakref.WeakKeyDictionary()
 
     def set_log(self, log: MutationLog | None) -> None:
         with self.lock, self.seq_lock:
@@ -173,6 +179,31 @@ class MemoryStore:
             if record is None:
                 raise FailedPrecondition("the log was attached during this mutation; retry")
             self._log.append(seq, record)
+
+    def lexical(self, bank: MemoryBank) -> LexicalIndex:
+        """The lexical index of a bank (empty until it holds text memories)."""
+        index = self._lexical.get(bank)
+        if index is None:
+            index = self._lexical.setdefault(bank, LexicalIndex())
+        return index
+
+    def _index_texts(self, b: MemoryBank, slots: list[int], payloads: list[bytes | None],
+                     text: list[bool] | None) -> None:
+        """After a write: slot j holds a text memory iff ``text[j]`` (None: data without
+        text marks, see ``lexical.is_text``)."""
+        index = self.lexical(b)
+        for j, slot in enumerate(slots):
+            flag = text[j] if text is not None else is_text(payloads[j])
+            index.set(slot, payloads[j] if flag else None)
+
+    def _load_texts(self, b: MemoryBank, flags: np.ndarray | None) -> None:
+        """A bank's index from its text marks [capacity] (None: derived from payloads)."""
+        occupied = torch.nonzero(b.occupied).flatten().tolist()
+        if flags is not None:
+            occupied = [s for s in occupied if s < len(flags) and flags[s]]
+        docs = {s: p for s in occupied if (p := b.payload_of(s)) is not None
+                and (flags is not None or is_text(p))}
+        self.lexical(b).load(docs)
 
     def _wait(self, seq: int) -> None:
         log = self._log
@@ -327,6 +358,7 @@ class MemoryStore:
                 raise AlreadyExists(f"bank {bank.name!r} already exists", field="name")
             self.last_seq = max(self.last_seq, newest)
             bank.applied_seq = self.last_seq
+            self._load_texts(bank, None)  # a moved bank carries no text marks
             self._banks = {**self._banks, bank.name: bank}
 
     def abandon_bank(self, bank: MemoryBank) -> None:
@@ -352,6 +384,7 @@ class MemoryStore:
         keys: list[str | None],
         payloads: list[bytes | None],
         metadata: list[dict[str, str] | None] | None = None,
+        text: list[bool] | None = None,
     ) -> list[SlotWrite]:
         """Stores each code [n, m] (code dtype) in its own slot; see ``MemoryBank``.
 
@@ -361,6 +394,8 @@ class MemoryStore:
             keys: [] or n keys (None / "" for none); an existing key is overwritten in place.
             payloads: [] or n payloads (None / b"" for none).
             metadata: None, [] or n string maps (None / {} for none), size-bounded.
+            text: None, or n flags: memory j's payload is its text (it joins the bank's
+                lexical index).
 
         Returns:
             One ``SlotWrite`` per code, in order.
@@ -385,6 +420,11 @@ class MemoryStore:
             }
             if metas and any(metas):  # absent from older records and metadata-less writes
                 fields["metadata"] = [encode_metadata(m) for m in metas]
+            flags = [bool(t) for t in text] if text else [False] * n
+            if len(flags) != n:
+                raise InvalidArgument(f"got {len(flags)} text flags for {n} memories",
+                                      field="texts")
+            fields["text"] = np.asarray(flags, dtype=np.uint8)  # absent: older records
             record = self._prepare("write", bank, fields, count=n)
             with self.seq_lock:
                 first = self.last_seq + 1
@@ -392,6 +432,7 @@ class MemoryStore:
                 self._append(sequences[-1], record)
                 self._next_seq(n)
             result = b.apply_write(slots, codes, keys, payloads, sequences, metas)
+            self._index_texts(b, slots, payloads, flags)
             b.applied_seq = sequences[-1]
         self._wait(sequences[-1])
         return result
@@ -411,6 +452,21 @@ class MemoryStore:
         with self._locked(bank) as b:
             return b.read(latents, top_k=top_k, temperature=temperature, min_score=min_score,
                           soft=soft, count_access=count_access, where=where)
+
+    def has_texts(self, bank: str) -> bool:
+        """Whether a bank holds text memories (its lexical index is not empty)."""
+        return len(self.lexical(self._lookup(bank))) > 0
+
+    def read_fused(self, bank: str, latents: torch.Tensor, queries: list[str], mode: str,
+                   **options: Any) -> ReadResult:
+        """A "lexical" or "hybrid" read of text queries; see ``hybrid.fused_read``.
+
+        The lexical index is rebuilt (if writes changed it) before the bank lock is
+        taken, so a rebuild never stalls the bank's writers.
+        """
+        self.lexical(self._lookup(bank)).refresh()
+        with self._locked(bank) as b:
+            return fused_read(b, self.lexical(b), latents, queries, mode=mode, **options)
 
     # ------------------------------------------------------------------ delete / clear
     def delete(self, bank: str, slots: list[int], keys: list[str]) -> tuple[int, list[str]]:
@@ -432,6 +488,7 @@ class MemoryStore:
                     self._append(self.last_seq + 1, record)
                     seq = self._next_seq()
                 b.free(freed)
+                self.lexical(b).remove(freed)
                 b.applied_seq = seq
         if seq is not None:
             self._wait(seq)
@@ -445,6 +502,7 @@ class MemoryStore:
                 self._append(self.last_seq + 1, record)
                 seq = self._next_seq()
             b.clear()
+            self.lexical(b).clear()
             b.applied_seq = seq
             stats = b.stats()
         self._wait(seq)
@@ -463,8 +521,14 @@ class MemoryStore:
         for name, bank in banks:
             # a bank dropped since is still copied whole: its drop record follows S
             with bank.lock:
-                copies.append((name, bank.export_copy()))
-        return StoreState(last_seq, {name: copy.pack() for name, copy in copies})
+                copies.append((name, bank.export_copy(), self.lexical(bank).text_slots()))
+        banks = {}
+        for name, copy, text_slots in copies:
+            config, arrays = copy.pack()
+            flags = np.zeros(int(config["capacity"]), dtype=np.uint8)
+            flags[text_slots] = 1
+            banks[name] = (config, {**arrays, "text_flags": flags})
+        return StoreState(last_seq, banks)
 
     def load_state(self, state: StoreState) -> None:
         """Replaces every bank with ``state`` (restore / recovery).
@@ -487,6 +551,7 @@ class MemoryStore:
                 config, arrays, scale=self.scale, device=self.device,
                 max_payload_bytes=self.max_payload_bytes, max_key_length=self.max_key_length,
                 metric=self.metric)
+            self._load_texts(banks[name], arrays.get("text_flags"))  # older: derived
         with self._all_locked() as old, self.seq_lock:
             for _, bank in old:
                 bank.retired = True
@@ -546,15 +611,21 @@ class MemoryStore:
                 raise FailedPrecondition("replay: write record codes do not match the bank")
             keys, payloads = fields["keys"], fields["payloads"]
             metas = fields.get("metadata")
-            b.apply_write([int(fields["slots"][i]) for i in new], codes,
-                          [keys[i] or None for i in new],
-                          [bytes(payloads[i]) or None for i in new],
+            slots = [int(fields["slots"][i]) for i in new]
+            kept = [bytes(payloads[i]) or None for i in new]
+            b.apply_write(slots, codes, [keys[i] or None for i in new], kept,
                           sequences[new].tolist(),
                           [decode_metadata(metas[i]) for i in new] if metas else None)
+            text = fields.get("text")  # absent from older records
+            self._index_texts(b, slots, kept,
+                              [bool(text[i]) for i in new] if text is not None else None)
         elif kind == "delete":
-            b.free([int(s) for s in fields["slots"]])
+            freed = [int(s) for s in fields["slots"]]
+            b.free(freed)
+            self.lexical(b).remove(freed)
         elif kind == "clear":
             b.clear()
+            self.lexical(b).clear()
 
     # defined last: inside the class body, the name ``list`` shadows the builtin
     def list(self) -> list[BankStats]:

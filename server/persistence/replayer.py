@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from apcm.server.errors import ApcmError, FailedPrecondition
+from apcm.server.memory.lexical import is_text
 from apcm.server.persistence.walformat import WalRecord
 
 MAX_RUN_ITEMS = 8192
@@ -59,6 +60,11 @@ class BatchingApplier:
                 "payloads": [p for r in run for p in r.fields["payloads"]],
                 "sequences": np.concatenate([_sequences(r) for r in run]),
             }
+            if any("text" in r.fields for r in run):  # older records lack the text marks
+                fields["text"] = np.concatenate([
+                    np.asarray(r.fields["text"], dtype=np.uint8) if "text" in r.fields
+                    else np.array([is_text(bytes(p)) for p in r.fields["payloads"]],
+                                  dtype=np.uint8) for r in run])
             if any("metadata" in r.fields for r in run):  # only some records carry it
                 fields["metadata"] = [m for r in run
                                       for m in r.fields.get("metadata", [b""] * r.count)]

@@ -19,6 +19,7 @@ BENCHMARKS = {
     "rpc": "Compress/Decompress through gRPC vs in-process, by batch size",
     "concurrency": "throughput and p99 with 1..128 concurrent clients, batching on/off",
     "recall": "recall@10 of Read over real sentence embeddings vs FAISS flat/PQ/OPQ",
+    "hybrid": "evidence recall@10 of recall() on conversations by mode; hybrid vs dense speed",
     "cluster": "forwarding hop p50 vs direct; moving a bank vs raw loopback copy of its bytes",
     "report": "turn benchmark JSON files into docs/BENCHMARKS.md with plots",
     "all": "run every benchmark with its defaults, then the report",
