@@ -125,7 +125,8 @@ start=$(date +%s)
 bah bud --isolation chroot --format docker --layers --pull=false \
   "${build_args[@]}" "${volumes[@]}" -t "$IMAGE" -f Dockerfile .
 build_s=$(($(date +%s) - start))
-size=$(bah images --format '{{.Size}}' "$IMAGE" | head -1)
+size=$(bah images --format '{{.Size}}' "$IMAGE")
+echo "built in ${build_s} s: $IMAGE $size"
 
 # `podman run` cannot start containers here (crun 1.8: "cgroups in hybrid mode not
 # supported, drop all controllers from cgroupv2"; see docs/deploy.md), so the image runs
@@ -142,7 +143,9 @@ cleanup() {
   bah rm "$NAME" >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
+start=$(date +%s)
 bah from --quiet --name "$NAME" "$IMAGE" >/dev/null
+echo "working container in $(($(date +%s) - start)) s (vfs copies the image)"
 entry=$(bah inspect --format '{{range .Docker.Config.Entrypoint}}{{.}} {{end}}{{range .Docker.Config.Cmd}}{{.}} {{end}}' "$NAME")
 health=$(bah inspect --format '{{range .Docker.Config.Healthcheck.Test}}{{.}} {{end}}' "$NAME")
 [ "${health%% *}" = CMD ] || die "the image has no exec-form HEALTHCHECK: '$health'"
@@ -195,9 +198,12 @@ step "stop (SIGTERM to the server, as docker stop would send)"
 # Killing `buildah run` itself SIGKILLs the command; signal the server process instead.
 # The server is the child of buildah-chroot-exec (the re-executed buildah above it
 # would SIGKILL it on SIGTERM too).
-server=$(for p in $(descendants "$runner"); do
-  [[ "$(ps -o comm= -p "$(ps -o ppid= -p "$p")")" == buildah-chroot* ]] && echo "$p"
-done | head -1)
+server=
+for p in $(descendants "$runner"); do
+  if [[ "$(ps -o comm= -p "$(ps -o ppid= -p "$p")")" == buildah-chroot* ]]; then
+    server=$p; break
+  fi
+done
 [ -n "$server" ] || die "server process not found"
 kill -TERM "$server"
 for _ in $(seq 60); do kill -0 "$runner" 2>/dev/null || break; sleep 1; done
@@ -207,5 +213,5 @@ runner=
 cleanup
 trap - EXIT
 echo
-echo "image $IMAGE: $size, built in ${build_s} s, SERVING ${serving_s} s after start; round trip ok"
+echo "image $IMAGE: $size, built in ${build_s} s, SERVING ${serving_s} s after start; round trip ok; ${SECONDS} s in all"
 echo "cache $CACHE: $(du -sh "$CACHE" | cut -f1) (vfs keeps a full copy per layer)"
