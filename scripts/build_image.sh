@@ -21,7 +21,8 @@
 # Env: APCM_IMAGE_CACHE, DEBIAN_MIRROR (default: the host's deb.debian.org mirror),
 # TORCH_VERSION (2.13.0), TORCH_INDEX (set it to skip the local index and use a
 # reachable one, e.g. https://download.pytorch.org/whl/cpu), IMAGE (apcm:check),
-# APCM_CHECK_PORT (gRPC port on the host network, default 50071), SERVING_TIMEOUT_S (180).
+# APCM_CHECK_PORT (gRPC port on the host network, default 50071), SERVING_TIMEOUT_S (180),
+# SKIP_BUILD=1 (check the image built before without rebuilding it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -121,9 +122,13 @@ fi
 
 step "buildah bud -t $IMAGE (chroot isolation, vfs storage)"
 start=$(date +%s)
-# --format docker keeps HEALTHCHECK (the OCI image config has no such field).
-bah bud --isolation chroot --format docker --layers --pull=false \
-  "${build_args[@]}" "${volumes[@]}" -t "$IMAGE" -f Dockerfile .
+if [ -n "${SKIP_BUILD:-}" ] && bah inspect --type image "$IMAGE" >/dev/null 2>&1; then
+  echo "SKIP_BUILD set: checking the image built before"
+else
+  # --format docker keeps HEALTHCHECK (the OCI image config has no such field).
+  bah bud --isolation chroot --format docker --layers --pull=false \
+    "${build_args[@]}" "${volumes[@]}" -t "$IMAGE" -f Dockerfile .
+fi
 build_s=$(($(date +%s) - start))
 size=$(bah images --format '{{.Size}}' "$IMAGE")
 echo "built in ${build_s} s: $IMAGE $size"
@@ -200,7 +205,8 @@ step "stop (SIGTERM to the server, as docker stop would send)"
 # would SIGKILL it on SIGTERM too).
 server=
 for p in $(descendants "$runner"); do
-  if [[ "$(ps -o comm= -p "$(ps -o ppid= -p "$p")")" == buildah-chroot* ]]; then
+  parent=$(ps -o ppid= -p "$p" | tr -d ' ')  # ps -p rejects the padded number
+  if [[ "$(ps -o args= -p "$parent")" == buildah-chroot-exec* ]]; then  # comm is "exe"
     server=$p; break
   fi
 done
