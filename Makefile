@@ -14,7 +14,7 @@ MODEL ?=
 SERVE_STAMP := $(VENV)/.installed-server
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test install lint stubs clean bench
+.PHONY: serve test install lint stubs clean bench image-check
 
 $(SERVE_STAMP): pyproject.toml setup.py $(wildcard proto/apcm/v1/*.proto)
 	@echo ">> creating the virtualenv $(VENV)"
@@ -56,6 +56,12 @@ lint: $(STAMP)
 	ln -s ../../../gen/apcm/v1 build/typecheck/apcm/v1
 	cd build/typecheck && ../../$(VENV)/bin/mypy --config-file ../../pyproject.toml \
 		-p apcm.server -p apcm.client -p apcm.wire -p apcm.tools
+
+# Build the Dockerfile without Docker (debootstrap base, buildah chroot + vfs), start it,
+# wait for SERVING and do a round trip (docs/deploy.md). Root, debootstrap and buildah;
+# minutes, so not part of `make test`.
+image-check: $(SERVE_STAMP)
+	scripts/build_image.sh
 
 bench: $(STAMP)
 	$(VENV)/bin/apcm bench all --out docs/bench
