@@ -668,7 +668,7 @@ def test_restore_and_snapshots_with_concurrent_writers_do_not_deadlock():
     assert not errors, errors[0]
     for name in ("a", "b"):
         bank = s.get(name)
-        assert s.describe(name).occupied == int(bank.occupied.sum()) == len(bank._key_slot)
+        assert s.describe(name).occupied == int(bank.occupied.sum()) == len(bank._key_index)
 
 
 def test_restore_replaces_banks_and_later_writes_use_the_new_ones():

@@ -4,9 +4,14 @@ Lock discipline. Three kinds of lock; a thread holding one never waits for one
 listed above it, so there is no deadlock, and only a bank's own lock is ever
 held over slow work:
 
-1. ``bank.lock`` of the bank an operation touches, held for the whole operation,
-   reads included (they update access counters; the read's matrix product runs
-   under it). A slow read of one bank delays only that bank.
+1. ``bank.lock`` of the bank an operation touches, held for the whole operation:
+   a readers-writer lock (``memory.rwlock``). Mutations, exports and stats hold it
+   exclusively; reads hold it shared, so reads of one bank scan it at the same
+   time, and a slow read delays only that bank's writers. A waiting writer holds
+   new readers back, and readers that queued behind a writer go before the next
+   one, so neither side starves. A read changes only access counters, after its
+   scan, under the bank's ``counter_lock`` (innermost, held for a few tensor ops,
+   never while waiting for another lock).
 2. ``store.lock`` guards changes to the bank dict (create, drop, restore). It is
    held only for a dict copy and a log append, never while waiting for a bank.
    The dict is copy-on-write, so looking a bank up takes no lock at all.
@@ -193,9 +198,10 @@ class MemoryStore:
         return bank
 
     def usage_bytes(self) -> int:
-        """Bytes all banks hold now: preallocated slots, keys and payloads (no locks:
-        an estimate while writes run)."""
-        return sum(b.memory_bytes() + b.payload_bytes for b in self._banks.values())
+        """Bytes the memory limit counts: every bank's full capacity of slots (reserved
+        at creation, although its tensors grow only as it fills), keys, metadata and
+        payloads (no locks: an estimate while writes run)."""
+        return sum(b.reserved_bytes() + b.payload_bytes for b in self._banks.values())
 
     def _check_memory(self, adding: int, what: str) -> None:
         limit = self.memory_limit_bytes
@@ -216,6 +222,16 @@ class MemoryStore:
         while True:
             bank = self._lookup(name)
             with bank.lock:
+                if not bank.retired:
+                    yield bank
+                    return
+
+    @contextlib.contextmanager
+    def _shared(self, name: str) -> Iterator[MemoryBank]:
+        """Like ``_locked`` but holds the bank's lock shared (reads)."""
+        while True:
+            bank = self._lookup(name)
+            with bank.lock.shared():
                 if not bank.retired:
                     yield bank
                     return
@@ -407,8 +423,9 @@ class MemoryStore:
         count_access: bool = True,
         where: dict[str, str] | None = None,
     ) -> ReadResult:
-        """Cosine recall of queries [Q, m] float32 (latent space); see ``MemoryBank.read``."""
-        with self._locked(bank) as b:
+        """Cosine recall of queries [Q, m] float32 (latent space); see ``MemoryBank.read``.
+        Holds the bank's lock shared: reads of one bank run at the same time."""
+        with self._shared(bank) as b:
             return b.read(latents, top_k=top_k, temperature=temperature, min_score=min_score,
                           soft=soft, count_access=count_access, where=where)
 
