@@ -217,3 +217,59 @@ def test_snapshots_of_older_servers_still_load():
     q = torch.randn(2, M)
     assert [[h.slot for h in r.hits] for r in t.read("b", q, top_k=5).results] == \
         [[h.slot for h in r.hits] for r in s.read("b", q, top_k=5).results]
+
+
+# ---------------------------------------------------------------------- snapshots
+def test_snapshots_reuse_unchanged_banks_and_skip_when_nothing_changed(tmp_path):
+    from apcm.server.config import Settings
+    from apcm.server.persistence.manager import PersistenceManager
+    from apcm.server.persistence.snapshot import read_snapshot
+
+    store = make_store()
+    mgr = PersistenceManager(store, Settings(data_dir=str(tmp_path),
+                                             snapshot_interval_s=0.0).validated(),
+                             "a" * 64, "pca")
+    mgr.recover()
+    mgr.start()
+    for bank in ("big", "small"):
+        store.create_bank(bank, 10_000)
+        store.write(bank, torch.randn(3000, M), [f"{bank}{i}" for i in range(3000)],
+                    [b"payload"] * 3000)
+    first = mgr.snapshot()
+    assert first.reused_banks == []
+    store.write("small", torch.randn(1, M), ["new"], [])
+    second = mgr.snapshot()
+    assert second.reused_banks == ["big"]  # only "small" was copied from memory
+    _, a = read_snapshot(mgr.snapshots.path(first.name))
+    _, b = read_snapshot(mgr.snapshots.path(second.name))
+    for name, arr in a["big"][1].items():
+        np.testing.assert_array_equal(arr, b["big"][1][name])
+    store.read("big", torch.randn(4, M))  # counters change, slots do not
+    third = mgr.snapshot()
+    assert third.reused_banks == ["big", "small"]
+    _, c = read_snapshot(mgr.snapshots.path(third.name))
+    live = store.export_state()
+    for bank in ("big", "small"):
+        assert c[bank][0] == live.banks[bank][0]  # config, reads_total included
+        for name, arr in live.banks[bank][1].items():
+            np.testing.assert_array_equal(c[bank][1][name], arr)
+    files = sorted(p.name for p in mgr.snapshots.directory.iterdir())
+    asked = mgr.snapshot()  # asked for (CreateSnapshot without a name): always written
+    assert not asked.unchanged and asked.reused_banks == ["big", "small"]
+    files = sorted(p.name for p in mgr.snapshots.directory.iterdir())
+    skipped = mgr.snapshot(automatic=True)  # periodic, with nothing changed
+    assert skipped.unchanged and skipped.name == asked.name
+    assert sorted(p.name for p in mgr.snapshots.directory.iterdir()) == files
+    named = mgr.snapshot("named")  # asked for by name: written, from the reused banks
+    assert not named.unchanged and named.reused_banks == ["big", "small"]
+    mgr.close(final_snapshot=False)
+    fresh = make_store()
+    again = PersistenceManager(fresh, Settings(data_dir=str(tmp_path),
+                                               snapshot_interval_s=0.0).validated(),
+                               "a" * 64, "pca")
+    assert again.recover().snapshot == "named"
+    restored = fresh.export_state()
+    for bank in ("big", "small"):
+        assert restored.banks[bank][0] == live.banks[bank][0]
+        for name, arr in live.banks[bank][1].items():
+            np.testing.assert_array_equal(restored.banks[bank][1][name], arr)

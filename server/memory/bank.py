@@ -803,17 +803,20 @@ class MemoryBank:
         """A consistent copy as (config, arrays) of plain Python / numpy values."""
         return self.export_copy().pack()
 
-    def export_copy(self) -> BankCopy:
-        """What ``export`` needs, copied under the bank lock (held exclusively): the
-        per-slot tensors up to the last occupied slot (memcpy), and views of the key,
-        payload and metadata arenas (compacted first if they hold dead bytes)."""
-        config = {
+    def export_copy_config(self) -> dict[str, Any]:
+        return {
             "name": self.name, "capacity": self.capacity, "policy": self.policy.name,
             "half_life": self.policy.half_life, "code_dim": self.code_dim,
             "code_dtype": self.code_dtype, "evictions_total": self.evictions_total,
             "writes_total": self.writes_total, "reads_total": self.reads_total,
             "write_clock": self.write_clock, "applied_seq": self.applied_seq,
         }
+
+    def export_copy(self) -> BankCopy:
+        """What ``export`` needs, copied under the bank lock (held exclusively): the
+        per-slot tensors up to the last occupied slot (memcpy), and views of the key,
+        payload and metadata arenas (compacted first if they hold dead bytes)."""
+        config = self.export_copy_config()
         occupied = torch.nonzero(self.occupied).flatten()
         n = int(occupied[-1]) + 1 if occupied.numel() else 0
         tensors = {name: getattr(self, name)[:n].cpu().clone() for name in _SLOT_TENSORS}
@@ -821,6 +824,22 @@ class MemoryBank:
         columns = {prefix: col.packed(n) for prefix, col in (
             ("payload", self.payloads), ("key", self.keys), ("metadata", self.metadata))}
         return BankCopy(config, tensors, columns)
+
+    def stamp(self) -> tuple[int, int, int]:
+        """(identity, slot version, counter version): equal stamps mean equal state."""
+        return self.uid, self.version, self.counter_version
+
+    def export_counters(self, counters: bool) -> BankCopy:
+        """Like ``export_copy`` for a bank whose slots have not changed since an earlier
+        copy: only the config and (if ``counters``) the access counters."""
+        config = self.export_copy_config()
+        tensors = {}
+        if counters:
+            occupied = torch.nonzero(self.occupied).flatten()
+            n = int(occupied[-1]) + 1 if occupied.numel() else 0
+            tensors = {name: getattr(self, name)[:n].cpu().clone()
+                       for name in ("counts", "count_clock")}
+        return BankCopy(config, tensors, {})
 
     @classmethod
     def from_export(

@@ -96,6 +96,11 @@ class StoreState:
 
     last_seq: int
     banks: dict[str, tuple[dict[str, Any], dict[str, np.ndarray]]] = field(default_factory=dict)
+    # bank -> ``MemoryBank.stamp()`` at its copy (filled by ``export_state``)
+    stamps: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    # banks copied without some arrays, which are unchanged since the earlier copy
+    # ``export_state`` was given: the caller takes those from it
+    partial: set[str] = field(default_factory=set)
 
 
 class MemoryStore:
@@ -468,20 +473,40 @@ class MemoryStore:
         return stats
 
     # ------------------------------------------------------------------ state
-    def export_state(self) -> StoreState:
+    def export_state(self, earlier: dict[str, tuple[int, int, int]] | None = None
+                     ) -> StoreState:
         """A copy of every bank that, with the log after ``last_seq``, is the live state.
 
         Banks are copied one at a time under their own lock (see the module
         docstring), so a snapshot never stalls the banks it is not copying.
+
+        Args:
+            earlier: stamps of an earlier copy the caller still has (a snapshot file).
+                A bank whose slots are unchanged since (same identity and version) is
+                copied without its slot arrays: only its config, and its access
+                counters if reads changed them; it is listed in ``partial``.
         """
         with self.lock, self.seq_lock:
             banks, last_seq = sorted(self._banks.items()), self.last_seq
-        copies = []
+        copies, stamps, partial = [], {}, set()
         for name, bank in banks:
             # a bank dropped since is still copied whole: its drop record follows S
             with bank.lock:
-                copies.append((name, bank.export_copy()))
-        return StoreState(last_seq, {name: copy.pack() for name, copy in copies})
+                stamp = bank.stamp()
+                old = (earlier or {}).get(name)
+                if old is not None and old[:2] == stamp[:2]:
+                    copies.append((name, bank.export_counters(old[2] != stamp[2])))
+                    partial.add(name)
+                else:
+                    copies.append((name, bank.export_copy()))
+            stamps[name] = stamp
+        return StoreState(last_seq, {name: copy.pack() for name, copy in copies}, stamps,
+                          partial)
+
+    def stamps(self) -> dict[str, tuple[int, int, int]]:
+        """``MemoryBank.stamp()`` of every bank (no locks: a change in flight may be
+        missed, never invented)."""
+        return {name: bank.stamp() for name, bank in self._banks.items()}
 
     def load_state(self, state: StoreState) -> None:
         """Replaces every bank with ``state`` (restore / recovery).
