@@ -710,7 +710,10 @@ def test_export_import_round_trip():
     t = make_store("int8")
     t.load_state(state)
     assert_states_equal(state, t.export_state())
-    assert [b.__dict__ for b in s.list()] == [b.__dict__ for b in t.list()]
+    # memory_bytes aside: a restored bank's arenas are allocated to fit, the live ones
+    # with room to grow
+    assert [{**b.__dict__, "memory_bytes": 0} for b in s.list()] == \
+        [{**b.__dict__, "memory_bytes": 0} for b in t.list()]
     q = torch.randn(2, M)
     ra, rb = (x.read("b", q, top_k=4, soft=True) for x in (s, t))
     assert [[(h.slot, h.key, h.score, h.payload) for h in r.hits] for r in ra.results] == \

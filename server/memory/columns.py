@@ -5,9 +5,10 @@ per memory, and the key -> slot index over them.
 ``start`` [rows] int64 and ``length`` [rows] int32. Replacing or freeing a value only
 drops its length; the dead bytes are reclaimed by compaction (a gather into a *new*
 arena in slot order) once they outweigh the live ones, so writes stay amortised O(1)
-and the arena holds at most about twice the live bytes. Bytes below ``used`` are
-never rewritten in place, so a snapshot may keep a view of them after the lock is
-released (export is a view plus a copy of the offsets: near zero-copy).
+and the arena holds at most about twice the live bytes (it grows by 1/8 at a time).
+Bytes below ``used`` are never rewritten in place, so a snapshot may keep a view of
+them after the lock is released (export is a view plus a copy of the offsets: near
+zero-copy).
 
 ``KeyIndex`` maps a key to its slot with an open-addressing table of slot numbers
 (linear probing, CRC-32 of the UTF-8 key, load <= 1/2): 8-16 bytes per key instead of
@@ -44,9 +45,8 @@ class ByteColumn:
         self._ordered = True  # data[:used] is exactly the values in slot order
 
     def nbytes(self) -> int:
-        """Bytes held: the arena bytes written (pages past them are allocated but not
-        touched, so not resident) plus the two index arrays."""
-        return int(self.used + self.start.nbytes + self.length.nbytes)
+        """Bytes held: the arena as allocated plus the two index arrays."""
+        return int(self.data.nbytes + self.start.nbytes + self.length.nbytes)
 
     def grow(self, rows: int) -> None:
         """Makes room for ``rows`` slots (new slots hold nothing)."""
@@ -109,7 +109,7 @@ class ByteColumn:
         self.__init__(self.rows)  # type: ignore[misc]
 
     def _reserve(self, need: int) -> None:
-        size = max(_MIN_ARENA, need, 2 * self.data.shape[0])
+        size = max(_MIN_ARENA, need, self.data.shape[0] + self.data.shape[0] // 8)
         new = np.empty(size, dtype=np.uint8)  # a new array: views handed out stay valid
         new[:self.used] = self.data[:self.used]
         self.data = new
