@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import json
 import math
 import threading
 from dataclasses import dataclass, field
@@ -50,6 +49,7 @@ from apcm.server.codecs.quant import CODE_DTYPES
 from apcm.server.errors import FailedPrecondition, InvalidArgument
 from apcm.server.memory.columns import ByteColumn, KeyIndex
 from apcm.server.memory.eviction import Policy, VictimQueue, make_policy
+from apcm.server.memory.metadata import decode_metadata, encode_metadata
 from apcm.server.memory.names import validate_key
 from apcm.server.memory.rwlock import ReadWriteLock
 
@@ -70,37 +70,6 @@ INITIAL_ROWS = 1024  # slots a new bank allocates
 ROW_GROWTH = 1.125
 _SLOT_TENSORS = ("codes", "occupied", "counts", "count_clock", "sequences", "inv_norms")
 _uids = itertools.count(1)
-# per-memory string metadata (user, session, kind, source, ...): small and bounded
-MAX_METADATA_ENTRIES = 16
-MAX_METADATA_KEY_CHARS = 64
-MAX_METADATA_VALUE_CHARS = 256
-
-
-def validate_metadata(meta: Any, field: str = "metadata") -> dict[str, str] | None:
-    """A memory's metadata (or a read filter) checked against the size bounds; None if empty.
-
-    Raises:
-        InvalidArgument: not a str -> str mapping, too many entries, empty or long keys,
-            long values.
-    """
-    if not meta:
-        return None
-    if not isinstance(meta, dict):
-        raise InvalidArgument(f"{field} must be a string -> string map", field=field)
-    if len(meta) > MAX_METADATA_ENTRIES:
-        raise InvalidArgument(f"{field} has {len(meta)} entries; at most "
-                              f"{MAX_METADATA_ENTRIES} are allowed", field=field)
-    for k, v in meta.items():
-        if not isinstance(k, str) or not isinstance(v, str):
-            raise InvalidArgument(f"{field} keys and values must be strings", field=field)
-        if not 1 <= len(k) <= MAX_METADATA_KEY_CHARS:
-            raise InvalidArgument(f"{field} key {k[:80]!r} must be 1-{MAX_METADATA_KEY_CHARS} "
-                                  "characters", field=field)
-        if len(v) > MAX_METADATA_VALUE_CHARS:
-            raise InvalidArgument(f"{field} value of {k!r} is {len(v)} characters; at most "
-                                  f"{MAX_METADATA_VALUE_CHARS} are allowed", field=field)
-    return dict(meta)
-
 
 @dataclass(frozen=True)
 class SlotWrite:
@@ -978,12 +947,3 @@ def _int_mm_works() -> bool:
         return int(torch._int_mm(a, b)[0, 0]) == -24
     except (AttributeError, RuntimeError, NotImplementedError):
         return False
-
-
-def encode_metadata(meta: dict[str, str] | None) -> bytes:
-    """A memory's metadata as compact JSON bytes (b"" for none): WAL and snapshots."""
-    return json.dumps(meta, sort_keys=True, separators=(",", ":")).encode() if meta else b""
-
-
-def decode_metadata(raw: bytes) -> dict[str, str] | None:
-    return json.loads(bytes(raw).decode()) if raw else None

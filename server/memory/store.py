@@ -57,16 +57,9 @@ from apcm.server.errors import (
     NotFound,
     ResourceExhausted,
 )
-from apcm.server.memory.bank import (
-    BankStats,
-    MemoryBank,
-    ReadResult,
-    SlotWrite,
-    decode_metadata,
-    encode_metadata,
-    validate_metadata,
-)
+from apcm.server.memory.bank import BankStats, MemoryBank, ReadResult, SlotWrite
 from apcm.server.memory.eviction import make_policy, validate_half_life
+from apcm.server.memory.metadata import decode_metadata, encode_metadata, validate_metadata
 from apcm.server.memory.names import shorten, validate_bank_name
 
 
