@@ -164,14 +164,15 @@ class _BankCollector(Collector):
                                      labels=["bank"])
         used = GaugeMetricFamily(
             "apcm_memory_used_bytes",
-            "Bytes all banks hold: preallocated slots, keys and payloads (counted against "
-            "apcm_memory_limit_bytes)")
+            "Bytes the memory limit counts for all banks: every slot of their capacity "
+            "(reserved, although banks allocate slots as they fill), keys, metadata and "
+            "payloads (counted against apcm_memory_limit_bytes)")
         banks = GaugeMetricFamily("apcm_banks", "Banks that exist now")
         stats = self.source() if self.source is not None else []
         for s in stats:
             capacity.add_metric([s.name], s.capacity)
             occupied.add_metric([s.name], s.occupied)
-        used.add_metric([], sum(s.memory_bytes + s.payload_bytes for s in stats))
+        used.add_metric([], sum(s.reserved_bytes + s.payload_bytes for s in stats))
         banks.add_metric([], len(stats))
         yield capacity
         yield occupied

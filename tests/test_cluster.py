@@ -28,7 +28,6 @@ from apcm.server.cluster.placement import owner_of
 from apcm.server.cluster.rebalance import rebalance
 from apcm.server.cluster.router import FORWARDED_HEADER
 from apcm.server.cluster.transfer import assemble, chunks, decode_bank
-from apcm.server.memory.bank import _unpack
 from apcm.v1 import cluster_pb2, cluster_pb2_grpc, memory_pb2, memory_pb2_grpc
 
 START_TIMEOUT_S = 120.0
@@ -133,7 +132,8 @@ def stored_keys(node: Node, bank: str) -> set[str]:
         _, data = assemble(cluster.ExportBank(cluster_pb2.ExportBankRequest(name=bank),
                                               timeout=60))
     _, arrays = decode_bank(data)
-    return {k.decode() for k in _unpack(arrays["key_data"], arrays["key_offsets"]).values()}
+    raw, off = arrays["key_data"].tobytes(), arrays["key_offsets"].tolist()
+    return {raw[a:b].decode() for a, b in zip(off, off[1:], strict=False) if b > a}
 
 
 def codes(rng: np.random.Generator, n: int) -> np.ndarray:

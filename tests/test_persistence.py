@@ -647,8 +647,8 @@ def test_snapshot_under_concurrent_writes_is_the_state_at_its_sequence(tmp_path:
     for seq, slot, code in before:
         assert arrays["occupied"][slot] == 1 and arrays["sequences"][slot] == seq
         np.testing.assert_array_equal(arrays["codes"][slot], code)
-    for _, slot, _ in after:
-        assert arrays["occupied"][slot] == 0
+    for _, slot, _ in after:  # exports end at the last occupied slot
+        assert slot >= len(arrays["occupied"]) or arrays["occupied"][slot] == 0
 
 
 def test_recovery_removes_files_of_an_interrupted_snapshot_write(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
+from apcm.server.codecs.quant import CODE_DTYPES
 from apcm.server.config import Settings
 from apcm.server.errors import ApcmError, FailedPrecondition
 from apcm.server.memory.store import MemoryStore
@@ -223,6 +224,7 @@ def test_a_snapshot_killed_mid_write_leaves_nothing_after_the_next_start(tmp_pat
     script = f"""
 import resource, signal, torch
 signal.signal(signal.SIGXFSZ, signal.SIG_DFL)  # Python ignores it by default
+from apcm.server.codecs.quant import CODE_DTYPES
 from apcm.server.config import Settings
 from apcm.server.memory.store import MemoryStore
 from apcm.server.persistence.manager import PersistenceManager
@@ -233,6 +235,7 @@ mgr = PersistenceManager(store, Settings(data_dir={str(tmp_path)!r},
                          snapshot_interval_s=0.0).validated(), {HASH!r}, "pca")
 mgr.recover()
 store.create_bank("b", 50_000)
+store.write("b", torch.zeros(5000, 8).half(), [], [])  # a snapshot of ~225 KB
 resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, resource.RLIM_INFINITY))
 mgr.snapshot("big")
 """
@@ -322,6 +325,7 @@ def test_a_segment_missing_in_the_middle_refuses_to_start(tmp_path: Path, caplog
 def test_a_restore_whose_snapshot_fails_changes_nothing(tmp_path: Path, file_size_limit) -> None:
     store, mgr = _started(tmp_path)
     store.create_bank("b", 2000)
+    store.write("b", torch.zeros(1000, 8).half(), [], [])  # snapshots hold used slots only
     _writes(store, 3, seed=1)
     mgr.snapshot("base")
     _writes(store, 3, seed=2)
@@ -365,6 +369,9 @@ def test_create_snapshot_on_a_failing_disk_is_unavailable_naming_the_cause(
     server = make_server()
     with MemoryClient(f"127.0.0.1:{server.port}", timeout=30.0, retries=0) as client:
         client.create_bank("big", 4096)
+        store = server.service.store  # fill it: snapshots hold used slots only
+        store.write("big", torch.zeros(4096, store.code_dim,
+                                       dtype=CODE_DTYPES[store.code_dtype]), [], [])
         with file_size_limit(16_384), pytest.raises(UnavailableError) as exc:
             client.create_snapshot("s1")
         assert "EFBIG" in str(exc.value) and "s1.safetensors" in str(exc.value)
@@ -504,6 +511,7 @@ def test_kill_during_a_restore_recovers_the_pre_restore_state(tmp_path: Path) ->
     # snapshot: a deterministic kill -9 inside RestoreSnapshot.
     script = f"""
 import resource, signal, torch
+from apcm.server.codecs.quant import CODE_DTYPES
 from apcm.server.config import Settings
 from apcm.server.memory.store import MemoryStore
 from apcm.server.persistence.manager import PersistenceManager
@@ -518,6 +526,7 @@ gen = torch.Generator().manual_seed(0)
 def put(tag, n):
     for i in range(n):
         store.write("b", torch.randn(1, 8, generator=gen).half(), [f"{{tag}}{{i}}"], [b"p"])
+store.write("b", torch.zeros(3000, 8).half(), [], [])  # a snapshot of ~135 KB
 put("a", 3)
 mgr.snapshot("base")
 put("b", 4)
@@ -531,7 +540,7 @@ mgr.restore("base")
     recovered = _recovered(tmp_path)
     assert [b.name for b in recovered.list()] == ["b", "extra"]
     with recovered.get("b").lock:
-        assert recovered.get("b").stats().occupied == 7  # every acknowledged write
+        assert recovered.get("b").stats().occupied == 3007  # every acknowledged write
 
 
 def test_write_health_follows_the_log_while_reads_keep_serving(

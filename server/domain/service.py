@@ -29,15 +29,9 @@ from apcm.server.domain.batching import KeyedBatcher, MicroBatcher
 from apcm.server.domain.engine import Engine
 from apcm.server.embedding.embedder import Embedder, EmbedderSpec, resolve_spec
 from apcm.server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
-from apcm.server.memory.bank import (
-    BankStats,
-    Hit,
-    MemoryBank,
-    ReadResult,
-    SlotWrite,
-    validate_metadata,
-)
+from apcm.server.memory.bank import BankStats, Hit, MemoryBank, ReadResult, SlotWrite
 from apcm.server.memory.hybrid import MODES
+from apcm.server.memory.metadata import validate_metadata
 from apcm.server.memory.names import validate_bank_name, validate_snapshot_name
 from apcm.server.memory.store import MemoryStore
 from apcm.server.metrics import Metrics

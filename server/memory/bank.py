@@ -18,17 +18,25 @@ each query has its counter incremented (the paper's ``AFF_ctrl[i*] += 1``; the
 other top-k hits are not counted), and only if ``i*`` is returned (passes
 ``min_score``). Reading an empty bank returns no hits, not an error.
 
-Lock discipline: every method here assumes the caller holds ``bank.lock`` (a
-``threading.Lock``); ``MemoryStore`` takes it for every mutation *and* for reads,
-because reads update access counters. The read's matrix product runs under the
-lock: simplest correct choice, and a bank's reads are memory-bound anyway. Methods
-validate everything before mutating, so a rejected request leaves no trace.
+Lock discipline: ``bank.lock`` is a readers-writer lock (``rwlock``). Every
+mutation, export and stats call assumes the caller holds it exclusively (``with
+bank.lock``); ``read`` assumes it is held shared (``with bank.lock.shared()``), so
+reads of one bank scan it at the same time. The only state a read changes, the
+access counters (``counts``, ``count_clock``, ``reads_total``), it changes after its
+scan under the short ``counter_lock``; writers need not take that lock, since no
+reader is inside while they hold ``lock`` exclusively. Methods validate everything
+before mutating, so a rejected request leaves no trace.
+
+Memory grows with what is stored: the per-slot tensors hold ``rows`` slots, grown
+geometrically (``ROW_GROWTH``) up to ``capacity`` when a write needs a slot beyond
+them (slots at or past ``rows`` are free). Keys, payloads and metadata live in ``columns`` (one
+arena each, no Python object per memory).
 """
 
 from __future__ import annotations
 
 import functools
-import json
+import itertools
 import math
 import threading
 from dataclasses import dataclass, field
@@ -39,8 +47,11 @@ import torch
 
 from apcm.server.codecs.quant import CODE_DTYPES
 from apcm.server.errors import FailedPrecondition, InvalidArgument
+from apcm.server.memory.columns import ByteColumn, KeyIndex
 from apcm.server.memory.eviction import Policy, VictimQueue, make_policy
+from apcm.server.memory.metadata import decode_metadata, encode_metadata
 from apcm.server.memory.names import validate_key
+from apcm.server.memory.rwlock import ReadWriteLock
 
 # Rows scanned at a time by a read on CPU: small enough that the float32 copy of an
 # int8/float16 chunk and its scores stay in cache, large enough to amortise per-call
@@ -52,37 +63,13 @@ _INT8_CHUNK_ROWS = 16384
 _SCORE_SPAN_FLOATS = 1 << 18  # scores post-processed at once on CPU (1 MB)
 _MIN_EXP_SUM = 1e-30
 _FREE_SCAN_ROWS = 65536
-# per-memory string metadata (user, session, kind, source, ...): small and bounded
-MAX_METADATA_ENTRIES = 16
-MAX_METADATA_KEY_CHARS = 64
-MAX_METADATA_VALUE_CHARS = 256
-
-
-def validate_metadata(meta: Any, field: str = "metadata") -> dict[str, str] | None:
-    """A memory's metadata (or a read filter) checked against the size bounds; None if empty.
-
-    Raises:
-        InvalidArgument: not a str -> str mapping, too many entries, empty or long keys,
-            long values.
-    """
-    if not meta:
-        return None
-    if not isinstance(meta, dict):
-        raise InvalidArgument(f"{field} must be a string -> string map", field=field)
-    if len(meta) > MAX_METADATA_ENTRIES:
-        raise InvalidArgument(f"{field} has {len(meta)} entries; at most "
-                              f"{MAX_METADATA_ENTRIES} are allowed", field=field)
-    for k, v in meta.items():
-        if not isinstance(k, str) or not isinstance(v, str):
-            raise InvalidArgument(f"{field} keys and values must be strings", field=field)
-        if not 1 <= len(k) <= MAX_METADATA_KEY_CHARS:
-            raise InvalidArgument(f"{field} key {k[:80]!r} must be 1-{MAX_METADATA_KEY_CHARS} "
-                                  "characters", field=field)
-        if len(v) > MAX_METADATA_VALUE_CHARS:
-            raise InvalidArgument(f"{field} value of {k!r} is {len(v)} characters; at most "
-                                  f"{MAX_METADATA_VALUE_CHARS} are allowed", field=field)
-    return dict(meta)
-
+INITIAL_ROWS = 1024  # slots a new bank allocates
+# Rows grow by this factor when a write needs more: at most 12.5% (~6% on average)
+# of the per-slot tensors are spare, at the price of ~9 copies of each row over a
+# fill (a memcpy: negligible next to the writes themselves).
+ROW_GROWTH = 1.125
+_SLOT_TENSORS = ("codes", "occupied", "counts", "count_clock", "sequences", "inv_norms")
+_uids = itertools.count(1)
 
 @dataclass(frozen=True)
 class SlotWrite:
@@ -157,6 +144,7 @@ class BankStats:
     counter_mean: float
     memory_bytes: int
     payload_bytes: int
+    reserved_bytes: int = 0
 
 
 class MemoryBank:
@@ -207,24 +195,21 @@ class MemoryBank:
         self.policy = policy
         self.max_payload_bytes = max_payload_bytes
         self.max_key_length = max_key_length
-        self.lock = threading.Lock()
+        self.lock = ReadWriteLock()
+        self.counter_lock = threading.Lock()  # access counters, taken by readers
         # set (under ``lock``) when the bank is dropped or replaced by a restore, so a
         # thread that looked it up before and then waited for its lock can notice
         self.retired = False
+        # identity and change counters, so a snapshot can tell an unchanged bank
+        self.uid = next(_uids)
+        self.version = 0  # bumped by every mutation of slots
+        self.counter_version = 0  # bumped when reads count accesses
 
-        n, dev = self.capacity, self.device
-        self.codes = torch.zeros(n, self.code_dim, dtype=self.torch_dtype, device=dev)
-        self.occupied = torch.zeros(n, dtype=torch.bool, device=dev)
-        self.counts = torch.zeros(n, dtype=torch.float64, device=dev)
-        self.count_clock = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.sequences = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.inv_norms = torch.zeros(n, dtype=torch.float32, device=dev)
-        self._slot_key: dict[int, str] = {}
-        self._key_slot: dict[str, int] = {}
-        self._payloads: dict[int, bytes] = {}
-        self._payload_bytes = 0
-        self._key_bytes = 0
-        self._metadata: dict[int, dict[str, str]] = {}
+        self._allocate(min(self.capacity, INITIAL_ROWS))
+        self.keys = ByteColumn(self.rows)
+        self.payloads = ByteColumn(self.rows)
+        self.metadata = ByteColumn(self.rows)  # ``encode_metadata`` JSON
+        self._key_index = KeyIndex(self.keys)
         self._meta_index: dict[tuple[str, str], set[int]] = {}
         self._occupied_count = 0
         self._high = 0  # one past the highest slot ever occupied since the last clear
@@ -237,27 +222,72 @@ class MemoryBank:
         self.evictions_total = 0
         self.reads_total = 0
 
+    def _allocate(self, rows: int) -> None:
+        """Fresh zeroed per-slot tensors of ``rows`` slots."""
+        dev = self.device
+        self.codes = torch.zeros(rows, self.code_dim, dtype=self.torch_dtype, device=dev)
+        self.occupied = torch.zeros(rows, dtype=torch.bool, device=dev)
+        self.counts = torch.zeros(rows, dtype=torch.float64, device=dev)
+        self.count_clock = torch.zeros(rows, dtype=torch.int64, device=dev)
+        self.sequences = torch.zeros(rows, dtype=torch.int64, device=dev)
+        self.inv_norms = torch.zeros(rows, dtype=torch.float32, device=dev)
+
+    @property
+    def rows(self) -> int:
+        """Slots the per-slot tensors hold now (<= capacity)."""
+        return int(self.occupied.shape[0])
+
+    def rows_for(self, slot_end: int) -> int:
+        """Rows the tensors would hold to store slots below ``slot_end`` (geometric)."""
+        rows = max(self.rows, 1)
+        while rows < slot_end:
+            rows = max(rows + 1, int(rows * ROW_GROWTH))
+        return min(max(rows, self.rows), self.capacity)
+
+    def _grow(self, slot_end: int) -> None:
+        rows = self.rows_for(slot_end)
+        if rows <= self.rows:
+            return
+        old = self.rows
+        for name in _SLOT_TENSORS:
+            t = getattr(self, name)
+            # Only ``occupied`` must be valid past the old rows: slots at or above
+            # ``_high`` are never scanned, exported or ranked (they are free), so the
+            # rest stay untouched pages, which are not resident until written.
+            new = torch.empty((rows, *t.shape[1:]), dtype=t.dtype, device=t.device)
+            new[:old] = t
+            if name == "occupied":
+                new[old:] = False
+            setattr(self, name, new)
+        for col in (self.keys, self.payloads, self.metadata):
+            col.grow(rows)
+
     # ------------------------------------------------------------------ queries
     @property
     def occupied_count(self) -> int:
         return self._occupied_count
 
     def slot_of(self, key: str) -> int | None:
-        return self._key_slot.get(key)
+        return self._key_index.get(key.encode())
 
     def key_of(self, slot: int) -> str | None:
-        return self._slot_key.get(slot)
+        raw = self.keys.get(slot) if 0 <= slot < self.rows else None
+        return raw.decode() if raw is not None else None
 
     def payload_of(self, slot: int) -> bytes | None:
-        return self._payloads.get(slot)
+        return self.payloads.get(slot) if 0 <= slot < self.rows else None
+
+    def metadata_of(self, slot: int) -> dict[str, str] | None:
+        raw = self.metadata.get(slot) if 0 <= slot < self.rows else None
+        return decode_metadata(raw) if raw is not None else None
 
     def mean_entry_bytes(self) -> tuple[float, float]:
         """Mean UTF-8 bytes of a key and mean bytes of a payload over occupied slots."""
         n = max(self._occupied_count, 1)
-        return self._key_bytes / n, self._payload_bytes / n
+        return self.keys.live / n, self.payloads.live / n
 
     def effective_counts(self) -> torch.Tensor:
-        """[capacity] float64 access counts at the current write clock."""
+        """[rows] float64 access counts at the current write clock."""
         return self.policy.effective(self.counts, self.count_clock, self.write_clock)
 
     def stats(self) -> BankStats:
@@ -272,24 +302,34 @@ class MemoryBank:
             code_dtype=self.code_dtype, evictions_total=self.evictions_total,
             writes_total=self.writes_total, reads_total=self.reads_total,
             counter_min=cmin, counter_max=cmax, counter_mean=cmean,
-            memory_bytes=self.memory_bytes(), payload_bytes=self._payload_bytes,
+            memory_bytes=self.memory_bytes(), payload_bytes=self.payloads.live,
+            reserved_bytes=self.reserved_bytes(),
         )
 
     @staticmethod
     def slot_bytes(code_dim: int, code_dtype: str) -> int:
-        """Bytes a bank preallocates per slot: its code and metadata tensors."""
+        """Bytes per slot of the per-slot tensors: its code and counters."""
         code = code_dim * torch.empty((), dtype=CODE_DTYPES[code_dtype]).element_size()
         return code + 1 + 8 + 8 + 8 + 4  # occupied, counts, count_clock, sequences, inv_norms
 
     @property
     def payload_bytes(self) -> int:
-        return self._payload_bytes
+        return self.payloads.live
 
     def memory_bytes(self) -> int:
-        """Bytes of codes, per-slot metadata tensors and key text (not payloads)."""
-        tensors = (self.codes, self.occupied, self.counts, self.count_clock, self.sequences,
-                   self.inv_norms)
-        return sum(t.numel() * t.element_size() for t in tensors) + self._key_bytes
+        """Bytes held now, payloads aside: per-slot tensors of ``rows`` slots, the
+        key and metadata columns and the payload column's overhead (its arena slack
+        and index arrays), and the key index. Grows with what is stored."""
+        tensors = sum(getattr(self, n).numel() * getattr(self, n).element_size()
+                      for n in _SLOT_TENSORS)
+        columns = self.keys.nbytes() + self.metadata.nbytes() + self.payloads.nbytes()
+        return tensors + columns - self.payloads.live + self._key_index.nbytes()
+
+    def reserved_bytes(self) -> int:
+        """What the server's memory limit counts for this bank besides payloads: every
+        slot of ``capacity`` (a bank may always fill up) plus keys and metadata."""
+        slots = self.capacity * self.slot_bytes(self.code_dim, self.code_dtype)
+        return slots + self.keys.live + self.metadata.live
 
     # ------------------------------------------------------------------ write
     def validate_write(
@@ -346,7 +386,7 @@ class MemoryBank:
         queue = None
         if n > len(free):
             rank = self.policy.rank(self.counts, self.count_clock)
-            if self._occupied_count < self.capacity:
+            if self._occupied_count < self.rows:
                 rank = rank.masked_fill(~self.occupied, math.inf)
             # each item consumes at most one pre-selected slot (evicts it, or overwrites
             # it in place by key), so n candidates always suffice
@@ -357,7 +397,7 @@ class MemoryBank:
         slots: list[int] = []
         next_free = 0
         for j, key in enumerate(keys):
-            slot = (key_slot[key] if key in key_slot else self._key_slot.get(key)) \
+            slot = (key_slot[key] if key in key_slot else self.slot_of(key)) \
                 if key is not None else None
             if slot is None:
                 if next_free < len(free):
@@ -365,7 +405,7 @@ class MemoryBank:
                 else:
                     assert queue is not None
                     slot = queue.pop()
-            old = slot_key[slot] if slot in slot_key else self._slot_key.get(slot)
+            old = slot_key[slot] if slot in slot_key else self.key_of(slot)
             if old is not None:
                 key_slot[old] = None
             if key is not None:
@@ -399,6 +439,7 @@ class MemoryBank:
             metadata: None, or n validated string maps (None for none).
         """
         n = len(slots)
+        self._grow(max(slots) + 1)
         slot_t = torch.tensor(slots, dtype=torch.int64, device=self.device)
         was_occupied = self.occupied[slot_t].tolist()
         seen: set[int] = set()
@@ -406,25 +447,20 @@ class MemoryBank:
         for j, slot in enumerate(slots):
             key, payload = keys[j], payloads[j]
             occupied_before = was_occupied[j] or slot in seen
-            old_key = self._slot_key.pop(slot, None)
+            raw = key.encode() if key is not None else None
+            other = self._key_index.get(raw) if raw is not None else None
+            if other is not None and other != slot:  # replay of an inconsistent log
+                raise FailedPrecondition(f"key {key!r} is already at slot {other}")
+            old_raw = self.keys.get(slot)
+            old_key = old_raw.decode() if old_raw is not None else None
             replaced = key is not None and key == old_key
             evicted = occupied_before and not replaced
-            if old_key is not None:
-                del self._key_slot[old_key]
-                self._key_bytes -= len(old_key.encode())
-            if key is not None:
-                other = self._key_slot.get(key)
-                if other is not None and other != slot:  # replay of an inconsistent log
-                    raise FailedPrecondition(f"key {key!r} is already at slot {other}")
-                self._key_slot[key] = slot
-                self._slot_key[slot] = key
-                self._key_bytes += len(key.encode())
-            old_payload = self._payloads.pop(slot, None)
-            if old_payload is not None:
-                self._payload_bytes -= len(old_payload)
-            if payload:
-                self._payloads[slot] = payload
-                self._payload_bytes += len(payload)
+            if old_raw is not None:
+                self._key_index.remove(old_raw)
+            self.keys.set(slot, raw)
+            if raw is not None:
+                self._key_index.add(raw, slot)
+            self.payloads.set(slot, payload)
             self._set_metadata(slot, metadata[j] if metadata else None)
             if not occupied_before:
                 self._occupied_count += 1
@@ -445,36 +481,33 @@ class MemoryBank:
         self.count_clock[dst] = self.write_clock + 1 + src
         self.write_clock += n
         self.writes_total += n
+        self.version += 1
         self._high = max(self._high, max(slots) + 1)
         return out
 
     def _set_metadata(self, slot: int, meta: dict[str, str] | None) -> None:
         """Replaces a slot's metadata, keeping the (key, value) -> slots index in step."""
-        old = self._metadata.pop(slot, None)
+        old = self.metadata_of(slot)
         for item in (old or {}).items():
             slots = self._meta_index.get(item)
             if slots is not None:
                 slots.discard(slot)
                 if not slots:
                     del self._meta_index[item]
-        if meta:
-            self._metadata[slot] = meta
-            for item in meta.items():
-                self._meta_index.setdefault(item, set()).add(slot)
-
-    def metadata_of(self, slot: int) -> dict[str, str] | None:
-        return self._metadata.get(slot)
+        self.metadata.set(slot, encode_metadata(meta) if meta else None)
+        for item in (meta or {}).items():
+            self._meta_index.setdefault(item, set()).add(slot)
 
     def _filter_mask(self, where: dict[str, str]) -> tuple[torch.Tensor, int]:
         """Occupied slots whose metadata has every (key, value) of ``where``: a bool
-        mask [capacity] and its count."""
+        mask [rows] and its count."""
         matched: set[int] | None = None
         for item in where.items():
             slots = self._meta_index.get(item, set())
             matched = set(slots) if matched is None else matched & slots
             if not matched:
                 break
-        mask = torch.zeros(self.capacity, dtype=torch.bool, device=self.device)
+        mask = torch.zeros(self.rows, dtype=torch.bool, device=self.device)
         if matched:
             mask[torch.tensor(sorted(matched), dtype=torch.int64, device=self.device)] = True
         return mask, len(matched or ())
@@ -489,17 +522,19 @@ class MemoryBank:
         return z * self.scale if self.scale is not None else z
 
     def _first_free(self, n: int) -> list[int]:
-        """Up to ``n`` free slots, lowest index first."""
+        """Up to ``n`` free slots, lowest index first (slots past ``rows`` are free)."""
         need = min(n, self.capacity - self._occupied_count)
         found: list[int] = []
-        start = self._free_hint
-        while len(found) < need and start < self.capacity:
-            end = min(self.capacity, start + _FREE_SCAN_ROWS)
+        start, rows = self._free_hint, self.rows
+        while len(found) < need and start < rows:
+            end = min(rows, start + _FREE_SCAN_ROWS)
             idx = torch.nonzero(~self.occupied[start:end]).flatten()
             if not found:
                 self._free_hint = start + int(idx[0]) if idx.numel() else end
             found.extend((idx[: need - len(found)] + start).tolist())
             start = end
+        start = max(start, rows)
+        found.extend(range(start, start + need - len(found)))
         return found
 
     # ------------------------------------------------------------------ read
@@ -549,8 +584,12 @@ class MemoryBank:
             torch.ones_like(top_scores, dtype=torch.bool)
         if count_access:
             best = top_slots[:, 0][keep[:, 0]]
-            self.policy.add_access(self.counts, self.count_clock, best, self.write_clock)
-            self.reads_total += int(best.numel())
+            if best.numel():
+                with self.counter_lock:  # readers share ``lock``: counters need their own
+                    self.policy.add_access(self.counts, self.count_clock, best,
+                                           self.write_clock)
+                    self.reads_total += int(best.numel())
+                    self.counter_version += 1
         hit_codes = self.codes[top_slots].cpu()
         return ReadResult(self._hits(top_slots, top_scores, top_weights, keep, hit_codes), mix)
 
@@ -667,8 +706,8 @@ class MemoryBank:
         results = []
         for i, query_codes in enumerate(codes.unbind(0)):
             rows = query_codes.unbind(0)  # one call, not one indexing op per hit
-            hits = [Hit(s, self._slot_key.get(s), scores_l[i][j], weights_l[i][j], seqs[i][j],
-                        self._payloads.get(s), rows[j], self._metadata.get(s))
+            hits = [Hit(s, self.key_of(s), scores_l[i][j], weights_l[i][j], seqs[i][j],
+                        self.payloads.get(s), rows[j], self.metadata_of(s))
                     for j, s in enumerate(slots_l[i]) if keep_l[i][j]]
             results.append(QueryResult(hits))
         return results
@@ -689,14 +728,15 @@ class MemoryBank:
         missing = []
         for key in keys:
             validate_key(key, self.max_key_length)
-            slot = self._key_slot.get(key)
+            slot = self.slot_of(key)
             if slot is None:
                 missing.append(key)
             else:
                 chosen.add(slot)
         if not chosen:
             return [], missing
-        idx = torch.tensor(sorted(chosen), dtype=torch.int64, device=self.device)
+        idx = torch.tensor(sorted(s for s in chosen if s < self.rows), dtype=torch.int64,
+                           device=self.device)
         return idx[self.occupied[idx]].tolist(), missing
 
     def free(self, slots: list[int]) -> None:
@@ -704,60 +744,75 @@ class MemoryBank:
         if not slots:
             return
         for s in slots:
-            key = self._slot_key.pop(s, None)
-            if key is not None:
-                del self._key_slot[key]
-                self._key_bytes -= len(key.encode())
-            payload = self._payloads.pop(s, None)
-            if payload is not None:
-                self._payload_bytes -= len(payload)
+            raw = self.keys.get(s)
+            if raw is not None:
+                self._key_index.remove(raw)
             self._set_metadata(s, None)
-        idx = torch.tensor(slots, dtype=torch.int64, device=self.device)
+        at = np.asarray(slots, dtype=np.int64)
+        self.keys.free(at)
+        self.payloads.free(at)
+        idx = torch.from_numpy(at).to(self.device)
         self._occupied_count -= int(self.occupied[idx].sum())
         self._reset_slots(idx)
         self._free_hint = min(self._free_hint, min(slots))
+        self.version += 1
 
     def clear(self) -> None:
         """Frees every slot; totals and the write clock continue."""
-        self._slot_key.clear()
-        self._key_slot.clear()
-        self._payloads.clear()
-        self._metadata.clear()
+        for col in (self.keys, self.payloads, self.metadata):
+            col.clear()
+        self._key_index.clear()
         self._meta_index.clear()
-        self._payload_bytes = self._key_bytes = 0
         self._reset_slots(slice(None))
         self._occupied_count = self._high = self._free_hint = 0
+        self.version += 1
 
     def _reset_slots(self, idx: torch.Tensor | slice) -> None:
-        for t in (self.codes, self.occupied, self.counts, self.count_clock, self.sequences,
-                  self.inv_norms):
-            t[idx] = 0
+        for name in _SLOT_TENSORS:
+            getattr(self, name)[idx] = 0
 
     # ------------------------------------------------------------------ export / import
     def export(self) -> tuple[dict, dict[str, np.ndarray]]:
         """A consistent copy as (config, arrays) of plain Python / numpy values."""
         return self.export_copy().pack()
 
-    def export_copy(self) -> BankCopy:
-        """What ``export`` needs, copied quickly (memcpy and dict copies) under the
-        bank lock; ``BankCopy.pack`` does the slow per-slot packing outside it."""
-        config = {
+    def export_copy_config(self) -> dict[str, Any]:
+        return {
             "name": self.name, "capacity": self.capacity, "policy": self.policy.name,
             "half_life": self.policy.half_life, "code_dim": self.code_dim,
             "code_dtype": self.code_dtype, "evictions_total": self.evictions_total,
             "writes_total": self.writes_total, "reads_total": self.reads_total,
             "write_clock": self.write_clock, "applied_seq": self.applied_seq,
         }
-        tensors = {
-            "codes": self.codes.cpu().clone(),
-            "occupied": self.occupied.cpu().to(torch.uint8),
-            "counts": self.counts.cpu().clone(),
-            "count_clock": self.count_clock.cpu().clone(),
-            "sequences": self.sequences.cpu().clone(),
-            "inv_norms": self.inv_norms.cpu().clone(),
-        }
-        return BankCopy(config, tensors, dict(self._payloads), dict(self._slot_key),
-                        dict(self._metadata))
+
+    def export_copy(self) -> BankCopy:
+        """What ``export`` needs, copied under the bank lock (held exclusively): the
+        per-slot tensors up to the last occupied slot (memcpy), and views of the key,
+        payload and metadata arenas (compacted first if they hold dead bytes)."""
+        config = self.export_copy_config()
+        occupied = torch.nonzero(self.occupied).flatten()
+        n = int(occupied[-1]) + 1 if occupied.numel() else 0
+        tensors = {name: getattr(self, name)[:n].cpu().clone() for name in _SLOT_TENSORS}
+        tensors["occupied"] = tensors["occupied"].to(torch.uint8)
+        columns = {prefix: col.packed(n) for prefix, col in (
+            ("payload", self.payloads), ("key", self.keys), ("metadata", self.metadata))}
+        return BankCopy(config, tensors, columns)
+
+    def stamp(self) -> tuple[int, int, int]:
+        """(identity, slot version, counter version): equal stamps mean equal state."""
+        return self.uid, self.version, self.counter_version
+
+    def export_counters(self, counters: bool) -> BankCopy:
+        """Like ``export_copy`` for a bank whose slots have not changed since an earlier
+        copy: only the config and (if ``counters``) the access counters."""
+        config = self.export_copy_config()
+        tensors = {}
+        if counters:
+            occupied = torch.nonzero(self.occupied).flatten()
+            n = int(occupied[-1]) + 1 if occupied.numel() else 0
+            tensors = {name: getattr(self, name)[:n].cpu().clone()
+                       for name in ("counts", "count_clock")}
+        return BankCopy(config, tensors, {})
 
     @classmethod
     def from_export(
@@ -771,21 +826,31 @@ class MemoryBank:
         max_key_length: int,
         metric: torch.Tensor | None = None,
     ) -> MemoryBank:
-        """Rebuilds a bank from ``export()`` output (e.g. a snapshot)."""
+        """Rebuilds a bank from ``export()`` output (e.g. a snapshot).
+
+        Arrays cover slots ``[0, n)`` with ``n <= capacity`` (older snapshots: all of
+        ``capacity``); trailing free slots are not kept, later writes grow the bank.
+        """
         capacity = int(config["capacity"])
         policy = make_policy(str(config["policy"]), float(config["half_life"]))
         bank = cls(str(config["name"]), capacity, code_dim=int(config["code_dim"]),
                    code_dtype=str(config["code_dtype"]), scale=scale, device=device,
                    policy=policy, max_payload_bytes=max_payload_bytes,
                    max_key_length=max_key_length, metric=metric)
-        expected: dict[str, tuple[int, ...]] = {"codes": (capacity, bank.code_dim)}
-        for name in ("occupied", "counts", "count_clock", "sequences", "inv_norms"):
-            expected[name] = (capacity,)
-        for name in ("payload_offsets", "key_offsets"):
-            expected[name] = (capacity + 1,)
-        for name in ("payload_data", "key_data"):
+        for name in ("occupied", "payload_data", "key_data"):
             if name not in arrays:
                 raise FailedPrecondition(f"bank {bank.name!r}: array {name} is missing")
+        n = int(arrays["occupied"].shape[0])
+        if n > capacity:
+            raise FailedPrecondition(f"bank {bank.name!r}: {n} slots exceed its capacity "
+                                     f"{capacity}")
+        expected: dict[str, tuple[int, ...]] = {"codes": (n, bank.code_dim)}
+        for name in ("occupied", "counts", "count_clock", "sequences", "inv_norms"):
+            expected[name] = (n,)
+        for name in ("payload_offsets", "key_offsets"):
+            expected[name] = (n + 1,)
+        if "metadata_data" in arrays and "metadata_offsets" in arrays:  # older: none
+            expected["metadata_offsets"] = (n + 1,)
         for name, shape in expected.items():
             if name not in arrays:
                 raise FailedPrecondition(f"bank {bank.name!r}: array {name} is missing")
@@ -793,34 +858,40 @@ class MemoryBank:
                 raise FailedPrecondition(
                     f"bank {bank.name!r}: array {name} has shape {arrays[name].shape}, "
                     f"expected {shape}")
-        dev = bank.device
         if arrays["codes"].dtype != np.dtype(bank.code_dtype):
             raise FailedPrecondition(
                 f"bank {bank.name!r}: codes are {arrays['codes'].dtype}, expected "
                 f"{bank.code_dtype}")
-        # np.array copies: snapshot arrays may be read-only views of a mapped file
-        bank.codes = torch.from_numpy(np.array(arrays["codes"])).to(
-            device=dev, dtype=bank.torch_dtype)
-        bank.occupied = torch.from_numpy(arrays["occupied"].astype(bool)).to(dev)
-        bank.counts = torch.from_numpy(arrays["counts"].astype(np.float64)).to(dev)
-        bank.count_clock = torch.from_numpy(arrays["count_clock"].astype(np.int64)).to(dev)
-        bank.sequences = torch.from_numpy(arrays["sequences"].astype(np.int64)).to(dev)
-        bank.inv_norms = torch.from_numpy(arrays["inv_norms"].astype(np.float32)).to(dev)
-        bank._payloads = _unpack(arrays["payload_data"], arrays["payload_offsets"])
-        bank._slot_key = {s: k.decode() for s, k in
-                          _unpack(arrays["key_data"], arrays["key_offsets"]).items()}
-        bank._key_slot = {k: s for s, k in bank._slot_key.items()}
-        bank._payload_bytes = sum(len(p) for p in bank._payloads.values())
-        bank._key_bytes = sum(len(k.encode()) for k in bank._key_slot)
-        if "metadata_data" in arrays and "metadata_offsets" in arrays:  # older: none
-            if tuple(arrays["metadata_offsets"].shape) != (capacity + 1,):
-                raise FailedPrecondition(f"bank {bank.name!r}: array metadata_offsets has "
-                                         f"shape {arrays['metadata_offsets'].shape}")
-            for s, raw in _unpack(arrays["metadata_data"], arrays["metadata_offsets"]).items():
-                bank._set_metadata(s, json.loads(raw.decode()))
-        occupied_idx = torch.nonzero(bank.occupied).flatten()
-        bank._occupied_count = int(occupied_idx.numel())
-        bank._high = int(occupied_idx[-1]) + 1 if occupied_idx.numel() else 0
+        occupied = np.flatnonzero(arrays["occupied"])
+        keep = int(occupied[-1]) + 1 if occupied.size else 0  # trailing free slots go
+        dtypes = {"occupied": bool, "counts": np.float64, "count_clock": np.int64,
+                  "sequences": np.int64, "inv_norms": np.float32}
+        fits = keep <= bank.rows
+        for name in _SLOT_TENSORS:
+            # np.array copies: snapshot arrays may be read-only views of a mapped file
+            src = np.array(arrays[name][:keep], dtype=dtypes.get(name))
+            t = torch.from_numpy(src).to(device=bank.device)
+            if name == "codes":
+                t = t.to(bank.torch_dtype)
+            if fits:
+                getattr(bank, name)[:keep] = t
+            else:
+                setattr(bank, name, t)
+        rows = bank.rows
+        bank.keys = ByteColumn.from_packed(arrays["key_data"], arrays["key_offsets"][:keep + 1],
+                                           rows)
+        bank.payloads = ByteColumn.from_packed(arrays["payload_data"],
+                                               arrays["payload_offsets"][:keep + 1], rows)
+        if "metadata_offsets" in expected:
+            bank.metadata = ByteColumn.from_packed(
+                arrays["metadata_data"], arrays["metadata_offsets"][:keep + 1], rows)
+            for s in bank.metadata.slots().tolist():
+                for item in (bank.metadata_of(s) or {}).items():
+                    bank._meta_index.setdefault(item, set()).add(s)
+        bank._key_index = KeyIndex(bank.keys)
+        bank._key_index.rebuild()
+        bank._occupied_count = int(occupied.size)
+        bank._high = keep
         for attr in ("evictions_total", "writes_total", "reads_total", "write_clock"):
             setattr(bank, attr, int(config[attr]))
         # snapshots older than per-bank sequences were consistent at one store-wide
@@ -831,22 +902,17 @@ class MemoryBank:
 
 @dataclass
 class BankCopy:
-    """A bank's state copied under its lock, packed into arrays outside it."""
+    """A bank's state copied under its lock: per-slot tensors [n] and, per column
+    ("payload", "key", "metadata"), (uint8 data, int64 offsets [n + 1])."""
 
     config: dict
     tensors: dict[str, torch.Tensor]
-    payloads: dict[int, bytes]
-    slot_keys: dict[int, str]
-    metadata: dict[int, dict[str, str]] = field(default_factory=dict)
+    columns: dict[str, tuple[np.ndarray, np.ndarray]]
 
     def pack(self) -> tuple[dict, dict[str, np.ndarray]]:
         arrays = {name: t.numpy() for name, t in self.tensors.items()}
-        capacity = int(self.config["capacity"])
-        for prefix, table in (("payload", self.payloads),
-                              ("key", {s: k.encode() for s, k in self.slot_keys.items()}),
-                              ("metadata", {s: encode_metadata(m)
-                                            for s, m in self.metadata.items()})):
-            arrays[f"{prefix}_data"], arrays[f"{prefix}_offsets"] = _pack(table, capacity)
+        for prefix, (data, offsets) in self.columns.items():
+            arrays[f"{prefix}_data"], arrays[f"{prefix}_offsets"] = data, offsets
         return self.config, arrays
 
 
@@ -881,29 +947,3 @@ def _int_mm_works() -> bool:
         return int(torch._int_mm(a, b)[0, 0]) == -24
     except (AttributeError, RuntimeError, NotImplementedError):
         return False
-
-
-def encode_metadata(meta: dict[str, str] | None) -> bytes:
-    """A memory's metadata as compact JSON bytes (b"" for none): WAL and snapshots."""
-    return json.dumps(meta, sort_keys=True, separators=(",", ":")).encode() if meta else b""
-
-
-def decode_metadata(raw: bytes) -> dict[str, str] | None:
-    return json.loads(bytes(raw).decode()) if raw else None
-
-
-def _pack(table: dict[int, bytes], capacity: int) -> tuple[np.ndarray, np.ndarray]:
-    """{slot: bytes} -> (uint8 data, int64 offsets [capacity + 1])."""
-    lengths = np.zeros(capacity, dtype=np.int64)
-    order = sorted(table)
-    lengths[order] = [len(table[s]) for s in order]
-    offsets = np.zeros(capacity + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    data = np.frombuffer(b"".join(table[s] for s in order), dtype=np.uint8).copy()
-    return data, offsets
-
-
-def _unpack(data: np.ndarray, offsets: np.ndarray) -> dict[int, bytes]:
-    raw = data.astype(np.uint8).tobytes()
-    lengths = np.diff(offsets)
-    return {int(s): raw[offsets[s]:offsets[s + 1]] for s in np.nonzero(lengths)[0]}

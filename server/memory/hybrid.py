@@ -126,7 +126,7 @@ def fused_read(
         if min_score is not None:
             order = [s for s in order if cos[s] >= min_score]
         total = sum(score[s] for s in order) or 1.0
-        hits = []
+        hits: list[Hit] = []
         codes = bank.codes[torch.tensor(order, dtype=torch.int64, device=bank.device)].cpu() \
             if order else None
         for j, s in enumerate(order):

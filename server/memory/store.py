@@ -4,9 +4,14 @@ Lock discipline. Three kinds of lock; a thread holding one never waits for one
 listed above it, so there is no deadlock, and only a bank's own lock is ever
 held over slow work:
 
-1. ``bank.lock`` of the bank an operation touches, held for the whole operation,
-   reads included (they update access counters; the read's matrix product runs
-   under it). A slow read of one bank delays only that bank.
+1. ``bank.lock`` of the bank an operation touches, held for the whole operation:
+   a readers-writer lock (``memory.rwlock``). Mutations, exports and stats hold it
+   exclusively; reads hold it shared, so reads of one bank scan it at the same
+   time, and a slow read delays only that bank's writers. A waiting writer holds
+   new readers back, and readers that queued behind a writer go before the next
+   one, so neither side starves. A read changes only access counters, after its
+   scan, under the bank's ``counter_lock`` (innermost, held for a few tensor ops,
+   never while waiting for another lock).
 2. ``store.lock`` guards changes to the bank dict (create, drop, restore). It is
    held only for a dict copy and a log append, never while waiting for a bank.
    The dict is copy-on-write, so looking a bank up takes no lock at all.
@@ -53,18 +58,11 @@ from apcm.server.errors import (
     NotFound,
     ResourceExhausted,
 )
-from apcm.server.memory.bank import (
-    BankStats,
-    MemoryBank,
-    ReadResult,
-    SlotWrite,
-    decode_metadata,
-    encode_metadata,
-    validate_metadata,
-)
+from apcm.server.memory.bank import BankStats, MemoryBank, ReadResult, SlotWrite
 from apcm.server.memory.eviction import make_policy, validate_half_life
 from apcm.server.memory.hybrid import fused_read
 from apcm.server.memory.lexical import LexicalIndex, is_text
+from apcm.server.memory.metadata import decode_metadata, encode_metadata, validate_metadata
 from apcm.server.memory.names import shorten, validate_bank_name
 
 
@@ -94,6 +92,11 @@ class StoreState:
 
     last_seq: int
     banks: dict[str, tuple[dict[str, Any], dict[str, np.ndarray]]] = field(default_factory=dict)
+    # bank -> ``MemoryBank.stamp()`` at its copy (filled by ``export_state``)
+    stamps: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    # banks copied without some arrays, which are unchanged since the earlier copy
+    # ``export_state`` was given: the caller takes those from it
+    partial: set[str] = field(default_factory=set)
 
 
 class MemoryStore:
@@ -224,9 +227,10 @@ class MemoryStore:
         return bank
 
     def usage_bytes(self) -> int:
-        """Bytes all banks hold now: preallocated slots, keys and payloads (no locks:
-        an estimate while writes run)."""
-        return sum(b.memory_bytes() + b.payload_bytes for b in self._banks.values())
+        """Bytes the memory limit counts: every bank's full capacity of slots (reserved
+        at creation, although its tensors grow only as it fills), keys, metadata and
+        payloads (no locks: an estimate while writes run)."""
+        return sum(b.reserved_bytes() + b.payload_bytes for b in self._banks.values())
 
     def _check_memory(self, adding: int, what: str) -> None:
         limit = self.memory_limit_bytes
@@ -247,6 +251,16 @@ class MemoryStore:
         while True:
             bank = self._lookup(name)
             with bank.lock:
+                if not bank.retired:
+                    yield bank
+                    return
+
+    @contextlib.contextmanager
+    def _shared(self, name: str) -> Iterator[MemoryBank]:
+        """Like ``_locked`` but holds the bank's lock shared (reads)."""
+        while True:
+            bank = self._lookup(name)
+            with bank.lock.shared():
                 if not bank.retired:
                     yield bank
                     return
@@ -448,8 +462,9 @@ class MemoryStore:
         count_access: bool = True,
         where: dict[str, str] | None = None,
     ) -> ReadResult:
-        """Cosine recall of queries [Q, m] float32 (latent space); see ``MemoryBank.read``."""
-        with self._locked(bank) as b:
+        """Cosine recall of queries [Q, m] float32 (latent space); see ``MemoryBank.read``.
+        Holds the bank's lock shared: reads of one bank run at the same time."""
+        with self._shared(bank) as b:
             return b.read(latents, top_k=top_k, temperature=temperature, min_score=min_score,
                           soft=soft, count_access=count_access, where=where)
 
@@ -509,26 +524,50 @@ class MemoryStore:
         return stats
 
     # ------------------------------------------------------------------ state
-    def export_state(self) -> StoreState:
+    def export_state(self, earlier: dict[str, tuple[int, int, int]] | None = None
+                     ) -> StoreState:
         """A copy of every bank that, with the log after ``last_seq``, is the live state.
 
         Banks are copied one at a time under their own lock (see the module
         docstring), so a snapshot never stalls the banks it is not copying.
+
+        Args:
+            earlier: stamps of an earlier copy the caller still has (a snapshot file).
+                A bank whose slots are unchanged since (same identity and version) is
+                copied without its slot arrays: only its config, and its access
+                counters if reads changed them; it is listed in ``partial``.
         """
         with self.lock, self.seq_lock:
             banks, last_seq = sorted(self._banks.items()), self.last_seq
-        copies = []
+        copies: list[tuple[str, Any, list[int] | None]] = []
+        stamps, partial = {}, set()
         for name, bank in banks:
             # a bank dropped since is still copied whole: its drop record follows S
             with bank.lock:
-                copies.append((name, bank.export_copy(), self.lexical(bank).text_slots()))
-        banks = {}
+                stamp = bank.stamp()
+                old = (earlier or {}).get(name)
+                if old is not None and old[:2] == stamp[:2]:
+                    # unchanged slots, so unchanged text marks: both come from the file
+                    copies.append((name, bank.export_counters(old[2] != stamp[2]), None))
+                    partial.add(name)
+                else:
+                    copies.append((name, bank.export_copy(), self.lexical(bank).text_slots()))
+            stamps[name] = stamp
+        out = {}
         for name, copy, text_slots in copies:
             config, arrays = copy.pack()
-            flags = np.zeros(int(config["capacity"]), dtype=np.uint8)
-            flags[text_slots] = 1
-            banks[name] = (config, {**arrays, "text_flags": flags})
-        return StoreState(last_seq, banks)
+            if text_slots is not None:
+                # slot arrays end at the last occupied slot; text slots are occupied
+                flags = np.zeros(len(arrays["occupied"]), dtype=np.uint8)
+                flags[text_slots] = 1
+                arrays = {**arrays, "text_flags": flags}
+            out[name] = (config, arrays)
+        return StoreState(last_seq, out, stamps, partial)
+
+    def stamps(self) -> dict[str, tuple[int, int, int]]:
+        """``MemoryBank.stamp()`` of every bank (no locks: a change in flight may be
+        missed, never invented)."""
+        return {name: bank.stamp() for name, bank in self._banks.items()}
 
     def load_state(self, state: StoreState) -> None:
         """Replaces every bank with ``state`` (restore / recovery).

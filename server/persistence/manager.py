@@ -13,6 +13,7 @@ Invariants:
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import threading
@@ -32,6 +33,7 @@ from apcm.server.persistence.snapshot import (
     SnapshotDirectory,
     SnapshotInfo,
     default_name,
+    map_bank_arrays,
     read_snapshot,
     write_snapshot,
 )
@@ -60,6 +62,31 @@ def _snapshot_write_error(e: OSError, path: Path) -> ApcmError:
         else SnapshotWriteError
     code = errno.errorcode.get(e.errno or 0, str(e.errno))
     return cls(f"snapshot could not be written to {path}: {code}: {e.strerror or e}")
+
+
+@dataclass
+class _Written:
+    """The last snapshot this process wrote: the bank stamps it holds, so the next
+    snapshot can skip or reuse unchanged banks, and the file's (size, mtime) then."""
+
+    path: Path
+    info: SnapshotInfo
+    last_seq: int
+    stamps: dict[str, tuple[int, int, int]]
+    file_stamp: tuple[int, int]
+
+    @classmethod
+    def of(cls, path: Path, info: SnapshotInfo, state: StoreState) -> _Written:
+        st = path.stat()
+        return cls(path, info, state.last_seq, dict(state.stamps), (st.st_size, st.st_mtime_ns))
+
+    def intact(self) -> bool:
+        """Whether the file is still there, unchanged since it was written."""
+        try:
+            st = self.path.stat()
+        except OSError:
+            return False
+        return (st.st_size, st.st_mtime_ns) == self.file_stamp
 
 
 @dataclass
@@ -110,6 +137,7 @@ class PersistenceManager:
         self._wal_listeners: list[Callable[[bool], None]] = []
         self._wake = threading.Event()
         self._wal_mark = 0  # WriteAheadLog.written_bytes when the last snapshot rotated it
+        self._last: _Written | None = None  # the last snapshot this process wrote
 
     @property
     def wal_healthy(self) -> bool:
@@ -256,7 +284,7 @@ class PersistenceManager:
             if woke and time.monotonic() < due and not self._wal_grown():
                 continue  # a flush that raced with the last snapshot
             try:
-                self.snapshot()
+                self.snapshot(automatic=True)
             except Exception:
                 log.exception("automatic snapshot failed")
             due = time.monotonic() + interval if interval > 0 else float("inf")
@@ -270,7 +298,7 @@ class PersistenceManager:
             self._thread = None
         try:
             if final_snapshot and self.wal is not None:
-                self.snapshot()
+                self.snapshot(automatic=True)
         finally:
             if self.wal is not None:
                 self.store.set_log(None)
@@ -278,8 +306,12 @@ class PersistenceManager:
                 self.wal = None
 
     # -- snapshots ---------------------------------------------------------------------
-    def snapshot(self, name: str | None = None) -> SnapshotInfo:
+    def snapshot(self, name: str | None = None, automatic: bool = False) -> SnapshotInfo:
         """Write a snapshot of every bank and trim the log it makes redundant.
+
+        Banks unchanged since the last snapshot are streamed from its file
+        (``reused_banks``). An ``automatic`` snapshot (periodic, log growth, shutdown)
+        is skipped when nothing changed at all: the last one is returned, ``unchanged``.
 
         Raises:
             InvalidArgument: a bad name.
@@ -292,20 +324,28 @@ class PersistenceManager:
         with self._snapshot_lock:
             t0 = time.perf_counter()
             try:
-                info = self._snapshot_locked(name)
+                info = self._snapshot_locked(name, automatic)
             except Exception:
                 self._observe(time.perf_counter() - t0, ok=False)
                 raise
             self._observe(time.perf_counter() - t0, ok=True)
             return info
 
-    def _snapshot_locked(self, name: str | None) -> SnapshotInfo:
+    def _snapshot_locked(self, name: str | None, automatic: bool) -> SnapshotInfo:
         if name is not None and self.snapshots.path(name).exists():
             raise AlreadyExists(f"snapshot {name!r} already exists", field="name")
+        last = self._last if self._last is not None and self._last.intact() else None
+        if automatic and last is not None and last.last_seq == self.store.last_seq \
+                and last.stamps == self.store.stamps():
+            # Nothing changed since the last snapshot, access counters included: an
+            # automatic snapshot would rewrite the same banks (asked-for ones still write).
+            log.info("snapshot skipped: nothing changed since %s", last.info.name)
+            return dataclasses.replace(last.info, unchanged=True)
         if self.wal is not None:
             self._wal_mark = self.wal.written_bytes
         boundary = self._rotate()
-        state = self.store.export_state()
+        state = self.store.export_state(last.stamps if last is not None else None)
+        reused = self._fill_partial(state, last)
         created = time.time()
         if name is None:
             name = default_name(created, state.last_seq)
@@ -314,12 +354,41 @@ class PersistenceManager:
                 suffix += 1
                 name = f"{default_name(created, state.last_seq)}-{suffix}"
         info = self._write(name, state.banks, state.last_seq, boundary, created)
+        info.reused_banks = reused
         self.snapshots.remember(info)
-        log.info("snapshot %s written: %d bytes, wal sequence %d", info.name, info.size_bytes,
-                 info.wal_sequence)
+        self._last = _Written.of(self.snapshots.path(info.name), info, state)
+        log.info("snapshot %s written: %d bytes, wal sequence %d, %d unchanged banks reused",
+                 info.name, info.size_bytes, info.wal_sequence, len(reused))
         self.snapshots.prune(self.settings.snapshot_keep)
         self._trim_log()
         return info
+
+    def _fill_partial(self, state: StoreState, last: _Written | None) -> list[str]:
+        """Completes the banks ``export_state`` copied partially (unchanged slots) with
+        their arrays from the last snapshot file; returns their names."""
+        if not state.partial:
+            return []
+        try:
+            assert last is not None
+            mapped = map_bank_arrays(last.path, state.partial)
+            for bank in state.partial:
+                arrays = state.banks[bank][1]
+                for array_name, arr in mapped[bank].items():
+                    arrays.setdefault(array_name, arr)
+            return sorted(state.partial)
+        except (OSError, ValueError, KeyError, AssertionError) as e:
+            # The file changed under us: copy those banks whole after all.
+            log.warning("previous snapshot unusable for unchanged banks (%s); copying them", e)
+            self._last = None
+            fresh = self.store.export_state()
+            for bank in state.partial:
+                if bank not in fresh.banks:  # dropped meanwhile: its whole copy is gone
+                    raise SnapshotWriteError(
+                        f"snapshot: bank {bank!r} was dropped while the previous snapshot "
+                        "became unusable; the next snapshot copies every bank") from e
+                state.banks[bank] = fresh.banks[bank]
+                state.stamps[bank] = fresh.stamps[bank]
+            return []
 
     def _write(self, name: str, banks: dict[str, Any], seq: int, boundary: int,
                created: float) -> SnapshotInfo:
@@ -395,6 +464,7 @@ class PersistenceManager:
                 raise
             self._observe(time.perf_counter() - t0, ok=True)
             self.snapshots.remember(after)
+            self._last = None  # the restored banks are new objects
             self.store.load_state(self._state(seq, banks))
             if int(self.store.last_seq) != seq:
                 log.error("restore: in-flight writes moved the sequence past %d (now %d); "

@@ -64,6 +64,10 @@ class SnapshotInfo:
     codec_kind: str = ""
     wal_segment: int = 0
     error: str = ""
+    # set by the writer: banks whose slot arrays were taken unchanged from the previous
+    # snapshot file, and whether an automatic snapshot was skipped (nothing changed)
+    reused_banks: list[str] = field(default_factory=list)
+    unchanged: bool = False
 
 
 def snapshot_path(directory: Path, name: str) -> Path:
@@ -268,6 +272,34 @@ def _load_safetensors(path: Path) -> tuple[dict[str, str], dict[str, np.ndarray]
         tensors[key] = np.frombuffer(buf, dtype=dtype, count=count,
                                      offset=base + begin).reshape(shape)
     return {str(k): str(v) for k, v in metadata.items()}, tensors
+
+
+def map_bank_arrays(path: Path, banks: set[str]) -> dict[str, BankArrays]:
+    """Read-only memory maps of the arrays of ``banks`` in a snapshot file: no copy, the
+    pages are read as a new snapshot file is written from them.
+
+    Raises:
+        OSError, ValueError: the file is gone or its header is inconsistent.
+    """
+    path = Path(path)
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_len))
+    header.pop("__metadata__", None)
+    base = 8 + header_len
+    mapped = np.memmap(path, dtype=np.uint8, mode="r")
+    out: dict[str, BankArrays] = {b: {} for b in banks}
+    for key, spec in header.items():
+        prefix, bank, array_name = key.split("/", 2)
+        if prefix != "bank" or bank not in out:
+            continue
+        dtype = np.dtype(_DTYPES[spec["dtype"]])
+        begin, end = (int(o) for o in spec["data_offsets"])
+        if base + end > mapped.shape[0]:
+            raise ValueError(f"tensor {key!r} runs past the end of {path.name}")
+        out[bank][array_name] = mapped[base + begin:base + end].view(dtype).reshape(
+            [int(d) for d in spec["shape"]])
+    return out
 
 
 def inspect_snapshot(path: Path, verify: bool = True) -> SnapshotInfo:

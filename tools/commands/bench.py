@@ -21,6 +21,7 @@ BENCHMARKS = {
     "recall": "recall@10 of Read over real sentence embeddings vs FAISS flat/PQ/OPQ",
     "hybrid": "evidence recall@10 of recall() on conversations by mode; hybrid vs dense speed",
     "cluster": "forwarding hop p50 vs direct; moving a bank vs raw loopback copy of its bytes",
+    "scale": "RAM per memory, concurrent reads of one bank and writes/s, vs a baseline revision",
     "report": "turn benchmark JSON files into docs/BENCHMARKS.md with plots",
     "all": "run every benchmark with its defaults, then the report",
 }
