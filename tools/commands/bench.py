@@ -20,6 +20,7 @@ BENCHMARKS = {
     "concurrency": "throughput and p99 with 1..128 concurrent clients, batching on/off",
     "recall": "recall@10 of Read over real sentence embeddings vs FAISS flat/PQ/OPQ",
     "cluster": "forwarding hop p50 vs direct; moving a bank vs raw loopback copy of its bytes",
+    "codec": "a codec file's encode/decode vs FAISS PQ at equal bytes, 1 thread, batch 1024",
     "report": "turn benchmark JSON files into docs/BENCHMARKS.md with plots",
     "all": "run every benchmark with its defaults, then the report",
 }
