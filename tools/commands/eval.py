@@ -64,6 +64,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--plots", default=None,
                    help="curves: folder for one PNG per metric (PREFIX.METRIC.png)")
     p.add_argument("--plot-prefix", default="rd", help="curves: file name prefix of the PNGs")
+    p.add_argument("--plot-title", default=None,
+                   help="curves: title of the plots (default: the --data file name)")
     p.add_argument("--timing-s", type=float, default=0.3,
                    help="seconds of repeated encode (decode) calls behind each items/s figure")
     p.add_argument("--json", default=None, help="curves: also write every row to this JSON file")
@@ -177,7 +179,7 @@ def run_curves(args: argparse.Namespace) -> int:
     text = curves.to_markdown(result, header)
     if args.plots:
         written = curves.draw(result, args.plots, args.plot_prefix,
-                              Path(args.data).stem)
+                              args.plot_title or Path(args.data).name)
         text += "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in written) + "\n"
     print(text)
     if args.out:

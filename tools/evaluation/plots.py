@@ -77,11 +77,17 @@ def rate_distortion(points: dict[str, list[dict[str, Any]]], metric: str, ylabel
     if not panels:
         return False
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
+    ncols = min(2, len(panels))
+    nrows = (len(panels) + ncols - 1) // ncols
+    fig, grid = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 3.6 * nrows + 0.9),
+                             squeeze=False)
+    axes = [ax for row in grid for ax in row]
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
     families = sorted({r["family"] for rows in panels.values() for r in rows})
     cmap = plt.get_cmap("tab20")
     markers = "os^vD<>pPX*h"
-    for ax, (split, rows) in zip(axes[0], panels.items(), strict=True):
+    for ax, (split, rows) in zip(axes, panels.items(), strict=False):
         for i, fam in enumerate(families):
             pts = sorted((r["bytes_per_code"], r[metric]) for r in rows if r["family"] == fam)
             if not pts:
@@ -99,8 +105,8 @@ def rate_distortion(points: dict[str, list[dict[str, Any]]], metric: str, ylabel
         ax.set_ylabel(ylabel)
         ax.set_title(split, fontsize=10)
         ax.grid(True, alpha=0.3)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    for ax in axes[0][1:]:
+    handles, labels = axes[0].get_legend_handles_labels()
+    for ax in axes[1:len(panels)]:
         for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
             if lab not in labels:
                 handles.append(h)
@@ -108,8 +114,18 @@ def rate_distortion(points: dict[str, list[dict[str, Any]]], metric: str, ylabel
     fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=7,
                frameon=False)
     fig.suptitle(title, fontsize=10)
-    rows_of_legend = (len(labels) + 3) // 4
-    fig.tight_layout(rect=(0, 0.045 * rows_of_legend + 0.02, 1, 1))
+    legend_in = 0.17 * ((len(labels) + 3) // 4) + 0.1
+    fig.tight_layout(rect=(0, legend_in / fig.get_figheight(), 1, 1))
     fig.savefig(path, dpi=80)
     plt.close(fig)
+    _to_palette(path)
     return True
+
+
+def _to_palette(path: str | Path, colors: int = 96) -> None:
+    """Rewrite a PNG with an adaptive palette: line plots keep their look at ~1/3 the bytes."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        small = im.convert("RGB").quantize(colors=colors)
+    small.save(path, optimize=True)
