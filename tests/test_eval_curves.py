@@ -153,3 +153,26 @@ def test_bench_codec_prints_ratios(tmp_path: Path, capsys: pytest.CaptureFixture
     assert {r["op"] for r in result["rows"]} >= {"ours encode", "FAISS PQ encode"}
     assert result["ratios"]["ours_encode_plus_decode_over_pq_encode"] > 0
     assert result["goals"][0]["met"] in (True, False)
+
+
+def test_curves_and_bench_take_any_codec_file(tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    from apcm.server.codecs.base import save_codec
+    from apcm.server.codecs.pca import PCACodec
+
+    items = torch.from_numpy(load_file(str(DIGITS_FIXTURE))["test"]).float()
+    path = tmp_path / "pca16.safetensors"
+    save_codec(PCACodec.fit(items, 16, "int8"), path)
+    out = tmp_path / "rd.md"
+    assert main(["eval", "--model", str(path), "--model", str(DIGITS_MODEL),
+                 "--data", str(DIGITS_FIXTURE), "--train-key", "test", "--splits", "test",
+                 "--image", "--ratios", "16", "--no-faiss", "--timing-s", "0.01",
+                 "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "| pca16 (pca int8 m=16, this model) | 16 | 16:1 |" in text
+    assert "| pca (model) |" in text and "| idrp (model) |" in text  # its own 32 B point
+    assert main(["bench", "codec", "--model", str(path), "--data", str(DIGITS_FIXTURE),
+                 "--split", "test", "--batch", "64", "--repeats", "1"]) == 0
+    assert "PQ16x8" in capsys.readouterr().out

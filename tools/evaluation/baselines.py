@@ -70,7 +70,8 @@ class CodecMethod(Method):
 
     def round_trip_error(self, x: np.ndarray) -> float | None:
         model = getattr(self.codec, "model", None)
-        if model is None:
+        # only codecs with an invertible flow (IDRP) have a round trip to check
+        if model is None or not hasattr(model, "flow") or not hasattr(model, "flow_inverse"):
             return None
         with torch.inference_mode():
             xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.codec.device)
