@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-SUITE = ("rpc", "concurrency", "recall", "read", "durability", "cluster")
+SUITE = ("rpc", "concurrency", "recall", "read", "durability", "cluster", "codec")
 log = logging.getLogger(__name__)
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from apcm.tools.bench.common import describe_machine, fmt, markdown_table
 
-ORDER = ("rpc", "concurrency", "recall", "read", "durability", "cluster")
+ORDER = ("rpc", "concurrency", "recall", "read", "durability", "cluster", "codec")
 READ_COLUMNS = [
     ("slots", "slots"), ("batch", "Q"), ("ours_p50_ms", "ApCM p50 ms"),
     ("ours_p99_ms", "ApCM p99 ms"), ("faiss_p50_ms", "FAISS p50 ms"),
@@ -38,6 +38,7 @@ apcm bench recall --json docs/bench/recall.json
 apcm bench read --json docs/bench/read.json
 apcm bench durability --json docs/bench/durability.json
 apcm bench cluster --json docs/bench/cluster.json
+apcm bench codec --json docs/bench/codec.json
 apcm bench report
 ```
 """
@@ -210,7 +211,7 @@ def render(results: dict[str, dict[str, Any]], folder: Path, out: Path) -> str:
              "measured side by side in one run, so they hold better than absolute numbers on "
              "a shared machine.", "", COMMANDS]
     if goals:
-        parts += ["## Goals of issue 6, as measured", "", goals_table(goals), ""]
+        parts += ["## Goals (issues 6 and 11), as measured", "", goals_table(goals), ""]
     parts += [section(n, results[n], folder, out) for n in names]
     notes = folder / "NOTES.md"
     if notes.exists():

@@ -53,3 +53,32 @@ def file_sha256(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def corpus_splits(sources: dict[str, np.ndarray], ood: tuple[str, ...] | list[str],
+                  seed: int = 0, fractions: tuple[float, float] = (0.7, 0.8)
+                  ) -> dict[str, np.ndarray]:
+    """Per-source stratified train/val/test split of a multi-source corpus; OOD sources whole.
+
+    In sorted source order, each in-domain source is shuffled by one seeded numpy
+    generator and cut at ``fractions`` (70 % train, 10 % val, 20 % test); the
+    concatenated val and test are shuffled again, and each OOD source (in the
+    order given) is shuffled and kept whole under its own name. The same generator
+    sequence as the issue-11 codec prototype, so its splits are reproduced exactly.
+    """
+    rng = np.random.default_rng(seed)
+    parts: dict[str, list[np.ndarray]] = {"train": [], "val": [], "test": []}
+    for name in sorted(sources):
+        if name in ood:
+            continue
+        x = sources[name][rng.permutation(len(sources[name]))]
+        a, b = int(fractions[0] * len(x)), int(fractions[1] * len(x))
+        parts["train"].append(x[:a])
+        parts["val"].append(x[a:b])
+        parts["test"].append(x[b:])
+    out = {k: np.concatenate(v) for k, v in parts.items()}
+    for k in ("val", "test"):
+        out[k] = out[k][rng.permutation(len(out[k]))]
+    for name in ood:
+        out[name] = sources[name][rng.permutation(len(sources[name]))]
+    return out

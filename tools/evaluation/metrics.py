@@ -26,22 +26,62 @@ def mean_cosine(x: np.ndarray, x_hat: np.ndarray) -> float:
     return float(np.mean(num / np.maximum(den, 1e-12)))
 
 
-def _top_k_cosine(queries: np.ndarray, base: np.ndarray, k: int) -> np.ndarray:
-    q = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
-    b = base / np.maximum(np.linalg.norm(base, axis=1, keepdims=True), 1e-12)
-    sims = q @ b.T
-    np.fill_diagonal(sims, -np.inf)  # an item is not its own neighbour
-    return np.argsort(-sims, axis=1)[:, :k]
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def recall_at_k(x: np.ndarray, x_hat: np.ndarray, k: int = 10) -> float:
+def top_k_cosine(queries: np.ndarray, base: np.ndarray, k: int,
+                 exclude_self: bool = True, block: int = 1024) -> np.ndarray:
+    """Ids [Q, k] of each query's k most cosine-similar base items, best first.
+
+    With ``exclude_self`` query i is base item i and is not its own neighbour.
+    Computed in float32, ``block`` queries at a time.
+    """
+    q, b = _unit(queries), _unit(base)
+    out = np.empty((len(q), k), dtype=np.int64)
+    for start in range(0, len(q), block):
+        sims = q[start:start + block] @ b.T
+        if exclude_self:
+            rows = np.arange(sims.shape[0])
+            sims[rows, rows + start] = -np.inf
+        part = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        order = np.argsort(-np.take_along_axis(sims, part, axis=1), axis=1)
+        out[start:start + block] = np.take_along_axis(part, order, axis=1)
+    return out
+
+
+def recall_of(approx: np.ndarray, exact: np.ndarray) -> float:
+    """Mean overlap |approx_i & exact_i| / k of two id arrays [Q, k]."""
+    k = exact.shape[1]
+    hits = [len(set(a.tolist()) & set(e.tolist())) for a, e in zip(approx, exact, strict=True)]
+    return float(np.mean(hits) / k)
+
+
+def recall_at_k(x: np.ndarray, x_hat: np.ndarray, k: int = 10,
+                exact: np.ndarray | None = None) -> float:
     """Overlap of cosine top-k neighbours: exact queries vs decoded database, over exact.
 
     Every held-out item queries the others; the exact neighbours come from the
     original vectors, the approximate ones from the decoded vectors (what a
-    memory bank holding only the codes would return).
+    memory bank holding only the codes would return). ``exact``: the exact ids
+    ``top_k_cosine(x, x, k)`` when already computed.
     """
-    exact = _top_k_cosine(x, x, k)
-    approx = _top_k_cosine(x, x_hat, k)
-    hits = [len(set(a) & set(e)) for a, e in zip(approx, exact, strict=True)]
-    return float(np.mean(hits) / k)
+    if exact is None:
+        exact = top_k_cosine(x, x, k)
+    return recall_of(top_k_cosine(x, x_hat, k), exact)
+
+
+def search_recall_at_k(search, x: np.ndarray, k: int = 10,  # type: ignore[no-untyped-def]
+                       exact: np.ndarray | None = None) -> float:
+    """:func:`recall_at_k` for a search-only method: ``search(queries, base, k)`` -> ids.
+
+    Every item queries the whole set for k + 1 ids; its own id is dropped (or
+    the last one if it is not among them).
+    """
+    if exact is None:
+        exact = top_k_cosine(x, x, k)
+    ids = search(x, x, k + 1)
+    approx = np.stack([
+        np.array([j for j in row if j != i][:k]) for i, row in enumerate(ids)])
+    return recall_of(approx, exact)

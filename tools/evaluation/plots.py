@@ -1,8 +1,9 @@
-"""PNG figures for model cards: loss curves and original / IDRP / PCA image grids."""
+"""PNG figures: loss curves, original / IDRP / PCA image grids, rate–distortion curves."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -60,3 +61,71 @@ def reconstruction_grid(rows: dict[str, np.ndarray], path: str | Path, title: st
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def rate_distortion(points: dict[str, list[dict[str, Any]]], metric: str, ylabel: str,
+                    path: str | Path, title: str, log_y: bool = False) -> bool:
+    """One panel per split: ``metric`` against bytes per code (log x), one line per method family.
+
+    Args:
+        points: split -> rows with keys ``family``, ``bytes_per_code`` and ``metric``
+            (rows whose value is None are left out).
+    Returns False (and writes nothing) when no row has a value.
+    """
+    panels = {s: [r for r in rows if r.get(metric) is not None] for s, rows in points.items()}
+    panels = {s: rows for s, rows in panels.items() if rows}
+    if not panels:
+        return False
+    plt = _pyplot()
+    ncols = min(2, len(panels))
+    nrows = (len(panels) + ncols - 1) // ncols
+    fig, grid = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 3.6 * nrows + 0.9),
+                             squeeze=False)
+    axes = [ax for row in grid for ax in row]
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    families = sorted({r["family"] for rows in panels.values() for r in rows})
+    cmap = plt.get_cmap("tab20")
+    markers = "os^vD<>pPX*h"
+    for ax, (split, rows) in zip(axes, panels.items(), strict=False):
+        for i, fam in enumerate(families):
+            pts = sorted((r["bytes_per_code"], r[metric]) for r in rows if r["family"] == fam)
+            if not pts:
+                continue
+            xs, ys = zip(*pts, strict=True)
+            ax.plot(xs, ys, marker=markers[i % len(markers)], color=cmap(i % 20),
+                    linewidth=2.5 if "(model)" in fam else 1.2, markersize=5, label=fam)
+        ax.set_xscale("log", base=2)
+        budgets = sorted({r["bytes_per_code"] for r in rows})
+        ax.set_xticks(budgets, [str(b) for b in budgets], fontsize=7)
+        ax.minorticks_off()
+        if log_y:
+            ax.set_yscale("log")
+        ax.set_xlabel("bytes per code (log)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(split, fontsize=10)
+        ax.grid(True, alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    for ax in axes[1:len(panels)]:
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=7,
+               frameon=False)
+    fig.suptitle(title, fontsize=10)
+    legend_in = 0.17 * ((len(labels) + 3) // 4) + 0.1
+    fig.tight_layout(rect=(0, legend_in / fig.get_figheight(), 1, 1))
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    _to_palette(path)
+    return True
+
+
+def _to_palette(path: str | Path, colors: int = 96) -> None:
+    """Rewrite a PNG with an adaptive palette: line plots keep their look at ~1/3 the bytes."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        small = im.convert("RGB").quantize(colors=colors)
+    small.save(path, optimize=True)
