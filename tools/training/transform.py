@@ -117,7 +117,7 @@ def train_flow(init: TransformCodec, train: torch.Tensor, val: torch.Tensor,
     base = init.model.config
     codec = TransformCodec.fit(train, base.budget, val=val, name=init.name,
                                renorm=base.renorm, n_blocks=cfg.n_blocks,
-                               aux_hidden=cfg.aux_hidden, seed=cfg.seed)
+                               hidden=cfg.hidden, aux_hidden=cfg.aux_hidden, seed=cfg.seed)
     model = codec.model
     model.train()
     params = [p for p in model.parameters()]
@@ -150,7 +150,7 @@ def train_flow(init: TransformCodec, train: torch.Tensor, val: torch.Tensor,
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
             sched.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
         model.eval()
         with torch.no_grad():
             y_all = model(x_train)[0].numpy()

@@ -326,6 +326,7 @@ class TransformCodec(Codec):
         name: str = "idrp-v2",
         renorm: bool | None = None,
         n_blocks: int = 0,
+        hidden: int = 256,
         aux_hidden: int = 0,
         n_fit: int = 8000,
         seed: int = 0,
@@ -338,7 +339,8 @@ class TransformCodec(Codec):
             val: validation items [V, L, D] for the score percentiles and, when
                 ``renorm`` is None, for choosing renormalisation (only considered for
                 unit-norm training data).
-            n_blocks, aux_hidden: flow and predictor sizes (identity / zero at init).
+            n_blocks, hidden, aux_hidden: flow and predictor sizes (identity / zero at
+                init).
         """
         n, length, width = train.shape
         d = length * width
@@ -351,7 +353,7 @@ class TransformCodec(Codec):
         norms = flat.norm(dim=1)
         unit = bool((norms - 1).abs().max() < 1e-3)
         norm_tol = max(10 * float((norms - 1).abs().max()), 1e-4) if unit else 0.0
-        config = TransformConfig(dim=d, budget=budget_bytes, n_blocks=n_blocks,
+        config = TransformConfig(dim=d, budget=budget_bytes, n_blocks=n_blocks, hidden=hidden,
                                  aux_hidden=aux_hidden, renorm=bool(renorm), norm_check=unit,
                                  norm_tol=norm_tol, seed=seed)
         model = TransformIDRP(config, table_size=len(fit.table))
