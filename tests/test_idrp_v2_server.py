@@ -150,3 +150,23 @@ def test_a_data_dir_of_another_model_is_refused(make_server, tmp_path,  # type: 
         srv.start()
         srv.stop(grace=0.5)
     assert "serve that model" in str(err.value)
+
+
+def test_packed_codes_survive_a_restart(make_server, tmp_path, fixture) -> None:  # type: ignore[no-untyped-def]
+    data = tmp_path / "data"
+    x = _items(fixture["licenses"][:40])
+    server = make_server(model=V2, data_dir=data)
+    with MemoryClient(f"127.0.0.1:{server.port}", timeout=60.0) as client:
+        client.write(x[:20], mode="per_item")
+        client.create_snapshot("half")
+        client.write(x[20:], mode="per_item")  # only in the write-ahead log
+        before = client.read(x[:5], top_k=3, count_access=False)
+    server.stop(grace=0.5)
+    again = make_server(model=V2, data_dir=data)
+    with MemoryClient(f"127.0.0.1:{again.port}", timeout=60.0) as client:
+        assert client.describe_bank("default").occupied == 40
+        after = client.read(x[:5], top_k=3, count_access=False)
+    for a, b in zip(before, after, strict=True):
+        assert [h.slot for h in a.hits] == [h.slot for h in b.hits]
+        np.testing.assert_allclose([h.score for h in a.hits], [h.score for h in b.hits],
+                                   atol=1e-6)
