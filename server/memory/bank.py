@@ -123,8 +123,8 @@ class QueryResult:
 @dataclass
 class ReadResult:
     """One ``QueryResult`` per query; ``soft`` is the softmax-weighted mix of the
-    dequantised codes [Q, m] float32 (latent space), or None when not requested or
-    the bank is empty."""
+    dequantised codes [Q, m] float32 (latent space; with a scorer, its search space
+    [Q, search_dim]), or None when not requested or the bank is empty."""
 
     results: list[QueryResult]
     soft: torch.Tensor | None = None
