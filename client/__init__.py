@@ -32,12 +32,14 @@ from apcm.client.types import (
     BankInfo,
     DeleteResult,
     Hit,
+    ItemCheck,
     Memory,
     ModelInfo,
     QueryResult,
     RestoreResult,
     SnapshotInfo,
     WrittenSlot,
+    WrittenSlots,
 )
 from apcm.wire.tensors import TensorFormatError
 
@@ -53,6 +55,7 @@ __all__ = [
     "Hit",
     "InternalError",
     "InvalidArgumentError",
+    "ItemCheck",
     "Memory",
     "MemoryClient",
     "ModelInfo",
@@ -70,4 +73,5 @@ __all__ = [
     "UnavailableError",
     "UnimplementedError",
     "WrittenSlot",
+    "WrittenSlots",
 ]

@@ -22,12 +22,13 @@ from apcm.client.types import (
     BankInfo,
     DeleteResult,
     Hit,
+    ItemCheck,
     Memory,
     ModelInfo,
     QueryResult,
     RestoreResult,
     SnapshotInfo,
-    WrittenSlot,
+    WrittenSlots,
 )
 from apcm.v1 import memory_pb2, memory_pb2_grpc
 from apcm.wire.tensors import from_proto, to_proto
@@ -86,14 +87,16 @@ def as_inputs(x: Any) -> np.ndarray:
 
 
 def as_codes(codes: Any) -> np.ndarray:
-    """Codes [B, m]: float32, float16 and int8 pass as they are; other floats become float32."""
+    """Codes [B, m]: float32, float16, int8 and uint8 (packed codes) pass as they are;
+    other floats become float32."""
     arr = np.asarray(codes)
     kind, size = arr.dtype.kind, arr.dtype.itemsize
-    if (kind == "f" and size in (2, 4)) or (kind == "i" and size == 1):
+    if (kind == "f" and size in (2, 4)) or (kind in "iu" and size == 1):
         return arr
     if kind == "f":
         return arr.astype(np.float32)
-    raise invalid_argument(f"codes must be float32, float16 or int8, got dtype {arr.dtype}")
+    raise invalid_argument(
+        f"codes must be float32, float16, int8 or uint8, got dtype {arr.dtype}")
 
 
 def _content(x: Any, codes: Any) -> tuple[str, np.ndarray]:
@@ -140,6 +143,12 @@ def compress(x: Any) -> Call[np.ndarray]:
     return Call("Compress", request, lambda r: from_proto(r.codes))
 
 
+def compress_checked(x: Any) -> Call[tuple[np.ndarray, list[ItemCheck]]]:
+    request = memory_pb2.CompressRequest(inputs=to_proto(as_inputs(x)))
+    return Call("Compress", request,
+                lambda r: (from_proto(r.codes), [ItemCheck.from_proto(c) for c in r.checks]))
+
+
 def decompress(codes: Any) -> Call[np.ndarray]:
     request = memory_pb2.DecompressRequest(codes=to_proto(as_codes(codes)))
     return Call("Decompress", request, lambda r: from_proto(r.outputs))
@@ -150,7 +159,7 @@ def decompress(codes: Any) -> Call[np.ndarray]:
 
 def write(
     x: Any, codes: Any, bank: str, mode: str, payloads: Any, keys: Any
-) -> Call[list[WrittenSlot]]:
+) -> Call[WrittenSlots]:
     if mode not in WRITE_MODES:
         raise invalid_argument(f"mode must be one of {sorted(WRITE_MODES)}, got {mode!r}")
     field, arr = _content(x, codes)
@@ -166,8 +175,7 @@ def write(
     )
     # Keyed writes are upserts, so a repeat is harmless; keyless ones would duplicate.
     return Call(
-        "Write", request, lambda r: [WrittenSlot.from_proto(s) for s in r.slots],
-        retryable=bool(key_list),
+        "Write", request, WrittenSlots.from_proto, retryable=bool(key_list),
     )
 
 
@@ -221,7 +229,7 @@ def _metadata_maps(metadata: Any, n: int) -> list[memory_pb2.MemoryMetadata]:
             for m in maps]
 
 
-def remember(texts: Any, bank: str, keys: Any, metadata: Any) -> Call[list[WrittenSlot]]:
+def remember(texts: Any, bank: str, keys: Any, metadata: Any) -> Call[WrittenSlots]:
     text_list = _texts(texts, "texts")
     key_list = [str(k) for k in _as_list(keys, "keys")]
     _check_count(key_list, len(text_list), "keys", "per_item")
@@ -230,8 +238,7 @@ def remember(texts: Any, bank: str, keys: Any, metadata: Any) -> Call[list[Writt
         texts=memory_pb2.TextBatch(texts=text_list),
         metadata=_metadata_maps(metadata, len(text_list)),
     )
-    return Call("Write", request, lambda r: [WrittenSlot.from_proto(s) for s in r.slots],
-                retryable=bool(key_list))
+    return Call("Write", request, WrittenSlots.from_proto, retryable=bool(key_list))
 
 
 RECALL_MODES = {

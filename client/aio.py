@@ -32,11 +32,12 @@ from apcm.client.retry import RetryPolicy, is_retryable
 from apcm.client.types import (
     BankInfo,
     DeleteResult,
+    ItemCheck,
     ModelInfo,
     QueryResult,
     RestoreResult,
     SnapshotInfo,
-    WrittenSlot,
+    WrittenSlots,
 )
 
 T = TypeVar("T")
@@ -162,6 +163,12 @@ class AsyncMemoryClient:
         """Inputs [B, L, D] -> codes [B, m]."""
         return await self._invoke(_calls.compress(x), timeout)
 
+    async def compress_checked(
+        self, x: np.ndarray, *, timeout: float | None = None
+    ) -> tuple[np.ndarray, list[ItemCheck]]:
+        """See :meth:`MemoryClient.compress_checked`."""
+        return await self._invoke(_calls.compress_checked(x), timeout)
+
     async def decompress(self, codes: np.ndarray, *, timeout: float | None = None) -> np.ndarray:
         """Codes [B, m] -> reconstructions [B, L, D] float32."""
         return await self._invoke(_calls.decompress(codes), timeout)
@@ -178,7 +185,7 @@ class AsyncMemoryClient:
         payloads: Iterable[bytes | str] | bytes | str | None = None,
         keys: Iterable[str] | str | None = None,
         timeout: float | None = None,
-    ) -> list[WrittenSlot]:
+    ) -> WrittenSlots:
         """See :meth:`MemoryClient.write`."""
         return await self._invoke(_calls.write(x, codes, bank, mode, payloads, keys), timeout)
 
@@ -214,7 +221,7 @@ class AsyncMemoryClient:
         metadata: dict[str, str] | Iterable[dict[str, str]] | None = None,
         *,
         timeout: float | None = None,
-    ) -> list[WrittenSlot]:
+    ) -> WrittenSlots:
         """See :meth:`MemoryClient.remember`.
 
         Args:

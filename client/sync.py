@@ -26,11 +26,12 @@ from apcm.client.retry import RetryPolicy, is_retryable
 from apcm.client.types import (
     BankInfo,
     DeleteResult,
+    ItemCheck,
     ModelInfo,
     QueryResult,
     RestoreResult,
     SnapshotInfo,
-    WrittenSlot,
+    WrittenSlots,
 )
 
 T = TypeVar("T")
@@ -168,11 +169,23 @@ class MemoryClient:
         """
         return self._invoke(_calls.compress(x), timeout)
 
+    def compress_checked(
+        self, x: np.ndarray, *, timeout: float | None = None
+    ) -> tuple[np.ndarray, list[ItemCheck]]:
+        """Encode inputs and say what the model thinks of each.
+
+        Returns:
+            codes [B, m] and one :class:`ItemCheck` per item (in-domain percentile,
+            out-of-domain flag, norm flag, reconstruction error); the list is empty
+            when the server's model has no density (PCA, IDRP v1).
+        """
+        return self._invoke(_calls.compress_checked(x), timeout)
+
     def decompress(self, codes: np.ndarray, *, timeout: float | None = None) -> np.ndarray:
         """Decode codes.
 
         Args:
-            codes: [B, m]; float32/float16/int8 are sent as they are.
+            codes: [B, m]; float32/float16/int8/uint8 are sent as they are.
 
         Returns:
             reconstructions [B, L, D] float32.
@@ -191,7 +204,7 @@ class MemoryClient:
         payloads: Iterable[bytes | str] | bytes | str | None = None,
         keys: Iterable[str] | str | None = None,
         timeout: float | None = None,
-    ) -> list[WrittenSlot]:
+    ) -> WrittenSlots:
         """Store memories: inputs ``x`` [B, L, D] or ready ``codes`` [B, m] (exactly one).
 
         Args:
@@ -254,7 +267,7 @@ class MemoryClient:
         metadata: dict[str, str] | Iterable[dict[str, str]] | None = None,
         *,
         timeout: float | None = None,
-    ) -> list[WrittenSlot]:
+    ) -> WrittenSlots:
         """Store texts as memories, one each; the server embeds them with its model's
         embedder and keeps each text with its memory.
 

@@ -101,6 +101,46 @@ class ModelInfo:
 
 
 @dataclass(frozen=True)
+class ItemCheck:
+    """What the model says about one input item (models with a density, IDRP v2).
+
+    Attributes:
+        in_domain_percentile: the item's NLL as a percentile of the model's validation
+            set (about 0.5 typical; near 1 = unlike the data the model was trained on).
+        out_of_domain: the model does not vouch for the item (percentile above its
+            threshold, or ``norm_off``).
+        norm_off: the input's norm is not what the model expects (e.g. not unit norm).
+        reconstruction_error: ||x - x_hat||^2 over the item, exact.
+    """
+
+    in_domain_percentile: float
+    out_of_domain: bool
+    norm_off: bool
+    reconstruction_error: float
+
+    @classmethod
+    def from_proto(cls, msg: memory_pb2.ItemCheck) -> ItemCheck:
+        return cls(float(msg.in_domain_percentile), bool(msg.out_of_domain),
+                   bool(msg.norm_off), float(msg.reconstruction_error))
+
+
+class WrittenSlots(list["WrittenSlot"]):
+    """A Write's written slots (a list), plus ``checks``: one :class:`ItemCheck` per
+    input item when the server's model has a density, else empty."""
+
+    checks: list[ItemCheck]
+
+    def __init__(self, slots: Any = (), checks: Any = ()) -> None:
+        super().__init__(slots)
+        self.checks = list(checks)
+
+    @classmethod
+    def from_proto(cls, msg: memory_pb2.WriteResponse) -> WrittenSlots:
+        return cls([WrittenSlot.from_proto(s) for s in msg.slots],
+                   [ItemCheck.from_proto(c) for c in msg.checks])
+
+
+@dataclass(frozen=True)
 class WrittenSlot:
     """Where one written memory went.
 

@@ -9,7 +9,11 @@ of the square (the texture has no preferred orientation). Writes
 float32 in {0, 1}) and the committed fixture
 ``tests/fixtures/gravel_heldout.safetensors`` (256 test patches).
 
-Usage: ``.venv/bin/python scripts/prepare_gravel.py``
+``--grey`` keeps the grey levels (0-255, no binarisation) and writes
+``data/gravel/gravel-grey.safetensors`` and ``tests/fixtures/gravel_grey_heldout.safetensors``
+instead (the IDRP v2 ``gravel-grey`` model).
+
+Usage: ``.venv/bin/python scripts/prepare_gravel.py [--grey]``
 """
 
 from __future__ import annotations
@@ -48,14 +52,18 @@ def main() -> None:
     parser.add_argument("--no-augment", action="store_true",
                         help="do not add the flips/rotations of the training patches")
     parser.add_argument("--fixture-size", type=int, default=256, help="patches in the fixture")
+    parser.add_argument("--grey", action="store_true", help="keep grey levels (0-255)")
     args = parser.parse_args()
+    if args.grey and args.fixture == parser.get_default("fixture"):
+        args.fixture = "tests/fixtures/gravel_grey_heldout.safetensors"
 
     from skimage import data
 
     grey = data.gravel().astype(np.float64)
     left, right = grey[:, :256], grey[:, 256:]
     threshold = float(np.median(left))
-    binary = lambda a: (a > threshold).astype(np.float32)  # noqa: E731
+    binary = (lambda a: a.astype(np.float32)) if args.grey \
+        else (lambda a: (a > threshold).astype(np.float32))
     splits = {
         "train": patches(binary(left[:384]), 4),
         "val": patches(binary(left[384:]), 4),
@@ -64,14 +72,15 @@ def main() -> None:
     if not args.no_augment:
         splits["train"] = dihedral(splits["train"])
     meta = {"augment": str(not args.no_augment), "source": "skimage.data.gravel()",
-            "threshold": str(threshold),
+            "threshold": "none (grey levels)" if args.grey else str(threshold),
             "splits": "train=left half rows 0-383 stride 4; val=left rows 384-511 stride 4; "
                       "test=right half stride 8"}
     tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in splits.items()}
     print({k: tuple(v.shape) for k, v in tensors.items()}, "threshold", threshold)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / "gravel.safetensors"), metadata=meta)
+    save_file(tensors, str(out / ("gravel-grey.safetensors" if args.grey
+                                  else "gravel.safetensors")), metadata=meta)
     rng = np.random.default_rng(0)
     pick = np.sort(rng.choice(len(splits["test"]), args.fixture_size, replace=False))
     save_file({"test": tensors["test"][pick].contiguous()}, args.fixture, metadata=meta)

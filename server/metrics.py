@@ -27,6 +27,7 @@ LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
     5, 10,
 )
+IN_DOMAIN_BUCKETS = (0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.999, 1.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384)
 
 
@@ -96,6 +97,16 @@ class Metrics:
             "apcm_wal_fsync_duration_seconds", "Time of one write-ahead-log fsync",
             buckets=LATENCY_BUCKETS, registry=r,
         )
+        self.in_domain = Histogram(
+            "apcm_item_in_domain_percentile_ratio",
+            "Per-item NLL percentile against the model's validation set (models with a "
+            "density only; near 1 = unlike the training data)", ["method"],
+            buckets=IN_DOMAIN_BUCKETS, registry=r,
+        )
+        self.out_of_domain = Counter(
+            "apcm_items_out_of_domain", "Items the model flagged as out of its domain",
+            ["method"], registry=r,
+        )
         self.batch_size = Histogram(
             "apcm_batch_size", "Items per model call (after micro-batching)", ["method"],
             buckets=BATCH_BUCKETS, registry=r,
@@ -104,6 +115,15 @@ class Metrics:
         self._http_thread: threading.Thread | None = None
 
     # -- hooks used by persistence and the store -----------------------------------
+    def observe_checks(self, method: str, percentiles: Any, flagged: Any) -> None:
+        """Per-item in-domain percentiles [B] and out-of-domain flags [B] of a request."""
+        hist = self.in_domain.labels(method)
+        for p in percentiles.tolist():
+            hist.observe(p)
+        n = int(flagged.sum())
+        if n:
+            self.out_of_domain.labels(method).inc(n)
+
     def observe_snapshot(self, duration_s: float, ok: bool) -> None:
         if ok:
             self.snapshot_duration.observe(duration_s)

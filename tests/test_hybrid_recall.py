@@ -46,9 +46,10 @@ def test_hybrid_beats_dense_on_conversations(mem: MemoryClient) -> None:
     remember_all(mem, "conversations", memories)
     recall = {m: evidence_recall(mem, "conversations", questions, m)
               for m in ("dense", "lexical", "hybrid")}
-    # measured on this subset (123 questions, 1094 memories): dense 0.724, BM25 0.634,
-    # hybrid 0.756; the margins are about 2/3 of the measured gains (3 and 9 questions)
-    assert recall["hybrid"] >= recall["dense"] + 0.02, recall
+    # measured on this subset (123 questions, 1094 memories) with the v2 default model:
+    # dense 0.715, BM25 0.634, hybrid 0.732 (with the v1 model: 0.724, 0.634, 0.756).
+    # Hybrid must beat both; the margin over dense is 2 questions, so no more is asserted
+    assert recall["hybrid"] > recall["dense"], recall
     assert recall["hybrid"] >= recall["lexical"] + 0.08, recall
     default = mem.recall([q["question"] for q in questions[:20]], bank="conversations", top_k=10)
     fused = mem.recall([q["question"] for q in questions[:20]], bank="conversations", top_k=10,
@@ -69,6 +70,8 @@ def test_scores_per_mode(mem: MemoryClient) -> None:
     assert hybrid[0].score == hybrid[0].cosine == pytest.approx(dense[0].cosine, abs=1e-5)
     lexical = mem.recall("where is the spare key?", bank="scores", top_k=2, mode="lexical")
     assert [h.text[:13] for h in lexical] == ["The spare key"]  # no shared word: not ranked
+    # a lexical hit's cosine is computed outside the dense scan: it must match the scan
+    assert lexical[0].score == pytest.approx(dense[0].score, abs=1e-5)
 
 
 def test_lexical_index_follows_evictions_deletes_and_clears(mem: MemoryClient) -> None:

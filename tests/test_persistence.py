@@ -640,9 +640,13 @@ def test_snapshot_under_concurrent_writes_is_the_state_at_its_sequence(tmp_path:
         t.join()
     mgr.close(final_snapshot=False)
     _, banks = snap.read_snapshot(mgr.snapshots.path("mid"))
-    arrays = banks["b"][1]
-    before = [a for a in acked if a[0] <= info.wal_sequence]
-    after = [a for a in acked if a[0] > info.wal_sequence]
+    config, arrays = banks["b"]
+    # banks are copied one at a time: a bank's copy holds exactly the writes up to its
+    # own applied sequence, which is at least the snapshot's (see store.export_state)
+    copied = int(config["applied_seq"])
+    assert copied >= info.wal_sequence
+    before = [a for a in acked if a[0] <= copied]
+    after = [a for a in acked if a[0] > copied]
     assert before and after, "the snapshot must land while writes were in flight"
     for seq, slot, code in before:
         assert arrays["occupied"][slot] == 1 and arrays["sequences"][slot] == seq

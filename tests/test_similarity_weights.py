@@ -52,7 +52,7 @@ def test_scores_are_cosine_under_the_weights(code_dtype: str, n_queries: int) ->
 
 
 def test_shipped_text_model_recalls_better_with_its_weights() -> None:
-    codec = load_codec("model_weights/text-minilm.safetensors")
+    codec = load_codec("model_weights/text-minilm-v1.safetensors")  # IDRP v1, int8
     weights = codec.similarity_weights
     assert weights is not None and weights.shape == (codec.code_dim,)
     fixture = load_file("tests/fixtures/text_heldout.safetensors")

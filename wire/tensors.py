@@ -18,6 +18,7 @@ _TO_NUMPY: dict[Any, np.dtype] = {
     tensor_pb2.DTYPE_FLOAT16: np.dtype("<f2"),
     tensor_pb2.DTYPE_INT8: np.dtype("i1"),
     tensor_pb2.DTYPE_FLOAT64: np.dtype("<f8"),
+    tensor_pb2.DTYPE_UINT8: np.dtype("u1"),
 }
 _FROM_NUMPY = {
     dt.newbyteorder("<") if dt.itemsize > 1 else dt: code for code, dt in _TO_NUMPY.items()
@@ -27,6 +28,7 @@ DTYPE_NAMES = {
     tensor_pb2.DTYPE_FLOAT16: "float16",
     tensor_pb2.DTYPE_INT8: "int8",
     tensor_pb2.DTYPE_FLOAT64: "float64",
+    tensor_pb2.DTYPE_UINT8: "uint8",
 }
 DTYPE_CODES = {name: code for code, name in DTYPE_NAMES.items()}
 
@@ -36,13 +38,13 @@ class TensorFormatError(ValueError):
 
 
 def to_proto(array: np.ndarray) -> tensor_pb2.Tensor:
-    """Encode a numpy array (float32/float16/float64/int8) as a Tensor message."""
+    """Encode a numpy array (float32/float16/float64/int8/uint8) as a Tensor message."""
     arr = np.asarray(array)
     dtype = arr.dtype.newbyteorder("<") if arr.dtype.itemsize > 1 else arr.dtype
     code = _FROM_NUMPY.get(dtype)
     if code is None:
         raise TensorFormatError(
-            f"unsupported dtype {arr.dtype}; use one of float32, float16, float64, int8"
+            f"unsupported dtype {arr.dtype}; use one of float32, float16, float64, int8, uint8"
         )
     data = np.ascontiguousarray(arr, dtype=dtype).tobytes()
     return tensor_pb2.Tensor(shape=list(arr.shape), dtype=code, data=data)

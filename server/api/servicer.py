@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from apcm.server.domain.service import MemoryService, QueryHits, ReadParams
+from apcm.server.domain.service import ItemChecks, MemoryService, QueryHits, ReadParams
 from apcm.server.errors import InvalidArgument
 from apcm.v1 import memory_pb2, memory_pb2_grpc
 from apcm.wire.tensors import DTYPE_CODES, from_proto, to_proto
@@ -105,8 +105,8 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         )
 
     def Compress(self, request, context):  # noqa: N802
-        codes = self.service.compress(from_proto(request.inputs))
-        return memory_pb2.CompressResponse(codes=to_proto(codes))
+        codes, checks = self.service.compress_checked(from_proto(request.inputs))
+        return memory_pb2.CompressResponse(codes=to_proto(codes), checks=_checks(checks))
 
     def Decompress(self, request, context):  # noqa: N802
         outputs = self.service.decompress(from_proto(request.codes))
@@ -136,7 +136,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
                 sequence=w.sequence, replaced=w.replaced,
             )
             for w in written
-        ])
+        ], checks=_checks(written.checks))
 
     def Read(self, request, context):  # noqa: N802
         params = ReadParams(
@@ -213,3 +213,13 @@ def _query_result(r: QueryHits) -> memory_pb2.QueryResult:
     if r.soft_reconstruction is not None:
         qr.soft_reconstruction.CopyFrom(to_proto(r.soft_reconstruction))
     return qr
+
+
+def _checks(checks: ItemChecks | None) -> list[memory_pb2.ItemCheck]:
+    if checks is None:
+        return []
+    return [memory_pb2.ItemCheck(in_domain_percentile=p, out_of_domain=f, norm_off=n,
+                                 reconstruction_error=e)
+            for p, f, n, e in zip(checks.in_domain_percentile.tolist(), checks.flagged.tolist(),
+                                  checks.norm_off.tolist(),
+                                  checks.reconstruction_error.tolist(), strict=True)]

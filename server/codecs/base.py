@@ -1,8 +1,10 @@
 """The codec interface the server serves, and its safetensors file format.
 
 A codec maps items ``x`` [B, L, D] float32 to codes [B, m] in its code dtype and
-back. Two kinds exist: ``pca`` (``apcm.server.codecs.pca``) and ``idrp``
-(``apcm.server.codecs.idrp.codec``). A weights file is one safetensors file whose
+back. Two kinds exist: ``pca`` (``apcm.server.codecs.pca``) and ``idrp``: version 1
+(``apcm.server.codecs.idrp.codec``, the paper's float/int8 ``z_comp``) and version 2
+(``apcm.server.codecs.idrp.v2``, config ``"version": 2``: a transform code of
+``m`` packed ``uint8`` bytes). A weights file is one safetensors file whose
 metadata names the kind, carries the full config as JSON and a content hash
 over config and tensors; loading re-computes the hash and refuses a mismatch.
 """
@@ -14,9 +16,11 @@ import importlib
 import json
 import time
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -30,6 +34,26 @@ _KINDS = {
     "pca": "apcm.server.codecs.pca:PCACodec",
     "idrp": "apcm.server.codecs.idrp.codec:IDRPCodec",
 }
+# (kind, config "version") -> class, for versions after the first
+_VERSIONS = {("idrp", 2): "apcm.server.codecs.idrp.v2:TransformCodec"}
+
+
+@dataclass
+class ItemChecks:
+    """What a codec says about each item it encodes (arrays of length B).
+
+    Attributes:
+        in_domain_percentile: the item's negative log-likelihood as a percentile of
+            the validation set's (0.5 typical, near 1 far from the training data).
+        flagged: out of domain (percentile above the model's threshold, or norm off).
+        norm_off: the input's norm is not what the model expects (e.g. not unit norm).
+        reconstruction_error: ||x - x_hat||^2 over the item (exact, from its code).
+    """
+
+    in_domain_percentile: np.ndarray
+    flagged: np.ndarray
+    norm_off: np.ndarray
+    reconstruction_error: np.ndarray
 
 
 class Codec(ABC):
@@ -91,6 +115,26 @@ class Codec(ABC):
 
     # -- shared behaviour ------------------------------------------------------------
     @property
+    def latent_dim(self) -> int:
+        """Width of ``encode_latent``'s output (= ``code_dim`` unless codes are packed)."""
+        return self.code_dim
+
+    @property
+    def scorer(self) -> Any:
+        """How banks score latents against stored codes (None: cosine of dequantised
+        codes); see ``apcm.server.memory.scoring.CodeScorer``."""
+        return None
+
+    def codes_to_latent(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes [B, m] -> latents [B, latent_dim] float32 that ``decode_latent`` reads."""
+        return self.quantizer.dequantize(codes.to(self.device))
+
+    def check_items(self, x: torch.Tensor) -> ItemChecks | None:
+        """In-domain score and reconstruction error of items [B, L, D] (None: the
+        codec has no density model)."""
+        return None
+
+    @property
     def input_dim(self) -> int:
         return self.input_shape[0] * self.input_shape[1]
 
@@ -131,7 +175,7 @@ class Codec(ABC):
     @torch.inference_mode()
     def decompress(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes [B, m] -> [B, L, D] float32."""
-        x = self.decode_latent(self.quantizer.dequantize(codes.to(self.device)))
+        x = self.decode_latent(self.codes_to_latent(codes.to(self.device)))
         return x.reshape(codes.shape[0], *self.input_shape)
 
     def all_tensors(self) -> dict[str, torch.Tensor]:
@@ -231,10 +275,19 @@ def load_codec(
         )
     if expected_hash is not None and digest != expected_hash:
         raise ModelFileError(f"model file {path} has hash {digest}, expected {expected_hash}")
-    module_name, cls_name = _KINDS[kind].split(":")
+    version = config.get("version", 1) if isinstance(config, dict) else 1
+    target = _KINDS[kind] if version == 1 else _VERSIONS.get((kind, version))
+    if target is None:
+        raise ModelFileError(f"model file {path}: {kind} version {version!r} is not known to "
+                             "this server; upgrade the server")
+    module_name, cls_name = target.split(":")
     cls = getattr(importlib.import_module(module_name), cls_name)
     model = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
-    quantizer = CodeQuantizer(config["code_dtype"], tensors.get("quant.scale"))
+    try:  # packed (version 2) codecs build their quantiser from the model tensors
+        quantizer: Any = CodeQuantizer(config["code_dtype"], tensors.get("quant.scale")) \
+            if version == 1 else None
+    except (KeyError, ValueError) as e:
+        raise ModelFileError(f"model file {path}: bad code dtype: {e}") from e
     codec: Codec = cls.from_file_parts(
         meta.get("apcm.name", Path(path).stem), config, model, quantizer
     )

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import torch
 
-CODE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8}
+# every code dtype a bank may hold; uint8 = bit-packed codes (IDRP v2, own quantiser)
+CODE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8,
+               "uint8": torch.uint8}
 INT8_LIMIT = 127.0
 
 
@@ -21,8 +23,9 @@ class CodeQuantizer:
     """
 
     def __init__(self, code_dtype: str, scale: torch.Tensor | None = None) -> None:
-        if code_dtype not in CODE_DTYPES:
-            raise ValueError(f"code dtype must be one of {sorted(CODE_DTYPES)}, got {code_dtype!r}")
+        if code_dtype not in CODE_DTYPES or code_dtype == "uint8":
+            raise ValueError("code dtype must be one of float32, float16, int8, got "
+                             f"{code_dtype!r} (uint8 codes are packed by IDRP v2's quantiser)")
         if code_dtype == "int8" and scale is None:
             raise ValueError("int8 codes need a per-dimension scale")
         self.code_dtype = code_dtype

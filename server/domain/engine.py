@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from apcm.server.codecs.base import Codec
+from apcm.server.codecs.base import Codec, ItemChecks
 from apcm.server.domain.batching import MicroBatcher
 from apcm.server.errors import InvalidArgument
 
@@ -141,11 +141,24 @@ class Engine:
 
     @torch.inference_mode()
     def codes_to_latent(self, codes: np.ndarray) -> torch.Tensor:
-        return self.codec.quantizer.dequantize(_as_tensor(codes).to(self.codec.device))
+        return self.codec.codes_to_latent(_as_tensor(codes).to(self.codec.device))
+
+    def check_items(self, inputs: np.ndarray) -> ItemChecks | None:
+        """Validated [B, L, D] -> the codec's per-item domain checks (None if it has none)."""
+        return self.codec.check_items(_as_tensor(inputs))
 
     @torch.inference_mode()
     def latent_to_codes(self, latents: torch.Tensor) -> torch.Tensor:
         return self.codec.quantizer.quantize(latents)
+
+    @torch.inference_mode()
+    def decode_soft(self, mix: torch.Tensor) -> np.ndarray:
+        """A bank's softmax mix [Q, *] (its scoring space) -> [Q, L, D] float32 numpy."""
+        scorer = self.codec.scorer
+        if scorer is None:
+            return self.decode_latent(mix)
+        x = scorer.to_input(mix.to(self.codec.device, torch.float32))
+        return x.reshape(mix.shape[0], *self.codec.input_shape).cpu().numpy()
 
     @torch.inference_mode()
     def decode_latent(self, latents: torch.Tensor) -> np.ndarray:

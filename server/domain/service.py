@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from apcm.server.codecs.base import Codec
+from apcm.server.codecs.base import Codec, ItemChecks
 from apcm.server.config import Settings
 from apcm.server.domain.batching import KeyedBatcher, MicroBatcher
 from apcm.server.domain.engine import Engine
@@ -45,6 +45,13 @@ MAX_TEXT_CHARS = 16_384  # one text to embed (MiniLM reads its first 256 tokens 
 HIT_OVERHEAD_BYTES = 40
 # A Tensor message besides its data: shape, dtype and the length prefixes.
 TENSOR_OVERHEAD_BYTES = 16
+
+
+class WrittenSlots(list[SlotWrite]):
+    """What a Write did: one ``SlotWrite`` per written slot, plus ``checks``, the
+    codec's per-input-item domain checks (None for codes, or a codec without them)."""
+
+    checks: ItemChecks | None = None
 
 
 @dataclass(frozen=True)
@@ -144,6 +151,7 @@ class MemoryService:
             default_policy=settings.default_policy,
             default_half_life=settings.default_half_life,
             metric=codec.similarity_weights,
+            scorer=codec.scorer,
             memory_limit_bytes=settings.effective_memory_limit_bytes,
             max_banks=settings.max_banks,
         )
@@ -289,6 +297,20 @@ class MemoryService:
         self._count("Compress", inputs.shape[0])
         return codes
 
+    def compress_checked(self, inputs: np.ndarray) -> tuple[np.ndarray, ItemChecks | None]:
+        """``compress`` plus the codec's per-item domain checks (None if it has none)."""
+        inputs = self.engine.check_inputs(inputs)
+        codes = self.engine.compress(inputs)
+        checks = self._check_items(inputs, "Compress")
+        self._count("Compress", inputs.shape[0])
+        return codes, checks
+
+    def _check_items(self, inputs: np.ndarray, method: str) -> ItemChecks | None:
+        checks = self.engine.check_items(inputs)
+        if checks is not None:
+            self.metrics.observe_checks(method, checks.in_domain_percentile, checks.flagged)
+        return checks
+
     def decompress(self, codes: np.ndarray) -> np.ndarray:
         """Codes [B, m] -> items [B, L, D] float32."""
         codes = self.engine.check_codes(codes)
@@ -308,7 +330,7 @@ class MemoryService:
         keys: Sequence[str] = (),
         payloads: Sequence[bytes] = (),
         metadata: Sequence[dict[str, str] | None] = (),
-    ) -> list[SlotWrite]:
+    ) -> WrittenSlots:
         """Store items (encoded), codes or texts, as their batch mean or one memory each.
 
         Args:
@@ -321,6 +343,10 @@ class MemoryService:
             per_item: one memory per item instead of the paper's batch mean.
             keys, payloads, metadata: none, or one per memory written ("" / b"" / {} for
                 none); metadata is a small string -> string map usable as a read filter.
+
+        Returns:
+            the written slots, with the codec's checks of each input item (inputs and
+            texts only).
         """
         name = self.bank_name(bank)
         self.store.get(name)  # NOT_FOUND before any model work
@@ -334,6 +360,10 @@ class MemoryService:
                 payloads = [t.encode() for t in texts] if per_item \
                     else ["\n".join(texts).encode()]
                 text_flags = [True] * len(payloads)
+        checks = None
+        if inputs is not None and codes is None:
+            inputs = self.engine.check_inputs(inputs)
+            checks = self._check_items(inputs, "Write")
         stored = self._codes_to_store(inputs, codes, per_item)
         n = stored.shape[0]
         for field, given in (("payloads", payloads), ("keys", keys), ("metadata", metadata)):
@@ -352,7 +382,9 @@ class MemoryService:
         evicted = sum(1 for w in written if w.evicted)
         if evicted:
             m.bank_evictions.labels(name).inc(evicted)
-        return written
+        out = WrittenSlots(written)
+        out.checks = checks
+        return out
 
     def _codes_to_store(self, inputs: np.ndarray | None, codes: np.ndarray | None,
                         per_item: bool) -> torch.Tensor:
@@ -434,7 +466,7 @@ class MemoryService:
             hit_codes = [h.code for r in result.results for h in r.hits]
             if hit_codes:
                 recon = list(self.engine.decode_codes(torch.stack(hit_codes)))
-        soft = self.engine.decode_latent(result.soft) if result.soft is not None else None
+        soft = self.engine.decode_soft(result.soft) if result.soft is not None else None
         out, cursor = [], 0
         for q, r in enumerate(result.results):
             n = len(r.hits)

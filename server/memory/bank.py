@@ -52,6 +52,7 @@ from apcm.server.memory.eviction import Policy, VictimQueue, make_policy
 from apcm.server.memory.metadata import decode_metadata, encode_metadata
 from apcm.server.memory.names import validate_key
 from apcm.server.memory.rwlock import ReadWriteLock
+from apcm.server.memory.scoring import CodeScorer
 
 # Rows scanned at a time by a read on CPU: small enough that the float32 copy of an
 # int8/float16 chunk and its scores stay in cache, large enough to amortise per-call
@@ -109,8 +110,8 @@ class QueryResult:
 @dataclass
 class ReadResult:
     """One ``QueryResult`` per query; ``soft`` is the softmax-weighted mix of the
-    dequantised codes [Q, m] float32 (latent space), or None when not requested or
-    the bank is empty."""
+    dequantised codes [Q, m] float32 (latent space; with a scorer, its search space
+    [Q, search_dim]), or None when not requested or the bank is empty."""
 
     results: list[QueryResult]
     soft: torch.Tensor | None = None
@@ -159,6 +160,9 @@ class MemoryBank:
         device: where codes live.
         metric: per-dimension weights [m] applied to latents before cosine (the codec's
             ``similarity_weights``), else None.
+        scorer: maps queries and codes to vectors whose cosine is the score (codecs
+            with packed codes, e.g. ``uint8``); then ``scale`` and ``metric`` are unused
+            and reads take latents of width ``scorer.query_dim``.
         policy: eviction policy.
         max_payload_bytes: largest payload per memory.
         max_key_length: longest key.
@@ -177,6 +181,7 @@ class MemoryBank:
         max_payload_bytes: int,
         max_key_length: int,
         metric: torch.Tensor | None = None,
+        scorer: CodeScorer | None = None,
     ) -> None:
         self.name = name
         self.capacity = int(capacity)
@@ -188,6 +193,10 @@ class MemoryBank:
             else None
         if code_dtype == "int8" and self.scale is None:
             raise ValueError("int8 banks need the quantiser's per-dimension scale")
+        if code_dtype == "uint8" and scorer is None:
+            raise ValueError("uint8 (packed) banks need the codec's scorer")
+        self.scorer = scorer
+        self.query_dim = scorer.query_dim if scorer is not None else self.code_dim
         self.metric = metric.float().to(self.device) if metric is not None else None
         # what a normalised (weighted) query is multiplied by to score raw codes
         fold = [t for t in (self.scale, self.metric) if t is not None]
@@ -512,12 +521,29 @@ class MemoryBank:
             mask[torch.tensor(sorted(matched), dtype=torch.int64, device=self.device)] = True
         return mask, len(matched or ())
 
+    def cosines_of(self, latent: torch.Tensor, slots: list[int]) -> list[float]:
+        """Cosine, exactly as a read scores it, of one query latent [query_dim] with the
+        given occupied slots (hybrid recall needs it for memories the dense cut missed)."""
+        if not slots:
+            return []
+        idx = torch.tensor(slots, dtype=torch.int64, device=self.device)
+        z = self._dequantize(self.codes[idx])
+        q = latent.to(self.device, torch.float32)[None]
+        if self.scorer is not None:
+            q = self.scorer.queries(q)
+        if self.metric is not None:
+            z, q = z * self.metric, q * self.metric
+        q = q[0] / q[0].norm().clamp_min(1e-30)
+        return ((z @ q) * self.inv_norms[idx]).tolist()
+
     def _inverse_norms(self, codes: torch.Tensor) -> torch.Tensor:
         z = self._dequantize(codes)
         norms = (z * self.metric if self.metric is not None else z).norm(dim=1)
         return torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms))
 
     def _dequantize(self, codes: torch.Tensor) -> torch.Tensor:
+        if self.scorer is not None:
+            return self.scorer.codes(codes)
         z = codes.float()
         return z * self.scale if self.scale is not None else z
 
@@ -596,10 +622,10 @@ class MemoryBank:
     def _validate_read(self, latents: torch.Tensor, top_k: int, temperature: float,
                        min_score: float | None) -> torch.Tensor:
         if not isinstance(latents, torch.Tensor) or latents.dim() != 2 \
-                or latents.shape[1] != self.code_dim or latents.shape[0] < 1:
+                or latents.shape[1] != self.query_dim or latents.shape[0] < 1:
             shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents)
             raise InvalidArgument(
-                f"queries must have shape [Q >= 1, {self.code_dim}], got {shape}",
+                f"queries must have shape [Q >= 1, {self.query_dim}], got {shape}",
                 field="query")
         if top_k < 1:
             raise InvalidArgument(f"top_k must be >= 1, got {top_k}", field="top_k")
@@ -633,12 +659,14 @@ class MemoryBank:
             allowed: bool mask [capacity] of the (occupied) slots to consider, or None
                 for every occupied slot.
         """
+        if self.scorer is not None:
+            q = self.scorer.queries(q)
         if self.metric is not None:
             q = q * self.metric
         q = q / q.norm(dim=1, keepdim=True).clamp_min(1e-30)
         if self._query_fold is not None:
             q = q * self._query_fold
-        n_q, rows, m = q.shape[0], self._high, self.code_dim
+        n_q, rows, m = q.shape[0], self._high, q.shape[1]
         convert = self.torch_dtype != torch.float32
         if self.device.type != "cpu":
             chunk = span = 1 << 18
@@ -661,7 +689,7 @@ class MemoryBank:
             chunk = min(_INT8_CHUNK_ROWS, span)
             dots = torch.empty(len(limbs), span, 1, dtype=torch.int32)
         block_buf = torch.empty(chunk * m, device=self.device) \
-            if convert and limbs is None else None
+            if convert and limbs is None and self.scorer is None else None
         score_buf = torch.empty(span * n_q, device=self.device)
         exp_sum = torch.zeros(n_q, dtype=torch.float32, device=self.device)
         soft_sum = torch.zeros(n_q, m, device=self.device) if soft else None
@@ -676,7 +704,9 @@ class MemoryBank:
                     for j, (limb, _) in enumerate(limbs):
                         torch._int_mm(block, limb, out=dots[j, i - s0:i - s0 + c])
                     continue
-                if block_buf is not None:
+                if self.scorer is not None:  # unpack and decode one chunk at a time
+                    block = self.scorer.codes(block)
+                elif block_buf is not None:
                     block = block_buf[: c * m].view(c, m).copy_(block)
                 torch.mm(q, block.T, out=scores[:, i - s0:i - s0 + c])
             if limbs is not None:
@@ -825,6 +855,7 @@ class MemoryBank:
         max_payload_bytes: int,
         max_key_length: int,
         metric: torch.Tensor | None = None,
+        scorer: CodeScorer | None = None,
     ) -> MemoryBank:
         """Rebuilds a bank from ``export()`` output (e.g. a snapshot).
 
@@ -836,7 +867,7 @@ class MemoryBank:
         bank = cls(str(config["name"]), capacity, code_dim=int(config["code_dim"]),
                    code_dtype=str(config["code_dtype"]), scale=scale, device=device,
                    policy=policy, max_payload_bytes=max_payload_bytes,
-                   max_key_length=max_key_length, metric=metric)
+                   max_key_length=max_key_length, metric=metric, scorer=scorer)
         for name in ("occupied", "payload_data", "key_data"):
             if name not in arrays:
                 raise FailedPrecondition(f"bank {bank.name!r}: array {name} is missing")

@@ -54,21 +54,6 @@ def _allowed(bank: MemoryBank, where: dict[str, str] | None) -> np.ndarray:
     return mask.cpu().numpy()
 
 
-def cosines(bank: MemoryBank, latents: torch.Tensor, slots: list[int]) -> list[float]:
-    """Cosine (as the dense read scores it) of one query latent [m] with given slots."""
-    if not slots:
-        return []
-    idx = torch.tensor(slots, dtype=torch.int64, device=bank.device)
-    z = bank.codes[idx].float()
-    if bank.scale is not None:
-        z = z * bank.scale
-    q = latents.to(bank.device, torch.float32)
-    if bank.metric is not None:
-        z, q = z * bank.metric, q * bank.metric
-    q = q / q.norm().clamp_min(1e-30)
-    return ((z @ q) * bank.inv_norms[idx]).tolist()
-
-
 def fused_read(
     bank: MemoryBank,
     index: LexicalIndex,
@@ -121,7 +106,7 @@ def fused_read(
             order = sorted(fused, key=lambda s: (-fused[s], -cos_of.get(s, -2.0)))[:top_k]
             score = {s: fused[s] for s in order}
         missing = [s for s in order if s not in dense_hits]
-        cos = dict(zip(missing, cosines(bank, latents[qi], missing), strict=True))
+        cos = dict(zip(missing, bank.cosines_of(latents[qi], missing), strict=True))
         cos.update({s: h.score for s, h in dense_hits.items()})
         if min_score is not None:
             order = [s for s in order if cos[s] >= min_score]

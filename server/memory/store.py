@@ -64,6 +64,7 @@ from apcm.server.memory.hybrid import fused_read
 from apcm.server.memory.lexical import LexicalIndex, is_text
 from apcm.server.memory.metadata import decode_metadata, encode_metadata, validate_metadata
 from apcm.server.memory.names import shorten, validate_bank_name
+from apcm.server.memory.scoring import CodeScorer
 
 
 class MutationLog(Protocol):
@@ -107,6 +108,7 @@ class MemoryStore:
         code_dtype: "float32", "float16" or "int8".
         scale: the codec's int8 per-dimension scale [m] (None otherwise).
         metric: the codec's similarity weights [m] for cosine search (None: plain).
+        scorer: the codec's ``CodeScorer`` for packed (uint8) codes, else None.
         device: where banks live.
         max_capacity: largest bank capacity.
         max_payload_bytes: largest payload per memory.
@@ -136,6 +138,7 @@ class MemoryStore:
         metric: torch.Tensor | None = None,
         memory_limit_bytes: int | None = None,
         max_banks: int | None = None,
+        scorer: CodeScorer | None = None,
     ) -> None:
         if code_dtype not in CODE_DTYPES:
             raise ValueError(f"unknown code dtype {code_dtype!r}")
@@ -143,6 +146,7 @@ class MemoryStore:
         self.code_dtype = code_dtype
         self.scale = scale.detach().float().cpu() if scale is not None else None
         self.metric = metric.detach().float().cpu() if metric is not None else None
+        self.scorer = scorer
         self.device = torch.device(device)
         self.max_capacity = int(max_capacity)
         self.max_payload_bytes = int(max_payload_bytes)
@@ -218,7 +222,7 @@ class MemoryStore:
             name, capacity, code_dim=self.code_dim, code_dtype=self.code_dtype,
             scale=self.scale, device=self.device, policy=make_policy(policy, half_life),
             max_payload_bytes=self.max_payload_bytes, max_key_length=self.max_key_length,
-            metric=self.metric)
+            metric=self.metric, scorer=self.scorer)
 
     def _lookup(self, name: str) -> MemoryBank:
         bank = self._banks.get(name)  # copy-on-write dict: no lock needed
@@ -589,7 +593,7 @@ class MemoryStore:
             banks[name] = MemoryBank.from_export(
                 config, arrays, scale=self.scale, device=self.device,
                 max_payload_bytes=self.max_payload_bytes, max_key_length=self.max_key_length,
-                metric=self.metric)
+                metric=self.metric, scorer=self.scorer)
             self._load_texts(banks[name], arrays.get("text_flags"))  # older: derived
         with self._all_locked() as old, self.seq_lock:
             for _, bank in old:
