@@ -141,7 +141,8 @@ def _store(codec: Any, capacity: int) -> Any:
     return MemoryStore(code_dim=codec.code_dim, code_dtype=codec.code_dtype,
                        scale=codec.quantizer.scale, device=torch.device("cpu"),
                        max_capacity=max(capacity, 1), max_payload_bytes=1024,
-                       max_key_length=64, default_policy="lfu", default_half_life=1000.0)
+                       max_key_length=64, default_policy="lfu", default_half_life=1000.0,
+                       scorer=codec.scorer)
 
 
 def _codes(codec: Any, n: int, seed: int) -> Any:

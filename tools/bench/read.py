@@ -58,6 +58,13 @@ def _code_space(args: argparse.Namespace) -> tuple[int, str, Any, str]:
         from apcm.server.codecs.base import load_codec
 
         codec = load_codec(path, torch.device("cpu"))
+        if codec.code_dtype == "uint8":
+            # packed transform codes have no FAISS flat-index twin over the same bytes yet
+            raise SystemExit(
+                f"apcm bench read compares against FAISS IndexFlatIP over coordinate codes; "
+                f"{path} stores packed uint8 transform codes. Pass --model "
+                "model_weights/text-minilm-v1.safetensors (int8), or --model '' with "
+                "--code-dim/--code-dtype for random codes.")
         return codec.code_dim, codec.code_dtype, codec.quantizer.scale, f"model {path}"
     scale = torch.full((args.code_dim,), 3.0 / 127) if args.code_dtype == "int8" else None
     return args.code_dim, args.code_dtype, scale, "random codes"

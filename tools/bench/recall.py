@@ -154,10 +154,12 @@ def _reference_rows(codec: Any, memories: np.ndarray, queries: np.ndarray,
 
     from apcm.server.codecs.pca import PCACodec
 
-    pca = PCACodec.fit(torch.from_numpy(pca_train), codec.code_dim, codec.code_dtype)
+    # same bytes: packed uint8 codes of b bytes compare with int8 PCA of m = b dims
+    pca_dtype = "int8" if codec.code_dtype == "uint8" else codec.code_dtype
+    pca = PCACodec.fit(torch.from_numpy(pca_train), codec.code_dim, pca_dtype)
     rows = []
     cases = [(f"{codec.kind} codes, plain cosine in-process (the paper's read)", codec, False),
-             ("PCA codes (same m and dtype), exact cosine in-process", pca, False)]
+             ("PCA codes (same bytes), exact cosine in-process", pca, False)]
     if codec.similarity_weights is not None:
         cases.insert(1, (f"{codec.kind} codes under its similarity weights, in-process (what "
                          "Read does)", codec, True))
