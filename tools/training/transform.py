@@ -1,6 +1,6 @@
 """Building, evaluating and (optionally) flow-training IDRP v2 text models.
 
-The corpus is ``scripts/build_text_corpus.py``'s output: per-source MiniLM
+The corpus is ``scripts/prepare_corpus.py``'s output: per-source MiniLM
 embeddings plus texts. In-domain sources are split 70/10/20 per source (seed 0,
 stratified), the out-of-domain sources (``fortunes``, ``licenses``) are never
 trained on. ``fit_text_model`` is the untrained v2 model (the classical transform
@@ -37,8 +37,8 @@ class TextSplits:
 def load_corpus(folder: str | Path, seed: int = 0) -> TextSplits:
     """Splits ``train`` / ``val`` / ``test`` (in-domain) and one split per OOD source.
 
-    Same procedure and seed as the research prototype (``/work/scratch/codec``), so
-    the splits are the ones its numbers were measured on.
+    Same procedure and seed as the prototype run the shipped models were fitted on,
+    so the splits are the ones their model-card numbers were measured on.
     """
     from safetensors.numpy import load_file
 
