@@ -315,3 +315,15 @@ def test_flow_training_never_ships_worse_than_the_init(data: dict[str, np.ndarra
         x = test[:, 0]
         torch.testing.assert_close(codec.model.inverse(codec.model(x)[0]), x, atol=1e-4,
                                    rtol=0)
+
+
+def test_checks_reuse_given_codes_and_equal_checks_that_encode(
+    codec: TransformCodec, data: dict[str, np.ndarray]
+) -> None:
+    """Compress and per-item Write hand their codes to the checks; the result must be
+    exactly what the checks compute when they encode the items themselves."""
+    x = torch.from_numpy(data["test"][:64])[:, None, :]
+    own = codec.check_items(x)
+    reused = codec.check_items(x, codec.compress(x))
+    for field in ("in_domain_percentile", "flagged", "norm_off", "reconstruction_error"):
+        np.testing.assert_array_equal(getattr(own, field), getattr(reused, field))

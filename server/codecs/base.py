@@ -129,9 +129,10 @@ class Codec(ABC):
         """Codes [B, m] -> latents [B, latent_dim] float32 that ``decode_latent`` reads."""
         return self.quantizer.dequantize(codes.to(self.device))
 
-    def check_items(self, x: torch.Tensor) -> ItemChecks | None:
+    def check_items(self, x: torch.Tensor,
+                    codes: torch.Tensor | None = None) -> ItemChecks | None:
         """In-domain score and reconstruction error of items [B, L, D] (None: the
-        codec has no density model)."""
+        codec has no density model); ``codes`` are their codes if already computed."""
         return None
 
     @property

@@ -143,9 +143,13 @@ class Engine:
     def codes_to_latent(self, codes: np.ndarray) -> torch.Tensor:
         return self.codec.codes_to_latent(_as_tensor(codes).to(self.codec.device))
 
-    def check_items(self, inputs: np.ndarray) -> ItemChecks | None:
-        """Validated [B, L, D] -> the codec's per-item domain checks (None if it has none)."""
-        return self.codec.check_items(_as_tensor(inputs))
+    def check_items(self, inputs: np.ndarray,
+                    codes: np.ndarray | torch.Tensor | None = None) -> ItemChecks | None:
+        """Validated [B, L, D] -> the codec's per-item domain checks (None if it has none);
+        ``codes`` are the items' codes when already computed."""
+        if isinstance(codes, np.ndarray):
+            codes = _as_tensor(codes)
+        return self.codec.check_items(_as_tensor(inputs), codes)
 
     @torch.inference_mode()
     def latent_to_codes(self, latents: torch.Tensor) -> torch.Tensor:

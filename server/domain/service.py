@@ -301,12 +301,13 @@ class MemoryService:
         """``compress`` plus the codec's per-item domain checks (None if it has none)."""
         inputs = self.engine.check_inputs(inputs)
         codes = self.engine.compress(inputs)
-        checks = self._check_items(inputs, "Compress")
+        checks = self._check_items(inputs, "Compress", codes)
         self._count("Compress", inputs.shape[0])
         return codes, checks
 
-    def _check_items(self, inputs: np.ndarray, method: str) -> ItemChecks | None:
-        checks = self.engine.check_items(inputs)
+    def _check_items(self, inputs: np.ndarray, method: str,
+                     codes: np.ndarray | torch.Tensor | None = None) -> ItemChecks | None:
+        checks = self.engine.check_items(inputs, codes)
         if checks is not None:
             self.metrics.observe_checks(method, checks.in_domain_percentile, checks.flagged)
         return checks
@@ -360,11 +361,13 @@ class MemoryService:
                 payloads = [t.encode() for t in texts] if per_item \
                     else ["\n".join(texts).encode()]
                 text_flags = [True] * len(payloads)
-        checks = None
         if inputs is not None and codes is None:
             inputs = self.engine.check_inputs(inputs)
-            checks = self._check_items(inputs, "Write")
         stored = self._codes_to_store(inputs, codes, per_item)
+        checks = None
+        if inputs is not None and codes is None:
+            # per item, the stored codes are the items' codes: checks reuse them
+            checks = self._check_items(inputs, "Write", stored if per_item else None)
         n = stored.shape[0]
         for field, given in (("payloads", payloads), ("keys", keys), ("metadata", metadata)):
             if given and len(given) != n:

@@ -415,8 +415,10 @@ class TransformCodec(Codec):
         return self.model.output(self.model.inverse(z))
 
     @torch.inference_mode()
-    def check_items(self, x: torch.Tensor) -> ItemChecks:
-        """In-domain score, flags and exact reconstruction error of items [B, L, D]."""
+    def check_items(self, x: torch.Tensor, codes: torch.Tensor | None = None) -> ItemChecks:
+        """In-domain score, flags and exact reconstruction error of items [B, L, D];
+        ``codes`` [B, budget] are their codes when the caller already encoded them
+        (Compress and per-item Write do), so the items are not encoded twice."""
         flat = x.to(self.device, torch.float32).reshape(x.shape[0], -1)
         m = self.model
         nll = m.nll(flat)
@@ -430,7 +432,9 @@ class TransformCodec(Codec):
         norm_off = torch.zeros_like(pct, dtype=torch.bool)
         if m.config.norm_check:
             norm_off = (flat.norm(dim=1) - m.norm_center).abs() > m.config.norm_tol
-        recon = self.decode_latent(self.codes_to_latent(self.compress(x)))
+        if codes is None:
+            codes = self.compress(x)
+        recon = self.decode_latent(self.codes_to_latent(codes.to(self.device)))
         err = ((recon - flat) ** 2).sum(dim=1)
         flagged = (pct > m.config.ood_percentile) | norm_off
         return ItemChecks(pct.cpu().numpy(), flagged.cpu().numpy(), norm_off.cpu().numpy(),
