@@ -21,6 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
+from apcm.server.allocator import pin_mmap_threshold
 from apcm.server.api.auth import build_auth_interceptor
 from apcm.server.api.interceptors import (
     DecodeErrorInterceptor,
@@ -154,6 +155,7 @@ def build_server(
 
     Nothing is served until ``start()``. Returns the server and its bound port.
     """
+    pin_mmap_threshold()
     if settings.torch_threads > 0:
         torch.set_num_threads(settings.torch_threads)
     device = resolve_device(settings.device)

@@ -88,6 +88,12 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
 
     from apcm.server.memory.store import MemoryStore
 
+    try:  # what build_server does at start, in the revisions that have it
+        from apcm.server.allocator import pin_mmap_threshold
+    except ImportError:
+        pass
+    else:
+        pin_mmap_threshold()
     if spec["threads"] > 0:
         torch.set_num_threads(spec["threads"])
     n, cap, pay = spec["memories"], spec["capacity"], spec["payload_bytes"]
@@ -110,8 +116,8 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
         i += k
         if not rss_half and i >= n // 2:
             rss_half, at_half = _rss_bytes(), i
+    rss1 = _rss_bytes()  # before freeing the input batches, which rss0 also holds
     del batches
-    rss1 = _rss_bytes()
     info = store.describe("bench")
     assert info.occupied == n and info.payload_bytes == n * pay
     out: dict[str, Any] = {
