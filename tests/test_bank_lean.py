@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from apcm.server.memory.bank import INITIAL_ROWS, MemoryBank
-from apcm.server.memory.columns import ByteColumn, KeyIndex
+from apcm.server.memory.columns import ByteColumn, KeyIndex, key_hash, key_hashes
 from apcm.server.memory.store import MemoryStore, StoreState
 
 M = 8
@@ -164,6 +164,33 @@ def test_concurrent_readers_and_writers_keep_counters_and_keys_exact():
             slot = bank.slot_of(key)
             assert slot is not None and bank.key_of(slot) == key
             assert bank.payload_of(slot) == key.encode()
+
+
+def test_key_hashes_of_many_keys_equal_key_hash_of_each():
+    rng = random.Random(1)
+    keys = [bytes(rng.randrange(256) for _ in range(rng.choice([0, 1, 3, 16, 16, 63, 200])))
+            for _ in range(3000)]
+    data = np.frombuffer(b"".join(keys), dtype=np.uint8)
+    lengths = np.array([len(k) for k in keys], dtype=np.int32)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    assert key_hashes(data, starts, lengths).tolist() == [key_hash(k) for k in keys]
+    assert key_hashes(data, starts[:0], lengths[:0]).shape == (0,)
+
+
+def test_a_rebuilt_key_index_finds_keys_whose_probes_wrap_past_the_tables_end():
+    # 12 keys -> a 64-cell table; all of them at home in the last two cells
+    keys = [k for k in (f"wrap-{i}".encode() for i in range(20000))
+            if key_hash(k) & 63 >= 62][:12]
+    col = ByteColumn(len(keys))
+    for slot, key in enumerate(keys):
+        col.set(slot, key)
+    index = KeyIndex(col)
+    index.rebuild()
+    assert index.table.shape[0] == 64
+    assert [index.get(k) for k in keys] == list(range(len(keys)))
+    assert index.get(b"absent") is None
+    index.remove(keys[0])
+    assert index.get(keys[0]) is None and index.get(keys[-1]) == len(keys) - 1
 
 
 # ---------------------------------------------------------------------- memory

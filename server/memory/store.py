@@ -205,9 +205,11 @@ class MemoryStore:
 
     def _load_texts(self, b: MemoryBank, flags: np.ndarray | None) -> None:
         """A bank's index from its text marks [capacity] (None: derived from payloads)."""
-        occupied = torch.nonzero(b.occupied).flatten().tolist()
+        occupied_np = torch.nonzero(b.occupied).flatten().numpy()
         if flags is not None:
-            occupied = [s for s in occupied if s < len(flags) and flags[s]]
+            occupied_np = occupied_np[occupied_np < len(flags)]
+            occupied_np = occupied_np[np.asarray(flags, dtype=bool)[occupied_np]]
+        occupied = occupied_np.tolist()
         docs = {s: p for s in occupied if (p := b.payload_of(s)) is not None
                 and (flags is not None or is_text(p))}
         self.lexical(b).load(docs)

@@ -148,7 +148,7 @@ def _store(codec: Any, capacity: int) -> Any:
 def _codes(codec: Any, n: int, seed: int) -> Any:
     import torch
 
-    z = torch.randn(n, codec.code_dim, generator=torch.Generator().manual_seed(seed))
+    z = torch.randn(n, codec.latent_dim, generator=torch.Generator().manual_seed(seed))
     return codec.quantizer.quantize(z)
 
 
