@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import grpc
 
+from apcm.wire.trailers import LIMIT_KEY
+
 RETRY_AFTER_KEY = "retry-after-s"
+# gRPC's own refusal of a message over a channel's or server's size limit
+_SIZE_LIMIT_MESSAGES = ("larger than max", "message too large")
 
 
 class ApcmError(Exception):
@@ -45,8 +49,8 @@ class FailedPreconditionError(ApcmError):
     """The server is not ready, or a snapshot belongs to another model."""
 
 
-class Overloaded(ApcmError):
-    """RESOURCE_EXHAUSTED: the server is overloaded or a message is too large.
+class ResourceExhaustedError(ApcmError):
+    """RESOURCE_EXHAUSTED. Catch this for all three kinds; each has its own subclass.
 
     Attributes:
         retry_after_s: the server's ``retry-after-s`` hint in seconds, or None.
@@ -59,7 +63,27 @@ class Overloaded(ApcmError):
         self.retry_after_s = retry_after_s
 
 
-ResourceExhaustedError = Overloaded
+class Overloaded(ResourceExhaustedError):
+    """The server is busy (e.g. its concurrent-RPC limit): the same call may succeed
+    later, after ``retry_after_s`` if the server gave one."""
+
+
+class LimitExceededError(ResourceExhaustedError):
+    """A server limit refuses this request: retrying it unchanged will not help.
+
+    Attributes:
+        limit: the server setting that refused it: ``memory_limit_bytes``,
+            ``max_banks`` or ``max_message_bytes``.
+    """
+
+    def __init__(self, code: grpc.StatusCode, message: str, limit: str) -> None:
+        super().__init__(code, message)
+        self.limit = limit
+
+
+class MessageTooLargeError(ResourceExhaustedError):
+    """A request or reply is over a gRPC message size limit (the client's channel
+    options or the server's ``max_message_bytes``): send smaller batches."""
 
 
 class UnauthenticatedError(ApcmError):
@@ -96,7 +120,7 @@ ERROR_BY_CODE: dict[grpc.StatusCode, type[ApcmError]] = {
     grpc.StatusCode.NOT_FOUND: NotFoundError,
     grpc.StatusCode.ALREADY_EXISTS: AlreadyExistsError,
     grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: Overloaded,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
     grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
     grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
@@ -119,9 +143,19 @@ def from_rpc_error(err: grpc.RpcError) -> ApcmError:
     details = getattr(err, "details", None)
     message = (details() if callable(details) else None) or ""
     cls = ERROR_BY_CODE.get(code, ApcmError)
-    if cls is Overloaded:
-        return Overloaded(code, message, retry_after_s=_retry_after(err))
+    if cls is ResourceExhaustedError:
+        return _resource_exhausted(err, code, message)
     return cls(code, message)
+
+
+def _resource_exhausted(err: grpc.RpcError, code: grpc.StatusCode,
+                        message: str) -> ResourceExhaustedError:
+    limit = _trailer(err, LIMIT_KEY)
+    if limit is not None:
+        return LimitExceededError(code, message, limit)
+    if any(m in message.lower() for m in _SIZE_LIMIT_MESSAGES):
+        return MessageTooLargeError(code, message)
+    return Overloaded(code, message, retry_after_s=_retry_after(err))
 
 
 def invalid_argument(message: str) -> InvalidArgumentError:
@@ -129,13 +163,18 @@ def invalid_argument(message: str) -> InvalidArgumentError:
     return InvalidArgumentError(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
-def _retry_after(err: grpc.RpcError) -> float | None:
+def _trailer(err: grpc.RpcError, key: str) -> str | None:
     trailing = getattr(err, "trailing_metadata", None)
     metadata = trailing() if callable(trailing) else None
-    for key, value in metadata or ():
-        if key == RETRY_AFTER_KEY:
-            try:
-                return float(value)
-            except (TypeError, ValueError):
-                return None
+    for k, value in metadata or ():
+        if k == key:
+            return value.decode() if isinstance(value, bytes) else str(value)
     return None
+
+
+def _retry_after(err: grpc.RpcError) -> float | None:
+    value = _trailer(err, RETRY_AFTER_KEY)
+    try:
+        return None if value is None else float(value)
+    except ValueError:
+        return None

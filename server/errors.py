@@ -35,7 +35,18 @@ class FailedPrecondition(ApcmError):
 
 
 class ResourceExhausted(ApcmError):
+    """A server limit refuses the request: retrying the same request will not help.
+
+    Args:
+        limit: the setting that refused it (``memory_limit_bytes``, ``max_banks``,
+            ``max_message_bytes``); sent to the client in a trailer.
+    """
+
     code = "RESOURCE_EXHAUSTED"
+
+    def __init__(self, message: str, *, limit: str, field: str | None = None) -> None:
+        super().__init__(message, field=field)
+        self.limit = limit
 
 
 class Unavailable(ApcmError):

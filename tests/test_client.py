@@ -23,6 +23,7 @@ from apcm.client import (
     ClientClosedError,
     InvalidArgumentError,
     MemoryClient,
+    MessageTooLargeError,
     NotFoundError,
     Overloaded,
     RetryPolicy,
@@ -122,16 +123,16 @@ def test_existing_bank_is_already_exists_unless_exist_ok(client: MemoryClient) -
     assert name in {b.name for b in client.list_banks()}
 
 
-def test_oversized_message_is_overloaded(
+def test_oversized_message_is_too_large_not_overloaded(
     make_server: Callable[..., object], digits: np.ndarray
 ) -> None:
     server = make_server(max_message_bytes=64 * 1024)
     x = np.resize(digits, (300, 8, 8))  # 300 * 256 B = 75 KiB > 64 KiB
     with MemoryClient(f"127.0.0.1:{server.port}", retries=0) as client, \
-            pytest.raises(Overloaded) as info:
+            pytest.raises(MessageTooLargeError) as info:
         client.compress(x)
     assert info.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert info.value.retry_after_s is None
+    assert not isinstance(info.value, Overloaded)
 
 
 # ------------------------------------------------------------------ banks

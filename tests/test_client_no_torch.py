@@ -24,9 +24,12 @@ from apcm.client import (
     AsyncMemoryClient,
     ClientClosedError,
     InvalidArgumentError,
+    LimitExceededError,
     MemoryClient,
+    MessageTooLargeError,
     NotFoundError,
     Overloaded,
+    ResourceExhaustedError,
     RetryPolicy,
     TLSConfig,
     UnavailableError,
@@ -149,7 +152,7 @@ class _FailedCall(grpc.RpcError):
 @pytest.mark.parametrize("code, cls", sorted(ERROR_BY_CODE.items(), key=lambda kv: kv[0].name))
 def test_each_status_code_maps_to_its_exception(code: grpc.StatusCode, cls: type) -> None:
     err = from_rpc_error(_FailedCall(code, "what went wrong"))
-    assert type(err) is cls
+    assert isinstance(err, cls)  # RESOURCE_EXHAUSTED: a subclass, see below
     assert err.code is code and err.message == "what went wrong"
     assert str(err) == f"{code.name}: what went wrong"
 
@@ -172,6 +175,18 @@ def test_overloaded_reads_retry_after_from_trailing_metadata() -> None:
         is None
     garbled = _FailedCall(grpc.StatusCode.RESOURCE_EXHAUSTED, "busy", (("retry-after-s", "soon"),))
     assert from_rpc_error(garbled).retry_after_s is None
+
+
+def test_resource_exhausted_tells_a_limit_a_size_and_a_busy_server_apart() -> None:
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    limit = from_rpc_error(_FailedCall(code, "full", (("apcm-limit", "memory_limit_bytes"),)))
+    assert type(limit) is LimitExceededError and limit.limit == "memory_limit_bytes"
+    size = from_rpc_error(_FailedCall(code, "Received message larger than max (9 vs. 4)"))
+    assert type(size) is MessageTooLargeError
+    busy = from_rpc_error(_FailedCall(code, "Concurrent RPC limit exceeded!"))
+    assert type(busy) is Overloaded
+    assert all(isinstance(e, ResourceExhaustedError) for e in (limit, size, busy))
+    assert not isinstance(limit, Overloaded) and not isinstance(size, Overloaded)
 
 
 # ------------------------------------------------------------------ retry

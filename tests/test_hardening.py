@@ -7,7 +7,7 @@ import grpc
 import numpy as np
 import pytest
 
-from apcm.client import ApcmError, MemoryClient
+from apcm.client import ApcmError, LimitExceededError, MemoryClient
 from apcm.v1 import memory_pb2, memory_pb2_grpc
 
 
@@ -30,10 +30,11 @@ def test_read_whose_reply_would_exceed_the_message_limit_is_refused_before_the_w
         _fill(c, digits, 64)
         queries = c.compress(digits[:512])
         # 512 queries x 64 hits x 256 reconstruction bytes = 8 MB > 1 MiB
-        with pytest.raises(ApcmError) as info:
+        with pytest.raises(LimitExceededError) as info:
             c.read(codes=queries, top_k=64, reconstruct=True)
         err = info.value
         assert err.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert err.limit == "max_message_bytes"
         for word in ("top_k", "queries", "include_reconstruction", str(1 << 20)):
             assert word in err.message, (word, err.message)
         # the same read within the limit is answered
@@ -139,20 +140,23 @@ def test_memory_limit_and_bank_count_are_enforced_and_exported(make_server, digi
     # float32 codes of m=8: 32 + 29 metadata = 61 bytes per slot; default bank 64 slots
     srv = make_server(memory_limit_bytes=100_000, max_banks=3)
     with MemoryClient(f"127.0.0.1:{srv.port}") as c:
-        with pytest.raises(ApcmError) as info:
+        with pytest.raises(LimitExceededError) as info:
             c.create_bank("too-big", 2000)
         assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert info.value.limit == "memory_limit_bytes"
         assert "122000" in info.value.message and "100000" in info.value.message
         c.create_bank("fits", 1000)
         c.write(digits[:2], bank="fits", mode="per_item", payloads=[b"p" * 16_000] * 2)
-        with pytest.raises(ApcmError) as info:
+        with pytest.raises(LimitExceededError) as info:
             c.write(digits[:1], bank="fits", payloads=[b"p" * 16_000])
         assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert info.value.limit == "memory_limit_bytes"
         assert "memory_limit_bytes" in info.value.message
         c.create_bank("third", 1)
-        with pytest.raises(ApcmError) as info:
+        with pytest.raises(LimitExceededError) as info:
             c.create_bank("fourth", 1)
         assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert info.value.limit == "max_banks"
         assert "max_banks" in info.value.message
     text = generate_latest(srv.service.metrics.registry).decode()
     assert "apcm_memory_limit_bytes 100000.0" in text

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 from google.protobuf import any_pb2
@@ -19,9 +19,10 @@ from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from apcm.server.errors import ApcmError, FailedPrecondition, InvalidArgument
+from apcm.server.errors import ApcmError, FailedPrecondition, InvalidArgument, ResourceExhausted
 from apcm.server.metrics import Metrics
 from apcm.wire.tensors import TensorFormatError
+from apcm.wire.trailers import LIMIT_KEY
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +85,24 @@ class MetricsInterceptor(grpc.ServerInterceptor):
         return _wrap_unary(continuation(handler_call_details), wrap)
 
 
+class _StatusFields(NamedTuple):
+    code: grpc.StatusCode
+    details: str
+    trailing_metadata: tuple[tuple[str, str | bytes], ...]
+
+
+class _StatusWithTrailers(_StatusFields, grpc.Status):
+    """A ``grpc.Status`` whose trailers add ours to the rich-error detail."""
+
+
 def abort_with_error(context: grpc.ServicerContext, error: ApcmError) -> None:
-    """Abort the RPC with the error's status; field errors carry a BadRequest detail."""
+    """Abort the RPC with the error's status; field errors carry a BadRequest detail,
+    limits a trailer naming the setting (``LIMIT_KEY``)."""
     code = grpc.StatusCode[error.code]
+    trailers = ((LIMIT_KEY, error.limit),) if isinstance(error, ResourceExhausted) else ()
     if error.field is None:
+        if trailers:
+            context.set_trailing_metadata(trailers)
         context.abort(code, error.message)
     violation = error_details_pb2.BadRequest.FieldViolation(
         field=error.field, description=error.message
@@ -97,7 +112,11 @@ def abort_with_error(context: grpc.ServicerContext, error: ApcmError) -> None:
     status = status_pb2.Status(
         code=getattr(code_pb2, error.code), message=error.message, details=[detail]
     )
-    context.abort_with_status(rpc_status.to_status(status))
+    grpc_status = rpc_status.to_status(status)
+    if trailers:  # abort_with_status replaces earlier trailers with the status's own
+        grpc_status = _StatusWithTrailers(grpc_status.code, grpc_status.details,
+                                          (*grpc_status.trailing_metadata, *trailers))
+    context.abort_with_status(grpc_status)
 
 
 class ErrorInterceptor(grpc.ServerInterceptor):

@@ -520,7 +520,7 @@ class MemoryService:
             f"this Read's reply would be about {estimate} bytes ({n_queries} queries x "
             f"{hits} hits (top_k {p.top_k}, {bank.occupied_count} occupied) x "
             f"{', '.join(parts)}), over the server's max_message_bytes of {limit}: "
-            f"{', '.join(fixes)}", field="top_k")
+            f"{', '.join(fixes)}", field="top_k", limit="max_message_bytes")
 
     def _search(self, bank: str, latents: torch.Tensor, p: ReadParams) -> ReadResult:
         """Concurrent reads of one bank with equal parameters share one search."""

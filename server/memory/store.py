@@ -248,7 +248,7 @@ class MemoryStore:
                 f"{what} needs {adding} more bytes, but the banks hold {used} of the "
                 f"server's memory_limit_bytes of {limit} ({limit - used} left): free "
                 "memory (DropBank, ClearBank, DeleteSlots) or ask the operator to raise "
-                "--memory-limit-bytes")
+                "--memory-limit-bytes", limit="memory_limit_bytes")
 
     @contextlib.contextmanager
     def _locked(self, name: str) -> Iterator[MemoryBank]:
@@ -346,7 +346,7 @@ class MemoryStore:
         if self.max_banks is not None and len(self._banks) >= self.max_banks:
             raise ResourceExhausted(
                 f"the server already has {len(self._banks)} banks, its max_banks limit: "
-                "drop a bank or ask the operator to raise --max-banks")
+                "drop a bank or ask the operator to raise --max-banks", limit="max_banks")
         slot = MemoryBank.slot_bytes(self.code_dim, self.code_dtype)
         self._check_memory(capacity * slot,
                            f"a bank of {capacity} slots ({slot} bytes each)")
