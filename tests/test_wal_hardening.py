@@ -16,7 +16,7 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from apcm.server.codecs.quant import CODE_DTYPES
+from apcm.server.code_dtypes import CODE_DTYPES
 from apcm.server.config import Settings
 from apcm.server.errors import ApcmError, FailedPrecondition
 from apcm.server.memory.store import MemoryStore
@@ -224,7 +224,7 @@ def test_a_snapshot_killed_mid_write_leaves_nothing_after_the_next_start(tmp_pat
     script = f"""
 import resource, signal, torch
 signal.signal(signal.SIGXFSZ, signal.SIG_DFL)  # Python ignores it by default
-from apcm.server.codecs.quant import CODE_DTYPES
+from apcm.server.code_dtypes import CODE_DTYPES
 from apcm.server.config import Settings
 from apcm.server.memory.store import MemoryStore
 from apcm.server.persistence.manager import PersistenceManager
@@ -511,7 +511,7 @@ def test_kill_during_a_restore_recovers_the_pre_restore_state(tmp_path: Path) ->
     # snapshot: a deterministic kill -9 inside RestoreSnapshot.
     script = f"""
 import resource, signal, torch
-from apcm.server.codecs.quant import CODE_DTYPES
+from apcm.server.code_dtypes import CODE_DTYPES
 from apcm.server.config import Settings
 from apcm.server.memory.store import MemoryStore
 from apcm.server.persistence.manager import PersistenceManager

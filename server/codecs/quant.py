@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-# every code dtype a bank may hold; uint8 = bit-packed codes (IDRP v2, own quantiser)
-CODE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8,
-               "uint8": torch.uint8}
+# uint8 codes are bit-packed by IDRP v2's own quantiser, not by this one
+from apcm.server.code_dtypes import CODE_DTYPES
+
 INT8_LIMIT = 127.0
 
 

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from apcm.server.codecs.quant import CODE_DTYPES
+from apcm.server.code_dtypes import CODE_DTYPES
 from apcm.server.errors import FailedPrecondition, InvalidArgument
 from apcm.server.memory.columns import ByteColumn, KeyIndex
 from apcm.server.memory.eviction import Policy, VictimQueue, make_policy

@@ -50,7 +50,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from apcm.server.codecs.quant import CODE_DTYPES
+from apcm.server.code_dtypes import CODE_DTYPES
 from apcm.server.errors import (
     AlreadyExists,
     FailedPrecondition,
