@@ -160,7 +160,7 @@ class ClusterRouter(grpc.ServerInterceptor):
         self.fields = bank_fields()
         self.responses = _response_types()
         self._pool = futures.ThreadPoolExecutor(
-            max_workers=max(2, 2 * cluster.shard_count), thread_name_prefix="apcm-fanout")
+            max_workers=max(2, 2 * cluster.pods), thread_name_prefix="apcm-fanout")
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -273,7 +273,7 @@ class ClusterRouter(grpc.ServerInterceptor):
                 + f".{int(now % 1 * 1000):03d}Z")
         raw = request.SerializeToString()
         parse = self.responses[name].FromString
-        others = [s for s in range(self.cluster.shard_count) if s != self.cluster.shard_id]
+        others = [s for s in range(self.cluster.pods) if s != self.cluster.shard_id]
         pending = {s: self._pool.submit(self._call, s, method, raw, context) for s in others}
         answers = {self.cluster.shard_id: handler.unary_unary(request, context)}
         for shard, fut in pending.items():
@@ -312,21 +312,21 @@ class ClusterRouter(grpc.ServerInterceptor):
             valid=len(infos) == shards and all(i.valid for i in infos))
 
     def _merge_CreateSnapshot(self, answers: dict[int, Any]) -> Any:  # noqa: N802
-        return self._merge_snapshot(list(answers.values()), self.cluster.shard_count)
+        return self._merge_snapshot(list(answers.values()), self.cluster.pods)
 
     def _merge_ListSnapshots(self, answers: dict[int, Any]) -> Any:  # noqa: N802
         by_name: dict[str, list[Any]] = {}
         for answer in answers.values():
             for info in answer.snapshots:
                 by_name.setdefault(info.name, []).append(info)
-        merged = [self._merge_snapshot(v, self.cluster.shard_count) for v in by_name.values()]
+        merged = [self._merge_snapshot(v, self.cluster.pods) for v in by_name.values()]
         merged.sort(key=lambda i: (i.created_at, i.name), reverse=True)
         return memory_pb2.ListSnapshotsResponse(snapshots=merged)
 
     def _merge_RestoreSnapshot(self, answers: dict[int, Any]) -> Any:  # noqa: N802
         return memory_pb2.RestoreSnapshotResponse(
             snapshot=self._merge_snapshot([a.snapshot for a in answers.values()],
-                                          self.cluster.shard_count),
+                                          self.cluster.pods),
             banks=self._merge_banks({s: a.banks for s, a in answers.items()}))
 
 

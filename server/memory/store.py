@@ -43,7 +43,7 @@ import contextlib
 import operator
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -236,6 +236,10 @@ class MemoryStore:
         payloads (no locks: an estimate while writes run)."""
         return sum(b.reserved_bytes() + b.payload_bytes for b in self._banks.values())
 
+    def check_room(self, adding: int, what: str) -> None:
+        """Raises ``ResourceExhausted`` unless ``adding`` more bytes fit the memory limit."""
+        self._check_memory(adding, what)
+
     def _check_memory(self, adding: int, what: str) -> None:
         limit = self.memory_limit_bytes
         if limit is None or adding <= 0:
@@ -378,6 +382,74 @@ class MemoryStore:
             bank.applied_seq = self.last_seq
             self._load_texts(bank, None)  # a moved bank carries no text marks
             self._banks = {**self._banks, bank.name: bank}
+
+    def bank_from_export(self, config: dict[str, Any], arrays: dict[str, np.ndarray]
+                         ) -> MemoryBank:
+        """A bank rebuilt from ``MemoryBank.export`` output made elsewhere (a move), with
+        this store's codec settings; not added to the store. It keeps writable
+        ``arrays`` as its storage (they must not be used elsewhere).
+
+        Raises:
+            FailedPrecondition: its codes do not match this store's codec, or the arrays
+                are inconsistent.
+        """
+        if int(config["code_dim"]) != self.code_dim or config["code_dtype"] != self.code_dtype:
+            raise FailedPrecondition(
+                f"bank {config.get('name')!r} holds {config['code_dtype']} codes of dim "
+                f"{config['code_dim']}; this server's codec uses {self.code_dtype} of dim "
+                f"{self.code_dim}")
+        return MemoryBank.from_export(
+            config, arrays, scale=self.scale, device=self.device,
+            max_payload_bytes=self.max_payload_bytes, max_key_length=self.max_key_length,
+            metric=self.metric, scorer=self.scorer, adopt_arrays=True)
+
+    def import_bank(self, bank: MemoryBank, commit: Callable[[int], dict[str, Any]]) -> bool:
+        """Adds a bank moved in from another server, logged as one ``import_bank`` record.
+
+        ``commit(seq)`` makes the bank's bytes durable under sequence ``seq`` and returns
+        the record's fields (which name them); it runs under the store's locks. The
+        record covers the sequences up to the bank's newest slot sequence, so new
+        memories stay younger than moved ones and the log has no gap. Returns after
+        the record is durable; False (nothing logged, like ``adopt_bank``) when no log
+        is attached: the caller makes the bank durable another way.
+
+        Raises:
+            AlreadyExists: a bank of that name is here.
+            WalError: the log failed (the bank is in memory; ``abandon_bank`` it).
+        """
+        if self._log is None:
+            self.adopt_bank(bank)
+            return False
+        newest = int(bank.sequences.max()) if bank.sequences.numel() else 0
+        with self.lock, self.seq_lock:
+            if bank.name in self._banks:
+                raise AlreadyExists(f"bank {bank.name!r} already exists", field="name")
+            end = max(self.last_seq + 1, newest)
+            record = self._prepare("import_bank", bank.name, commit(end), end - self.last_seq)
+            self._append(end, record)
+            self.last_seq = end
+            bank.applied_seq = end
+            self._load_texts(bank, None)  # a moved bank carries no text marks
+            self._banks = {**self._banks, bank.name: bank}
+        self._wait(end)
+        return True
+
+    def apply_import(self, seq: int, bank: MemoryBank) -> None:
+        """Re-applies an ``import_bank`` record (WAL replay; skipped like ``apply_record``).
+
+        Raises:
+            FailedPrecondition: a bank of that name exists (corrupt log).
+        """
+        with self.lock:
+            if seq <= self.last_seq:
+                return
+            if bank.name in self._banks:
+                raise FailedPrecondition(f"replay: imported bank {bank.name!r} already exists")
+            bank.applied_seq = seq
+            self._load_texts(bank, None)
+            with self.seq_lock:
+                self._banks = {**self._banks, bank.name: bank}
+                self.last_seq = seq
 
     def abandon_bank(self, bank: MemoryBank) -> None:
         """Takes back an ``adopt_bank`` that never became durable (unlogged, like it)."""
