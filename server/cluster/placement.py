@@ -1,37 +1,18 @@
-"""Placement: the shard that owns a bank, and the shard map from settings.
-
-A bank's owner is chosen by rendezvous (highest-random-weight) hashing: every
-shard scores ``blake2b(shard, name)`` and the highest score wins. Growing the
-cluster from N to N+1 shards moves exactly the banks the new shard now wins,
-about 1/(N+1) of them, and moves none between the old shards.
-"""
+"""Placement: the shard map from settings; the owner of a bank comes from
+``apcm.wire.placement`` (rendezvous hashing), which the SDK's direct routing shares."""
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from apcm.server.config import Settings
+from apcm.wire.placement import PLACEMENT, owner_of
 
-PLACEMENT = "rendezvous-blake2b-64"
+__all__ = ["PLACEMENT", "ClusterConfig", "ordinal_of", "owner_of"]
 _ORDINAL = re.compile(r"-(\d+)$")
-
-
-def _score(name: str, shard: int) -> int:
-    digest = hashlib.blake2b(f"{shard}\x00{name}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big")
-
-
-@functools.lru_cache(maxsize=65536)
-def owner_of(name: str, shard_count: int) -> int:
-    """The shard (0..shard_count-1) that owns bank ``name``."""
-    if shard_count < 1:
-        raise ValueError(f"shard_count must be >= 1, got {shard_count}")
-    return max(range(shard_count), key=lambda shard: _score(name, shard))
 
 
 def ordinal_of(hostname: str) -> int | None:

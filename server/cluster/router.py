@@ -34,6 +34,7 @@ from apcm.server.cluster.placement import ClusterConfig
 from apcm.server.cluster.wire import string_field
 from apcm.server.errors import NotFound
 from apcm.v1 import memory_pb2
+from apcm.wire.placement import bank_fields as wire_bank_fields
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +44,6 @@ FORWARDED_HEADER = "apcm-forwarded-by"
 SHARD_HEADER = "apcm-shard"
 SERVICE = memory_pb2.DESCRIPTOR.services_by_name["MemoryService"]
 PREFIX = f"/{SERVICE.full_name}/"
-# Bank-management requests name the bank ``name``; every other request ``bank``.
-BANK_FIELD_NAMES = {"CreateBank": "name", "DescribeBank": "name", "ClearBank": "name",
-                    "DropBank": "name"}
 # Calls that leave a bank unchanged and may go on while it moves; any other
 # bank-scoped method (including ones added later) counts as a write.
 READ_METHODS = frozenset({"Read", "DescribeBank", "Recall"})
@@ -58,14 +56,7 @@ NO_DEADLINE_S = 365 * 24 * 3600.0
 def bank_fields(service: Any = SERVICE) -> dict[str, int]:
     """Method name -> field number of the bank name in its request, for every unary
     method of ``service`` that addresses one bank."""
-    out = {}
-    for m in service.methods:
-        if m.client_streaming or m.server_streaming:
-            continue
-        f = m.input_type.fields_by_name.get(BANK_FIELD_NAMES.get(m.name, "bank"))
-        if f is not None and f.type == f.TYPE_STRING:
-            out[m.name] = f.number
-    return out
+    return {m: number for m, (_, number) in wire_bank_fields(service).items()}
 
 
 def _response_types(service: Any = SERVICE) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -68,10 +69,7 @@ class ClusterServicer:
     def _views(self, name: str, frozen: bool = False) -> list[memoryview]:
         """The bank's encoding as buffers; ``frozen``: its mutations are paused until
         the buffers have been sent, so they may be views of its own tensors."""
-        bank = self.store.get(name)
-        with bank.lock:  # quick copies under the lock; the encoding is views of them
-            copy = bank.export_copy(frozen=frozen)
-        return encode_views(*copy.pack())
+        return encode_views(*self.store.export_bank(name, frozen=frozen))
 
     def ExportBank(self, request, context) -> Iterator[bytes]:  # noqa: N802
         """Yields serialized ``BankChunk`` messages (registered without a serializer)."""
@@ -104,14 +102,18 @@ class ClusterServicer:
                     raise InvalidArgument(f"bank {reader.bank!r}: {e}") from e
             if incoming is None:
                 raise InvalidArgument("no chunks", field="bank")
+            received = time.perf_counter()
             incoming.finish()
             reader.check(incoming.written, incoming.crc32, incoming.buffer)
+            synced = time.perf_counter()
             bank = self._install(reader.bank, incoming)
         except BaseException:
             if incoming is not None:
                 incoming.discard()
             raise
-        log.info("bank %s imported (%d bytes)", reader.bank, incoming.written)
+        log.info("bank %s imported (%d bytes): fsync %.3f s, rebuild and log %.3f s",
+                 reader.bank, incoming.written, synced - received,
+                 time.perf_counter() - synced)
         return cluster_pb2.ImportBankResponse(bank=bank_info(self.store.describe(bank.name)))
 
     def _install(self, name: str, incoming: Any) -> MemoryBank:
@@ -132,7 +134,8 @@ class ClusterServicer:
         try:
             try:
                 logged = self.store.import_bank(
-                    bank, lambda seq: persistence.imports.commit(incoming, seq))
+                    bank, lambda seq: persistence.imports.commit(incoming, seq),
+                    arrays.get("text_flags"))
                 if not logged:
                     persistence.snapshot()  # no log: durable before anyone sees it
             except BaseException:
@@ -160,8 +163,10 @@ class ClusterServicer:
         if owner == c.shard_id:
             raise FailedPrecondition(f"bank {name!r} is already on its owner, "
                                      f"{node.describe_self()}")
+        t0 = time.perf_counter()
         node.gates.pause(name, f"bank {name!r} is moving to {c.describe(owner)}; retry",
                          DRAIN_TIMEOUT_S)
+        paused = time.perf_counter()
         try:
             views = self._views(name, frozen=True)  # paused until dropped or resumed
             size = sum(len(v) for v in views)
@@ -176,6 +181,7 @@ class ClusterServicer:
             except grpc.RpcError as e:
                 node.router._relay(owner, e, context, prefix=f"{c.describe(owner)}: ")
                 raise  # unreachable
+            sent = time.perf_counter()
             # the owner holds it durably: only now does it go from here, once no call
             # is using it (later ones hear "moved, retry" and reach the owner)
             node.gates.seal(name, f"bank {name!r} is moving to {c.describe(owner)}; retry",
@@ -184,7 +190,10 @@ class ClusterServicer:
             self.service.drop_bank(name)
         finally:
             node.gates.resume(name)
-        log.info("bank %s moved to %s (%d bytes)", name, c.describe(owner), size)
+        log.info("bank %s moved to %s (%d bytes) in %.3f s: drain %.3f s, stream and "
+                 "durable import %.3f s, hand-over %.3f s", name, c.describe(owner), size,
+                 time.perf_counter() - t0, paused - t0, sent - paused,
+                 time.perf_counter() - sent)
         return cluster_pb2.MoveBankResponse(bank=answer.bank, from_shard=c.shard_id,
                                             to_shard=owner, bytes=size)
 

@@ -27,7 +27,8 @@ from apcm.v1 import cluster_pb2
 __all__ = ["FORMAT", "ChunkReader", "assemble", "chunks", "decode_bank", "encode_bank",
            "encode_views", "serialized_chunks"]
 
-CHUNK_BYTES = 4 << 20  # far below the 64 MiB message limit; few messages per bank
+# whole messages stay under 4 MiB, the default receive limit of every gRPC client
+CHUNK_BYTES = (4 << 20) - (4 << 10)
 # BankChunk field numbers
 _BANK, _DATA, _TOTAL, _SHA256, _CRC32 = 1, 2, 3, 4, 5
 

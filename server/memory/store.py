@@ -204,13 +204,37 @@ class MemoryStore:
             index.set(slot, payloads[j] if flag else None)
 
     def _load_texts(self, b: MemoryBank, flags: np.ndarray | None) -> None:
-        """A bank's index from its text marks [capacity] (None: derived from payloads)."""
-        occupied = torch.nonzero(b.occupied).flatten().tolist()
+        """A bank's index from its text marks [capacity] (None: derived from payloads).
+
+        Reads the payload column's arrays directly: ``payload_of`` per slot costs
+        ~4 us, 0.4 s for a bank of 100k memories moved in or recovered.
+        """
+        occupied = np.flatnonzero(b.occupied.cpu().numpy())
         if flags is not None:
-            occupied = [s for s in occupied if s < len(flags) and flags[s]]
-        docs = {s: p for s in occupied if (p := b.payload_of(s)) is not None
-                and (flags is not None or is_text(p))}
+            flags = np.asarray(flags)
+            occupied = occupied[occupied < len(flags)]
+            occupied = occupied[flags[occupied] != 0]
+        col = b.payloads
+        occupied = occupied[occupied < col.length.shape[0]]
+        lengths = col.length[occupied]
+        slots = occupied[lengths > 0]
+        raw = col.data[:col.used].tobytes()
+        docs = {s: raw[a:a + n] for s, a, n in zip(
+            slots.tolist(), col.start[slots].tolist(), col.length[slots].tolist(), strict=True)}
+        if flags is None:
+            docs = {s: p for s, p in docs.items() if is_text(p)}
         self.lexical(b).load(docs)
+
+    def export_bank(self, name: str, frozen: bool = False) -> tuple[dict, dict[str, np.ndarray]]:
+        """One bank's (config, arrays) with its text marks, as a snapshot holds it, for
+        a move. ``frozen``: see ``MemoryBank.export_copy``. Raises ``NotFound``."""
+        with self._locked(name) as bank:
+            copy = bank.export_copy(frozen=frozen)
+            text_slots = self.lexical(bank).text_slots()
+        config, arrays = copy.pack()
+        flags = np.zeros(len(arrays["occupied"]), dtype=np.uint8)
+        flags[text_slots] = 1
+        return config, {**arrays, "text_flags": flags}
 
     def _wait(self, seq: int) -> None:
         log = self._log
@@ -363,7 +387,7 @@ class MemoryStore:
             bank.retired = True
         self._wait(seq)
 
-    def adopt_bank(self, bank: MemoryBank) -> None:
+    def adopt_bank(self, bank: MemoryBank, text_flags: np.ndarray | None = None) -> None:
         """Adds a bank built elsewhere (a bank moved in from another server), unlogged.
 
         The caller makes it durable by a snapshot before anyone may use it. Its
@@ -380,7 +404,7 @@ class MemoryStore:
                 raise AlreadyExists(f"bank {bank.name!r} already exists", field="name")
             self.last_seq = max(self.last_seq, newest)
             bank.applied_seq = self.last_seq
-            self._load_texts(bank, None)  # a moved bank carries no text marks
+            self._load_texts(bank, text_flags)  # None: derived from the payloads
             self._banks = {**self._banks, bank.name: bank}
 
     def bank_from_export(self, config: dict[str, Any], arrays: dict[str, np.ndarray]
@@ -403,7 +427,8 @@ class MemoryStore:
             max_payload_bytes=self.max_payload_bytes, max_key_length=self.max_key_length,
             metric=self.metric, scorer=self.scorer, adopt_arrays=True)
 
-    def import_bank(self, bank: MemoryBank, commit: Callable[[int], dict[str, Any]]) -> bool:
+    def import_bank(self, bank: MemoryBank, commit: Callable[[int], dict[str, Any]],
+                    text_flags: np.ndarray | None = None) -> bool:
         """Adds a bank moved in from another server, logged as one ``import_bank`` record.
 
         ``commit(seq)`` makes the bank's bytes durable under sequence ``seq`` and returns
@@ -418,9 +443,10 @@ class MemoryStore:
             WalError: the log failed (the bank is in memory; ``abandon_bank`` it).
         """
         if self._log is None:
-            self.adopt_bank(bank)
+            self.adopt_bank(bank, text_flags)
             return False
         newest = int(bank.sequences.max()) if bank.sequences.numel() else 0
+        self._load_texts(bank, text_flags)  # nobody sees the bank yet: no lock
         with self.lock, self.seq_lock:
             if bank.name in self._banks:
                 raise AlreadyExists(f"bank {bank.name!r} already exists", field="name")
@@ -429,24 +455,24 @@ class MemoryStore:
             self._append(end, record)
             self.last_seq = end
             bank.applied_seq = end
-            self._load_texts(bank, None)  # a moved bank carries no text marks
             self._banks = {**self._banks, bank.name: bank}
         self._wait(end)
         return True
 
-    def apply_import(self, seq: int, bank: MemoryBank) -> None:
+    def apply_import(self, seq: int, bank: MemoryBank,
+                     text_flags: np.ndarray | None = None) -> None:
         """Re-applies an ``import_bank`` record (WAL replay; skipped like ``apply_record``).
 
         Raises:
             FailedPrecondition: a bank of that name exists (corrupt log).
         """
+        self._load_texts(bank, text_flags)
         with self.lock:
             if seq <= self.last_seq:
                 return
             if bank.name in self._banks:
                 raise FailedPrecondition(f"replay: imported bank {bank.name!r} already exists")
             bank.applied_seq = seq
-            self._load_texts(bank, None)
             with self.seq_lock:
                 self._banks = {**self._banks, bank.name: bank}
                 self.last_seq = seq

@@ -49,6 +49,7 @@ class Incoming:
     written: int = 0
     crc32: int = 0
     buffer: Any = None
+    committed: bool = False  # named by a log record: never deleted here
 
     def write(self, data: Any) -> None:
         """Appends ``data`` (bytes or memoryview). Raises ``ValueError`` past the size."""
@@ -74,10 +75,12 @@ class Incoming:
         self.fd = -1
 
     def discard(self) -> None:
+        """Deletes an import that failed, unless its log record may name it."""
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-        self.path.unlink(missing_ok=True)
+        if not self.committed:
+            self.path.unlink(missing_ok=True)
 
 
 class ImportFiles:
@@ -100,6 +103,7 @@ class ImportFiles:
         name = f"{seq:020d}.bank"
         os.replace(incoming.path, self.directory / name)
         incoming.path = self.directory / name
+        incoming.committed = True
         fsync_dir(self.directory)
         return {"file": name, "bytes": incoming.written, "crc32": incoming.crc32}
 

@@ -215,10 +215,10 @@ class PersistenceManager:
         self._prune_imports()
         return report
 
-    def _load_import(self, record: Any) -> Any:
-        """The bank an ``import_bank`` record names, from its verified import file."""
+    def _load_import(self, record: Any) -> tuple[Any, Any]:
+        """(bank, text marks) of the verified import file an ``import_bank`` record names."""
         config, arrays = decode_bank(self.imports.read(record.fields))
-        return self.store.bank_from_export(config, arrays)
+        return self.store.bank_from_export(config, arrays), arrays.get("text_flags")
 
     def _log_covers(self, info: SnapshotInfo | None, had_snapshots: bool) -> bool:
         """Whether the log holds every segment the recovered snapshot does not cover."""

@@ -27,7 +27,7 @@ class BatchingApplier:
 
     Args:
         store: the ``MemoryStore`` (``apply_record``, ``apply_import``, ``last_seq``).
-        load_import: the bank an ``import_bank`` record's file holds (verified).
+        load_import: (bank, text marks or None) of an ``import_bank`` record's file.
         max_items: largest merged write.
     """
 
@@ -88,10 +88,10 @@ class BatchingApplier:
         try:
             if self.load_import is None:
                 raise FailedPrecondition("this replay cannot read import files")
-            bank = self.load_import(record)
+            bank, text_flags = self.load_import(record)
             if bank.name != record.bank:
                 raise FailedPrecondition(f"its file holds bank {bank.name!r}")
-            self.store.apply_import(record.seq, bank)
+            self.store.apply_import(record.seq, bank, text_flags)
         except ApcmError as e:
             raise FailedPrecondition(
                 f"write-ahead log sequence {record.seq} (bank {record.bank!r} moved here) "
