@@ -89,7 +89,7 @@ class MemoryClient:
         self._methods = _calls.bind_methods(self._channel)
         self._router = DirectRouter(
             self._channel, lambda peer: open_channel(peer, opts, tls_config, interceptors),
-            _calls.bind_methods, self._metadata) if routing == "direct" else None
+            _calls.bind_methods, list(self._metadata)) if routing == "direct" else None
         self._closed = False
 
     # ------------------------------------------------------------ lifecycle
