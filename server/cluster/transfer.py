@@ -28,7 +28,7 @@ __all__ = ["FORMAT", "ChunkReader", "assemble", "chunks", "decode_bank", "encode
            "encode_views", "serialized_chunks"]
 
 # whole messages stay under 4 MiB, the default receive limit of every gRPC client
-CHUNK_BYTES = (4 << 20) - (4 << 10)
+CHUNK_BYTES = 1 << 20
 # BankChunk field numbers
 _BANK, _DATA, _TOTAL, _SHA256, _CRC32 = 1, 2, 3, 4, 5
 

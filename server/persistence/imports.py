@@ -18,9 +18,10 @@ import logging
 import mmap
 import os
 import re
+import threading
 import uuid
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 RECORD_KIND = "import_bank"
 _FINAL = re.compile(r"^(\d{20})\.bank$")
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # Linux: fault the pages in at once
+SYNC_EVERY_BYTES = 4 << 20  # start writing back after this many new bytes
 
 
 class ImportFileError(FailedPrecondition):
@@ -50,6 +52,9 @@ class Incoming:
     crc32: int = 0
     buffer: Any = None
     committed: bool = False  # named by a log record: never deleted here
+    _synced_to: int = 0
+    _syncer: threading.Thread | None = None
+    _sync_error: list[OSError] = field(default_factory=list)
 
     def write(self, data: Any) -> None:
         """Appends ``data`` (bytes or memoryview). Raises ``ValueError`` past the size."""
@@ -60,11 +65,38 @@ class Incoming:
             view = view[os.write(self.fd, view):]
         self.crc32 = zlib.crc32(data, self.crc32)
         self.written += len(data)
+        if self.written - self._synced_to >= SYNC_EVERY_BYTES and not self._syncing():
+            # the disk writes what has arrived while the rest is still on the wire
+            self._synced_to = self.written
+            self._syncer = threading.Thread(target=self._sync, name="apcm-import-sync",
+                                            daemon=True)
+            self._syncer.start()
+
+    def _syncing(self) -> bool:
+        return self._syncer is not None and self._syncer.is_alive()
+
+    def _sync(self) -> None:
+        try:
+            os.fdatasync(self.fd)
+        except OSError as e:  # re-raised by finish: a failed writeback must not pass
+            self._sync_error.append(e)
+
+    def _join(self) -> None:
+        if self._syncer is not None:
+            self._syncer.join()
+            self._syncer = None
 
     def finish(self) -> None:
         """Makes the bytes durable (fsync) and maps them copy-on-write (``buffer``:
         writable, changes never reach the file). The caller checks ``written`` and
-        ``crc32`` first."""
+        ``crc32`` first.
+
+        Raises:
+            OSError: a write-back failed.
+        """
+        self._join()
+        if self._sync_error:
+            raise self._sync_error[0]
         os.fsync(self.fd)
         if self.written:
             self.buffer = mmap.mmap(self.fd, self.written, flags=mmap.MAP_PRIVATE | _POPULATE,
@@ -76,6 +108,7 @@ class Incoming:
 
     def discard(self) -> None:
         """Deletes an import that failed, unless its log record may name it."""
+        self._join()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
