@@ -498,6 +498,11 @@ def test_an_imported_bank_is_in_the_log_and_survives_kill9_and_a_damaged_snapsho
     imports[0].write_bytes(good)  # repaired: it starts with every acknowledged write
     n1 = start(nodes, model_path, tmp_path, ports, range(1, 2))[0]
     assert stored_keys(n1, name) == written
+    # once both newest snapshots hold the bank, its import file goes
+    with n1.client() as c:
+        c.create_snapshot("later-1")
+        c.create_snapshot("later-2")
+    assert not imports[0].exists()
 
 
 def test_sdk_direct_routing_goes_to_the_owner_and_falls_back_to_the_entry_pod(
