@@ -27,7 +27,8 @@ from apcm.v1 import cluster_pb2
 __all__ = ["FORMAT", "ChunkReader", "assemble", "chunks", "decode_bank", "encode_bank",
            "encode_views", "serialized_chunks"]
 
-# whole messages stay under 4 MiB, the default receive limit of every gRPC client
+# 1 MiB: a bare Python gRPC stream pipelined better here than with 4 MiB (0.036 vs
+# 0.053 s for 26 MB), and messages stay under any gRPC client's 4 MiB default limit
 CHUNK_BYTES = 1 << 20
 # BankChunk field numbers
 _BANK, _DATA, _TOTAL, _SHA256, _CRC32 = 1, 2, 3, 4, 5

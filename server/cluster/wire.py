@@ -1,7 +1,9 @@
-"""Reading one string field out of a serialized request without decoding the rest.
+"""Protobuf wire format by hand, where decoding into message objects would cost a copy.
 
-The router only needs the bank name of a request to route it; the tensors stay
-bytes and travel to the owner as they came.
+The router only needs the bank name of a request to route it (``string_field``);
+the tensors stay bytes and travel to the owner as they came. A bank import reads
+its chunks' fields as views of the received bytes (``fields``), and a move
+serializes them with ``varint``.
 """
 
 from __future__ import annotations
