@@ -23,6 +23,7 @@ from apcm.client.channel import (
 )
 from apcm.client.errors import ApcmError, ClientClosedError, from_rpc_error, status_code
 from apcm.client.retry import RetryPolicy, is_retryable
+from apcm.client.routing import ROUTING_MODES, DirectRouter
 from apcm.client.types import (
     BankInfo,
     DeleteResult,
@@ -53,6 +54,10 @@ class MemoryClient:
             no other status is retried.
         options: extra gRPC channel options, overriding the client's.
         interceptors: ``grpc.UnaryUnaryClientInterceptor`` objects (tracing, logging).
+        routing: ``"proxy"`` (default): every call goes to ``address``, which forwards
+            it to the bank's owner in a cluster. ``"direct"``: bank-scoped calls go
+            straight to the owner (one hop less), falling back to ``address`` when
+            the owner cannot be reached or the bank is moving (see docs/cluster.md).
 
     Raises:
         ApcmError subclasses from every method, e.g. ``InvalidArgumentError``
@@ -70,7 +75,10 @@ class MemoryClient:
         retries: int | RetryPolicy = 3,
         options: ChannelOptions = (),
         interceptors: Sequence[Any] = (),
+        routing: str = "proxy",
     ) -> None:
+        if routing not in ROUTING_MODES:
+            raise ValueError(f"routing must be one of {ROUTING_MODES}, not {routing!r}")
         self.address = address
         self.timeout = timeout
         self._retry = RetryPolicy.coerce(retries)
@@ -79,6 +87,9 @@ class MemoryClient:
         opts = channel_options(max_message_bytes, self._retry, tls_config, options)
         self._channel = open_channel(address, opts, tls_config, interceptors)
         self._methods = _calls.bind_methods(self._channel)
+        self._router = DirectRouter(
+            self._channel, lambda peer: open_channel(peer, opts, tls_config, interceptors),
+            _calls.bind_methods, list(self._metadata)) if routing == "direct" else None
         self._closed = False
 
     # ------------------------------------------------------------ lifecycle
@@ -92,6 +103,8 @@ class MemoryClient:
         """Close the channel; further calls raise ``ClientClosedError``. Idempotent."""
         if not self._closed:
             self._closed = True
+            if self._router is not None:
+                self._router.close()
             self._channel.close()
 
     def __enter__(self) -> MemoryClient:
@@ -115,12 +128,21 @@ class MemoryClient:
         budget = self.timeout if timeout is None else timeout
         deadline = None if budget is None else time.monotonic() + budget
         pauses = self._retry.backoffs() if call.retryable else iter(())
-        method = self._methods[call.method]
+        table = self._router.methods_for(call.method, call.request) if self._router else None
+        method = (table or self._methods)[call.method]
         while True:
             remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
             try:
                 response = method(call.request, timeout=remaining, metadata=self._metadata)
             except grpc.RpcError as err:
+                if table is not None and status_code(err) == grpc.StatusCode.UNAVAILABLE:
+                    # the owner is unreachable or handing the bank over: from now on
+                    # this call goes through the server we were given, which forwards it
+                    assert self._router is not None
+                    self._router.forget()
+                    table, method = None, self._methods[call.method]
+                    if call.retryable or _not_sent(err):
+                        continue
                 pause = next(pauses, None) if is_retryable(status_code(err)) else None
                 if pause is None or (deadline is not None and time.monotonic() + pause >= deadline):
                     raise from_rpc_error(err) from err
@@ -378,3 +400,10 @@ class MemoryClient:
     def restore_snapshot(self, name: str, *, timeout: float | None = None) -> RestoreResult:
         """Replace every bank with the snapshot's contents."""
         return self._invoke(_calls.restore_snapshot(name), timeout)
+
+
+def _not_sent(err: grpc.RpcError) -> bool:
+    """Whether an UNAVAILABLE means the owner never ran the call: it could not be
+    reached, or refused the bank as moving (safe to send again elsewhere)."""
+    details = (err.details() or "").lower()
+    return "moving" in details or "moved" in details or "connect" in details

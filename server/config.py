@@ -123,7 +123,10 @@ class Settings:
     peers: str = _f(
         "", "comma-separated host:port of every shard, indexed by shard id (empty: no cluster)"
     )
-    shard_count: int = _f(0, "number of shards, with --peer-pattern instead of --peers")
+    shard_count: int = _f(
+        0, "number of shards that own banks (with --peer-pattern; with --peers: fewer than "
+        "the peers only while shrinking, the extra ones draining)"
+    )
     peer_pattern: str = _f(
         "", "address of shard {i} with --shard-count, e.g. apcm-{i}.apcm-headless:50051"
     )

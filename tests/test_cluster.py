@@ -50,7 +50,7 @@ class Node:
     """One shard: ``apcm serve`` with the peer list, its own data dir and log."""
 
     def __init__(self, model: Path, root: Path, shard: int, ports: list[int],
-                 previous: int = 0) -> None:
+                 previous: int = 0, shard_count: int = 0) -> None:
         self.shard, self.port = shard, ports[shard]
         self.address = f"127.0.0.1:{self.port}"
         self.data_dir = root / f"shard-{shard}"
@@ -60,7 +60,7 @@ class Node:
             "grpc-port": self.port, "metrics-port": -1, "device": "cpu",
             "snapshot-interval-s": 0, "default-bank-capacity": 16, "shutdown-grace-s": 0.5,
             "peers": ",".join(f"127.0.0.1:{p}" for p in ports),
-            "previous-shard-count": previous, "torch-threads": 1,
+            "previous-shard-count": previous, "torch-threads": 1, "shard-count": shard_count,
         }
         cmd = [sys.executable, "-m", "apcm.server.cli", "serve"]
         for k, v in flags.items():
@@ -108,8 +108,8 @@ def nodes() -> Iterator[list[Node]]:
 
 
 def start(nodes: list[Node], model: Path, root: Path, ports: list[int], shards: range,
-          previous: int = 0) -> list[Node]:
-    new = [Node(model, root, s, ports, previous) for s in shards]
+          previous: int = 0, shard_count: int = 0) -> list[Node]:
+    new = [Node(model, root, s, ports, previous, shard_count) for s in shards]
     nodes.extend(new)
     return [n.wait_serving() for n in new]
 
@@ -349,3 +349,198 @@ def test_a_single_server_reports_one_shard_and_moves_nothing(make_server) -> Non
         with pytest.raises(grpc.RpcError) as err:  # it has a default bank of its own
             cluster.ImportBank(chunks("default", data), timeout=10)
         assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+
+
+class Writers:
+    """Threads writing one keyed memory at a time to ``names`` through ``via`` (round
+    robin), retrying "moving, retry" (bounded); ``acked`` gets every acknowledged key."""
+
+    def __init__(self, via: list[Node], names: list[str], acked: dict[str, set[str]]) -> None:
+        self.via, self.names, self.acked = via, names, acked
+        self.stop = threading.Event()
+        self.errors: list[BaseException] = []
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._run, args=(w,), daemon=True)
+                        for w in range(len(via))]
+
+    def __enter__(self) -> Writers:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(60)
+
+    def _run(self, w: int) -> None:
+        try:
+            rng = np.random.default_rng(200 + w)
+            with self.via[w].client(retries=0) as c:
+                i = 0
+                while not self.stop.is_set():
+                    bank = self.names[(w + i) % len(self.names)]
+                    key = f"{bank}/v{w}-{i}"
+                    for _ in range(200):
+                        try:
+                            c.write(codes=codes(rng, 1), bank=bank, mode="per_item", keys=[key])
+                            break
+                        except UnavailableError:
+                            time.sleep(0.02)
+                    else:
+                        raise AssertionError(f"{key}: unavailable for too long")
+                    with self.lock:
+                        self.acked[bank].add(key)
+                    i += 1
+        except BaseException as e:  # noqa: BLE001 (the test asserts there are none)
+            self.errors.append(e)
+
+
+def test_shrinking_4_to_3_under_concurrent_writes_loses_no_acknowledged_write(
+        nodes: list[Node], model_path: Path, tmp_path: Path) -> None:
+    ports = free_ports(4)
+    first = start(nodes, model_path, tmp_path, ports, range(4))
+    names = [f"bank-{i}" for i in range(12)]
+    assert any(owner_of(b, 4) == 3 for b in names)
+    rng = np.random.default_rng(3)
+    acked: dict[str, set[str]] = {b: set() for b in names}
+    with first[0].client() as c:
+        for b in names:
+            c.create_bank(b, capacity=4096)
+            c.write(codes=codes(rng, 2), bank=b, mode="per_item", keys=[f"{b}/pre0", f"{b}/pre1"])
+            acked[b] |= {f"{b}/pre0", f"{b}/pre1"}
+    # step 1: every pod restarts owning 3 shards; pod 3 still runs and drains
+    for n in first:
+        n.kill9()
+    nodes.clear()
+    shrinking = start(nodes, model_path, tmp_path, ports, range(4), previous=4, shard_count=3)
+    with shrinking[3].client() as c:  # routing still finds banks not moved yet
+        assert {b.name for b in c.list_banks()} >= set(names)
+    # the map check refuses a stale shard count, moving nothing
+    from apcm.server.cluster.rebalance import MapMismatch
+
+    with pytest.raises(MapMismatch):
+        rebalance(shrinking[0].address, say=lambda s: None, shard_count=4)
+    # step 2: rebalance under writes through the pods that stay
+    with Writers(shrinking[:3], names, acked) as writers:
+        time.sleep(0.5)
+        report = rebalance(shrinking[0].address, say=lambda s: None, shard_count=3)
+        time.sleep(0.5)
+    assert not writers.errors, writers.errors
+    assert {b for b, src, _ in report.moved if src == 3 and b in names} == \
+        {b for b in names if owner_of(b, 4) == 3}
+    assert local_banks(shrinking[3]) == {}  # pod 3 holds nothing: it may go
+    # step 3: the StatefulSet scales down to 3 and the pods restart without the resize
+    for n in shrinking:
+        n.kill9()
+    nodes.clear()
+    final = start(nodes, model_path, tmp_path, ports[:3], range(3))
+    held = [local_banks(n) for n in final]
+    for b in names:
+        assert [s for s in range(3) if b in held[s]] == [owner_of(b, 3)], b
+        assert acked[b] <= stored_keys(final[owner_of(b, 3)], b), b
+
+
+def _snapshot_files(node: Node) -> list[Path]:
+    return sorted((node.data_dir / "snapshots").glob("*.safetensors"))
+
+
+def test_an_imported_bank_is_in_the_log_and_survives_kill9_and_a_damaged_snapshot(
+        nodes: list[Node], model_path: Path, tmp_path: Path) -> None:
+    ports = free_ports(2)
+    n0, n1 = start(nodes, model_path, tmp_path, ports, range(2))
+    name = bank_owned_by(1, 2, "moving")
+    rng = np.random.default_rng(4)
+    from apcm.wire.tensors import to_proto
+
+    ch0, memory0, cluster0 = n0.stubs()
+    memory0.CreateBank(memory_pb2.CreateBankRequest(name=name, capacity=4096), timeout=30,
+                       metadata=LOCAL)
+    written = {f"m{i}" for i in range(50)}
+    memory0.Write(memory_pb2.WriteRequest(
+        bank=name, codes=to_proto(codes(rng, 50)), mode=memory_pb2.WRITE_MODE_PER_ITEM,
+        keys=sorted(written), payloads=[b"text payload"] * 50), timeout=30, metadata=LOCAL)
+    with n1.client() as c:
+        c.create_snapshot("before")  # shard 1 without the bank
+    answer = cluster0.MoveBank(cluster_pb2.MoveBankRequest(name=name), timeout=60)
+    assert (answer.from_shard, answer.to_shard, answer.bank.occupied) == (0, 1, 50)
+    ch0.close()
+    # durable through the log: no snapshot was written for the import
+    assert [p.stem for p in _snapshot_files(n1)] == ["before"]
+    imports = sorted((n1.data_dir / "imports").iterdir())
+    assert len(imports) == 1 and imports[0].suffix == ".bank"
+    with n0.client() as c:  # acknowledged writes after the move, through the other pod
+        c.write(codes=codes(rng, 2), bank=name, mode="per_item", keys=["after0", "after1"])
+        written |= {"after0", "after1"}
+        c.create_snapshot("after")  # shard 1's holds the bank
+    # kill -9, then the newest snapshot is found damaged: start-up falls back to the
+    # older one and replays the import record and the writes after it
+    n1.kill9()
+    after = n1.data_dir / "snapshots" / "after.safetensors"
+    raw = bytearray(after.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    after.write_bytes(bytes(raw))
+    nodes.remove(n1)
+    n1 = start(nodes, model_path, tmp_path, ports, range(1, 2))[0]
+    assert "SKIPPING damaged snapshot after" in n1.output()
+    assert stored_keys(n1, name) == written
+    with n1.client() as c:
+        assert c.describe_bank(name).occupied == 52
+    # a torn import file is refused at start-up, never half-applied
+    n1.kill9()
+    nodes.remove(n1)
+    good = imports[0].read_bytes()
+    imports[0].write_bytes(good[: len(good) // 2])
+    torn = Node(model_path, tmp_path, 1, ports)
+    assert torn.proc.wait(START_TIMEOUT_S) != 0
+    torn._log.close()
+    assert f"import file {imports[0]}" in torn.output() and "torn" in torn.output()
+    imports[0].write_bytes(good)  # repaired: it starts with every acknowledged write
+    n1 = start(nodes, model_path, tmp_path, ports, range(1, 2))[0]
+    assert stored_keys(n1, name) == written
+    # once both newest snapshots hold the bank, its import file goes
+    with n1.client() as c:
+        c.create_snapshot("later-1")
+        c.create_snapshot("later-2")
+    assert not imports[0].exists()
+
+
+def test_sdk_direct_routing_goes_to_the_owner_and_falls_back_to_the_entry_pod(
+        nodes: list[Node], model_path: Path, tmp_path: Path) -> None:
+    ports = free_ports(3)
+    n0, n1, n2 = start(nodes, model_path, tmp_path, ports, range(3))
+    on2, on1 = bank_owned_by(2, 3, "direct"), bank_owned_by(1, 3, "direct")
+    rng = np.random.default_rng(5)
+    x = codes(rng, 3)
+    with MemoryClient(n0.address, timeout=30.0, routing="direct", retries=0) as c:
+        for b in (on2, on1):
+            c.create_bank(b, capacity=64)
+            c.write(codes=x, bank=b, mode="per_item", keys=["a", "b", "c"])
+        assert [r.hits[0].key for r in c.read(codes=x, bank=on2, top_k=1)] == ["a", "b", "c"]
+        # with the entry pod gone, bank calls still reach their owners directly
+        n0.kill9()
+        assert c.describe_bank(on2).occupied == 3
+        assert c.read(codes=x[:1], bank=on1, top_k=1)[0].hits[0].key == "a"
+        with pytest.raises(UnavailableError):
+            c.list_banks()  # not bank-scoped: it goes to the entry pod
+    with MemoryClient(n1.address, timeout=30.0, routing="direct", retries=0) as c:
+        assert c.describe_bank(on2).occupied == 3
+        n2.kill9()  # the owner is down: the call falls back to the entry pod, which says so
+        with pytest.raises(UnavailableError, match=re.escape(f"shard 2 (127.0.0.1:{ports[2]})")):
+            c.describe_bank(on2)
+    with pytest.raises(ValueError, match="routing"):
+        MemoryClient(n1.address, routing="nearest")
+
+
+def test_the_shard_map_needs_only_a_read_key_and_moves_a_read_write_key(make_server) -> None:  # type: ignore[no-untyped-def]
+    server = make_server(api_keys="rw-key-123456", read_only_api_keys="ro-key-123456")
+    read = (("authorization", "Bearer ro-key-123456"),)
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        cluster = cluster_pb2_grpc.ClusterServiceStub(ch)
+        info = cluster.GetClusterInfo(cluster_pb2.GetClusterInfoRequest(), timeout=10,
+                                      metadata=read)
+        assert info.shard_count == 1
+        with pytest.raises(grpc.RpcError) as err:
+            cluster.MoveBank(cluster_pb2.MoveBankRequest(name="default"), timeout=10,
+                             metadata=read)
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED

@@ -63,6 +63,25 @@ def test_cluster_config_from_settings() -> None:
             ClusterConfig.from_settings(Settings(**bad), env={"HOSTNAME": "laptop"})
 
 
+def test_a_shrinking_cluster_keeps_the_draining_pods_as_peers() -> None:
+    pattern = "apcm-{i}.apcm-headless:50051"
+    c = ClusterConfig.from_settings(
+        Settings(shard_count=3, previous_shard_count=4, peer_pattern=pattern, shard_id=3), env={})
+    assert c is not None and (c.shard_count, c.pods, c.draining) == (3, 4, True)
+    assert c.peers[3] == "apcm-3.apcm-headless:50051"
+    # banks are placed over the 3 remaining shards; pod 3's old ones have it as previous owner
+    leaving = [b for b in NAMES if owner_of(b, 4) == 3]
+    assert {c.owner(b) for b in NAMES} == {0, 1, 2}
+    assert all(c.previous_owner(b) == 3 for b in leaving)
+    same = ClusterConfig.from_settings(Settings(peers=",".join(c.peers), shard_count=3,
+                                                previous_shard_count=4, shard_id=0), env={})
+    assert same is not None and (same.shard_count, same.pods) == (3, 4)
+    # extra peers only while shrinking from exactly that many
+    with pytest.raises(ValueError, match="shrinking"):
+        ClusterConfig.from_settings(Settings(peers="a:1,b:2,c:3", shard_count=2, shard_id=0),
+                                    env={})
+
+
 def test_bank_field_lookup_is_generic_by_method() -> None:
     fields = bank_fields()
     assert set(fields) == {"Write", "Read", "CreateBank", "DescribeBank", "DeleteSlots",

@@ -41,7 +41,7 @@ READ_ONLY_METHODS = frozenset(
         "DescribeBank",
         "ListSnapshots",
     )
-)
+) | {"/apcm.v1.ClusterService/GetClusterInfo"}  # the shard map: what SDK routing needs
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 # At most one "rejected" log line per this many seconds: a misconfigured client or a
 # scanner would otherwise write one line per call.

@@ -26,6 +26,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                            help="only print what would move")
             p.add_argument("--timeout-s", type=float, default=3600.0,
                            help="deadline of one bank's move (default 3600)")
+            p.add_argument("--shard-count", type=int, default=None,
+                           help="the shard count every pod must already run with (a check: "
+                           "nothing moves if any pod's map differs); when shrinking, the "
+                           "pods from this ordinal on hand their banks over")
         p.set_defaults(func=run)
 
 
@@ -43,14 +47,18 @@ def run(args: argparse.Namespace) -> int:
                     cluster_pb2.GetClusterInfoRequest(), timeout=30, metadata=auth)
             print(f"shard {info.shard_id} of {info.shard_count} ({info.placement})")
             for i, peer in enumerate(info.peers):
-                print(f"  {i}: {peer}")
+                print(f"  {i}: {peer}{'  (draining)' if i >= info.shard_count else ''}")
             if info.previous_shard_count:
                 print(f"resize under way from {info.previous_shard_count} shards")
             return 0
-        from apcm.server.cluster.rebalance import rebalance
+        from apcm.server.cluster.rebalance import MapMismatch, rebalance
 
-        report = rebalance(args.address, api_key=api_key, timeout_s=args.timeout_s,
-                           dry_run=args.dry_run)
+        try:
+            report = rebalance(args.address, api_key=api_key, timeout_s=args.timeout_s,
+                               dry_run=args.dry_run, shard_count=args.shard_count)
+        except MapMismatch as e:
+            print(f"apcm cluster rebalance: {e}", file=sys.stderr)
+            return 1
         return 1 if report.skipped else 0
     except grpc.RpcError as e:
         print(f"apcm cluster {args.cluster_command}: {e.code().name}: {e.details()}",

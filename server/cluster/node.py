@@ -10,12 +10,11 @@ import grpc
 from apcm.server.cluster.gates import BankGates
 from apcm.server.cluster.placement import ClusterConfig
 from apcm.server.cluster.router import ClusterRouter, PeerChannels, has_bank_of
-from apcm.server.cluster.servicer import ClusterServicer
+from apcm.server.cluster.servicer import SERVICE_NAME, ClusterServicer, add_to_server
 from apcm.server.config import Settings
-from apcm.v1 import cluster_pb2, cluster_pb2_grpc
 
 log = logging.getLogger(__name__)
-CLUSTER_SERVICE_NAME = cluster_pb2.DESCRIPTOR.services_by_name["ClusterService"].full_name
+CLUSTER_SERVICE_NAME = SERVICE_NAME
 
 
 class ClusterNode:
@@ -58,7 +57,7 @@ class ClusterNode:
         return [self.router] if self.router else []
 
     def add_to_server(self, server: grpc.Server) -> None:
-        cluster_pb2_grpc.add_ClusterServiceServicer_to_server(ClusterServicer(self), server)
+        add_to_server(ClusterServicer(self), server)
 
     def started(self) -> None:
         """Every server creates the default bank at start; a shard that is not its

@@ -1,37 +1,18 @@
-"""Placement: the shard that owns a bank, and the shard map from settings.
-
-A bank's owner is chosen by rendezvous (highest-random-weight) hashing: every
-shard scores ``blake2b(shard, name)`` and the highest score wins. Growing the
-cluster from N to N+1 shards moves exactly the banks the new shard now wins,
-about 1/(N+1) of them, and moves none between the old shards.
-"""
+"""Placement: the shard map from settings; the owner of a bank comes from
+``apcm.wire.placement`` (rendezvous hashing), which the SDK's direct routing shares."""
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from apcm.server.config import Settings
+from apcm.wire.placement import PLACEMENT, owner_of
 
-PLACEMENT = "rendezvous-blake2b-64"
+__all__ = ["PLACEMENT", "ClusterConfig", "ordinal_of", "owner_of"]
 _ORDINAL = re.compile(r"-(\d+)$")
-
-
-def _score(name: str, shard: int) -> int:
-    digest = hashlib.blake2b(f"{shard}\x00{name}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big")
-
-
-@functools.lru_cache(maxsize=65536)
-def owner_of(name: str, shard_count: int) -> int:
-    """The shard (0..shard_count-1) that owns bank ``name``."""
-    if shard_count < 1:
-        raise ValueError(f"shard_count must be >= 1, got {shard_count}")
-    return max(range(shard_count), key=lambda shard: _score(name, shard))
 
 
 def ordinal_of(hostname: str) -> int | None:
@@ -46,14 +27,19 @@ class ClusterConfig:
 
     Attributes:
         shard_id: this server's shard (its pod ordinal).
-        peers: ``host:port`` of every shard, indexed by shard id (this one included).
+        peers: ``host:port`` of every pod, indexed by shard id (this one included).
         previous_shard_count: the shard count before a resize still being
             rebalanced, else 0.
+        owners: how many shards own banks (0: every peer). Fewer than the peers only
+            while the cluster shrinks: the peers from ``owners`` on are draining (they
+            own nothing and hand their banks over), and there must be
+            ``previous_shard_count`` peers.
     """
 
     shard_id: int
     peers: tuple[str, ...]
     previous_shard_count: int = 0
+    owners: int = 0
 
     def __post_init__(self) -> None:
         if not self.peers:
@@ -62,10 +48,27 @@ class ClusterConfig:
             raise ValueError(f"shard id {self.shard_id} is outside the {len(self.peers)} peers")
         if self.previous_shard_count < 0:
             raise ValueError("previous_shard_count must be >= 0")
+        if self.owners and not 1 <= self.owners <= len(self.peers):
+            raise ValueError(f"shard_count {self.owners} is outside 1..{len(self.peers)} peers")
+        if 0 < self.owners < len(self.peers) and self.previous_shard_count != len(self.peers):
+            raise ValueError(
+                f"{len(self.peers)} peers but shard_count {self.owners}: extra peers are only "
+                f"allowed while shrinking from previous_shard_count = {len(self.peers)}")
 
     @property
     def shard_count(self) -> int:
+        """Shards that own banks (ids 0..shard_count-1)."""
+        return self.owners or len(self.peers)
+
+    @property
+    def pods(self) -> int:
+        """Servers in the cluster (every peer; more than ``shard_count`` while shrinking)."""
         return len(self.peers)
+
+    @property
+    def draining(self) -> bool:
+        """Whether this pod is being removed: it owns no bank (a shrink is under way)."""
+        return self.shard_id >= self.shard_count
 
     def owner(self, name: str) -> int:
         return owner_of(name, self.shard_count)
@@ -93,14 +96,18 @@ class ClusterConfig:
         s = settings
         if s.peers and s.peer_pattern:
             raise ValueError("set either peers or shard_count + peer_pattern, not both")
+        owners = 0
         if s.peers:
             peers = tuple(p.strip() for p in s.peers.split(",") if p.strip())
             if s.shard_count and s.shard_count != len(peers):
-                raise ValueError(f"shard_count {s.shard_count} != {len(peers)} peers")
+                owners = s.shard_count  # a shrink: __post_init__ checks the rest
         elif s.peer_pattern or s.shard_count:
             if not (s.peer_pattern and s.shard_count > 0) or "{i}" not in s.peer_pattern:
                 raise ValueError("peer_pattern (with '{i}') and shard_count > 0 go together")
-            peers = tuple(s.peer_pattern.replace("{i}", str(i)) for i in range(s.shard_count))
+            # while shrinking, the pods being removed are still peers
+            pods = max(s.shard_count, s.previous_shard_count)
+            peers = tuple(s.peer_pattern.replace("{i}", str(i)) for i in range(pods))
+            owners = s.shard_count if pods > s.shard_count else 0
         else:
             return None
         shard_id = s.shard_id
@@ -111,4 +118,4 @@ class ClusterConfig:
                 raise ValueError(f"no shard_id given and HOSTNAME {hostname!r} has no "
                                  "ordinal suffix (like apcm-2)")
             shard_id = found
-        return cls(shard_id, peers, s.previous_shard_count)
+        return cls(shard_id, peers, s.previous_shard_count, owners)

@@ -34,13 +34,23 @@ class RebalanceReport:
     bytes_moved: int = 0
 
 
+class MapMismatch(Exception):
+    """The pods do not share one shard map (a restart with new settings is not done)."""
+
+
 def rebalance(address: str, *, api_key: str | None = None, timeout_s: float = 3600.0,
               dry_run: bool = False, say: Callable[[str], None] = print,
-              max_message_bytes: int = 64 * 1024 * 1024) -> RebalanceReport:
+              max_message_bytes: int = 64 * 1024 * 1024,
+              shard_count: int | None = None) -> RebalanceReport:
     """Move every misplaced bank of the cluster ``address`` belongs to. See the module doc.
+
+    Every pod the map lists is asked for its map first; they must agree (and own
+    ``shard_count`` shards, if given), so no bank is moved by a stale map. While
+    shrinking, the pods from ``shard_count`` on are listed and emptied too.
 
     Raises:
         grpc.RpcError: a shard could not be listed, or a move failed for good.
+        MapMismatch: the pods' maps differ, or differ from ``shard_count``.
     """
     auth = [("authorization", f"Bearer {api_key}")] if api_key else []
     here = [*auth, (FORWARDED_HEADER, "rebalance")]
@@ -50,7 +60,10 @@ def rebalance(address: str, *, api_key: str | None = None, timeout_s: float = 36
         info = cluster_pb2_grpc.ClusterServiceStub(ch).GetClusterInfo(
             cluster_pb2.GetClusterInfoRequest(), timeout=30, metadata=auth)
     peers = list(info.peers)
-    report = RebalanceReport(shard_count=len(peers))
+    report = RebalanceReport(shard_count=info.shard_count)
+    if shard_count is not None and info.shard_count != shard_count:
+        raise MapMismatch(f"{address} has {info.shard_count} shards, not {shard_count}: "
+                          "restart the pods with the new shard count first")
     if not peers:
         say("single server: nothing to rebalance")
         return report
@@ -58,12 +71,20 @@ def rebalance(address: str, *, api_key: str | None = None, timeout_s: float = 36
     try:
         memory = [memory_pb2_grpc.MemoryServiceStub(c) for c in channels]
         cluster = [cluster_pb2_grpc.ClusterServiceStub(c) for c in channels]
+        for shard, pod in enumerate(cluster):
+            theirs = pod.GetClusterInfo(cluster_pb2.GetClusterInfoRequest(), timeout=30,
+                                         metadata=auth)
+            if (theirs.shard_count, list(theirs.peers)) != (info.shard_count, peers):
+                raise MapMismatch(
+                    f"shard {shard} ({peers[shard]}) sees {theirs.shard_count} shards and "
+                    f"{len(theirs.peers)} pods, {address} {info.shard_count} and {len(peers)}: "
+                    "finish restarting every pod with the same settings first")
         banks: list[dict[str, Any]] = []
         for stub in memory:
             listed = stub.ListBanks(memory_pb2.ListBanksRequest(), timeout=60, metadata=here)
             banks.append({b.name: b for b in listed.banks})
-        n = len(peers)
-        for shard in range(n):
+        n = info.shard_count
+        for shard in range(len(peers)):
             for name in sorted(banks[shard]):
                 owner = owner_of(name, n)
                 if owner == shard:

@@ -34,6 +34,7 @@ from apcm.server.cluster.placement import ClusterConfig
 from apcm.server.cluster.wire import string_field
 from apcm.server.errors import NotFound
 from apcm.v1 import memory_pb2
+from apcm.wire.placement import bank_fields as wire_bank_fields
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +44,6 @@ FORWARDED_HEADER = "apcm-forwarded-by"
 SHARD_HEADER = "apcm-shard"
 SERVICE = memory_pb2.DESCRIPTOR.services_by_name["MemoryService"]
 PREFIX = f"/{SERVICE.full_name}/"
-# Bank-management requests name the bank ``name``; every other request ``bank``.
-BANK_FIELD_NAMES = {"CreateBank": "name", "DescribeBank": "name", "ClearBank": "name",
-                    "DropBank": "name"}
 # Calls that leave a bank unchanged and may go on while it moves; any other
 # bank-scoped method (including ones added later) counts as a write.
 READ_METHODS = frozenset({"Read", "DescribeBank", "Recall"})
@@ -58,14 +56,7 @@ NO_DEADLINE_S = 365 * 24 * 3600.0
 def bank_fields(service: Any = SERVICE) -> dict[str, int]:
     """Method name -> field number of the bank name in its request, for every unary
     method of ``service`` that addresses one bank."""
-    out = {}
-    for m in service.methods:
-        if m.client_streaming or m.server_streaming:
-            continue
-        f = m.input_type.fields_by_name.get(BANK_FIELD_NAMES.get(m.name, "bank"))
-        if f is not None and f.type == f.TYPE_STRING:
-            out[m.name] = f.number
-    return out
+    return {m: number for m, (_, number) in wire_bank_fields(service).items()}
 
 
 def _response_types(service: Any = SERVICE) -> dict[str, Any]:
@@ -160,7 +151,7 @@ class ClusterRouter(grpc.ServerInterceptor):
         self.fields = bank_fields()
         self.responses = _response_types()
         self._pool = futures.ThreadPoolExecutor(
-            max_workers=max(2, 2 * cluster.shard_count), thread_name_prefix="apcm-fanout")
+            max_workers=max(2, 2 * cluster.pods), thread_name_prefix="apcm-fanout")
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -273,7 +264,7 @@ class ClusterRouter(grpc.ServerInterceptor):
                 + f".{int(now % 1 * 1000):03d}Z")
         raw = request.SerializeToString()
         parse = self.responses[name].FromString
-        others = [s for s in range(self.cluster.shard_count) if s != self.cluster.shard_id]
+        others = [s for s in range(self.cluster.pods) if s != self.cluster.shard_id]
         pending = {s: self._pool.submit(self._call, s, method, raw, context) for s in others}
         answers = {self.cluster.shard_id: handler.unary_unary(request, context)}
         for shard, fut in pending.items():
@@ -312,21 +303,21 @@ class ClusterRouter(grpc.ServerInterceptor):
             valid=len(infos) == shards and all(i.valid for i in infos))
 
     def _merge_CreateSnapshot(self, answers: dict[int, Any]) -> Any:  # noqa: N802
-        return self._merge_snapshot(list(answers.values()), self.cluster.shard_count)
+        return self._merge_snapshot(list(answers.values()), self.cluster.pods)
 
     def _merge_ListSnapshots(self, answers: dict[int, Any]) -> Any:  # noqa: N802
         by_name: dict[str, list[Any]] = {}
         for answer in answers.values():
             for info in answer.snapshots:
                 by_name.setdefault(info.name, []).append(info)
-        merged = [self._merge_snapshot(v, self.cluster.shard_count) for v in by_name.values()]
+        merged = [self._merge_snapshot(v, self.cluster.pods) for v in by_name.values()]
         merged.sort(key=lambda i: (i.created_at, i.name), reverse=True)
         return memory_pb2.ListSnapshotsResponse(snapshots=merged)
 
     def _merge_RestoreSnapshot(self, answers: dict[int, Any]) -> Any:  # noqa: N802
         return memory_pb2.RestoreSnapshotResponse(
             snapshot=self._merge_snapshot([a.snapshot for a in answers.values()],
-                                          self.cluster.shard_count),
+                                          self.cluster.pods),
             banks=self._merge_banks({s: a.banks for s, a in answers.items()}))
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -18,10 +19,13 @@ from apcm.server.api.servicer import bank_info
 from apcm.server.cluster.gates import BankBusy
 from apcm.server.cluster.placement import PLACEMENT
 from apcm.server.cluster.router import SHARD_HEADER, forward_metadata, remaining_timeout
-from apcm.server.cluster.transfer import assemble, chunks, decode_bank, encode_bank
-from apcm.server.errors import AlreadyExists, ApcmError, FailedPrecondition
+from apcm.server.cluster.transfer import ChunkReader, decode_bank, encode_views, serialized_chunks
+from apcm.server.errors import AlreadyExists, ApcmError, FailedPrecondition, InvalidArgument
 from apcm.server.memory.bank import MemoryBank
-from apcm.v1 import cluster_pb2, cluster_pb2_grpc
+from apcm.v1 import cluster_pb2
+
+SERVICE_NAME = cluster_pb2.DESCRIPTOR.services_by_name["ClusterService"].full_name
+IMPORT_METHOD = f"/{SERVICE_NAME}/ImportBank"
 
 log = logging.getLogger(__name__)
 MOVE_TIMEOUT_S = 3600.0  # a move's deadline when its caller set none
@@ -42,7 +46,7 @@ def _mapped(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-class ClusterServicer(cluster_pb2_grpc.ClusterServiceServicer):
+class ClusterServicer:
     """Implements ``apcm.v1.ClusterService`` for one server (``node``: its ``ClusterNode``)."""
 
     def __init__(self, node: Any) -> None:
@@ -62,54 +66,85 @@ class ClusterServicer(cluster_pb2_grpc.ClusterServiceServicer):
             shard_id=c.shard_id, shard_count=c.shard_count, peers=list(c.peers),
             previous_shard_count=c.previous_shard_count, placement=PLACEMENT)
 
-    def _encoded(self, name: str) -> bytes:
-        bank = self.store.get(name)
-        with bank.lock:  # quick copies under the lock; packing and encoding outside it
-            copy = bank.export_copy()
-        return encode_bank(*copy.pack())
+    def _views(self, name: str, frozen: bool = False) -> list[memoryview]:
+        """The bank's encoding as buffers; ``frozen``: its mutations are paused until
+        the buffers have been sent, so they may be views of its own tensors."""
+        return encode_views(*self.store.export_bank(name, frozen=frozen))
 
-    def ExportBank(self, request, context) -> Iterator[Any]:  # noqa: N802
+    def ExportBank(self, request, context) -> Iterator[bytes]:  # noqa: N802
+        """Yields serialized ``BankChunk`` messages (registered without a serializer)."""
         try:
             self._ready()
-            data = self._encoded(request.name)
+            views = self._views(request.name)
         except ApcmError as e:
             abort_with_error(context, e)
-        yield from chunks(request.name, data)
+        yield from serialized_chunks(request.name, views)
 
     @_mapped
     def ImportBank(self, request_iterator, context):  # noqa: N802
+        """Takes serialized ``BankChunk`` messages (registered without a deserializer)."""
         self._ready()
-        name, data = assemble(request_iterator)
-        config, arrays = decode_bank(data)
+        persistence = self.service.persistence
+        reader = ChunkReader()
+        incoming = None
+        try:
+            for raw in request_iterator:
+                data = reader.next_data(raw)
+                if incoming is None:
+                    if reader.total < 0:
+                        raise InvalidArgument("the first chunk must give the bank's size",
+                                              field="total_bytes")
+                    self.store.check_room(reader.total, f"bank {reader.bank!r} moved here")
+                    incoming = persistence.imports.incoming(reader.total)
+                try:
+                    incoming.write(data)
+                except ValueError as e:
+                    raise InvalidArgument(f"bank {reader.bank!r}: {e}") from e
+            if incoming is None:
+                raise InvalidArgument("no chunks", field="bank")
+            received = time.perf_counter()
+            incoming.finish()
+            reader.check(incoming.written, incoming.crc32, incoming.buffer)
+            synced = time.perf_counter()
+            bank = self._install(reader.bank, incoming)
+        except BaseException:
+            if incoming is not None:
+                incoming.discard()
+            raise
+        log.info("bank %s imported (%d bytes): fsync %.3f s, rebuild and log %.3f s",
+                 reader.bank, incoming.written, synced - received,
+                 time.perf_counter() - synced)
+        return cluster_pb2.ImportBankResponse(bank=bank_info(self.store.describe(bank.name)))
+
+    def _install(self, name: str, incoming: Any) -> MemoryBank:
+        """Rebuilds the bank from the received bytes and makes it durable and visible:
+        an ``import_bank`` log record naming the fsynced file (a snapshot when the
+        server has no log). Nobody sees the bank before that."""
+        config, arrays = decode_bank(incoming.buffer)
         if config.get("name") != name:
             raise FailedPrecondition(f"the chunks name bank {name!r}, the data "
                                      f"{config.get('name')!r}")
-        store = self.store
-        if int(config["code_dim"]) != store.code_dim or config["code_dtype"] != store.code_dtype:
-            raise FailedPrecondition(
-                f"bank {name!r} holds {config['code_dtype']} codes of dim {config['code_dim']}; "
-                f"this server's codec uses {store.code_dtype} of dim {store.code_dim}")
         if self.node.has_bank(name):
             raise AlreadyExists(f"bank {name!r} already exists on "
                                 f"{self.node.describe_self()}", field="name")
-        bank = MemoryBank.from_export(
-            config, arrays, scale=store.scale, device=store.device,
-            max_payload_bytes=store.max_payload_bytes, max_key_length=store.max_key_length,
-            metric=store.metric)
+        bank = self.store.bank_from_export(config, arrays)
+        persistence = self.service.persistence
         gates = self.node.gates
         gates.hide(name, f"bank {name!r} is being moved here; retry")
         try:
-            store.adopt_bank(bank)
             try:
-                self.service.persistence.snapshot()  # durable before anyone sees it
+                logged = self.store.import_bank(
+                    bank, lambda seq: persistence.imports.commit(incoming, seq),
+                    arrays.get("text_flags"))
+                if not logged:
+                    persistence.snapshot()  # no log: durable before anyone sees it
             except BaseException:
-                store.abandon_bank(bank)
+                self.store.abandon_bank(bank)
                 raise
         finally:
             gates.resume(name)
         gates.moved_to.pop(name, None)
-        log.info("bank %s imported (%d bytes)", name, len(data))
-        return cluster_pb2.ImportBankResponse(bank=bank_info(self.store.describe(name)))
+        return bank
 
     @_mapped
     def MoveBank(self, request, context):  # noqa: N802
@@ -128,18 +163,25 @@ class ClusterServicer(cluster_pb2_grpc.ClusterServiceServicer):
         if owner == c.shard_id:
             raise FailedPrecondition(f"bank {name!r} is already on its owner, "
                                      f"{node.describe_self()}")
+        t0 = time.perf_counter()
         node.gates.pause(name, f"bank {name!r} is moving to {c.describe(owner)}; retry",
                          DRAIN_TIMEOUT_S)
+        paused = time.perf_counter()
         try:
-            data = self._encoded(name)
-            stub = cluster_pb2_grpc.ClusterServiceStub(node.peers.channel(owner))
+            views = self._views(name, frozen=True)  # paused until dropped or resumed
+            size = sum(len(v) for v in views)
+            send = node.peers.channel(owner).stream_unary(
+                IMPORT_METHOD, request_serializer=None,
+                response_deserializer=cluster_pb2.ImportBankResponse.FromString)
             try:
-                answer = stub.ImportBank(
-                    chunks(name, data), timeout=remaining_timeout(context, MOVE_TIMEOUT_S),
+                answer = send(
+                    serialized_chunks(name, views),
+                    timeout=remaining_timeout(context, MOVE_TIMEOUT_S),
                     metadata=forward_metadata(context, c.shard_id))
             except grpc.RpcError as e:
                 node.router._relay(owner, e, context, prefix=f"{c.describe(owner)}: ")
                 raise  # unreachable
+            sent = time.perf_counter()
             # the owner holds it durably: only now does it go from here, once no call
             # is using it (later ones hear "moved, retry" and reach the owner)
             node.gates.seal(name, f"bank {name!r} is moving to {c.describe(owner)}; retry",
@@ -148,6 +190,33 @@ class ClusterServicer(cluster_pb2_grpc.ClusterServiceServicer):
             self.service.drop_bank(name)
         finally:
             node.gates.resume(name)
-        log.info("bank %s moved to %s (%d bytes)", name, c.describe(owner), len(data))
+        log.info("bank %s moved to %s (%d bytes) in %.3f s: drain %.3f s, stream and "
+                 "durable import %.3f s, hand-over %.3f s", name, c.describe(owner), size,
+                 time.perf_counter() - t0, paused - t0, sent - paused,
+                 time.perf_counter() - sent)
         return cluster_pb2.MoveBankResponse(bank=answer.bank, from_shard=c.shard_id,
-                                            to_shard=owner, bytes=len(data))
+                                            to_shard=owner, bytes=size)
+
+
+def add_to_server(servicer: ClusterServicer, server: grpc.Server) -> None:
+    """Registers ``servicer``; ExportBank and ImportBank carry serialized ``BankChunk``
+    messages as bytes (no protobuf objects: the data is never copied into one)."""
+    unary = {
+        name: grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, name),
+            request_deserializer=getattr(cluster_pb2, request).FromString,
+            response_serializer=getattr(cluster_pb2, response).SerializeToString)
+        for name, request, response in (
+            ("GetClusterInfo", "GetClusterInfoRequest", "ClusterInfo"),
+            ("MoveBank", "MoveBankRequest", "MoveBankResponse"))}
+    handlers = {
+        **unary,
+        "ExportBank": grpc.unary_stream_rpc_method_handler(
+            servicer.ExportBank,
+            request_deserializer=cluster_pb2.ExportBankRequest.FromString),
+        "ImportBank": grpc.stream_unary_rpc_method_handler(
+            servicer.ImportBank,
+            response_serializer=cluster_pb2.ImportBankResponse.SerializeToString),
+    }
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))

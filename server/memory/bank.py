@@ -815,18 +815,30 @@ class MemoryBank:
             "write_clock": self.write_clock, "applied_seq": self.applied_seq,
         }
 
-    def export_copy(self) -> BankCopy:
+    def export_copy(self, frozen: bool = False) -> BankCopy:
         """What ``export`` needs, copied under the bank lock (held exclusively): the
         per-slot tensors up to the last occupied slot (memcpy), and views of the key,
-        payload and metadata arenas (compacted first if they hold dead bytes)."""
+        payload and metadata arenas (compacted first if they hold dead bytes).
+
+        ``frozen``: the caller keeps every mutation of the bank out until it is done
+        with the copy (a move pauses its writes), so only the access counters, which
+        reads change, are copied; the other tensors are views.
+        """
         config = self.export_copy_config()
-        occupied = torch.nonzero(self.occupied).flatten()
-        n = int(occupied[-1]) + 1 if occupied.numel() else 0
-        tensors = {name: getattr(self, name)[:n].cpu().clone() for name in _SLOT_TENSORS}
+        n = self._slot_end()
+        tensors = {name: getattr(self, name)[:n].cpu() for name in _SLOT_TENSORS}
+        for name in tensors:
+            if not frozen or name in ("counts", "count_clock"):
+                tensors[name] = tensors[name].clone()
         tensors["occupied"] = tensors["occupied"].to(torch.uint8)
         columns = {prefix: col.packed(n) for prefix, col in (
             ("payload", self.payloads), ("key", self.keys), ("metadata", self.metadata))}
         return BankCopy(config, tensors, columns)
+
+    def _slot_end(self) -> int:
+        """One past the last occupied slot (numpy: torch.nonzero lists every slot)."""
+        occupied = self.occupied[:self._high].cpu().numpy()
+        return int(occupied.size - np.argmax(occupied[::-1])) if occupied.any() else 0
 
     def stamp(self) -> tuple[int, int, int]:
         """(identity, slot version, counter version): equal stamps mean equal state."""
@@ -856,11 +868,15 @@ class MemoryBank:
         max_key_length: int,
         metric: torch.Tensor | None = None,
         scorer: CodeScorer | None = None,
+        adopt_arrays: bool = False,
     ) -> MemoryBank:
         """Rebuilds a bank from ``export()`` output (e.g. a snapshot).
 
         Arrays cover slots ``[0, n)`` with ``n <= capacity`` (older snapshots: all of
         ``capacity``); trailing free slots are not kept, later writes grow the bank.
+        ``adopt_arrays``: the arrays are the caller's to give away (a bank received
+        in a move): writable ones of the right dtype become the bank's storage
+        without a copy.
         """
         capacity = int(config["capacity"])
         policy = make_policy(str(config["policy"]), float(config["half_life"]))
@@ -900,7 +916,10 @@ class MemoryBank:
         fits = keep <= bank.rows
         for name in _SLOT_TENSORS:
             # np.array copies: snapshot arrays may be read-only views of a mapped file
-            src = np.array(arrays[name][:keep], dtype=dtypes.get(name))
+            src = arrays[name][:keep]
+            if not (adopt_arrays and src.flags.writeable and src.flags.aligned
+                    and src.dtype == np.dtype(dtypes.get(name, src.dtype))):
+                src = np.array(src, dtype=dtypes.get(name))
             t = torch.from_numpy(src).to(device=bank.device)
             if name == "codes":
                 t = t.to(bank.torch_dtype)

@@ -27,6 +27,8 @@ from apcm.server.config import Settings
 from apcm.server.errors import AlreadyExists, ApcmError, FailedPrecondition, Unavailable
 from apcm.server.memory.store import StoreState
 from apcm.server.persistence import wal as wal_mod
+from apcm.server.persistence.bankfile import decode_bank
+from apcm.server.persistence.imports import ImportFiles
 from apcm.server.persistence.replayer import BatchingApplier
 from apcm.server.persistence.snapshot import (
     SnapshotCorrupt,
@@ -130,6 +132,7 @@ class PersistenceManager:
         root = Path(settings.data_dir)
         self.snapshots = SnapshotDirectory(root / "snapshots")
         self.wal_dir = root / "wal"
+        self.imports = ImportFiles(root / "imports")
         self.wal: WriteAheadLog | None = None
         self._snapshot_lock = threading.Lock()
         self._stop = threading.Event()
@@ -165,6 +168,7 @@ class PersistenceManager:
         """
         report = RecoveryReport()
         self.snapshots.remove_partial_files()
+        self.imports.remove_incoming()
         state = None
         info: SnapshotInfo | None = None
         names = self.snapshots.newest_first(verify=False)
@@ -195,7 +199,7 @@ class PersistenceManager:
         report.last_seq = after
         if not self._log_covers(info, bool(names)):
             return report
-        applier = BatchingApplier(self.store)
+        applier = BatchingApplier(self.store, self._load_import)
         result = wal_mod.replay(
             self.wal_dir, self.codec_hash, after, applier,
             covered_below=info.wal_segment if info is not None else 0,
@@ -208,7 +212,13 @@ class PersistenceManager:
             log.info("replayed %d write-ahead-log records after sequence %d", result.applied,
                      after)
         report.last_seq = max(after, result.last_seq)
+        self._prune_imports()
         return report
+
+    def _load_import(self, record: Any) -> tuple[Any, Any]:
+        """(bank, text marks) of the verified import file an ``import_bank`` record names."""
+        config, arrays = decode_bank(self.imports.read(record.fields))
+        return self.store.bank_from_export(config, arrays), arrays.get("text_flags")
 
     def _log_covers(self, info: SnapshotInfo | None, had_snapshots: bool) -> bool:
         """Whether the log holds every segment the recovered snapshot does not cover."""
@@ -421,6 +431,14 @@ class PersistenceManager:
         ours = [i for i in snapshots if i.model_hash == self.codec_hash]
         if ours:
             self.wal.delete_segments_before(min(i.wal_segment for i in ours[:2]))
+        self._prune_imports()
+
+    def _prune_imports(self) -> None:
+        """Import files whose banks both newest snapshots hold go with their log records."""
+        ours = [i for i in self.snapshots.newest_first(verify=False)
+                if i.model_hash == self.codec_hash][:2]
+        if ours:
+            self.imports.prune(min(i.wal_sequence for i in ours))
 
     def _observe(self, seconds: float, ok: bool) -> None:
         if self.metrics is not None:
