@@ -53,24 +53,27 @@ def test_stored_codes_unpack_to_their_cells_and_table_entries(key: str) -> None:
     model = _model(key)
     codes = torch.from_numpy(FIXTURE[f"{key}.codes"])
     cells = FIXTURE[f"{key}.cells"].astype(np.int64)
-    unpacked = transform.unpack(codes, model.bit_dim, model.bit_shift, model.config.dim)
-    np.testing.assert_array_equal(unpacked.numpy(), cells)
+    np.testing.assert_array_equal(model.packer.unpack(codes).numpy(), cells)
+    dim, shift = transform.bit_layout(model.bits)  # the bit-by-bit definition
+    np.testing.assert_array_equal(transform.unpack(codes, dim, shift, model.config.dim).numpy(),
+                                  cells)
     expected = model.table.numpy()[cells + model.offset.numpy()]
     np.testing.assert_array_equal(model.unpack(codes).numpy(), expected)
     np.testing.assert_array_equal(PackedQuantizer(model).dequantize(codes).numpy(), expected)
 
 
 @pytest.mark.parametrize("key", MODELS)
-def test_packing_round_trips_random_cells_of_every_width(key: str) -> None:
+def test_packing_round_trips_random_cells_and_matches_the_bitwise_definition(key: str) -> None:
     model = _model(key)
     bits = model.bits
     gen = torch.Generator().manual_seed(1)
     cells = (torch.rand(257, len(bits), generator=gen) * (1 << bits)).long()
     cells[:, bits == 0] = 0
-    codes = transform.pack(cells, model.bit_dim, model.bit_shift)
+    codes = model.packer.pack(cells)
     assert codes.shape == (257, int(bits.sum()) // 8)
-    back = transform.unpack(codes, model.bit_dim, model.bit_shift, len(bits))
-    np.testing.assert_array_equal(back.numpy(), cells.numpy())
+    dim, shift = transform.bit_layout(bits)
+    np.testing.assert_array_equal(codes.numpy(), transform.pack(cells, dim, shift).numpy())
+    np.testing.assert_array_equal(model.packer.unpack(codes).numpy(), cells.numpy())
 
 
 def test_the_default_model_still_compresses_to_the_pinned_codes() -> None:
@@ -83,3 +86,15 @@ def test_the_default_model_still_compresses_to_the_pinned_codes() -> None:
                                        / "text_v2_heldout.safetensors"))["test"][:24])
     codes = codec.compress(x.reshape(24, 1, 384))
     np.testing.assert_array_equal(codes.numpy(), FIXTURE["text_minilm.compress_codes"])
+
+
+def test_packer_refuses_bits_that_do_not_fill_whole_bytes_and_codes_of_another_width() -> None:
+    with pytest.raises(ValueError, match="whole bytes"):
+        transform.BitPacker(torch.tensor([3, 4]))
+    with pytest.raises(ValueError, match="0..8"):
+        transform.BitPacker(torch.tensor([9, 7]))
+    packer = transform.BitPacker(torch.tensor([3, 5, 0, 8]))
+    with pytest.raises(ValueError, match="codes have 3 bytes"):
+        packer.unpack(torch.zeros(1, 3, dtype=torch.uint8))
+    empty = packer.pack(torch.zeros(0, 4, dtype=torch.int32))
+    assert empty.shape == (0, 2) and packer.unpack(empty).shape == (0, 4)

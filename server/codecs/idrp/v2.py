@@ -100,8 +100,6 @@ class TransformIDRP(nn.Module):
     sigma: torch.Tensor
     score_quantiles: torch.Tensor
     norm_center: torch.Tensor
-    bit_dim: torch.Tensor
-    bit_shift: torch.Tensor
 
     def __init__(self, config: TransformConfig, table_size: int | None = None) -> None:
         super().__init__()
@@ -115,9 +113,7 @@ class TransformIDRP(nn.Module):
         self.register_buffer("offset", torch.arange(d, dtype=torch.int64))
         self.register_buffer("score_quantiles", torch.zeros(N_SCORE_QUANTILES))
         self.register_buffer("norm_center", torch.ones(1))
-        # derived from ``bits``, not stored in the file
-        self.register_buffer("bit_dim", torch.zeros(0, dtype=torch.int64), persistent=False)
-        self.register_buffer("bit_shift", torch.zeros(0, dtype=torch.int64), persistent=False)
+        self.packer = transform.BitPacker(self.bits)  # derived from ``bits``, not stored
         self.flow_layers = nn.ModuleList(self._flow_layers(config))
         self.predictor: SwiGLU | None = None
 
@@ -162,8 +158,8 @@ class TransformIDRP(nn.Module):
             nn.init.zeros_(self.predictor.out.bias)
 
     def refresh_layout(self) -> None:
-        dim, shift = transform.bit_layout(self.bits.cpu())
-        self.bit_dim, self.bit_shift = dim.to(self.bits.device), shift.to(self.bits.device)
+        """Rebuilds what derives from ``bits`` (call after changing them)."""
+        self.packer = transform.BitPacker(self.bits).to(self.bits.device)
         self.coded = torch.nonzero(self.bits > 0).flatten()
         self.uncoded = torch.nonzero(self.bits == 0).flatten()
 
@@ -192,28 +188,33 @@ class TransformIDRP(nn.Module):
 
     # -- the code -----------------------------------------------------------------------
     def cells(self, y: torch.Tensor) -> torch.Tensor:
-        """y [B, d] -> quantiser cells [B, d] int64 (0 for uncoded dims)."""
+        """y [B, d] -> quantiser cells [B, d] int32 (0 for uncoded dims)."""
         levels = (1 << self.bits).to(y.dtype)
-        safe = torch.where(self.bits > 0, self.step, torch.ones_like(self.step))
-        q = torch.floor(y / safe + levels / 2).clamp_(min=0)
-        q = torch.minimum(q, levels - 1)
-        return torch.where(self.bits > 0, q, torch.zeros_like(q)).to(torch.int64)
+        safe = torch.where(self.bits > 0, self.step, torch.ones_like(self.step)).to(y.dtype)
+        # divide (not multiply by 1 / step) and add: the code bytes are pinned to these
+        # two roundings; an uncoded dim has one level, so the clamp sends it to cell 0
+        q = torch.div(y, safe).add_(levels / 2).floor_()
+        return q.clamp_(torch.zeros_like(levels), levels - 1).to(torch.int32)
+
+    def lookup(self, cells: torch.Tensor) -> torch.Tensor:
+        """Cells [B, d] -> their table values [B, d] (uncoded dims 0, not predicted)."""
+        index = cells.to(torch.int32) + self.offset.to(torch.int32)
+        return self.table.index_select(0, index.view(-1)).view(cells.shape)
 
     def dequantize_cells(self, cells: torch.Tensor) -> torch.Tensor:
         """Cells [B, d] -> y_hat [B, d] with uncoded dims predicted (0 without predictor)."""
-        y = self.table[cells + self.offset]
+        y = self.lookup(cells)
         if self.predictor is not None:
             y[:, self.uncoded] = self.predictor(y[:, self.coded])
         return y
 
     def pack(self, y: torch.Tensor) -> torch.Tensor:
         """y [B, d] -> codes [B, budget] uint8."""
-        return transform.pack(self.cells(y), self.bit_dim, self.bit_shift)
+        return self.packer.pack(self.cells(y))
 
     def unpack(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes [B, budget] uint8 -> y_hat [B, d]."""
-        return self.dequantize_cells(
-            transform.unpack(codes, self.bit_dim, self.bit_shift, self.config.dim))
+        return self.dequantize_cells(self.packer.unpack(codes))
 
     def output(self, x: torch.Tensor) -> torch.Tensor:
         """What decoding returns for an un-normalised reconstruction ``x`` [B, d]."""
@@ -246,9 +247,7 @@ class PackedQuantizer:
         return self.model.pack(y)
 
     def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
-        m = self.model
-        cells = transform.unpack(codes, m.bit_dim, m.bit_shift, m.config.dim)
-        return m.table[cells + m.offset]
+        return self.model.lookup(self.model.packer.unpack(codes))
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {}
@@ -286,7 +285,11 @@ class TransformScorer:
     @torch.inference_mode()
     def codes(self, codes: torch.Tensor) -> torch.Tensor:
         """Packed codes [c, budget] -> search vectors [c, d] of their decoded items."""
-        return self.queries(self.model.unpack(codes))
+        m = self.model
+        y_hat = m.unpack(codes)
+        if self._exact_latent:  # ``queries``, in place on the fresh y_hat
+            return y_hat.add_(m.rotation.mean @ m.rotation.rotation.T)
+        return m.inverse(y_hat)
 
     @torch.inference_mode()
     def to_input(self, v: torch.Tensor) -> torch.Tensor:
