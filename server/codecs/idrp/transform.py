@@ -279,9 +279,9 @@ class BitPacker:
 
     def pack(self, cells: torch.Tensor) -> torch.Tensor:
         """Cells [B, d] int (0 .. 2**b_i - 1) -> codes [B, n_bytes] uint8."""
-        parts = cells.index_select(1, self._src).to(torch.int32)
-        parts = ((parts << self._lshift) >> self._rshift) & 255
-        ends = parts.cumsum(1, dtype=torch.int32).index_select(1, self._run_end)
+        parts = cells.index_select(1, self._src).to(torch.int32)  # fresh: shift in place
+        parts.bitwise_left_shift_(self._lshift).bitwise_right_shift_(self._rshift)
+        ends = parts.bitwise_and_(255).cumsum(1, dtype=torch.int32).index_select(1, self._run_end)
         out = ends.clone()
         out[:, 1:] -= ends[:, :-1]
         return out.to(torch.uint8)
@@ -290,7 +290,7 @@ class BitPacker:
         """Codes [B, n_bytes] uint8 -> cells [B, d] int32 (0 for uncoded dims)."""
         if codes.shape[1] != self.n_bytes:
             raise ValueError(f"codes have {codes.shape[1]} bytes, the layout {self.n_bytes}")
-        c = codes.to(torch.int32)
-        words = torch.nn.functional.pad(c, (0, 1))
-        words = (words[:, :-1] << 8) | words[:, 1:]
-        return (words.index_select(1, self._word) >> self._wshift) & self._mask
+        padded = torch.nn.functional.pad(codes.to(torch.int32), (0, 1))
+        words = (padded[:, :-1] << 8).bitwise_or_(padded[:, 1:])
+        fields = words.index_select(1, self._word)  # fresh: shift and mask in place
+        return fields.bitwise_right_shift_(self._wshift).bitwise_and_(self._mask)

@@ -198,7 +198,7 @@ class TransformIDRP(nn.Module):
 
     def lookup(self, cells: torch.Tensor) -> torch.Tensor:
         """Cells [B, d] -> their table values [B, d] (uncoded dims 0, not predicted)."""
-        index = cells.to(torch.int32) + self.offset.to(torch.int32)
+        index = cells.to(torch.int32, copy=True).add_(self.offset.to(torch.int32))
         return self.table.index_select(0, index.view(-1)).view(cells.shape)
 
     def dequantize_cells(self, cells: torch.Tensor) -> torch.Tensor:
