@@ -4,8 +4,12 @@ Loads any codec file ``load_codec`` loads, fits FAISS PQ with the codec's bytes
 per code on the training split, and times, on ONE CPU thread (torch and
 OpenMP), batches of ``--batch`` items: our ``compress`` (encode), our
 ``decompress`` (decode), both back to back, FAISS ``sa_encode`` and
-``sa_decode``. The five are timed in turn within every repetition, so machine
-noise hits all alike; the ratios are of the medians. Goal (issue 11): our
+``sa_decode``; where the codec has them, also its per-item checks given the
+codes (in-domain score and exact reconstruction error, what Compress and Write
+add) and its Read-side decode (``scorer.codes``: codes to search vectors, run
+on every bank chunk a Read scans). All are timed in turn within every
+repetition, so machine noise hits all alike; ratios are of the medians, and of
+the minima (the least disturbed run on a shared machine). Goal (issue 11): our
 encode + decode no slower than FAISS PQ encode.
 """
 
@@ -23,6 +27,7 @@ from apcm.tools.bench.common import DEFAULT_DATA, describe_machine, machine, mar
 COLUMNS = [
     ("op", "operation"), ("median_ms", "median ms / batch"), ("min_ms", "min ms"),
     ("items_per_s", "items/s (median)"), ("vs_pq_encode", "÷ FAISS PQ encode"),
+    ("min_vs_pq_encode", "min ÷ FAISS PQ encode min"),
 ]
 
 
@@ -107,6 +112,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "FAISS PQ encode": lambda: pq.sa_encode(batch),
         "FAISS PQ decode": lambda: pq.sa_decode(pq_codes),
     }
+    if codec.check_items(items[:1]) is not None:
+        ops["ours per-item checks (codes given)"] = lambda: codec.check_items(items, codes)
+    if codec.scorer is not None:
+        ops["ours Read decode (scorer.codes)"] = lambda: codec.scorer.codes(codes)
     times: dict[str, list[float]] = {k: [] for k in ops}
     with torch.inference_mode():
         for fn in ops.values():  # warm-up
@@ -117,14 +126,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 fn()
                 times[name].append(time.perf_counter() - start)
     med = {k: float(np.median(v)) for k, v in times.items()}
+    low = {k: float(np.min(v)) for k, v in times.items()}
     rows = [{
-        "op": k, "median_ms": med[k] * 1e3, "min_ms": float(np.min(times[k])) * 1e3,
+        "op": k, "median_ms": med[k] * 1e3, "min_ms": low[k] * 1e3,
         "items_per_s": args.batch / med[k], "vs_pq_encode": med[k] / med["FAISS PQ encode"],
+        "min_vs_pq_encode": low[k] / low["FAISS PQ encode"],
     } for k in ops]
     ratios = {
         "ours_encode_plus_decode_over_pq_encode": med["ours encode+decode"]
         / med["FAISS PQ encode"],
+        "ours_encode_plus_decode_over_pq_encode_min": low["ours encode+decode"]
+        / low["FAISS PQ encode"],
         "ours_encode_over_pq_encode": med["ours encode"] / med["FAISS PQ encode"],
+        "ours_decode_over_pq_encode": med["ours decode"] / med["FAISS PQ encode"],
         "ours_decode_over_pq_decode": med["ours decode"] / med["FAISS PQ decode"],
     }
     x_hat = codec.decompress(codes).reshape(len(batch), -1).numpy()
@@ -147,7 +161,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     f"{args.batch})",
             "measured": f"{ratios['ours_encode_plus_decode_over_pq_encode']:.2f}x "
                         f"({med['ours encode+decode'] * 1e3:.1f} vs "
-                        f"{med['FAISS PQ encode'] * 1e3:.1f} ms)",
+                        f"{med['FAISS PQ encode'] * 1e3:.1f} ms median; "
+                        f"{ratios['ours_encode_plus_decode_over_pq_encode_min']:.2f}x of the "
+                        f"minima, {low['ours encode+decode'] * 1e3:.1f} vs "
+                        f"{low['FAISS PQ encode'] * 1e3:.1f} ms)",
             "met": ratios["ours_encode_plus_decode_over_pq_encode"] <= 1.0,
         }],
     }
@@ -163,7 +180,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"{describe_machine(result['machine'])}", "",
         markdown_table(result["rows"], COLUMNS), "",
         f"ratios: ours encode+decode / PQ encode = "
-        f"{r['ours_encode_plus_decode_over_pq_encode']:.2f}; ours encode / PQ encode = "
-        f"{r['ours_encode_over_pq_encode']:.2f}; ours decode / PQ decode = "
+        f"{r['ours_encode_plus_decode_over_pq_encode']:.2f} (minima "
+        f"{r['ours_encode_plus_decode_over_pq_encode_min']:.2f}); ours encode / PQ encode = "
+        f"{r['ours_encode_over_pq_encode']:.2f}; ours decode / PQ encode = "
+        f"{r['ours_decode_over_pq_encode']:.2f}; ours decode / PQ decode = "
         f"{r['ours_decode_over_pq_decode']:.2f}",
     ])
