@@ -43,6 +43,7 @@ from apcm.server.codecs.pca import fit_pca
 from apcm.server.errors import ModelFileError
 
 N_SCORE_QUANTILES = 1001
+SCORER_ROWS = 512  # codes decoded at a time for a Read (int32 intermediates stay in cache)
 
 
 @dataclass(frozen=True)
@@ -284,12 +285,27 @@ class TransformScorer:
 
     @torch.inference_mode()
     def codes(self, codes: torch.Tensor) -> torch.Tensor:
-        """Packed codes [c, budget] -> search vectors [c, d] of their decoded items."""
+        """Packed codes [c, budget] -> search vectors [c, d] of their decoded items.
+
+        Decoded ``SCORER_ROWS`` rows at a time into one output: a bank hands over
+        thousands of codes per chunk, and the unpacking's int32 intermediates of a
+        whole chunk (several MB) fall out of the CPU cache, which made a 4,096-row
+        chunk cost 6-10x a 1,024-row one instead of 4x.
+        """
         m = self.model
-        y_hat = m.unpack(codes)
-        if self._exact_latent:  # ``queries``, in place on the fresh y_hat
-            return y_hat.add_(m.rotation.mean @ m.rotation.rotation.T)
-        return m.inverse(y_hat)
+        if not self._exact_latent:
+            return m.inverse(m.unpack(codes))
+        offset = m.rotation.mean @ m.rotation.rotation.T
+        if m.predictor is not None:
+            return m.unpack(codes).add_(offset)
+        out = torch.empty(codes.shape[0], m.config.dim, dtype=m.table.dtype, device=codes.device)
+        table_offset = m.offset.to(torch.int32)
+        for i in range(0, codes.shape[0], SCORER_ROWS):
+            part = out[i:i + SCORER_ROWS]
+            index = m.packer.unpack(codes[i:i + SCORER_ROWS]).add_(table_offset)
+            torch.index_select(m.table, 0, index.view(-1), out=part.view(-1))
+            part.add_(offset)  # ``queries``, while the rows are still in cache
+        return out
 
     @torch.inference_mode()
     def to_input(self, v: torch.Tensor) -> torch.Tensor:
