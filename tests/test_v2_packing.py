@@ -98,3 +98,14 @@ def test_packer_refuses_bits_that_do_not_fill_whole_bytes_and_codes_of_another_w
         packer.unpack(torch.zeros(1, 3, dtype=torch.uint8))
     empty = packer.pack(torch.zeros(0, 4, dtype=torch.int32))
     assert empty.shape == (0, 2) and packer.unpack(empty).shape == (0, 4)
+
+
+def test_read_side_decode_equals_decoding_then_shifting_to_the_search_space() -> None:
+    codec = load_codec(ROOT / "model_weights" / "text-minilm.safetensors")
+    model = codec.model  # type: ignore[attr-defined]
+    gen = torch.Generator().manual_seed(2)
+    codes = model.pack(torch.randn(1300, model.config.dim, generator=gen) * model.sigma)
+    scorer = codec.scorer
+    for n in (1, 512, 1300):  # within one row block, exactly one, across three
+        want = scorer.queries(model.unpack(codes[:n]))
+        assert torch.equal(scorer.codes(codes[:n]), want)
