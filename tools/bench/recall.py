@@ -104,7 +104,7 @@ def recall(found: np.ndarray, truth: np.ndarray) -> float:
 
 
 def _served(client: Any, name: str, memories: np.ndarray, queries: np.ndarray,
-            shape: tuple[int, ...]) -> dict[str, Any]:
+            shape: tuple[int, int]) -> dict[str, Any]:
     """Write the memories through the server; Read every query. Returns found ids [Q, k]
     (memory indices), decoded memories [N, d] and per-Read latencies."""
     n = len(memories)
@@ -169,7 +169,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             MemoryClient(address, timeout=300.0) as client:
         client.wait_until_serving(120)
         info = client.model_info()
-        shape = tuple(info.input_shape)
+        shape = (int(info.input_shape[0]), int(info.input_shape[1]))
         for name, (queries, memories) in split.items():
             served[name] = _served(client, f"recall-{name}", memories, queries, shape)
             print(f"{name}: {len(memories)} memories, {len(queries)} queries read", flush=True)
