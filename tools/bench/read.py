@@ -8,7 +8,9 @@ FAISS of the medians. Also reported: bytes per slot of the bank (codes + metadat
 vs the raw code bytes, and how often both agree on the best slot.
 
 Codes are random latents quantised like the codec's unless ``--model`` names an
-existing weights file, whose code dim, dtype and int8 scale are then used.
+existing weights file, whose code dim, dtype and int8 scale are then used. A model
+with packed ``uint8`` codes (IDRP v2) is compared with FAISS indexes at the same
+bytes per vector instead (:mod:`apcm.tools.bench.read_packed`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from apcm.tools.bench.common import machine
 
 DEFAULT_SIZES = "10000,100000,1000000"
 
@@ -44,30 +48,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "default 1, because on a small or shared CPU multi-threaded "
                              "kernels stall whenever one thread is descheduled)")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--twins", default="sq,pq,flat",
+                        help="packed models only: FAISS twins, of sq (scalar quantiser at the "
+                             "same bytes), pq (PQ at the same bytes), flat (float32 over the "
+                             "decoded vectors) [default %(default)s]")
+    parser.add_argument("--train-size", type=int, default=20000,
+                        help="packed models only: vectors the FAISS twins are trained on")
+    parser.add_argument("--pq-iters", type=int, default=10,
+                        help="packed models only: k-means iterations of the PQ twin")
     parser.add_argument("--json", default=None, help="also write the results to this file")
 
 
-def _code_space(args: argparse.Namespace) -> tuple[int, str, Any, str]:
-    """(code_dim, code_dtype, int8 scale or None, source description)."""
+def _codec(args: argparse.Namespace) -> tuple[Any, str]:
+    """The model file's codec (None for random codes) and a description."""
     import torch
 
     from apcm.server.config import DEFAULT_MODEL
 
     path = Path(args.model or DEFAULT_MODEL)
-    if path.is_file():
-        from apcm.server.codecs.base import load_codec
+    if not path.is_file():
+        return None, "random codes"
+    from apcm.server.codecs.base import load_codec
 
-        codec = load_codec(path, torch.device("cpu"))
-        if codec.code_dtype == "uint8":
-            # packed transform codes have no FAISS flat-index twin over the same bytes yet
-            raise SystemExit(
-                f"apcm bench read compares against FAISS IndexFlatIP over coordinate codes; "
-                f"{path} stores packed uint8 transform codes. Pass --model "
-                "model_weights/text-minilm-v1.safetensors (int8), or --model '' with "
-                "--code-dim/--code-dtype for random codes.")
-        return codec.code_dim, codec.code_dtype, codec.quantizer.scale, f"model {path}"
+    return load_codec(path, torch.device("cpu")), f"model {path}"
+
+
+def _code_space(args: argparse.Namespace, codec: Any) -> tuple[int, str, Any]:
+    """(code_dim, code_dtype, int8 scale or None) of coordinate codes."""
+    import torch
+
+    if codec is not None:
+        return codec.code_dim, codec.code_dtype, codec.quantizer.scale
     scale = torch.full((args.code_dim,), 3.0 / 127) if args.code_dtype == "int8" else None
-    return args.code_dim, args.code_dtype, scale, "random codes"
+    return args.code_dim, args.code_dtype, scale
 
 
 def _fill(store: Any, n: int, step: Any, gen: Any, quantizer: Any) -> Any:
@@ -103,7 +116,18 @@ def run(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     faiss.omp_set_num_threads(threads)
-    code_dim, code_dtype, scale, source = _code_space(args)
+    codec, source = _codec(args)
+    if codec is not None and codec.code_dtype == "uint8":
+        from apcm.tools.bench.read_packed import markdown as packed_markdown
+        from apcm.tools.bench.read_packed import run_packed
+
+        result = run_packed(args, codec, source, threads)
+        result.update({"cpu": _cpu_name(), "torch": torch.__version__,
+                       "faiss": faiss.__version__, "machine": machine()})
+        print()
+        print(packed_markdown(result))
+        return result
+    code_dim, code_dtype, scale = _code_space(args, codec)
     quantizer = CodeQuantizer(code_dtype, scale)
     gen = torch.Generator().manual_seed(args.seed)
     sizes = [int(s) for s in args.sizes.split(",")]

@@ -135,7 +135,8 @@ def plot_concurrency(result: dict[str, Any], path: Path) -> None:
 def plot_recall(result: dict[str, Any], path: Path) -> None:
     plt, fig, axes = _figure(1)
     rows = result["rows"][::-1]
-    labels = [textwrap.fill(f"{r['method']} ({r['bytes_per_vector']} B/vector)", 48)
+    labels = [textwrap.fill((f"{r['set']}: " if "set" in r else "")
+                            + f"{r['method']} ({r['bytes_per_vector']} B/vector)", 48)
               for r in rows]
     axes[0].barh(range(len(rows)), [r["recall_at_10"] for r in rows], color="tab:blue")
     axes[0].set_yticks(range(len(rows)), labels, fontsize=7)

@@ -14,11 +14,13 @@ import json
 from pathlib import Path
 
 BENCHMARKS = {
-    "read": "Read latency vs bank size, against FAISS IndexFlatIP on the same codes",
+    "read": "Read latency vs bank size, against FAISS IndexFlatIP on the same codes "
+            "(packed v2 codes: FAISS SQ/PQ at the same bytes and flat over the decoded)",
     "durability": "acknowledged writes/s by WAL mode; snapshot/restore vs raw disk I/O",
     "rpc": "Compress/Decompress through gRPC vs in-process, by batch size",
     "concurrency": "throughput and p99 with 1..128 concurrent clients, batching on/off",
-    "recall": "recall@10 of Read over real sentence embeddings vs FAISS flat/PQ/OPQ",
+    "recall": "recall@10 of Read over gRPC vs the decoded memories vs equal-bytes baselines, "
+              "held-out sets in and out of domain",
     "hybrid": "evidence recall@10 of recall() on conversations by mode; hybrid vs dense speed",
     "cluster": "forwarding hop p50 vs direct; moving a bank vs raw loopback copy of its bytes",
     "scale": "RAM per memory, concurrent reads of one bank and writes/s, vs a baseline revision",

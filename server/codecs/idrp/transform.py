@@ -190,7 +190,8 @@ def refit_table(z: np.ndarray, fit: QuantizerFit) -> QuantizerFit:
 
 
 def bit_layout(bits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Which dim and which bit of its field each packed bit carries.
+    """Which dim and which bit of its field each packed bit carries (the format's
+    definition, one entry per bit; :class:`BitPacker` is the fast equivalent).
 
     Returns:
         dim [8 * budget] int64 and shift [8 * budget] int64 (bit position in the field,
@@ -209,16 +210,87 @@ _BYTE_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.int32)
 
 
 def pack(cells: torch.Tensor, dim: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Cells [B, d] int -> packed codes [B, len(dim) / 8] uint8."""
+    """Cells [B, d] int -> packed codes [B, len(dim) / 8] uint8, bit by bit (reference)."""
     bitvals = (cells[:, dim].to(torch.int32) >> shift.to(torch.int32)) & 1
     weights = _BYTE_WEIGHTS.to(cells.device)
     return (bitvals.view(cells.shape[0], -1, 8) * weights).sum(-1).to(torch.uint8)
 
 
 def unpack(codes: torch.Tensor, dim: torch.Tensor, shift: torch.Tensor, d: int) -> torch.Tensor:
-    """Packed codes [B, nbytes] uint8 -> cells [B, d] int64 (0 for uncoded dims)."""
+    """Packed codes [B, nbytes] uint8 -> cells [B, d] int64 (0 for uncoded dims), bit by
+    bit (reference)."""
     n = codes.shape[0]
     bitvals = (codes.to(torch.int64).unsqueeze(-1) >> (7 - torch.arange(8, device=codes.device)))
     bitvals = (bitvals & 1).view(n, -1) << shift
     cells = torch.zeros(n, d, dtype=torch.int64, device=codes.device)
     return cells.index_add_(1, dim, bitvals)
+
+
+class BitPacker:
+    """The packing of :func:`bit_layout`, a field (not a bit) at a time.
+
+    A field of ``w <= 8`` bits starting at stream bit ``p`` lies in the 16-bit window
+    of bytes ``p // 8`` and ``p // 8 + 1``, shifted left by ``a = 16 - w - p % 8``.
+    Packing cuts each field's window into its part in the first byte and, when the
+    field crosses a byte boundary, its part in the second; in stream order these
+    parts land on non-decreasing bytes, and fields never share a bit, so each byte
+    is the sum of a contiguous run of parts (a cumulative sum read at run ends).
+    Unpacking reads every dim's window from the byte pairs and masks its field.
+
+    Args:
+        bits: [d] int bits per dim, summing to a multiple of 8.
+    """
+
+    def __init__(self, bits: torch.Tensor) -> None:
+        widths = bits.detach().cpu().to(torch.int64)
+        total = int(widths.sum())
+        if total % 8 or bool((widths < 0).any()) or bool((widths > MAX_BITS).any()):
+            raise ValueError(f"bits must be 0..{MAX_BITS} per dim summing to whole bytes, "
+                             f"got a sum of {total}")
+        self.d, self.n_bytes = len(widths), total // 8
+        order = sorted(torch.nonzero(widths > 0).flatten().tolist(),
+                       key=lambda i: (int(widths[i]), i))
+        parts: list[tuple[int, int, int, int]] = []  # (dim, left shift, right shift, byte)
+        word = torch.zeros(self.d, dtype=torch.int64)
+        wshift = torch.zeros(self.d, dtype=torch.int64)
+        mask = torch.zeros(self.d, dtype=torch.int64)
+        p = 0
+        for i in order:
+            w = int(widths[i])
+            k, a = p // 8, 16 - w - p % 8
+            word[i], wshift[i], mask[i] = k, a, (1 << w) - 1
+            parts.append((i, a, 8, k))
+            if p % 8 + w > 8:
+                parts.append((i, a, 0, k + 1))
+            p += w
+        table = torch.tensor(parts, dtype=torch.int64).reshape(-1, 4)
+        self._src = table[:, 0].contiguous()
+        self._lshift = table[:, 1].to(torch.int32)
+        self._rshift = table[:, 2].to(torch.int32)
+        byte_t = table[:, 3].contiguous()
+        # index of the last part of each byte (every byte holds at least one bit)
+        self._run_end = torch.searchsorted(byte_t, torch.arange(self.n_bytes), right=True) - 1
+        self._word, self._wshift, self._mask = word, wshift.to(torch.int32), mask.to(torch.int32)
+
+    def to(self, device: torch.device | str) -> BitPacker:
+        for name in ("_src", "_lshift", "_rshift", "_run_end", "_word", "_wshift", "_mask"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+    def pack(self, cells: torch.Tensor) -> torch.Tensor:
+        """Cells [B, d] int (0 .. 2**b_i - 1) -> codes [B, n_bytes] uint8."""
+        parts = cells.index_select(1, self._src).to(torch.int32)  # fresh: shift in place
+        parts.bitwise_left_shift_(self._lshift).bitwise_right_shift_(self._rshift)
+        ends = parts.bitwise_and_(255).cumsum(1, dtype=torch.int32).index_select(1, self._run_end)
+        out = ends.clone()
+        out[:, 1:] -= ends[:, :-1]
+        return out.to(torch.uint8)
+
+    def unpack(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes [B, n_bytes] uint8 -> cells [B, d] int32 (0 for uncoded dims)."""
+        if codes.shape[1] != self.n_bytes:
+            raise ValueError(f"codes have {codes.shape[1]} bytes, the layout {self.n_bytes}")
+        padded = torch.nn.functional.pad(codes.to(torch.int32), (0, 1))
+        words = (padded[:, :-1] << 8).bitwise_or_(padded[:, 1:])
+        fields = words.index_select(1, self._word)  # fresh: shift and mask in place
+        return fields.bitwise_right_shift_(self._wshift).bitwise_and_(self._mask)

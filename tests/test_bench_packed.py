@@ -1,0 +1,64 @@
+"""``apcm bench read`` and ``apcm bench recall`` over packed (IDRP v2) codes, on small
+inputs: the FAISS twin over the decoded vectors agrees with Read's top hit, Read
+through the real server ranks as the decoded memories do, and missing data is
+refused with a message that says how to build it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from apcm.server.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT_V2_MODEL = ROOT / "model_weights" / "text-minilm.safetensors"
+TEXT_V2_FIXTURE = ROOT / "tests" / "fixtures" / "text_v2_heldout.safetensors"
+
+
+def test_bench_read_compares_packed_banks_with_faiss_at_the_same_bytes(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    js = tmp_path / "read.json"
+    rc = main(["bench", "read", "--model", str(TEXT_V2_MODEL), "--sizes", "3000",
+               "--batches", "1,4", "--repeats", "3", "--train-size", "2000",
+               "--twins", "sq,flat", "--json", str(js)])
+    assert rc == 0
+    result = json.loads(js.read_text())
+    assert result["code_dtype"] == "uint8" and result["code_dim"] == 192
+    twins = {r["twin"] for r in result["rows"]}
+    assert len(twins) == 2 and any("SQ4" in t for t in twins)
+    for row in result["rows"]:
+        assert row["slots"] == 3000 and row["ours_p50_ms"] > 0 and row["faiss_p50_ms"] > 0
+        if "decoded" in row["twin"]:  # the float twin ranks exactly as Read does
+            assert row["top1_agreement"] == 1.0 and row["faiss_bytes_per_slot"] == 1536
+        else:
+            assert row["faiss_bytes_per_slot"] == row["raw_code_bytes"] == 192
+    assert result["goals"][0]["met"] is False  # 3,000 slots are not the 1M the goal names
+    assert "Read over packed codes" in capsys.readouterr().out
+
+
+def test_bench_recall_read_over_grpc_ranks_like_the_decoded_memories(tmp_path: Path) -> None:
+    js = tmp_path / "recall.json"
+    rc = main(["bench", "recall", "--model", str(TEXT_V2_MODEL), "--data", str(TEXT_V2_FIXTURE),
+               "--sets", "test,licenses", "--queries", "30", "--no-baselines",
+               "--json", str(js)])
+    assert rc == 0
+    result = json.loads(js.read_text())
+    reads = [r for r in result["rows"] if "Read over gRPC" in r["method"]]
+    assert [r["set"] for r in reads] == ["test", "licenses"]
+    for read in reads:
+        decoded = next(r for r in result["rows"]
+                       if r["set"] == read["set"] and "decoded memories" in r["method"])
+        assert read["n_memories"] == (270 if read["set"] == "test" else 70)
+        assert read["recall_at_10"] == pytest.approx(decoded["recall_at_10"], abs=0.01)
+        assert read["same_top10_as_decoded"] >= 0.9
+        assert 0.8 < read["recall_at_10"] <= 1.0
+    assert {g["goal"].split(":")[0] for g in result["goals"]} >= {"test", "licenses"}
+
+
+def test_bench_recall_says_how_to_build_missing_data(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="scripts/prepare_corpus.py"):
+        main(["bench", "recall", "--data", str(tmp_path / "nothing.safetensors")])
+    with pytest.raises(SystemExit, match="no tensor"):
+        main(["bench", "recall", "--data", str(TEXT_V2_FIXTURE), "--sets", "test,jokes"])
