@@ -39,8 +39,9 @@ import functools
 import itertools
 import math
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -674,6 +675,9 @@ class MemoryBank:
             span = max(READ_CHUNK_ROWS, _SCORE_SPAN_FLOATS // n_q // READ_CHUNK_ROWS
                        * READ_CHUNK_ROWS)
             chunk = READ_CHUNK_ROWS if convert else span
+        lut_dots = self._lut_dots(q, soft)
+        if lut_dots is not None:
+            chunk = span  # no decoded block to keep in cache
         if soft or n_q > 1:
             # one chunk per span: soft needs the converted chunk again, and a [Q, c]
             # product is only a contiguous slice of the [Q, span] scores when c == span
@@ -683,6 +687,7 @@ class MemoryBank:
         live = self.occupied if allowed is None else allowed
         shift_t: torch.Tensor | float = 1.0 if shift is None else shift
         limbs = _int8_limbs(q[0]) if (n_q == 1 and not soft and self.scale is not None
+                                      and lut_dots is None
                                       and self.device.type == "cpu" and _int_mm_works()) \
             else None
         if limbs is not None:
@@ -703,6 +708,9 @@ class MemoryBank:
                 if limbs is not None:
                     for j, (limb, _) in enumerate(limbs):
                         torch._int_mm(block, limb, out=dots[j, i - s0:i - s0 + c])
+                    continue
+                if lut_dots is not None:
+                    scores[:, i - s0:i - s0 + c] = lut_dots(q, block)
                     continue
                 if self.scorer is not None:  # unpack and decode one chunk at a time
                     block = self.scorer.codes(block)
@@ -727,6 +735,14 @@ class MemoryBank:
         top = torch.topk(values, k, dim=1)
         return _Scan(top.values, torch.gather(slots, 1, top.indices), exp_sum, shift_t,
                      soft_sum)
+
+    def _lut_dots(self, q: torch.Tensor, soft: bool) -> Callable[..., torch.Tensor] | None:
+        """The scorer's ``dots`` (scores straight from packed codes) when it applies to
+        this read: not for a soft read, which needs the decoded rows themselves."""
+        dots = getattr(self.scorer, "dots", None)
+        if dots is None or soft or dots(q, self.codes[:0]) is None:
+            return None
+        return cast(Callable[..., torch.Tensor], dots)
 
     def _hits(self, slots: torch.Tensor, scores: torch.Tensor, weights: torch.Tensor,
               keep: torch.Tensor, codes: torch.Tensor) -> list[QueryResult]:

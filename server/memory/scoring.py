@@ -31,3 +31,7 @@ class CodeScorer(Protocol):
     def codes(self, codes: torch.Tensor) -> torch.Tensor:
         """Stored codes [c, m] (code dtype) -> [c, search_dim] float32."""
         ...
+
+    # Optional: ``dots(queries [Q, search_dim], codes [c, m]) -> [Q, c] float32 | None``,
+    # the products of ``queries`` with ``codes(codes)`` computed without decoding (None
+    # where the scorer cannot). Banks use it for every read but the soft one.

@@ -39,6 +39,7 @@ from apcm.server.codecs.idrp.flow import (
     Permutation,
     SwiGLU,
 )
+from apcm.server.codecs.idrp.lutscan import LutScorer
 from apcm.server.codecs.pca import fit_pca
 from apcm.server.errors import ModelFileError
 
@@ -270,6 +271,22 @@ class TransformScorer:
         self.model = model
         self.query_dim = model.config.dim
         self.search_dim = model.config.dim
+        self._lut: tuple[tuple[int, ...], LutScorer] | None = None
+
+    def dots(self, queries: torch.Tensor, codes: torch.Tensor) -> torch.Tensor | None:
+        """Search vectors [Q, d] . decoded codes [c, budget] -> [Q, c] without decoding
+        (per-dim lookup tables, ``lutscan``); None where that does not apply (a flow or
+        a predictor in the decode, or tensors off the CPU): then use ``codes``."""
+        m = self.model
+        if not self._exact_latent or m.predictor is not None or codes.device.type != "cpu" \
+                or queries.device.type != "cpu":
+            return None
+        key = (id(m.table), id(m.offset), id(m.packer), m.table._version)
+        lut = self._lut
+        if lut is None or lut[0] != key:
+            bias = m.rotation.mean @ m.rotation.rotation.T
+            lut = self._lut = (key, LutScorer(m.packer, m.table, m.offset, bias))
+        return torch.from_numpy(lut[1].scores(queries.detach().numpy(), codes.numpy()))
 
     @property
     def _exact_latent(self) -> bool:

@@ -1,0 +1,84 @@
+"""Reads of packed IDRP v2 banks score codes through per-dim lookup tables
+(``lutscan``) instead of decoding them: the scores equal decode-then-dot for every
+shipped allocation, and a bank's read ranks exactly like the decoded search."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from apcm.server.codecs.base import load_codec
+from apcm.server.codecs.idrp import lutscan
+from apcm.server.codecs.idrp.v2 import TransformCodec
+from apcm.server.memory.bank import MemoryBank
+from apcm.server.memory.eviction import make_policy
+
+ROOT = Path(__file__).resolve().parents[1]
+V2_MODELS = ["text-minilm", "text-minilm-4x", "text-minilm-16x", "text-minilm-32x",
+             "digits-v2", "gravel-grey"]
+
+
+def _codec(name: str) -> TransformCodec:
+    codec = load_codec(str(ROOT / "model_weights" / f"{name}.safetensors"),
+                       torch.device("cpu"))
+    assert isinstance(codec, TransformCodec)
+    return codec
+
+
+def _items(codec: TransformCodec, n: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, *codec.input_shape, generator=gen)
+    if codec.name.startswith("text"):  # the model's inputs are unit-norm
+        x = torch.nn.functional.normalize(x.reshape(n, -1), dim=1)
+    return x.reshape(n, -1)
+
+
+@pytest.mark.parametrize("name", V2_MODELS)
+def test_lookup_table_scores_equal_the_decoded_products(name: str) -> None:
+    codec = _codec(name)
+    scorer = codec.scorer
+    codes = codec.quantizer.quantize(codec.encode_latent(_items(codec, 700, 0)))
+    queries = scorer.queries(codec.encode_latent(_items(codec, 3, 1)))
+    expected = queries @ scorer.codes(codes).T
+    got = scorer.dots(queries, codes)
+    assert got is not None and got.shape == (3, 700)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert scorer.dots(queries, codes[:0]).shape == (3, 0)
+
+
+def test_large_calls_split_over_threads_give_the_same_scores(monkeypatch) -> None:
+    codec = _codec("text-minilm")
+    codes = codec.quantizer.quantize(codec.encode_latent(_items(codec, 5000, 2)))
+    queries = codec.scorer.queries(codec.encode_latent(_items(codec, 2, 3)))
+    serial = codec.scorer.dots(queries, codes)
+    monkeypatch.setattr(lutscan, "PARALLEL_ROWS", 1000)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    split = codec.scorer.dots(queries, codes)
+    assert serial is not None and split is not None
+    assert torch.equal(serial, split)
+
+
+def test_a_packed_banks_read_ranks_as_the_decoded_search() -> None:
+    codec = _codec("text-minilm")
+    n = 3000
+    x = _items(codec, n, 4)
+    codes = codec.quantizer.quantize(codec.encode_latent(x))
+    bank = MemoryBank("b", n, code_dim=codes.shape[1], code_dtype="uint8", scale=None,
+                      device=torch.device("cpu"), policy=make_policy("lfu", 100.0),
+                      max_payload_bytes=16, max_key_length=16, scorer=codec.scorer)
+    slots = bank.plan_write([None] * n, 1)
+    bank.apply_write(slots, codes, [None] * n, [None] * n, list(range(1, n + 1)))
+    queries = codec.encode_latent(_items(codec, 20, 5))
+    assert bank._lut_dots(codec.scorer.queries(queries), soft=False) is not None
+    result = bank.read(queries, top_k=10, count_access=False)
+    decoded = codec.scorer.codes(codes)
+    decoded = decoded / decoded.norm(dim=1, keepdim=True)
+    q = codec.scorer.queries(queries)
+    exact = torch.topk(torch.nn.functional.normalize(q, dim=1) @ decoded.T, 10)
+    for i, res in enumerate(result.results):
+        assert [h.slot for h in res.hits] == exact.indices[i].tolist()
+        np.testing.assert_allclose([h.score for h in res.hits], exact.values[i].numpy(),
+                                   atol=1e-5)
