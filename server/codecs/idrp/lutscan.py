@@ -44,15 +44,18 @@ def _executor() -> ThreadPoolExecutor:
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False)
-def _scan(codes: np.ndarray, lut: np.ndarray, base: np.ndarray, word: np.ndarray,
-          shift: np.ndarray, mask: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover
+def _scan(codes: np.ndarray, byte_lut: np.ndarray, byte_at: np.ndarray, lut: np.ndarray,
+          base: np.ndarray, word: np.ndarray, shift: np.ndarray, mask: np.ndarray,
+          out: np.ndarray) -> None:  # pragma: no cover
     n, n_bytes = codes.shape
-    n_q, n_fields = lut.shape[0], word.shape[0]
+    n_q, n_whole, n_split = lut.shape[0], byte_at.shape[0], word.shape[0]
     for i in range(n):
         row = codes[i]
         for q in range(n_q):
             acc = np.float32(0.0)
-            for f in range(n_fields):
+            for j in range(n_whole):
+                acc += byte_lut[q, j, row[byte_at[j]]]
+            for f in range(n_split):
                 k = word[f]
                 w = np.int32(row[k]) << 8
                 if k + 1 < n_bytes:
@@ -64,6 +67,11 @@ def _scan(codes: np.ndarray, lut: np.ndarray, base: np.ndarray, word: np.ndarray
 class LutScorer:
     """Dot products of search-space queries with the decoded items of packed codes.
 
+    Fields that lie inside one byte are summed per byte ahead of the scan: byte j's
+    256-entry table holds, for each byte value, the sum of its fields' entries, so
+    a code costs one lookup per byte plus one two-byte extraction per field that
+    crosses a byte boundary.
+
     Args:
         packer: the codes' bit layout.
         table: [T] float32 cell values of every dim, dim d's at ``offset[d] + cell``.
@@ -73,42 +81,57 @@ class LutScorer:
 
     def __init__(self, packer: BitPacker, table: torch.Tensor, offset: torch.Tensor,
                  bias: torch.Tensor) -> None:
-        coded = torch.nonzero(packer._mask > 0).flatten()
         self.table = table.detach().cpu().float().numpy()
         offset_np = offset.detach().cpu().to(torch.int64).numpy()
+        d = offset_np.shape[0]
         self.dim_of = np.zeros(self.table.shape[0], dtype=np.int64)
-        for d in range(offset_np.shape[0]):  # entries of dim d: offset[d] up to the next
-            self.dim_of[offset_np[d]:] = d
-        coded_np = coded.numpy()
-        uncoded = np.setdiff1d(np.arange(offset_np.shape[0]), coded_np)
-        self.word = packer._word[coded].numpy().astype(np.int64)
-        self.shift = packer._wshift[coded].numpy().astype(np.int32)
-        self.mask = packer._mask[coded].numpy().astype(np.int32)
-        self.base = offset_np[coded_np]
+        for i in range(d):  # entries of dim i: offset[i] up to the next dim's
+            self.dim_of[offset_np[i]:] = i
+        mask = packer._mask.numpy().astype(np.int64)
+        word = packer._word.numpy().astype(np.int64)
+        shift = packer._wshift.numpy().astype(np.int64)
+        coded = np.flatnonzero(mask > 0)
+        whole = coded[shift[coded] >= 8]  # window shift >= 8: the field is in byte ``word``
+        split = coded[shift[coded] < 8]
+        self.word, self.shift = word[split], shift[split].astype(np.int32)
+        self.mask, self.base = mask[split].astype(np.int32), offset_np[split]
+        self.byte_at = np.unique(word[whole]).astype(np.int64)
+        per_byte = [whole[word[whole] == k] for k in self.byte_at]
+        width = max((len(f) for f in per_byte), default=1)
+        pad = self.table.shape[0]  # index of a 0 appended to each query's table
+        values = np.arange(256, dtype=np.int64)
+        self.byte_index = np.full((len(self.byte_at), 256, width), pad, dtype=np.int64)
+        for j, fields in enumerate(per_byte):
+            for slot, f in enumerate(fields):
+                self.byte_index[j, :, slot] = offset_np[f] + ((values >> (shift[f] - 8))
+                                                              & mask[f])
         # uncoded dims always decode to their cell 0: a constant per query
-        self.constant = np.zeros(offset_np.shape[0], dtype=np.float32)
-        self.constant[uncoded] = self.table[offset_np[uncoded]]
-        self.bias = bias.detach().cpu().float().numpy() + self.constant
-        self.n_bytes = packer.n_bytes
-        self.scores(np.zeros((1, offset_np.shape[0]), np.float32),
-                    np.zeros((1, self.n_bytes), np.uint8))  # compile now, not on a read
+        uncoded = np.setdiff1d(np.arange(d), coded)
+        constant = np.zeros(d, dtype=np.float32)
+        constant[uncoded] = self.table[offset_np[uncoded]]
+        self.bias = bias.detach().cpu().float().numpy() + constant
+        self.dim = d
+        self.scores(np.zeros((1, d), np.float32),
+                    np.zeros((1, packer.n_bytes), np.uint8))  # compile now, not on a read
 
     def scores(self, queries: np.ndarray, codes: np.ndarray) -> np.ndarray:
         """Queries [Q, d] float32 and codes [c, n_bytes] uint8 -> dots [Q, c] float32."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        lut = queries[:, self.dim_of] * self.table[None, :]
+        lut = np.zeros((queries.shape[0], self.table.shape[0] + 1), dtype=np.float32)
+        lut[:, :-1] = queries[:, self.dim_of] * self.table[None, :]
+        byte_lut = np.ascontiguousarray(lut[:, self.byte_index].sum(axis=-1, dtype=np.float32))
         codes = np.ascontiguousarray(codes)
         n = codes.shape[0]
         out = np.empty((queries.shape[0], n), dtype=np.float32)
         parts = min(torch.get_num_threads(), n // PARALLEL_ROWS)
+        tables = (byte_lut, self.byte_at, lut, self.base, self.word, self.shift, self.mask)
         if parts <= 1:
-            _scan(codes, lut, self.base, self.word, self.shift, self.mask, out)
+            _scan(codes, *tables, out)
         else:
             bounds = np.linspace(0, n, parts + 1).astype(np.int64).tolist()
             blocks = [np.empty((queries.shape[0], b - a), dtype=np.float32)
                       for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-            futures = [_executor().submit(_scan, codes[a:b], lut, self.base, self.word,
-                                          self.shift, self.mask, block)
+            futures = [_executor().submit(_scan, codes[a:b], *tables, block)
                        for a, b, block in zip(bounds[:-1], bounds[1:], blocks, strict=True)]
             for a, b, block, future in zip(bounds[:-1], bounds[1:], blocks, futures,
                                            strict=True):
