@@ -29,6 +29,7 @@ from apcm.client.errors import (
 from apcm.client.retry import RetryPolicy
 from apcm.client.sync import MemoryClient
 from apcm.client.types import (
+    BankIndex,
     BankInfo,
     DeleteResult,
     Hit,
@@ -47,6 +48,7 @@ __all__ = [
     "AlreadyExistsError",
     "ApcmError",
     "AsyncMemoryClient",
+    "BankIndex",
     "BankInfo",
     "ClientClosedError",
     "DeadlineExceededError",
