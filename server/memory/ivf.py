@@ -54,9 +54,10 @@ class IndexConfig:
 
 def list_count(n: int) -> int:
     """Lists for a bank of ``n`` slots: 4 sqrt(n) (FAISS's usual range is 4-16 sqrt(n);
-    the low end keeps training and each write's assignment cheap), at most n / 8
-    so that small banks still have a few slots per list."""
-    return max(1, min(round(4 * math.sqrt(n)), n // 8))
+    the low end keeps training and each write's assignment cheap), and at most one
+    per 39 slots, the fewest training points per centroid k-means is stable with
+    (FAISS warns below), which only binds below ~95k slots."""
+    return max(1, min(round(4 * math.sqrt(n)), n // 39))
 
 
 def train_centroids(rows: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
