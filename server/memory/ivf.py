@@ -31,6 +31,7 @@ import torch
 POINTS_PER_CENTROID = 40
 KMEANS_ITERATIONS = 12
 _ASSIGN_CHUNK_ROWS = 16384
+_SMALL_ROWS = 256
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,10 @@ def train_centroids(rows: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
 
 def nearest(rows: torch.Tensor, centroids: torch.Tensor) -> np.ndarray:
     """List of each row [n, d] (float32): its most similar centroid [K, d] -> int32 [n]."""
+    if rows.shape[0] <= _SMALL_ROWS:
+        # a write's few rows: numpy, because torch's intra-op threads cost ~10x the
+        # product itself to wake up on a loaded machine (measured 91 vs 13 us)
+        return (rows.numpy() @ centroids.numpy().T).argmax(axis=1).astype(np.int32)
     out = np.empty(rows.shape[0], dtype=np.int32)
     for i in range(0, rows.shape[0], _ASSIGN_CHUNK_ROWS):
         scores = rows[i:i + _ASSIGN_CHUNK_ROWS] @ centroids.T
