@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -285,7 +286,7 @@ def test_server_indexes_a_bank_reports_it_and_keeps_it_over_a_restart(
         make_server, text_codec: Codec, minilm: np.ndarray, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     data_dir = tmp_path / "data"
     server = make_server(model=MODEL, data_dir=data_dir, index_threshold=2000,
-                         index_nprobe=6, embedder="none")
+                         index_nprobe=6, embedder="none", metrics_port=0)
     items = _noisy(minilm, 3000, seed=11)
     codes = _compress(text_codec, items).numpy()
     queries = _compress(text_codec, _noisy(minilm, 6, seed=12)).numpy()
@@ -317,6 +318,14 @@ def test_server_indexes_a_bank_reports_it_and_keeps_it_over_a_restart(
                 stub.Read(request)
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert "nprobe" in (err.value.details() or "")
+        url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            scraped = response.read().decode()
+        for line in (f'apcm_index_lists{{bank="big"}} {float(list_count(2000))}',
+                     'apcm_index_slots{bank="big"} 3000.0',
+                     'apcm_index_trained_at_slots{bank="big"} 2000.0',
+                     'apcm_index_building{bank="big"} 0.0'):
+            assert line in scraped.splitlines()
         client.create_snapshot()
     server.stop(grace=0.5)
     again = make_server(model=MODEL, data_dir=data_dir, index_threshold=2000,
