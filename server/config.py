@@ -100,7 +100,7 @@ class Settings:
         "reads search instead of scanning every slot (0: never index); see docs/banks.md"
     )
     index_nprobe: int = _f(
-        32, "inverted lists an indexed read probes by default (a request's nprobe "
+        64, "inverted lists an indexed read probes by default (a request's nprobe "
         "overrides it): more is slower and closer to the exact scan"
     )
     torch_threads: int = _f(

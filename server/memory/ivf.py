@@ -48,7 +48,7 @@ class IndexConfig:
     """
 
     threshold: int = 0
-    nprobe: int = 32
+    nprobe: int = 64
     retrain_growth: float = 2.0
     background: bool = True
 
