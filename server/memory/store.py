@@ -19,6 +19,11 @@ held over slow work:
    sequence numbers and appends its (already encoded) record, so log order ==
    sequence order.
 
+A bank's index build (``memory.indexing``) runs in its own thread and takes only
+that bank's lock: shared while it copies the codes, exclusive for the short swap,
+none while it trains; writes meanwhile keep the live index exact and journal their
+slots for the new one.
+
 A thread that looked a bank up and then waited for its lock re-checks
 ``bank.retired`` (set under that lock by drop and restore) and retries the
 lookup, so it never writes into a dropped or replaced bank.
