@@ -341,3 +341,25 @@ def client_tensor(x: np.ndarray):  # type: ignore[no-untyped-def]
     from apcm.wire.tensors import to_proto
 
     return to_proto(x)
+
+
+
+def test_probed_and_scanned_fallback_reads_weigh_like_the_scan_at_a_tiny_temperature() -> None:
+    bank = _float_bank(2000, IndexConfig(threshold=100, background=False))
+    x = torch.randn(1500, 16)
+    bank.apply_write(list(range(1500)), x, [None] * 1500, [None] * 1500,
+                     list(range(1, 1501)))
+    assert indexing.build(bank)
+    k = bank.index.k
+    q = x[:3] + 0.01 * torch.randn(3, 16)
+    # every list probed: the candidates are the whole bank; top_k 300 with one list
+    # probed: too few candidates, so each query is scanned (exp(-500) would underflow)
+    for top_k, nprobe in ((5, k), (300, 1)):
+        got = bank.read(q, top_k=top_k, temperature=1e-3, nprobe=nprobe, count_access=False)
+        exact = bank.read(q, top_k=top_k, temperature=1e-3, nprobe=EXHAUSTIVE,
+                          count_access=False)
+        for g, e in zip(got.results, exact.results, strict=True):
+            assert [h.slot for h in g.hits] == [h.slot for h in e.hits]
+            np.testing.assert_allclose([h.weight for h in g.hits], [h.weight for h in e.hits],
+                                       rtol=1e-4, atol=1e-12)
+            assert g.hits[0].weight > 0

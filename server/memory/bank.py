@@ -851,7 +851,7 @@ class MemoryBank:
         folded = self._fold(unit)
         mask = allowed.cpu().numpy() if allowed is not None else None
         expected = nprobe * max(1, len(index.lists)) // max(1, index.k)
-        scores_out, slots_out, sums = [], [], []
+        scores_out, slots_out, sums, shifts = [], [], [], []
         for i in range(q.shape[0]):
             if mask is not None and n_allowed <= expected:
                 cand = np.flatnonzero(mask)
@@ -864,8 +864,8 @@ class MemoryBank:
                                   allowed=allowed)
                 scores_out.append(scan.top_scores[0])
                 slots_out.append(scan.top_slots[0])
-                sums.append(scan.exp_sum[0] * math.exp((1.0 - scan.top_scores[0, 0])
-                                                       / temperature))
+                sums.append(scan.exp_sum[0])
+                shifts.append(torch.ones((), device=self.device))  # the scan's shift
                 continue
             idx = torch.from_numpy(cand).to(self.device)
             scores = self._score_slots(folded[i], idx)
@@ -874,10 +874,9 @@ class MemoryBank:
             scores_out.append(top.values)
             slots_out.append(idx[top.indices])
             sums.append(scores.sub_(best).div_(temperature).exp_().sum())
-        # each query's sum is shifted by its own best score (>= 1 term equal to 1)
-        top_scores = torch.stack(scores_out)
-        return _Scan(top_scores, torch.stack(slots_out), torch.stack(sums),
-                     top_scores[:, :1].clone(), None)
+            shifts.append(best)  # so the sum has a term equal to 1: it cannot underflow
+        return _Scan(torch.stack(scores_out), torch.stack(slots_out), torch.stack(sums),
+                     torch.stack(shifts)[:, None], None)
 
     def _score_slots(self, q: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Cosine of one folded query [m] with slots idx [c], computed as ``_scan`` does
