@@ -70,6 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--write-seconds", type=float, default=3.0,
                         help="seconds per write cell (default 3)")
     parser.add_argument("--no-chroma", action="store_true", help="skip Chroma")
+    parser.add_argument("--torch-threads", type=int, default=0,
+                        help="intra-op threads of the ApCM server (0: torch's default)")
 
 
 # -- data --------------------------------------------------------------------------------
@@ -304,8 +306,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     nprobes = [int(x) for x in args.nprobe.split(",")]
     x_queries = queries[:, None, :]
     threshold = n  # one build once loaded (a growing bank retrains at 2x its last build)
-    server = server_process(args.model, "cpu", embedder="none", index_threshold=threshold,
-                            max_bank_capacity=max(4_194_304, n), max_batch_size=8192)
+    server = server_process(args.model, "cpu", args.torch_threads, embedder="none",
+                            index_threshold=threshold, max_bank_capacity=max(4_194_304, n),
+                            max_batch_size=8192)
     with server as address, MemoryClient(address, timeout=600.0) as client:
         client.create_bank("bench", n)
         t0 = time.perf_counter()
@@ -314,11 +317,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             client.write(codes=np_codes[i:i + 4096], mode="per_item", bank="bench")
         load_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        while client.describe_bank("bench").index.state != "ready":
+        while (index := client.describe_bank("bench").index) is None \
+                or index.state != "ready":
             time.sleep(0.5)
         build_s = time.perf_counter() - t0
         info = client.describe_bank("bench")
-        print(f"loaded in {load_s:.1f} s, index of {info.index.lists} lists ready "
+        print(f"loaded in {load_s:.1f} s, index of {index.lists} lists ready "
               f"{build_s:.1f} s later", flush=True)
 
         def apcm_reader(**kw: Any) -> Callable[[], Callable[[int], list[int]]]:
@@ -383,7 +387,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
           f"({b_ix / 192:.2f}x; goal <= 1.3x)")
     print(f"machine: {describe_machine(m)}")
     result = {"memories": n, "data": data_note, "chroma": chroma_note or "measured",
-              "index_lists": info.index.lists, "load_s": load_s, "index_build_s": build_s,
+              "index_lists": index.lists, "load_s": load_s, "index_build_s": build_s,
               "readers": rows, "writes": writes, "machine": m}
     return with_report_fields(result)
 
