@@ -31,6 +31,7 @@ from apcm.client.errors import (
 from apcm.client.retry import RetryPolicy
 from apcm.client.sync import MemoryClient
 from apcm.client.types import (
+    BankIndex,
     BankInfo,
     DeleteResult,
     Hit,
@@ -49,6 +50,7 @@ __all__ = [
     "AlreadyExistsError",
     "ApcmError",
     "AsyncMemoryClient",
+    "BankIndex",
     "BankInfo",
     "ClientClosedError",
     "DeadlineExceededError",

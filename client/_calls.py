@@ -190,14 +190,18 @@ def read(
     payloads: bool,
     soft: bool,
     count_access: bool,
+    nprobe: int = 0,
+    exhaustive: bool = False,
 ) -> Call[list[QueryResult]]:
     if int(top_k) < 1:
         raise invalid_argument(f"top_k must be >= 1, got {top_k}")
+    if int(nprobe) < 0:
+        raise invalid_argument(f"nprobe must be >= 0 (0: the server's default), got {nprobe}")
     field, arr = _content(x, codes)
     request = memory_pb2.ReadRequest(
         bank=bank, top_k=int(top_k), include_reconstruction=reconstruct,
         include_payloads=payloads, soft=soft, skip_access_count=not count_access,
-        **{field: to_proto(arr)},
+        nprobe=int(nprobe), exhaustive=bool(exhaustive), **{field: to_proto(arr)},
     )
     if temperature is not None:
         request.temperature = float(temperature)

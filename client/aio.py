@@ -202,12 +202,14 @@ class AsyncMemoryClient:
         payloads: bool = False,
         soft: bool = False,
         count_access: bool = True,
+        nprobe: int = 0,
+        exhaustive: bool = False,
         timeout: float | None = None,
     ) -> list[QueryResult]:
         """See :meth:`MemoryClient.read`."""
         call = _calls.read(
             x, codes, bank, top_k, temperature, min_score, reconstruct, payloads, soft,
-            count_access,
+            count_access, nprobe, exhaustive,
         )
         return await self._invoke(call, timeout)
 

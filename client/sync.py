@@ -256,6 +256,8 @@ class MemoryClient:
         payloads: bool = False,
         soft: bool = False,
         count_access: bool = True,
+        nprobe: int = 0,
+        exhaustive: bool = False,
         timeout: float | None = None,
     ) -> list[QueryResult]:
         """Recall memories by cosine similarity: queries ``x`` [Q, L, D] or ``codes`` [Q, m].
@@ -269,13 +271,17 @@ class MemoryClient:
             soft: also return the softmax-weighted soft read [L, D].
             count_access: count this read in the slots' access counters
                 (False to inspect without affecting eviction).
+            nprobe: search effort of an indexed bank (``BankInfo.index``): inverted
+                lists probed per query; 0 = the server's default. Higher is slower and
+                closer to the exact scan.
+            exhaustive: scan every slot even if the bank is indexed (exact top-k).
 
         Returns:
             one result per query, in order.
         """
         call = _calls.read(
             x, codes, bank, top_k, temperature, min_score, reconstruct, payloads, soft,
-            count_access,
+            count_access, nprobe, exhaustive,
         )
         return self._invoke(call, timeout)
 

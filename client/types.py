@@ -291,6 +291,7 @@ class BankInfo:
         counter_mean: mean access counter over occupied slots.
         memory_bytes: bytes of codes and per-slot metadata.
         payload_bytes: bytes of payloads.
+        index: the bank's approximate index (``state`` "none": reads scan).
     """
 
     name: str
@@ -308,6 +309,7 @@ class BankInfo:
     counter_mean: float
     memory_bytes: int
     payload_bytes: int
+    index: BankIndex | None = None
 
     @classmethod
     def from_proto(cls, msg: memory_pb2.BankInfo) -> BankInfo:
@@ -327,7 +329,37 @@ class BankInfo:
             counter_mean=float(msg.counter_mean),
             memory_bytes=int(msg.memory_bytes),
             payload_bytes=int(msg.payload_bytes),
+            index=BankIndex.from_proto(msg.index) if msg.HasField("index") else None,
         )
+
+
+@dataclass(frozen=True)
+class BankIndex:
+    """A bank's approximate (IVF) index.
+
+    Attributes:
+        state: "none", "training", "ready" or "retraining" (see the proto's IndexState).
+        lists: inverted lists; 0 without an index.
+        trained_at: occupied slots the centroids were trained on.
+        default_nprobe: lists a read probes when it does not say.
+        indexed_slots: slots in the lists.
+        threshold: occupied slots from which the server indexes a bank (0: never).
+    """
+
+    state: str
+    lists: int
+    trained_at: int
+    default_nprobe: int
+    indexed_slots: int
+    threshold: int
+
+    @classmethod
+    def from_proto(cls, msg: memory_pb2.BankIndex) -> BankIndex:
+        name = memory_pb2.IndexState.Name(msg.state) if msg.state in \
+            memory_pb2.IndexState.values() else "INDEX_STATE_UNSPECIFIED"
+        return cls(state=name.removeprefix("INDEX_STATE_").lower(), lists=int(msg.lists),
+                   trained_at=int(msg.trained_at), default_nprobe=int(msg.default_nprobe),
+                   indexed_slots=int(msg.indexed_slots), threshold=int(msg.threshold))
 
 
 @dataclass(frozen=True)

@@ -95,6 +95,14 @@ class Settings:
         False, "start even though data is known to be lost (no valid snapshot, or "
         "write-ahead-log segments missing)"
     )
+    index_threshold: int = _f(
+        50_000, "occupied slots from which a bank builds an approximate (IVF) index that "
+        "reads search instead of scanning every slot (0: never index); see docs/banks.md"
+    )
+    index_nprobe: int = _f(
+        64, "inverted lists an indexed read probes by default (a request's nprobe "
+        "overrides it): more is slower and closer to the exact scan"
+    )
     torch_threads: int = _f(
         0, "intra-op threads of the model (0 = torch's default, one per core)"
     )
@@ -166,6 +174,10 @@ class Settings:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.default_bank_capacity > self.max_bank_capacity:
             raise ValueError("default_bank_capacity exceeds max_bank_capacity")
+        if self.index_threshold < 0:
+            raise ValueError(f"index_threshold must be >= 0, got {self.index_threshold}")
+        if self.index_nprobe < 1:
+            raise ValueError(f"index_nprobe must be >= 1, got {self.index_nprobe}")
         if self.memory_limit_bytes < 0:
             raise ValueError(f"memory_limit_bytes must be >= 0, got {self.memory_limit_bytes}")
         if bool(self.tls_cert) != bool(self.tls_key):

@@ -188,13 +188,34 @@ class _BankCollector(Collector):
             "(reserved, although banks allocate slots as they fill), keys, metadata and "
             "payloads (counted against apcm_memory_limit_bytes)")
         banks = GaugeMetricFamily("apcm_banks", "Banks that exist now")
+        lists = GaugeMetricFamily(
+            "apcm_index_lists", "Inverted lists of each bank's approximate index (0: none, "
+            "reads scan every slot)", labels=["bank"])
+        indexed = GaugeMetricFamily("apcm_index_slots", "Slots in each bank's index lists",
+                                    labels=["bank"])
+        trained = GaugeMetricFamily(
+            "apcm_index_trained_at_slots", "Occupied slots each bank's index was trained on",
+            labels=["bank"])
+        building = GaugeMetricFamily(
+            "apcm_index_building", "1 while a bank's index is being (re)built in the "
+            "background", labels=["bank"])
         stats = self.source() if self.source is not None else []
         for s in stats:
             capacity.add_metric([s.name], s.capacity)
             occupied.add_metric([s.name], s.occupied)
+            ix = getattr(s, "index", None)
+            if ix is not None:
+                lists.add_metric([s.name], ix.lists)
+                indexed.add_metric([s.name], ix.slots)
+                trained.add_metric([s.name], ix.trained_at)
+                building.add_metric([s.name], int(ix.state in ("training", "retraining")))
         used.add_metric([], sum(s.reserved_bytes + s.payload_bytes for s in stats))
         banks.add_metric([], len(stats))
         yield capacity
         yield occupied
         yield used
         yield banks
+        yield lists
+        yield indexed
+        yield trained
+        yield building

@@ -26,6 +26,12 @@ MODE_FROM_PROTO: dict[int, str | None] = {
     memory_pb2.RECALL_MODE_HYBRID: "hybrid",
     memory_pb2.RECALL_MODE_LEXICAL: "lexical",
 }
+INDEX_STATE_TO_PROTO = {
+    "none": memory_pb2.INDEX_STATE_NONE,
+    "training": memory_pb2.INDEX_STATE_TRAINING,
+    "ready": memory_pb2.INDEX_STATE_READY,
+    "retraining": memory_pb2.INDEX_STATE_RETRAINING,
+}
 PER_ITEM_FROM_PROTO = {
     memory_pb2.WRITE_MODE_UNSPECIFIED: False,
     memory_pb2.WRITE_MODE_MEAN: False,
@@ -58,7 +64,16 @@ def bank_info(stats) -> memory_pb2.BankInfo:  # type: ignore[no-untyped-def]
         counter_mean=stats.counter_mean,
         memory_bytes=stats.memory_bytes,
         payload_bytes=stats.payload_bytes,
+        index=_bank_index(stats.index),
     )
+
+
+def _bank_index(ix) -> memory_pb2.BankIndex | None:  # type: ignore[no-untyped-def]
+    if ix is None:
+        return None
+    return memory_pb2.BankIndex(
+        state=INDEX_STATE_TO_PROTO[ix.state], lists=ix.lists, trained_at=ix.trained_at,
+        default_nprobe=ix.nprobe, indexed_slots=ix.slots, threshold=ix.threshold)
 
 
 def snapshot_info(info) -> memory_pb2.SnapshotInfo:  # type: ignore[no-untyped-def]
@@ -147,6 +162,8 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
             count_access=not request.skip_access_count,
             where=ReadParams.filter_items(dict(request.filter)),
             mode=_from_enum(request.mode, MODE_FROM_PROTO, memory_pb2.RecallMode, "mode"),
+            nprobe=request.nprobe,
+            exhaustive=request.exhaustive,
         )
         results = self.service.read(
             request.bank, params, **self._content(request, "query"),

@@ -29,8 +29,16 @@ from apcm.server.domain.batching import KeyedBatcher, MicroBatcher
 from apcm.server.domain.engine import Engine
 from apcm.server.embedding.embedder import Embedder, EmbedderSpec, resolve_spec
 from apcm.server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
-from apcm.server.memory.bank import BankStats, Hit, MemoryBank, ReadResult, SlotWrite
+from apcm.server.memory.bank import (
+    EXHAUSTIVE,
+    BankStats,
+    Hit,
+    MemoryBank,
+    ReadResult,
+    SlotWrite,
+)
 from apcm.server.memory.hybrid import MODES
+from apcm.server.memory.ivf import IndexConfig
 from apcm.server.memory.metadata import validate_metadata
 from apcm.server.memory.names import validate_bank_name, validate_snapshot_name
 from apcm.server.memory.store import MemoryStore
@@ -101,12 +109,19 @@ class ReadParams:
     # "dense", "hybrid" or "lexical" (see memory.hybrid); None: hybrid for a text query
     # of a bank that holds text memories, else dense
     mode: str | None = None
+    nprobe: int = 0  # lists an indexed bank probes (0: its default)
+    exhaustive: bool = False  # scan every slot even if the bank is indexed
 
     @staticmethod
     def filter_items(where: dict[str, str] | None) -> tuple[tuple[str, str], ...]:
         """A filter map, validated, as the hashable ``where`` of equal params."""
         checked = validate_metadata(where, "filter")
         return tuple(sorted(checked.items())) if checked else ()
+
+    @property
+    def effort(self) -> int:
+        """The bank read's ``nprobe`` (``EXHAUSTIVE`` when an exact scan is asked for)."""
+        return EXHAUSTIVE if self.exhaustive else self.nprobe
 
     def __post_init__(self) -> None:
         if not 1 <= self.top_k <= MAX_TOP_K:
@@ -117,6 +132,9 @@ class ReadParams:
                                   field="temperature")
         if self.min_score is not None and math.isnan(self.min_score):
             raise InvalidArgument("min_score must be a number", field="min_score")
+        if self.nprobe < 0:
+            raise InvalidArgument(f"nprobe must be >= 0 (0: the server's default), got "
+                                  f"{self.nprobe}", field="nprobe")
         if self.mode is not None and self.mode not in MODES:
             raise InvalidArgument(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}",
                                   field="mode")
@@ -154,6 +172,8 @@ class MemoryService:
             scorer=codec.scorer,
             memory_limit_bytes=settings.effective_memory_limit_bytes,
             max_banks=settings.max_banks,
+            index_config=IndexConfig(threshold=settings.index_threshold,
+                                     nprobe=settings.index_nprobe),
         )
         self.embedder: Embedder | None = None
         spec = resolve_spec(settings.embedder, codec.extra_metadata)
@@ -527,7 +547,8 @@ class MemoryService:
         if self._reads is None:
             return self.store.read(bank, latents, top_k=p.top_k, temperature=p.temperature,
                                    min_score=p.min_score, soft=p.soft,
-                                   count_access=p.count_access, where=dict(p.where) or None)
+                                   count_access=p.count_access, where=dict(p.where) or None,
+                                   nprobe=p.effort)
         rows = self._reads((bank, p), latents)
         soft_rows = [s for _, s in rows]
         return ReadResult(
@@ -540,7 +561,7 @@ class MemoryService:
         bank, p = key
         result = self.store.read(bank, latents, top_k=p.top_k, temperature=p.temperature,
                                  min_score=p.min_score, soft=p.soft, count_access=p.count_access,
-                                 where=dict(p.where) or None)
+                                 where=dict(p.where) or None, nprobe=p.effort)
         softs = list(result.soft) if result.soft is not None else [None] * len(result.results)
         return list(zip(result.results, softs, strict=True))
 

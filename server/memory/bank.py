@@ -50,6 +50,7 @@ from apcm.server.code_dtypes import CODE_DTYPES
 from apcm.server.errors import FailedPrecondition, InvalidArgument
 from apcm.server.memory.columns import ByteColumn, KeyIndex
 from apcm.server.memory.eviction import Policy, VictimQueue, make_policy
+from apcm.server.memory.ivf import IndexConfig, InvertedLists, IvfIndex
 from apcm.server.memory.metadata import decode_metadata, encode_metadata
 from apcm.server.memory.names import validate_key
 from apcm.server.memory.rwlock import ReadWriteLock
@@ -59,12 +60,16 @@ from apcm.server.memory.scoring import CodeScorer
 # int8/float16 chunk and its scores stay in cache, large enough to amortise per-call
 # overhead (measured by ``apcm bench read``).
 READ_CHUNK_ROWS = 4096
+# Rows a codec's scorer decodes at once: its unpacking makes int64 temporaries of
+# ~12 KB per row, so 1,024 rows stay in cache; 4,096 measured 4x slower per row.
+_SCORER_CHUNK_ROWS = 1024
 # Rows per int8 x int8 matmul call of a single-query int8 read (3 MB at m = 192: the
 # second and third limb read the chunk from cache).
 _INT8_CHUNK_ROWS = 16384
 _SCORE_SPAN_FLOATS = 1 << 18  # scores post-processed at once on CPU (1 MB)
 _MIN_EXP_SUM = 1e-30
 _FREE_SCAN_ROWS = 65536
+EXHAUSTIVE = -1  # a read's ``nprobe`` that scans every slot even when the bank is indexed
 INITIAL_ROWS = 1024  # slots a new bank allocates
 # Rows grow by this factor when a write needs more: at most 12.5% (~6% on average)
 # of the per-slot tensors are spare, at the price of ~9 copies of each row over a
@@ -147,6 +152,30 @@ class BankStats:
     memory_bytes: int
     payload_bytes: int
     reserved_bytes: int = 0
+    index: IndexStats | None = None
+
+
+@dataclass(frozen=True)
+class IndexStats:
+    """A bank's approximate index (``DescribeBank``'s ``index``).
+
+    Attributes:
+        state: "none" (reads scan), "training" (the first index is being built;
+            reads scan), "ready" or "retraining" (reads search the index; a
+            replacement is being built).
+        lists: inverted lists (centroids); 0 without an index.
+        trained_at: occupied slots the centroids were trained on.
+        nprobe: lists a read probes by default.
+        slots: slots in the lists (== occupied when ready).
+        threshold: occupied slots from which the bank is indexed (0: never).
+    """
+
+    state: str
+    lists: int
+    trained_at: int
+    nprobe: int
+    slots: int
+    threshold: int
 
 
 class MemoryBank:
@@ -167,6 +196,7 @@ class MemoryBank:
         policy: eviction policy.
         max_payload_bytes: largest payload per memory.
         max_key_length: longest key.
+        index_config: when the bank builds an approximate index (None: never).
     """
 
     def __init__(
@@ -183,6 +213,7 @@ class MemoryBank:
         max_key_length: int,
         metric: torch.Tensor | None = None,
         scorer: CodeScorer | None = None,
+        index_config: IndexConfig | None = None,
     ) -> None:
         self.name = name
         self.capacity = int(capacity)
@@ -231,6 +262,15 @@ class MemoryBank:
         self.writes_total = 0
         self.evictions_total = 0
         self.reads_total = 0
+        # the approximate index (see ``ivf`` and ``indexing``), kept exact by every
+        # mutation below; ``index_epoch`` changes when a clear or restore makes an
+        # index built from an earlier copy useless, and ``index_journal`` collects the
+        # slots written or freed while a background build works from a copy
+        self.index_config = index_config or IndexConfig()
+        self.index: IvfIndex | None = None
+        self.index_training = False
+        self.index_epoch = 0
+        self.index_journal: set[int] | None = None
 
     def _allocate(self, rows: int) -> None:
         """Fresh zeroed per-slot tensors of ``rows`` slots."""
@@ -271,6 +311,8 @@ class MemoryBank:
             setattr(self, name, new)
         for col in (self.keys, self.payloads, self.metadata):
             col.grow(rows)
+        if self.index is not None:
+            self.index.lists.grow(rows)
 
     # ------------------------------------------------------------------ queries
     @property
@@ -313,8 +355,18 @@ class MemoryBank:
             writes_total=self.writes_total, reads_total=self.reads_total,
             counter_min=cmin, counter_max=cmax, counter_mean=cmean,
             memory_bytes=self.memory_bytes(), payload_bytes=self.payloads.live,
-            reserved_bytes=self.reserved_bytes(),
+            reserved_bytes=self.reserved_bytes(), index=self.index_stats(),
         )
+
+    def index_stats(self) -> IndexStats:
+        index, cfg = self.index, self.index_config
+        if index is None:
+            state = "training" if self.index_training else "none"
+        else:
+            state = "retraining" if self.index_training else "ready"
+        return IndexStats(state=state, lists=index.k if index else 0,
+                          trained_at=index.trained_at if index else 0, nprobe=cfg.nprobe,
+                          slots=len(index.lists) if index else 0, threshold=cfg.threshold)
 
     @staticmethod
     def slot_bytes(code_dim: int, code_dtype: str) -> int:
@@ -333,7 +385,8 @@ class MemoryBank:
         tensors = sum(getattr(self, n).numel() * getattr(self, n).element_size()
                       for n in _SLOT_TENSORS)
         columns = self.keys.nbytes() + self.metadata.nbytes() + self.payloads.nbytes()
-        return tensors + columns - self.payloads.live + self._key_index.nbytes()
+        index = self.index.nbytes() if self.index is not None else 0
+        return tensors + columns - self.payloads.live + self._key_index.nbytes() + index
 
     def reserved_bytes(self) -> int:
         """What the server's memory limit counts for this bank besides payloads: every
@@ -484,7 +537,9 @@ class MemoryBank:
         src = torch.tensor(list(last.values()), dtype=torch.int64, device=self.device)
         new = codes.to(self.device)[src]
         self.codes[dst] = new
-        self.inv_norms[dst] = self._inverse_norms(new)
+        z = self.search_vectors(new)
+        inv = _inverse(z.norm(dim=1))
+        self.inv_norms[dst] = inv
         self.occupied[dst] = True
         self.sequences[dst] = torch.tensor(sequences, dtype=torch.int64, device=self.device)[src]
         self.counts[dst] = self.policy.initial_count
@@ -493,7 +548,43 @@ class MemoryBank:
         self.writes_total += n
         self.version += 1
         self._high = max(self._high, max(slots) + 1)
+        self._index_written(dst, z * inv[:, None])
         return out
+
+    # ------------------------------------------------------------------ index upkeep
+    def _index_written(self, slots: torch.Tensor, rows: torch.Tensor) -> None:
+        """Keeps the index exact after slots [n] got codes with unit search rows [n, d]."""
+        if self.index is not None:
+            self.index.place(slots.cpu().numpy(), rows.cpu())
+        if self.index_journal is not None:
+            self.index_journal.update(slots.tolist())
+        from apcm.server.memory import indexing  # indexing imports this module
+        indexing.maybe_start(self)
+
+    def _index_freed(self, slots: list[int]) -> None:
+        if self.index is not None:
+            for s in slots:
+                self.index.lists.remove(s)
+        if self.index_journal is not None:
+            self.index_journal.update(slots)
+
+    def _index_cleared(self) -> None:
+        """A cleared bank drops its index: centroids trained on what it held would
+        not fit what it holds next; it is retrained once it crosses the threshold."""
+        self.index = None
+        self.index_journal = None
+        self.index_epoch += 1
+
+    def search_vectors(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes [n, m] -> the vectors [n, d] float32 a read's cosine compares the query
+        with (dequantised or decoded by the scorer, times the similarity weights);
+        divided by their norm they are a slot's unit search row."""
+        z = self._dequantize(codes)
+        return z * self.metric if self.metric is not None else z
+
+    def search_rows(self, codes: torch.Tensor, inv_norms: torch.Tensor) -> torch.Tensor:
+        """Unit search rows [n, d] of codes [n, m] with their inverse norms [n]."""
+        return self.search_vectors(codes) * inv_norms[:, None]
 
     def _set_metadata(self, slot: int, meta: dict[str, str] | None) -> None:
         """Replaces a slot's metadata, keeping the (key, value) -> slots index in step."""
@@ -537,11 +628,6 @@ class MemoryBank:
         q = q[0] / q[0].norm().clamp_min(1e-30)
         return ((z @ q) * self.inv_norms[idx]).tolist()
 
-    def _inverse_norms(self, codes: torch.Tensor) -> torch.Tensor:
-        z = self._dequantize(codes)
-        norms = (z * self.metric if self.metric is not None else z).norm(dim=1)
-        return torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms))
-
     def _dequantize(self, codes: torch.Tensor) -> torch.Tensor:
         if self.scorer is not None:
             return self.scorer.codes(codes)
@@ -574,8 +660,17 @@ class MemoryBank:
         soft: bool = False,
         count_access: bool = True,
         where: dict[str, str] | None = None,
+        nprobe: int = 0,
     ) -> ReadResult:
         """The paper's read, batched, with top-k, min_score and the soft read.
+
+        A bank with an index (``ivf``) answers with it unless the read is soft or
+        ``nprobe`` is ``EXHAUSTIVE``: each query's ``nprobe`` nearest lists are
+        gathered and their slots scored exactly like the scan scores them, so hits
+        differ from the scan's only by memories outside the probed lists. An
+        approximate read's softmax weights are normalised over the probed candidates,
+        not over the whole bank. Where too few candidates survive (fewer than top_k
+        after the ``where`` filter), that query is scanned.
 
         Args:
             latents: queries [Q, m] float32 in latent (dequantised) space.
@@ -586,8 +681,13 @@ class MemoryBank:
             count_access: increment the counter of each query's returned best hit.
             where: metadata equality filter, applied before top-k: only memories whose
                 metadata holds every (key, value) are scored, ranked and weighted.
+            nprobe: lists an indexed read probes (0: the bank's default, ``EXHAUSTIVE``:
+                scan every slot, as an unindexed bank does).
         """
         q = self._validate_read(latents, top_k, temperature, min_score)
+        if nprobe < EXHAUSTIVE:
+            raise InvalidArgument(f"nprobe must be >= 0 (or {EXHAUSTIVE}: exhaustive), got "
+                                  f"{nprobe}", field="nprobe")
         n_q = q.shape[0]
         allowed, n_allowed = None, self._occupied_count
         if where:
@@ -595,7 +695,12 @@ class MemoryBank:
         if n_allowed == 0:
             return ReadResult([QueryResult() for _ in range(n_q)], None)
         k = min(top_k, n_allowed)
-        scan = self._scan(q, k, temperature, soft, shift=None, allowed=allowed)
+        index = self.index
+        if index is not None and not soft and nprobe != EXHAUSTIVE:
+            scan = self._probe(index, q, k, temperature, nprobe or self.index_config.nprobe,
+                               allowed, n_allowed)
+        else:
+            scan = self._scan(q, k, temperature, soft, shift=None, allowed=allowed)
         if bool((scan.exp_sum < _MIN_EXP_SUM).any()):
             # exp((s - 1) / T) underflowed (tiny T, all scores far below 1): rescan,
             # shifting each query by its best score, which makes every sum >= 1
@@ -660,13 +765,7 @@ class MemoryBank:
             allowed: bool mask [capacity] of the (occupied) slots to consider, or None
                 for every occupied slot.
         """
-        if self.scorer is not None:
-            q = self.scorer.queries(q)
-        if self.metric is not None:
-            q = q * self.metric
-        q = q / q.norm(dim=1, keepdim=True).clamp_min(1e-30)
-        if self._query_fold is not None:
-            q = q * self._query_fold
+        q = self._fold(self._unit_queries(q))
         n_q, rows, m = q.shape[0], self._high, q.shape[1]
         convert = self.torch_dtype != torch.float32
         if self.device.type != "cpu":
@@ -675,6 +774,8 @@ class MemoryBank:
             span = max(READ_CHUNK_ROWS, _SCORE_SPAN_FLOATS // n_q // READ_CHUNK_ROWS
                        * READ_CHUNK_ROWS)
             chunk = READ_CHUNK_ROWS if convert else span
+            if self.scorer is not None:
+                chunk = _SCORER_CHUNK_ROWS
         lut_dots = self._lut_dots(q, soft)
         if lut_dots is not None:
             chunk = span  # no decoded block to keep in cache
@@ -744,6 +845,71 @@ class MemoryBank:
             return None
         return cast(Callable[..., torch.Tensor], dots)
 
+    def _unit_queries(self, q: torch.Tensor) -> torch.Tensor:
+        """Queries [Q, query_dim] -> unit vectors [Q, d] of the search space."""
+        if self.scorer is not None:
+            q = self.scorer.queries(q)
+        if self.metric is not None:
+            q = q * self.metric
+        return q / q.norm(dim=1, keepdim=True).clamp_min(1e-30)
+
+    def _fold(self, q: torch.Tensor) -> torch.Tensor:
+        """Unit queries [Q, d] -> what raw (int8 / weighted) codes are multiplied by."""
+        return q * self._query_fold if self._query_fold is not None else q
+
+    def _probe(self, index: IvfIndex, q: torch.Tensor, k: int, temperature: float,
+               nprobe: int, allowed: torch.Tensor | None, n_allowed: int) -> _Scan:
+        """Top-k and softmax sums of queries [Q, query_dim] over each query's candidates:
+        the slots of its ``nprobe`` nearest lists (or, under a filter matching no more
+        slots than a probe would gather, every allowed slot: exact and cheaper).
+        A query with fewer than k candidates is scanned instead."""
+        unit = self._unit_queries(q)
+        folded = self._fold(unit)
+        mask = allowed.cpu().numpy() if allowed is not None else None
+        expected = nprobe * max(1, len(index.lists)) // max(1, index.k)
+        scores_out, slots_out, sums, shifts = [], [], [], []
+        for i in range(q.shape[0]):
+            if mask is not None and n_allowed <= expected:
+                cand = np.flatnonzero(mask)
+            else:
+                cand = index.probe(unit[i].cpu(), nprobe)
+                if mask is not None:
+                    cand = cand[mask[cand]]
+            if cand.size < k:
+                scan = self._scan(q[i:i + 1], k, temperature, False, shift=None,
+                                  allowed=allowed)
+                scores_out.append(scan.top_scores[0])
+                slots_out.append(scan.top_slots[0])
+                sums.append(scan.exp_sum[0])
+                shifts.append(torch.ones((), device=self.device))  # the scan's shift
+                continue
+            idx = torch.from_numpy(cand).to(self.device)
+            scores = self._score_slots(folded[i], idx)
+            top = torch.topk(scores, k)
+            best = top.values[0]
+            scores_out.append(top.values)
+            slots_out.append(idx[top.indices])
+            sums.append(scores.sub_(best).div_(temperature).exp_().sum())
+            shifts.append(best)  # so the sum has a term equal to 1: it cannot underflow
+        return _Scan(torch.stack(scores_out), torch.stack(slots_out), torch.stack(sums),
+                     torch.stack(shifts)[:, None], None)
+
+    def _score_slots(self, q: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Cosine of one folded query [m] with slots idx [c], computed as ``_scan`` does
+        (same conversion of the codes, same query, times the slot's inverse norm)."""
+        dots = self._lut_dots(q[None], soft=False)
+        if dots is not None:  # straight from the packed codes, like the scan
+            scores = dots(q[None], self.codes.index_select(0, idx))[0]
+            return scores.mul_(self.inv_norms.index_select(0, idx))
+        out = torch.empty(idx.shape[0], device=self.device)
+        step = _SCORER_CHUNK_ROWS if self.scorer is not None else READ_CHUNK_ROWS
+        for i in range(0, idx.shape[0], step):
+            at = idx[i:i + step]
+            block = self.codes.index_select(0, at)
+            block = self.scorer.codes(block) if self.scorer is not None else block.float()
+            torch.mv(block, q, out=out[i:i + at.shape[0]])
+        return out.mul_(self.inv_norms.index_select(0, idx))
+
     def _hits(self, slots: torch.Tensor, scores: torch.Tensor, weights: torch.Tensor,
               keep: torch.Tensor, codes: torch.Tensor) -> list[QueryResult]:
         seqs = self.sequences[slots].tolist()
@@ -802,6 +968,7 @@ class MemoryBank:
         self._reset_slots(idx)
         self._free_hint = min(self._free_hint, min(slots))
         self.version += 1
+        self._index_freed(slots)
 
     def clear(self) -> None:
         """Frees every slot; totals and the write clock continue."""
@@ -812,6 +979,7 @@ class MemoryBank:
         self._reset_slots(slice(None))
         self._occupied_count = self._high = self._free_hint = 0
         self.version += 1
+        self._index_cleared()
 
     def _reset_slots(self, idx: torch.Tensor | slice) -> None:
         for name in _SLOT_TENSORS:
@@ -847,6 +1015,10 @@ class MemoryBank:
             if not frozen or name in ("counts", "count_clock"):
                 tensors[name] = tensors[name].clone()
         tensors["occupied"] = tensors["occupied"].to(torch.uint8)
+        if self.index is not None:  # optional arrays: older readers ignore them
+            config["ivf_trained_at"] = self.index.trained_at
+            tensors["ivf_centroids"] = self.index.centroids.cpu().clone()
+            tensors["ivf_assign"] = torch.from_numpy(self.index.lists.assign[:n].copy())
         columns = {prefix: col.packed(n) for prefix, col in (
             ("payload", self.payloads), ("key", self.keys), ("metadata", self.metadata))}
         return BankCopy(config, tensors, columns)
@@ -885,8 +1057,13 @@ class MemoryBank:
         metric: torch.Tensor | None = None,
         scorer: CodeScorer | None = None,
         adopt_arrays: bool = False,
+        index_config: IndexConfig | None = None,
     ) -> MemoryBank:
         """Rebuilds a bank from ``export()`` output (e.g. a snapshot).
+
+        An index stored with it (``ivf_*`` arrays) is loaded if it fits the slots;
+        without one, a bank above the index threshold is indexed once the caller
+        starts it (``indexing.maybe_start``).
 
         Arrays cover slots ``[0, n)`` with ``n <= capacity`` (older snapshots: all of
         ``capacity``); trailing free slots are not kept, later writes grow the bank.
@@ -899,7 +1076,8 @@ class MemoryBank:
         bank = cls(str(config["name"]), capacity, code_dim=int(config["code_dim"]),
                    code_dtype=str(config["code_dtype"]), scale=scale, device=device,
                    policy=policy, max_payload_bytes=max_payload_bytes,
-                   max_key_length=max_key_length, metric=metric, scorer=scorer)
+                   max_key_length=max_key_length, metric=metric, scorer=scorer,
+                   index_config=index_config)
         for name in ("occupied", "payload_data", "key_data"):
             if name not in arrays:
                 raise FailedPrecondition(f"bank {bank.name!r}: array {name} is missing")
@@ -958,12 +1136,36 @@ class MemoryBank:
         bank._key_index.rebuild()
         bank._occupied_count = int(occupied.size)
         bank._high = keep
+        bank.index = bank._stored_index(config, arrays, occupied, keep)
         for attr in ("evictions_total", "writes_total", "reads_total", "write_clock"):
             setattr(bank, attr, int(config[attr]))
         # snapshots older than per-bank sequences were consistent at one store-wide
         # sequence, which the store's replay rule already covers
         bank.applied_seq = int(config.get("applied_seq", 0))
         return bank
+
+
+    def _stored_index(self, config: dict, arrays: dict[str, np.ndarray], occupied: np.ndarray,
+                      keep: int) -> IvfIndex | None:
+        """The index a snapshot holds, if any and if it fits the slots (occupied: the
+        occupied slot ids). An index that does not fit is dropped, not an error: the
+        bank is re-indexed from its codes in the background."""
+        centroids, assign = arrays.get("ivf_centroids"), arrays.get("ivf_assign")
+        if centroids is None or assign is None or "ivf_trained_at" not in config:
+            return None
+        d = self.scorer.search_dim if self.scorer is not None else self.code_dim
+        if centroids.ndim != 2 or centroids.shape[1] != d or centroids.shape[0] < 1 \
+                or assign.shape != (arrays["occupied"].shape[0],):
+            return None
+        k = int(centroids.shape[0])
+        assign = np.array(assign[:keep], dtype=np.int32)
+        listed = np.flatnonzero(assign >= 0)
+        if assign.size and (int(assign.max()) >= k or listed.shape != occupied.shape
+                            or not np.array_equal(listed, occupied)):
+            return None
+        lists = InvertedLists.from_assignment(assign, k, self.rows)
+        return IvfIndex(torch.from_numpy(np.array(centroids, dtype=np.float32)), lists,
+                        int(config["ivf_trained_at"]))
 
 
 @dataclass
@@ -980,6 +1182,11 @@ class BankCopy:
         for prefix, (data, offsets) in self.columns.items():
             arrays[f"{prefix}_data"], arrays[f"{prefix}_offsets"] = data, offsets
         return self.config, arrays
+
+
+def _inverse(norms: torch.Tensor) -> torch.Tensor:
+    """1 / norm, and 0 for zero vectors (which score 0 against everything)."""
+    return torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms))
 
 
 def _int8_limbs(q: torch.Tensor, n: int = 3) -> list[tuple[torch.Tensor, float]]:

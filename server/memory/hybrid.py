@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from apcm.server.memory.bank import Hit, MemoryBank, QueryResult, ReadResult
+from apcm.server.memory.bank import EXHAUSTIVE, Hit, MemoryBank, QueryResult, ReadResult
 from apcm.server.memory.lexical import LexicalIndex
 
 MODES = ("dense", "hybrid", "lexical")
@@ -86,8 +86,10 @@ def fused_read(
     lexical = index.search(queries, allowed, depth)
     dense: ReadResult | None = None
     if mode == "hybrid":
+        # exact dense ranking: fusion ranks dense and lexical candidates together, and
+        # its depth (not top_k) decides what an approximate probe would have to cover
         dense = bank.read(latents, top_k=depth, temperature=temperature, soft=soft,
-                          count_access=False, where=where)
+                          count_access=False, where=where, nprobe=EXHAUSTIVE)
     results = []
     best: list[int] = []
     for qi in range(len(queries)):

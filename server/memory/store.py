@@ -19,6 +19,11 @@ held over slow work:
    sequence numbers and appends its (already encoded) record, so log order ==
    sequence order.
 
+A bank's index build (``memory.indexing``) runs in its own thread and takes only
+that bank's lock: shared while it copies the codes, exclusive for the short swap,
+none while it trains; writes meanwhile keep the live index exact and journal their
+slots for the new one.
+
 A thread that looked a bank up and then waited for its lock re-checks
 ``bank.retired`` (set under that lock by drop and restore) and retries the
 lookup, so it never writes into a dropped or replaced bank.
@@ -58,9 +63,11 @@ from apcm.server.errors import (
     NotFound,
     ResourceExhausted,
 )
+from apcm.server.memory import indexing
 from apcm.server.memory.bank import BankStats, MemoryBank, ReadResult, SlotWrite
 from apcm.server.memory.eviction import make_policy, validate_half_life
 from apcm.server.memory.hybrid import fused_read
+from apcm.server.memory.ivf import IndexConfig
 from apcm.server.memory.lexical import LexicalIndex, is_text
 from apcm.server.memory.metadata import decode_metadata, encode_metadata, validate_metadata
 from apcm.server.memory.names import shorten, validate_bank_name
@@ -120,6 +127,7 @@ class MemoryStore:
             payloads); None for no limit. Checked by ``create_bank`` and by writes that
             add payload bytes; restores and replay are not refused.
         max_banks: most banks at once (None for no limit).
+        index_config: when banks build an approximate index (None: never).
     """
 
     def __init__(
@@ -139,6 +147,7 @@ class MemoryStore:
         memory_limit_bytes: int | None = None,
         max_banks: int | None = None,
         scorer: CodeScorer | None = None,
+        index_config: IndexConfig | None = None,
     ) -> None:
         if code_dtype not in CODE_DTYPES:
             raise ValueError(f"unknown code dtype {code_dtype!r}")
@@ -147,6 +156,7 @@ class MemoryStore:
         self.scale = scale.detach().float().cpu() if scale is not None else None
         self.metric = metric.detach().float().cpu() if metric is not None else None
         self.scorer = scorer
+        self.index_config = index_config or IndexConfig()
         self.device = torch.device(device)
         self.max_capacity = int(max_capacity)
         self.max_payload_bytes = int(max_payload_bytes)
@@ -246,7 +256,7 @@ class MemoryStore:
             name, capacity, code_dim=self.code_dim, code_dtype=self.code_dtype,
             scale=self.scale, device=self.device, policy=make_policy(policy, half_life),
             max_payload_bytes=self.max_payload_bytes, max_key_length=self.max_key_length,
-            metric=self.metric, scorer=self.scorer)
+            metric=self.metric, scorer=self.scorer, index_config=self.index_config)
 
     def _lookup(self, name: str) -> MemoryBank:
         bank = self._banks.get(name)  # copy-on-write dict: no lock needed
@@ -405,7 +415,10 @@ class MemoryStore:
             self.last_seq = max(self.last_seq, newest)
             bank.applied_seq = self.last_seq
             self._load_texts(bank, text_flags)  # None: derived from the payloads
+            bank.index_config = self.index_config  # this server's, not the sender's
             self._banks = {**self._banks, bank.name: bank}
+        with bank.lock:
+            indexing.maybe_start(bank)
 
     def bank_from_export(self, config: dict[str, Any], arrays: dict[str, np.ndarray]
                          ) -> MemoryBank:
@@ -425,7 +438,8 @@ class MemoryStore:
         return MemoryBank.from_export(
             config, arrays, scale=self.scale, device=self.device,
             max_payload_bytes=self.max_payload_bytes, max_key_length=self.max_key_length,
-            metric=self.metric, scorer=self.scorer, adopt_arrays=True)
+            metric=self.metric, scorer=self.scorer, adopt_arrays=True,
+            index_config=self.index_config)
 
     def import_bank(self, bank: MemoryBank, commit: Callable[[int], dict[str, Any]],
                     text_flags: np.ndarray | None = None) -> bool:
@@ -456,6 +470,8 @@ class MemoryStore:
             self.last_seq = end
             bank.applied_seq = end
             self._banks = {**self._banks, bank.name: bank}
+        with bank.lock:
+            indexing.maybe_start(bank)
         self._wait(end)
         return True
 
@@ -476,6 +492,8 @@ class MemoryStore:
             with self.seq_lock:
                 self._banks = {**self._banks, bank.name: bank}
                 self.last_seq = seq
+        with bank.lock:
+            indexing.maybe_start(bank)
 
     def abandon_bank(self, bank: MemoryBank) -> None:
         """Takes back an ``adopt_bank`` that never became durable (unlogged, like it)."""
@@ -563,12 +581,17 @@ class MemoryStore:
         soft: bool = False,
         count_access: bool = True,
         where: dict[str, str] | None = None,
+        nprobe: int = 0,
     ) -> ReadResult:
         """Cosine recall of queries [Q, m] float32 (latent space); see ``MemoryBank.read``.
         Holds the bank's lock shared: reads of one bank run at the same time."""
         with self._shared(bank) as b:
             return b.read(latents, top_k=top_k, temperature=temperature, min_score=min_score,
-                          soft=soft, count_access=count_access, where=where)
+                          soft=soft, count_access=count_access, where=where, nprobe=nprobe)
+
+    def build_index(self, bank: str) -> bool:
+        """(Re)builds a bank's index now, in this thread (see ``indexing.build``)."""
+        return indexing.build(self._lookup(bank))
 
     def has_texts(self, bank: str) -> bool:
         """Whether a bank holds text memories (its lexical index is not empty)."""
@@ -691,7 +714,7 @@ class MemoryStore:
             banks[name] = MemoryBank.from_export(
                 config, arrays, scale=self.scale, device=self.device,
                 max_payload_bytes=self.max_payload_bytes, max_key_length=self.max_key_length,
-                metric=self.metric, scorer=self.scorer)
+                metric=self.metric, scorer=self.scorer, index_config=self.index_config)
             self._load_texts(banks[name], arrays.get("text_flags"))  # older: derived
         with self._all_locked() as old, self.seq_lock:
             for _, bank in old:
@@ -700,6 +723,9 @@ class MemoryStore:
             # never backwards: mutations that finished while this waited for their bank
             # locks used numbers above a last_seq the caller may have read earlier
             self.last_seq = max(self.last_seq, int(state.last_seq))
+        for bank in banks.values():  # banks restored without a stored index
+            with bank.lock:
+                indexing.maybe_start(bank)
 
     def apply_record(self, seq: int, kind: str, bank: str, fields: dict[str, Any]) -> None:
         """Re-applies one logged mutation (WAL replay): deterministic, never logged.

@@ -24,6 +24,7 @@ BENCHMARKS = {
     "hybrid": "evidence recall@10 of recall() on conversations by mode; hybrid vs dense speed",
     "cluster": "forwarding hop p50 vs direct; moving a bank vs raw loopback copy of its bytes",
     "scale": "RAM per memory, concurrent reads of one bank and writes/s, vs a baseline revision",
+    "index": "a bank's IVF index vs its exhaustive scan vs Chroma's HNSW server, same data",
     "codec": "a codec file's encode/decode vs FAISS PQ at equal bytes, 1 thread, batch 1024",
     "report": "turn benchmark JSON files into docs/BENCHMARKS.md with plots",
     "all": "run every benchmark with its defaults, then the report",
