@@ -64,6 +64,17 @@ def _scan(codes: np.ndarray, byte_lut: np.ndarray, byte_at: np.ndarray, lut: np.
             out[q, i] = acc
 
 
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def _byte_tables(lut: np.ndarray, slot: np.ndarray, base: np.ndarray, shift: np.ndarray,
+                 mask: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover
+    out[:] = 0.0
+    for q in range(lut.shape[0]):
+        for f in range(slot.shape[0]):
+            j, b, s, m = slot[f], base[f], shift[f], mask[f]
+            for v in range(256):
+                out[q, j, v] += lut[q, b + ((v >> s) & m)]
+
+
 class LutScorer:
     """Dot products of search-space queries with the decoded items of packed codes.
 
@@ -95,16 +106,11 @@ class LutScorer:
         split = coded[shift[coded] < 8]
         self.word, self.shift = word[split], shift[split].astype(np.int32)
         self.mask, self.base = mask[split].astype(np.int32), offset_np[split]
-        self.byte_at = np.unique(word[whole]).astype(np.int64)
-        per_byte = [whole[word[whole] == k] for k in self.byte_at]
-        width = max((len(f) for f in per_byte), default=1)
-        pad = self.table.shape[0]  # index of a 0 appended to each query's table
-        values = np.arange(256, dtype=np.int64)
-        self.byte_index = np.full((len(self.byte_at), 256, width), pad, dtype=np.int64)
-        for j, fields in enumerate(per_byte):
-            for slot, f in enumerate(fields):
-                self.byte_index[j, :, slot] = offset_np[f] + ((values >> (shift[f] - 8))
-                                                              & mask[f])
+        self.byte_at, byte_slot = np.unique(word[whole], return_inverse=True)
+        self.whole_slot = byte_slot.astype(np.int64)  # field -> row of the byte tables
+        self.whole_base = offset_np[whole]
+        self.whole_shift = (shift[whole] - 8).astype(np.int32)  # within its byte
+        self.whole_mask = mask[whole].astype(np.int32)
         # uncoded dims always decode to their cell 0: a constant per query
         uncoded = np.setdiff1d(np.arange(d), coded)
         constant = np.zeros(d, dtype=np.float32)
@@ -117,12 +123,15 @@ class LutScorer:
     def scores(self, queries: np.ndarray, codes: np.ndarray) -> np.ndarray:
         """Queries [Q, d] float32 and codes [c, n_bytes] uint8 -> dots [Q, c] float32."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        lut = np.zeros((queries.shape[0], self.table.shape[0] + 1), dtype=np.float32)
-        lut[:, :-1] = queries[:, self.dim_of] * self.table[None, :]
-        byte_lut = np.ascontiguousarray(lut[:, self.byte_index].sum(axis=-1, dtype=np.float32))
-        codes = np.ascontiguousarray(codes)
         n = codes.shape[0]
         out = np.empty((queries.shape[0], n), dtype=np.float32)
+        if n == 0:
+            return out
+        lut = queries[:, self.dim_of] * self.table[None, :]
+        byte_lut = np.empty((queries.shape[0], len(self.byte_at), 256), dtype=np.float32)
+        _byte_tables(lut, self.whole_slot, self.whole_base, self.whole_shift, self.whole_mask,
+                     byte_lut)
+        codes = np.ascontiguousarray(codes)
         parts = min(torch.get_num_threads(), n // PARALLEL_ROWS)
         tables = (byte_lut, self.byte_at, lut, self.base, self.word, self.shift, self.mask)
         if parts <= 1:
