@@ -272,6 +272,18 @@ class TransformScorer:
         self.query_dim = model.config.dim
         self.search_dim = model.config.dim
         self._lut: tuple[tuple[int, ...], LutScorer] | None = None
+        self._offset: tuple[tuple[int, ...], torch.Tensor] | None = None
+
+    def _search_offset(self) -> torch.Tensor:
+        """``R mean`` [d], what turns a latent into a search vector; cached, since a
+        write's one-row decode (the index places every written slot) paid a 384x384
+        product for it each time."""
+        r = self.model.rotation
+        key = (id(r.rotation), r.rotation._version, id(r.mean), r.mean._version)
+        cached = self._offset
+        if cached is None or cached[0] != key:
+            cached = self._offset = (key, r.mean @ r.rotation.T)
+        return cached[1]
 
     def dots(self, queries: torch.Tensor, codes: torch.Tensor) -> torch.Tensor | None:
         """Search vectors [Q, d] . decoded codes [c, budget] -> [Q, c] without decoding
@@ -284,8 +296,8 @@ class TransformScorer:
         key = (id(m.table), id(m.offset), id(m.packer), m.table._version)
         lut = self._lut
         if lut is None or lut[0] != key:
-            bias = m.rotation.mean @ m.rotation.rotation.T
-            lut = self._lut = (key, LutScorer(m.packer, m.table, m.offset, bias))
+            lut = self._lut = (key, LutScorer(m.packer, m.table, m.offset,
+                                              self._search_offset()))
         return torch.from_numpy(lut[1].scores(queries.detach().numpy(), codes.numpy()))
 
     @property
@@ -297,7 +309,7 @@ class TransformScorer:
         """Latents y [Q, d] -> search vectors [Q, d]."""
         m = self.model
         if self._exact_latent:
-            return latents + m.rotation.mean @ m.rotation.rotation.T
+            return latents + self._search_offset()
         return m.inverse(latents)
 
     @torch.inference_mode()
@@ -312,7 +324,7 @@ class TransformScorer:
         m = self.model
         if not self._exact_latent:
             return m.inverse(m.unpack(codes))
-        offset = m.rotation.mean @ m.rotation.rotation.T
+        offset = self._search_offset()
         if m.predictor is not None:
             return m.unpack(codes).add_(offset)
         out = torch.empty(codes.shape[0], m.config.dim, dtype=m.table.dtype, device=codes.device)
