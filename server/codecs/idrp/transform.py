@@ -215,13 +215,14 @@ def group_rotation(bits: np.ndarray, seed: int) -> np.ndarray:
 
 def fit_quantizer(z: np.ndarray, budget_bytes: int, n_fit: int = 8000, seed: int = 0,
                   max_bits: int = MAX_BITS, hedge: float = 0.0,
-                  rotate_groups: bool = False) -> QuantizerFit:
+                  rotate_groups: bool = False, hedge_steps: bool = True) -> QuantizerFit:
     """Steps and allocation on a seeded subsample of ``n_fit`` rows, tables on all of ``z``.
 
     Args:
         z: training latents [N, d].
         budget_bytes: bytes per code; ``8 * budget_bytes`` bits are allocated.
-        hedge: 0..1, variance hedge toward isotropic for allocation and steps.
+        hedge: 0..1, variance hedge toward isotropic for allocation and (with
+            ``hedge_steps``) steps.
         rotate_groups: rotate each equal-width group (``rotation`` of the result),
             then refit the steps of the rotated latent at the same widths.
     """
@@ -235,10 +236,10 @@ def fit_quantizer(z: np.ndarray, budget_bytes: int, n_fit: int = 8000, seed: int
         rotation = group_rotation(bits, seed)
         z, sub = z @ rotation.T, sub @ rotation.T
         step = fit_steps_at(sub, bits)
-        if hedge > 0:
+        if hedge > 0 and hedge_steps:
             step = step * np.sqrt(hedge_ratio(sub.var(0), hedge))
     else:
-        step = steps[np.arange(z.shape[1]), bits] * np.sqrt(ratio)
+        step = steps[np.arange(z.shape[1]), bits] * (np.sqrt(ratio) if hedge_steps else 1.0)
     step[bits == 0] = 0.0
     step32 = step.astype(np.float32)
     table, offset = build_table(z.astype(np.float32), step32, bits)
