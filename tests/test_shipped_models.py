@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from apcm.server.codecs.base import load_codec
 from apcm.server.codecs.idrp.codec import IDRPCodec
 from apcm.server.codecs.idrp.v2 import TransformCodec
-from apcm.server.codecs.pca import PCACodec
+from apcm.server.codecs.pca import PCACodec, fit_pca
 from apcm.server.codecs.quant import CodeQuantizer
 from apcm.server.errors import ModelFileError
 
@@ -35,17 +35,19 @@ V2_FIXTURE = "text_v2_heldout.safetensors"
 # (file, bytes per code, fixture split, lowest mean cosine, highest mean ||x - x_hat||^2):
 # bounds a little looser than what the fixture measured when the model was built.
 V2_SHIPPED = [
-    ("text-minilm", 192, "test", 0.997, 0.0055),
-    ("text-minilm", 192, "fortunes", 0.990, 0.019),
-    ("text-minilm", 192, "licenses", 0.996, 0.0075),
-    ("text-minilm-4x", 384, "test", 0.9999, 0.0002),
-    ("text-minilm-4x", 384, "fortunes", 0.999, 0.0012),
-    ("text-minilm-16x", 96, "test", 0.975, 0.05),
-    ("text-minilm-16x", 96, "fortunes", 0.94, 0.12),
-    ("text-minilm-32x", 48, "test", 0.91, 0.17),
-    ("text-minilm-32x", 48, "fortunes", 0.82, 0.33),
-    ("text-minilm-flow", 192, "test", 0.997, 0.0055),
-    ("text-minilm-flow", 192, "fortunes", 0.993, 0.014),
+    ("text-minilm", 192, "test", 0.9965, 0.0065),
+    ("text-minilm", 192, "fortunes", 0.995, 0.0085),
+    ("text-minilm", 192, "licenses", 0.996, 0.0065),
+    ("text-minilm-4x", 384, "test", 0.9999, 0.00012),
+    ("text-minilm-4x", 384, "fortunes", 0.9999, 0.00012),
+    ("text-minilm-16x", 96, "test", 0.970, 0.06),
+    ("text-minilm-16x", 96, "fortunes", 0.96, 0.08),
+    ("text-minilm-32x", 48, "test", 0.90, 0.19),
+    ("text-minilm-32x", 48, "fortunes", 0.87, 0.25),
+    # fitted on the narrower corpus before chat/wnex joined it (not retrained since);
+    # the fixture's test split now includes those registers
+    ("text-minilm-flow", 192, "test", 0.996, 0.0078),
+    ("text-minilm-flow", 192, "fortunes", 0.993, 0.012),
 ]
 # Out-of-domain text (licences vs Python docs): IDRP measured worse than PCA there
 # (+1.4 % MSE on the fixture's 256 items, +1.8 % on all 569; model_weights/README.md);
@@ -156,14 +158,19 @@ def test_v2_text_model_meets_its_measured_quality(
 def test_v2_text_model_beats_pca_int8_at_equal_bytes() -> None:
     codec = load_codec(ROOT / "model_weights" / "text-minilm.safetensors")
     assert isinstance(codec, TransformCodec)
-    rotation = codec.model.rotation
     x = load_file(str(FIXTURES / V2_FIXTURE))["test"].float().reshape(-1, 1, 384)
-    # PCA-int8 at 192 B keeps 192 dims; its scale is fitted on the fixture itself,
-    # which favours the baseline.
-    latents = (x.reshape(len(x), -1) - rotation.mean) @ rotation.rotation[:192].T
-    pca = PCACodec("pca", (1, 384), rotation.mean, rotation.rotation[:192],
+    # PCA-int8 at 192 B keeps 192 dims; its directions and scale are fitted on the
+    # fixture itself, which favours the baseline (the model's stored rotation is not
+    # a PCA basis: equal-width groups are turned). Fitted on these 300 items, PCA
+    # captures them far better than out of sample; the model, which never saw them,
+    # still has 3.4x less error (measured 1.61e-5 vs 5.50e-5 per value).
+    flat = x.reshape(len(x), -1)
+    mean, components, _ = fit_pca(flat.double())
+    mean, components = mean.float(), components[:192].float()
+    latents = (flat - mean) @ components.T
+    pca = PCACodec("pca", (1, 384), mean, components,
                    CodeQuantizer("int8", CodeQuantizer.fit_int8_scale(latents)))
-    assert coded_mse(codec, x) < 0.2 * coded_mse(pca, x)
+    assert coded_mse(codec, x) < 0.4 * coded_mse(pca, x)
 
 
 # (file, fixture, item shape, bytes per code, highest held-out MSE per value): bounds a

@@ -28,10 +28,11 @@ OOD_SOURCES = ("fortunes", "licenses")
 
 @dataclass
 class TextSplits:
-    """Vectors [N, 384] float32 and their texts, per split name."""
+    """Vectors [N, 384] float32, their texts and their sources [N] str, per split name."""
 
     vectors: dict[str, np.ndarray] = field(default_factory=dict)
     texts: dict[str, list[str]] = field(default_factory=dict)
+    sources: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def load_corpus(folder: str | Path, seed: int = 0) -> TextSplits:
@@ -46,7 +47,8 @@ def load_corpus(folder: str | Path, seed: int = 0) -> TextSplits:
     emb = load_file(str(folder / "embeddings.safetensors"))
     texts = json.loads((folder / "sources.json").read_text())["texts"]
     rng = np.random.default_rng(seed)
-    parts: dict[str, list[tuple[np.ndarray, list[str]]]] = {"train": [], "val": [], "test": []}
+    parts: dict[str, list[tuple[np.ndarray, list[str], str]]] = {
+        "train": [], "val": [], "test": []}
     for name in sorted(emb):
         if name in OOD_SOURCES:
             continue
@@ -54,19 +56,22 @@ def load_corpus(folder: str | Path, seed: int = 0) -> TextSplits:
         x, t = emb[name][order], [texts[name][i] for i in order]
         a, b = int(0.7 * len(x)), int(0.8 * len(x))
         for split, lo, hi in (("train", 0, a), ("val", a, b), ("test", b, len(x))):
-            parts[split].append((x[lo:hi], t[lo:hi]))
+            parts[split].append((x[lo:hi], t[lo:hi], name))
     out = TextSplits()
     for split, chunks in parts.items():
         out.vectors[split] = np.concatenate([c[0] for c in chunks])
         out.texts[split] = [s for c in chunks for s in c[1]]
+        out.sources[split] = np.concatenate([np.full(len(c[0]), c[2]) for c in chunks])
     for split in ("val", "test"):
         order = rng.permutation(len(out.vectors[split]))
         out.vectors[split] = out.vectors[split][order]
         out.texts[split] = [out.texts[split][i] for i in order]
+        out.sources[split] = out.sources[split][order]
     for name in OOD_SOURCES:
         order = rng.permutation(len(emb[name]))
         out.vectors[name] = emb[name][order]
         out.texts[name] = [texts[name][i] for i in order]
+        out.sources[name] = np.full(len(order), name)
     return out
 
 
@@ -75,10 +80,13 @@ def items(x: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).reshape(len(x), 1, -1)
 
 
-def fit_text_model(splits: TextSplits, budget: int, name: str) -> TransformCodec:
-    """The untrained v2 model at ``budget`` bytes; renormalisation chosen on validation."""
+def fit_text_model(splits: TextSplits, budget: int, name: str,
+                   **fit_kwargs: Any) -> TransformCodec:
+    """The untrained v2 model at ``budget`` bytes; renormalisation chosen on validation.
+    ``fit_kwargs``: robustness settings of :meth:`TransformCodec.fit` (``hedge``,
+    ``rotate_groups``)."""
     return TransformCodec.fit(items(splits.vectors["train"]), budget,
-                              val=items(splits.vectors["val"]), name=name)
+                              val=items(splits.vectors["val"]), name=name, **fit_kwargs)
 
 
 # ----------------------------------------------------------------- flow training

@@ -14,6 +14,14 @@ Fitting is numpy float64 (deterministic, done once); serving is torch.
   sum of measured per-dim distortions by dynamic programming (a multiple-choice
   knapsack; integer reverse water-filling is the special case of Gaussian
   distortions).
+- Robustness to a shift of the variance spectrum (fitting only; the coder is the
+  same): ``hedge`` h allocates bits and scales steps as if dim i's variance were
+  ``(1 - h) var_i + h mean(var)`` instead of the training ``var_i`` (sentence
+  embeddings of another register put energy where training had little);
+  ``rotate_groups`` turns each group of dims given the same width by a seeded
+  random orthogonal matrix (same rate; spreads an unseen source's energy evenly
+  over the group, so one range fits all of it). ``h = 0`` without rotation is the
+  plain classical coder.
 - Packing: fields grouped by width (ascending), dims ascending within a width, each
   field MSB first, bytes MSB first (``numpy.packbits`` order): exactly ``budget``
   bytes, no padding.
@@ -156,31 +164,86 @@ def build_table(z: np.ndarray, step: np.ndarray, bits: np.ndarray) -> tuple[np.n
 
 @dataclass
 class QuantizerFit:
-    """A fitted transform quantiser (numpy), see :func:`fit_quantizer`."""
+    """A fitted transform quantiser (numpy), see :func:`fit_quantizer`.
+
+    ``rotation`` [d, d] (orthogonal, block diagonal over equal-width groups) when the
+    fit rotated the latent: the quantiser codes ``z @ rotation.T``; None otherwise.
+    """
 
     bits: np.ndarray  # [d] int64
     step: np.ndarray  # [d] float32, 0 where bits == 0
     table: np.ndarray  # [T] float32
     offset: np.ndarray  # [d] int64
+    rotation: np.ndarray | None = None
+
+
+def hedge_ratio(var: np.ndarray, hedge: float) -> np.ndarray:
+    """[d] ratio of the hedged variance ``(1 - h) var + h mean(var)`` to ``var``."""
+    target = (1.0 - hedge) * var + hedge * var.mean()
+    return target / np.maximum(var, 1e-24)
+
+
+def fit_steps_at(z: np.ndarray, bits: np.ndarray) -> np.ndarray:
+    """Per-dim steps [d] at given widths (0 where ``bits`` is 0), searched as in
+    :func:`fit_steps`."""
+    sigma = np.sqrt(np.maximum(z.var(0), 1e-24))
+    step = np.zeros(z.shape[1])
+    for w in np.unique(bits[bits > 0]).tolist():
+        cols = np.flatnonzero(bits == w)
+        base = gauss_step(w) * sigma[cols]
+        errs = np.stack([_centroid_mse(z[:, cols], base * g, w) for g in STEP_FACTORS])
+        step[cols] = base * STEP_FACTORS[errs.argmin(0)]
+    return step
+
+
+def group_rotation(bits: np.ndarray, seed: int) -> np.ndarray:
+    """Block-diagonal orthogonal [d, d]: a random rotation of each group of dims with
+    the same non-zero width (widths ascending, dims ascending within a group; one
+    ``numpy.random.default_rng(seed)``, Q of the QR of a standard normal matrix with
+    ``diag(R) > 0``); identity on uncoded dims and on groups of one."""
+    d = len(bits)
+    rot = np.eye(d)
+    rng = np.random.default_rng(seed)
+    for w in np.unique(bits[bits > 0]).tolist():
+        idx = np.flatnonzero(bits == w)
+        if len(idx) < 2:
+            continue
+        q, r = np.linalg.qr(rng.standard_normal((len(idx), len(idx))))
+        rot[np.ix_(idx, idx)] = q * np.sign(np.diag(r))
+    return rot
 
 
 def fit_quantizer(z: np.ndarray, budget_bytes: int, n_fit: int = 8000, seed: int = 0,
-                  max_bits: int = MAX_BITS) -> QuantizerFit:
+                  max_bits: int = MAX_BITS, hedge: float = 0.0,
+                  rotate_groups: bool = False, hedge_steps: bool = True) -> QuantizerFit:
     """Steps and allocation on a seeded subsample of ``n_fit`` rows, tables on all of ``z``.
 
     Args:
         z: training latents [N, d].
         budget_bytes: bytes per code; ``8 * budget_bytes`` bits are allocated.
+        hedge: 0..1, variance hedge toward isotropic for allocation and (with
+            ``hedge_steps``) steps.
+        rotate_groups: rotate each equal-width group (``rotation`` of the result),
+            then refit the steps of the rotated latent at the same widths.
     """
     z = np.asarray(z, dtype=np.float64)
     sub = z[np.random.default_rng(seed).permutation(len(z))[:n_fit]]
     steps, dist = fit_steps(sub, max_bits)
-    bits = allocate_bits(dist, 8 * budget_bytes)
-    step = steps[np.arange(z.shape[1]), bits]
+    ratio = hedge_ratio(sub.var(0), hedge) if hedge > 0 else np.ones(z.shape[1])
+    bits = allocate_bits(dist * ratio[:, None], 8 * budget_bytes)
+    rotation = None
+    if rotate_groups:
+        rotation = group_rotation(bits, seed)
+        z, sub = z @ rotation.T, sub @ rotation.T
+        step = fit_steps_at(sub, bits)
+        if hedge > 0 and hedge_steps:
+            step = step * np.sqrt(hedge_ratio(sub.var(0), hedge))
+    else:
+        step = steps[np.arange(z.shape[1]), bits] * (np.sqrt(ratio) if hedge_steps else 1.0)
     step[bits == 0] = 0.0
     step32 = step.astype(np.float32)
     table, offset = build_table(z.astype(np.float32), step32, bits)
-    return QuantizerFit(bits, step32, table, offset)
+    return QuantizerFit(bits, step32, table, offset, rotation)
 
 
 def refit_table(z: np.ndarray, fit: QuantizerFit) -> QuantizerFit:

@@ -378,6 +378,9 @@ class TransformCodec(Codec):
         aux_hidden: int = 0,
         n_fit: int = 8000,
         seed: int = 0,
+        hedge: float = 0.0,
+        rotate_groups: bool = False,
+        hedge_steps: bool = True,
     ) -> TransformCodec:
         """The untrained model on items ``train`` [N, L, D]: exactly the classical
         transform coder (PCA, exact integer bit allocation, uniform quantisers).
@@ -389,6 +392,9 @@ class TransformCodec(Codec):
                 unit-norm training data).
             n_blocks, hidden, aux_hidden: flow and predictor sizes (identity / zero at
                 init).
+            hedge, rotate_groups, hedge_steps: robustness of the fit to another source's variance
+                spectrum (:func:`apcm.server.codecs.idrp.transform.fit_quantizer`);
+                a group rotation is folded into the stored rotation (still orthogonal).
         """
         n, length, width = train.shape
         d = length * width
@@ -397,7 +403,11 @@ class TransformCodec(Codec):
         flat = train.reshape(n, d).double()
         mean, components, _ = fit_pca(flat)
         z = ((flat - mean) @ components.T).numpy()
-        fit = transform.fit_quantizer(z, budget_bytes, n_fit=n_fit, seed=seed)
+        fit = transform.fit_quantizer(z, budget_bytes, n_fit=n_fit, seed=seed, hedge=hedge,
+                                      rotate_groups=rotate_groups, hedge_steps=hedge_steps)
+        if fit.rotation is not None:
+            group = torch.from_numpy(fit.rotation)
+            components, z = group @ components.double(), z @ fit.rotation.T
         norms = flat.norm(dim=1)
         unit = bool((norms - 1).abs().max() < 1e-3)
         norm_tol = max(10 * float((norms - 1).abs().max()), 1e-4) if unit else 0.0
