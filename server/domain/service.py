@@ -267,9 +267,14 @@ class MemoryService:
     def _warm_up(self) -> None:
         """One compress/decompress round trip; refuses to serve a codec that fails it."""
         x = np.zeros((2, *self.codec.input_shape), dtype=np.float32)
-        out = self.engine.decompress(self.engine.compress(x))
+        codes = self.engine.compress(x)
+        out = self.engine.decompress(codes)
         if out.shape != x.shape or not np.isfinite(out).all():
             raise FailedPrecondition("warm-up round trip failed: codec output is malformed")
+        scorer = self.codec.scorer
+        dots = getattr(scorer, "dots", None)
+        if dots is not None:  # compiles the lookup-table kernel now, not on a first read
+            dots(torch.zeros(1, scorer.search_dim), torch.as_tensor(codes).cpu())
 
     def stop_serving(self) -> None:
         self._set_ready(False)
