@@ -61,7 +61,7 @@ def test_large_calls_split_over_threads_give_the_same_scores(monkeypatch) -> Non
     assert torch.equal(serial, split)
 
 
-def test_a_packed_banks_read_ranks_as_the_decoded_search() -> None:
+def test_a_packed_banks_reads_rank_as_the_decoded_search_one_query_or_many() -> None:
     codec = _codec("text-minilm")
     n = 3000
     x = _items(codec, n, 4)
@@ -72,13 +72,18 @@ def test_a_packed_banks_read_ranks_as_the_decoded_search() -> None:
     slots = bank.plan_write([None] * n, 1)
     bank.apply_write(slots, codes, [None] * n, [None] * n, list(range(1, n + 1)))
     queries = codec.encode_latent(_items(codec, 20, 5))
-    assert bank._lut_dots(codec.scorer.queries(queries), soft=False) is not None
-    result = bank.read(queries, top_k=10, count_access=False)
+    search = codec.scorer.queries(queries)
+    assert bank._lut_dots(search[:1], soft=False) is not None  # one query: tables
+    assert bank._lut_dots(search, soft=False) is None  # 20 share one decode per chunk
+    singles = [bank.read(queries[i:i + 1], top_k=10, count_access=False).results[0]
+               for i in range(queries.shape[0])]
+    batch = bank.read(queries, top_k=10, count_access=False).results
     decoded = codec.scorer.codes(codes)
     decoded = decoded / decoded.norm(dim=1, keepdim=True)
     q = codec.scorer.queries(queries)
     exact = torch.topk(torch.nn.functional.normalize(q, dim=1) @ decoded.T, 10)
-    for i, res in enumerate(result.results):
-        assert [h.slot for h in res.hits] == exact.indices[i].tolist()
-        np.testing.assert_allclose([h.score for h in res.hits], exact.values[i].numpy(),
-                                   atol=1e-5)
+    for results in (singles, batch):
+        for i, res in enumerate(results):
+            assert [h.slot for h in res.hits] == exact.indices[i].tolist()
+            np.testing.assert_allclose([h.score for h in res.hits], exact.values[i].numpy(),
+                                       atol=1e-5)

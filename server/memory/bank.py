@@ -66,6 +66,9 @@ _SCORER_CHUNK_ROWS = 1024
 # Rows per int8 x int8 matmul call of a single-query int8 read (3 MB at m = 192: the
 # second and third limb read the chunk from cache).
 _INT8_CHUNK_ROWS = 16384
+# Lookup-table scoring costs per code and query (0.37 us here), a decode per code
+# (1.6 us) shared by every query of the read: above this many queries, decode.
+LUT_MAX_QUERIES = 4
 _SCORE_SPAN_FLOATS = 1 << 18  # scores post-processed at once on CPU (1 MB)
 _MIN_EXP_SUM = 1e-30
 _FREE_SCAN_ROWS = 65536
@@ -839,9 +842,11 @@ class MemoryBank:
 
     def _lut_dots(self, q: torch.Tensor, soft: bool) -> Callable[..., torch.Tensor] | None:
         """The scorer's ``dots`` (scores straight from packed codes) when it applies to
-        this read: not for a soft read, which needs the decoded rows themselves."""
+        this read: not for a soft read, which needs the decoded rows themselves, nor
+        for many queries at once, which share one decode of each chunk."""
         dots = getattr(self.scorer, "dots", None)
-        if dots is None or soft or dots(q, self.codes[:0]) is None:
+        if dots is None or soft or q.shape[0] > LUT_MAX_QUERIES \
+                or dots(q, self.codes[:0]) is None:
             return None
         return cast(Callable[..., torch.Tensor], dots)
 
