@@ -33,7 +33,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     APCM_METRICS_PORT=9090 \
     APCM_MODEL=/opt/apcm/model_weights/text-minilm.safetensors \
     APCM_DEVICE=auto \
-    APCM_DATA_DIR=/var/lib/apcm
+    APCM_DATA_DIR=/var/lib/apcm \
+    NUMBA_CACHE_DIR=/tmp/numba-cache
 RUN useradd --system --uid 10001 --user-group --home-dir /var/lib/apcm --no-create-home apcm \
     && mkdir -p /var/lib/apcm \
     && chown apcm:apcm /var/lib/apcm

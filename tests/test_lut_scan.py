@@ -4,6 +4,8 @@ shipped allocation, and a bank's read ranks exactly like the decoded search."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -87,3 +89,25 @@ def test_a_packed_banks_reads_rank_as_the_decoded_search_one_query_or_many() -> 
             assert [h.slot for h in res.hits] == exact.indices[i].tolist()
             np.testing.assert_allclose([h.score for h in res.hits], exact.values[i].numpy(),
                                        atol=1e-5)
+
+
+def test_the_kernels_load_where_numba_has_nowhere_to_cache() -> None:
+    """A read-only install with no writable home: numba refuses ``cache=True`` at
+    decoration, and the module must still import and score (compiled per start)."""
+    child = (
+        "import numba.core.caching as c\n"
+        "c.CacheImpl._locator_classes = []\n"
+        "import numpy as np\n"
+        "from apcm.server.codecs.idrp import lutscan\n"
+        "codes = np.array([[0b10110100]], dtype=np.uint8)\n"
+        "lut = np.arange(4, dtype=np.float32)[None, :]\n"
+        "out = np.zeros((1, 1), np.float32)\n"
+        "lutscan._scan(codes, np.zeros((1, 0, 256), np.float32), np.zeros(0, np.int64), lut,"
+        " np.array([0]), np.array([0]), np.array([14], np.int32), np.array([3], np.int32),"
+        " out)\n"
+        "print(float(out[0, 0]))\n")
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    # the top two bits of 0b10110100 (10 = 2) pick lut[2]
+    assert done.stdout.strip().splitlines()[-1] == "2.0"

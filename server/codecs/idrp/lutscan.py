@@ -20,7 +20,9 @@ OpenMP), which a slim image may lack.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import cast
 
 import numba
 import numpy as np
@@ -43,7 +45,19 @@ def _executor() -> ThreadPoolExecutor:
         return _pool
 
 
-@numba.njit(cache=True, nogil=True, boundscheck=False)
+def _jit(fn: Callable[..., None]) -> Callable[..., None]:
+    """Compiled, cached on disk where numba finds a writable place: next to this
+    file, ``$NUMBA_CACHE_DIR`` or the user's cache folder. With none (a read-only
+    install and no writable home) numba refuses ``cache=True`` at decoration, so
+    the kernel is compiled at every start instead of failing the import."""
+    try:
+        return cast(Callable[..., None], numba.njit(cache=True, nogil=True,
+                                                    boundscheck=False)(fn))
+    except RuntimeError:
+        return cast(Callable[..., None], numba.njit(nogil=True, boundscheck=False)(fn))
+
+
+@_jit
 def _scan(codes: np.ndarray, byte_lut: np.ndarray, byte_at: np.ndarray, lut: np.ndarray,
           base: np.ndarray, word: np.ndarray, shift: np.ndarray, mask: np.ndarray,
           out: np.ndarray) -> None:  # pragma: no cover
@@ -64,7 +78,7 @@ def _scan(codes: np.ndarray, byte_lut: np.ndarray, byte_at: np.ndarray, lut: np.
             out[q, i] = acc
 
 
-@numba.njit(cache=True, nogil=True, boundscheck=False)
+@_jit
 def _byte_tables(lut: np.ndarray, slot: np.ndarray, base: np.ndarray, shift: np.ndarray,
                  mask: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover
     out[:] = 0.0
