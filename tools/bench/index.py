@@ -44,7 +44,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL = ROOT / "model_weights" / "text-minilm.safetensors"
-REAL_EMBEDDINGS = "/work/scratch/codec/embeddings.safetensors"
+REAL_EMBEDDINGS = ROOT / "data" / "corpus" / "embeddings.safetensors"  # prepare_corpus.py
 FIXTURE_EMBEDDINGS = ROOT / "tests" / "fixtures" / "text_v2_heldout.safetensors"
 TOP_K = 10
 
@@ -63,9 +63,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds per throughput cell (default 5)")
     parser.add_argument("--noise", type=float, default=0.025,
                         help="per-dim Gaussian noise of synthetic memories (default 0.025)")
-    parser.add_argument("--embeddings", default=REAL_EMBEDDINGS,
+    parser.add_argument("--embeddings", default=str(REAL_EMBEDDINGS),
                         help="safetensors of real sentence embeddings [N, 384] per key "
-                             "(default: the codec corpus; the test fixtures if absent)")
+                             "(default: data/corpus from scripts/prepare_corpus.py; the test "
+                             "fixtures if absent)")
     parser.add_argument("--model", default=str(DEFAULT_MODEL), help="codec weights file")
     parser.add_argument("--write-seconds", type=float, default=3.0,
                         help="seconds per write cell (default 3)")
