@@ -6,6 +6,8 @@ model and bank modules stay free of grpc; the service layer resolves it.
 
 from __future__ import annotations
 
+from apcm.wire.trailers import LIMIT_KEY
+
 
 class ApcmError(Exception):
     """Base class of every error the service reports to a client on purpose."""
@@ -16,6 +18,11 @@ class ApcmError(Exception):
         super().__init__(message)
         self.message = message
         self.field = field
+
+    @property
+    def trailers(self) -> tuple[tuple[str, str], ...]:
+        """Trailing metadata the client gets with the status (none by default)."""
+        return ()
 
 
 class InvalidArgument(ApcmError):
@@ -47,6 +54,10 @@ class ResourceExhausted(ApcmError):
     def __init__(self, message: str, *, limit: str, field: str | None = None) -> None:
         super().__init__(message, field=field)
         self.limit = limit
+
+    @property
+    def trailers(self) -> tuple[tuple[str, str], ...]:
+        return ((LIMIT_KEY, self.limit),)
 
 
 class Unavailable(ApcmError):

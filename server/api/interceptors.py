@@ -19,10 +19,9 @@ from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from apcm.server.errors import ApcmError, FailedPrecondition, InvalidArgument, ResourceExhausted
+from apcm.server.errors import ApcmError, FailedPrecondition, InvalidArgument
 from apcm.server.metrics import Metrics
 from apcm.wire.tensors import TensorFormatError
-from apcm.wire.trailers import LIMIT_KEY
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +98,7 @@ def abort_with_error(context: grpc.ServicerContext, error: ApcmError) -> None:
     """Abort the RPC with the error's status; field errors carry a BadRequest detail,
     limits a trailer naming the setting (``LIMIT_KEY``)."""
     code = grpc.StatusCode[error.code]
-    trailers = ((LIMIT_KEY, error.limit),) if isinstance(error, ResourceExhausted) else ()
+    trailers = error.trailers
     if error.field is None:
         if trailers:
             context.set_trailing_metadata(trailers)
