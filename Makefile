@@ -45,17 +45,11 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check server client wire tools tests scripts deploy examples
 	$(PY) -m pytest -q
 
-# mypy needs the apcm.* import names, which package-dir maps; a symlink tree gives it them.
+# Imports inside each package are relative, so mypy reads the folders as they are
+# (server, client, wire, tools); gen/ gives it the generated apcm.v1 stubs.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check server client wire tools tests scripts deploy examples
-	rm -rf build/typecheck && mkdir -p build/typecheck/apcm && touch build/typecheck/apcm/__init__.py
-	ln -s ../../../server build/typecheck/apcm/server
-	ln -s ../../../client build/typecheck/apcm/client
-	ln -s ../../../wire build/typecheck/apcm/wire
-	ln -s ../../../tools build/typecheck/apcm/tools
-	ln -s ../../../gen/apcm/v1 build/typecheck/apcm/v1
-	cd build/typecheck && ../../$(VENV)/bin/mypy --config-file ../../pyproject.toml \
-		-p apcm.server -p apcm.client -p apcm.wire -p apcm.tools
+	MYPYPATH=gen $(VENV)/bin/mypy --config-file pyproject.toml -p server -p client -p wire -p tools
 
 # Build the Dockerfile without Docker (debootstrap base, buildah chroot + vfs), start it,
 # wait for SERVING and do a round trip (docs/deploy.md). Root, debootstrap and buildah;

@@ -8,9 +8,11 @@ Example:
     ...     hits = client.read(x[:1], top_k=3)[0].hits
 """
 
-from apcm.client.aio import AsyncMemoryClient
-from apcm.client.channel import TLSConfig
-from apcm.client.errors import (
+from apcm.wire.tensors import TensorFormatError
+
+from .aio import AsyncMemoryClient
+from .channel import TLSConfig
+from .errors import (
     AlreadyExistsError,
     ApcmError,
     ClientClosedError,
@@ -28,9 +30,9 @@ from apcm.client.errors import (
     UnavailableError,
     UnimplementedError,
 )
-from apcm.client.retry import RetryPolicy
-from apcm.client.sync import MemoryClient
-from apcm.client.types import (
+from .retry import RetryPolicy
+from .sync import MemoryClient
+from .types import (
     BankIndex,
     BankInfo,
     DeleteResult,
@@ -44,7 +46,6 @@ from apcm.client.types import (
     WrittenSlot,
     WrittenSlots,
 )
-from apcm.wire.tensors import TensorFormatError
 
 __all__ = [
     "AlreadyExistsError",

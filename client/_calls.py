@@ -14,9 +14,12 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-from apcm.client import _health
-from apcm.client.errors import invalid_argument
-from apcm.client.types import (
+from apcm.v1 import memory_pb2, memory_pb2_grpc
+from apcm.wire.tensors import from_proto, to_proto
+
+from . import _health
+from .errors import invalid_argument
+from .types import (
     POLICY_CODES,
     WRITE_MODES,
     BankInfo,
@@ -30,8 +33,6 @@ from apcm.client.types import (
     SnapshotInfo,
     WrittenSlots,
 )
-from apcm.v1 import memory_pb2, memory_pb2_grpc
-from apcm.wire.tensors import from_proto, to_proto
 
 T = TypeVar("T")
 HEALTH_CHECK = "HealthCheck"

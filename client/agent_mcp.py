@@ -17,7 +17,7 @@ import argparse
 import os
 from typing import Any, Literal
 
-from apcm.client.errors import (
+from .errors import (
     ApcmError,
     DeadlineExceededError,
     FailedPreconditionError,
@@ -25,7 +25,7 @@ from apcm.client.errors import (
     NotFoundError,
     UnavailableError,
 )
-from apcm.client.sync import MemoryClient
+from .sync import MemoryClient
 
 INSTRUCTIONS = (
     "A long-term memory. Call `remember` to store a fact, preference or event worth "
@@ -202,7 +202,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from apcm.client.channel import TLSConfig
+    from .channel import TLSConfig
 
     tls: bool | TLSConfig = TLSConfig.from_files(args.tls_ca) if args.tls_ca else args.tls
     client = MemoryClient(args.target, timeout=args.timeout, api_key=args.api_key, tls=tls,

@@ -16,8 +16,8 @@ import grpc
 import grpc.aio
 import numpy as np
 
-from apcm.client import _calls
-from apcm.client.channel import (
+from . import _calls
+from .channel import (
     DEFAULT_ADDRESS,
     DEFAULT_MAX_MESSAGE_BYTES,
     ChannelOptions,
@@ -27,9 +27,9 @@ from apcm.client.channel import (
     open_aio_channel,
     resolve_tls,
 )
-from apcm.client.errors import ApcmError, ClientClosedError, from_rpc_error, status_code
-from apcm.client.retry import RetryPolicy, is_retryable
-from apcm.client.types import (
+from .errors import ApcmError, ClientClosedError, from_rpc_error, status_code
+from .retry import RetryPolicy, is_retryable
+from .types import (
     BankInfo,
     DeleteResult,
     ItemCheck,

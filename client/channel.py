@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from apcm.client.retry import RetryPolicy
+from .retry import RetryPolicy
 
 DEFAULT_ADDRESS = "localhost:50051"
 # Matches the server's default max_message_bytes, so a request the server

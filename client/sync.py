@@ -10,8 +10,8 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 
-from apcm.client import _calls
-from apcm.client.channel import (
+from . import _calls
+from .channel import (
     DEFAULT_ADDRESS,
     DEFAULT_MAX_MESSAGE_BYTES,
     ChannelOptions,
@@ -21,10 +21,10 @@ from apcm.client.channel import (
     open_channel,
     resolve_tls,
 )
-from apcm.client.errors import ApcmError, ClientClosedError, from_rpc_error, status_code
-from apcm.client.retry import RetryPolicy, is_retryable
-from apcm.client.routing import ROUTING_MODES, DirectRouter
-from apcm.client.types import (
+from .errors import ApcmError, ClientClosedError, from_rpc_error, status_code
+from .retry import RetryPolicy, is_retryable
+from .routing import ROUTING_MODES, DirectRouter
+from .types import (
     BankInfo,
     DeleteResult,
     ItemCheck,

@@ -21,23 +21,24 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
-from apcm.server.allocator import pin_mmap_threshold
-from apcm.server.api.auth import build_auth_interceptor
-from apcm.server.api.interceptors import (
+from apcm.v1 import memory_pb2, memory_pb2_grpc
+
+from ..allocator import pin_mmap_threshold
+from ..cluster.node import CLUSTER_SERVICE_NAME, ClusterNode
+from ..codecs.base import load_codec
+from ..config import Settings
+from ..domain.service import MemoryService
+from ..errors import FailedPrecondition
+from ..metrics import Metrics
+from .auth import build_auth_interceptor
+from .interceptors import (
     DecodeErrorInterceptor,
     ErrorInterceptor,
     MetricsInterceptor,
     ReadinessInterceptor,
 )
-from apcm.server.api.servicer import MemoryServicer
-from apcm.server.api.tls import server_credentials
-from apcm.server.cluster.node import CLUSTER_SERVICE_NAME, ClusterNode
-from apcm.server.codecs.base import load_codec
-from apcm.server.config import Settings
-from apcm.server.domain.service import MemoryService
-from apcm.server.errors import FailedPrecondition
-from apcm.server.metrics import Metrics
-from apcm.v1 import memory_pb2, memory_pb2_grpc
+from .servicer import MemoryServicer
+from .tls import server_credentials
 
 log = logging.getLogger("apcm")
 SERVICE_NAME = memory_pb2.DESCRIPTOR.services_by_name["MemoryService"].full_name

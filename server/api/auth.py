@@ -24,7 +24,7 @@ from typing import Any
 
 import grpc
 
-from apcm.server.config import Settings
+from ..config import Settings
 
 log = logging.getLogger(__name__)
 

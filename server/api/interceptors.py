@@ -19,9 +19,10 @@ from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from apcm.server.errors import ApcmError, FailedPrecondition, InvalidArgument
-from apcm.server.metrics import Metrics
 from apcm.wire.tensors import TensorFormatError
+
+from ..errors import ApcmError, FailedPrecondition, InvalidArgument
+from ..metrics import Metrics
 
 log = logging.getLogger(__name__)
 

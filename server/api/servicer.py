@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from apcm.server.domain.service import ItemChecks, MemoryService, QueryHits, ReadParams
-from apcm.server.errors import InvalidArgument
 from apcm.v1 import memory_pb2, memory_pb2_grpc
 from apcm.wire.tensors import DTYPE_CODES, from_proto, to_proto
+
+from ..domain.service import ItemChecks, MemoryService, QueryHits, ReadParams
+from ..errors import InvalidArgument
 
 POLICY_TO_PROTO = {
     "lfu": memory_pb2.EVICTION_POLICY_LFU,

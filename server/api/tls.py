@@ -11,7 +11,7 @@ from pathlib import Path
 
 import grpc
 
-from apcm.server.config import Settings
+from ..config import Settings
 
 
 def _read_pem(setting: str, path: str) -> bytes:

@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
             if info.previous_shard_count:
                 print(f"resize under way from {info.previous_shard_count} shards")
             return 0
-        from apcm.server.cluster.rebalance import MapMismatch, rebalance
+        from .rebalance import MapMismatch, rebalance
 
         try:
             report = rebalance(args.address, api_key=api_key, timeout_s=args.timeout_s,

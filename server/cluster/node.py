@@ -7,11 +7,11 @@ from typing import Any
 
 import grpc
 
-from apcm.server.cluster.gates import BankGates
-from apcm.server.cluster.placement import ClusterConfig
-from apcm.server.cluster.router import ClusterRouter, PeerChannels, has_bank_of
-from apcm.server.cluster.servicer import SERVICE_NAME, ClusterServicer, add_to_server
-from apcm.server.config import Settings
+from ..config import Settings
+from .gates import BankGates
+from .placement import ClusterConfig
+from .router import ClusterRouter, PeerChannels, has_bank_of
+from .servicer import SERVICE_NAME, ClusterServicer, add_to_server
 
 log = logging.getLogger(__name__)
 CLUSTER_SERVICE_NAME = SERVICE_NAME

@@ -8,8 +8,9 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from apcm.server.config import Settings
 from apcm.wire.placement import PLACEMENT, owner_of
+
+from ..config import Settings
 
 __all__ = ["PLACEMENT", "ClusterConfig", "ordinal_of", "owner_of"]
 _ORDINAL = re.compile(r"-(\d+)$")

@@ -18,9 +18,10 @@ from typing import Any
 
 import grpc
 
-from apcm.server.cluster.placement import owner_of
-from apcm.server.cluster.router import FORWARDED_HEADER
 from apcm.v1 import cluster_pb2, cluster_pb2_grpc, memory_pb2, memory_pb2_grpc
+
+from .placement import owner_of
+from .router import FORWARDED_HEADER
 
 BUSY_RETRIES = 20
 

@@ -29,12 +29,13 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from apcm.server.cluster.gates import BankBusy, BankGates
-from apcm.server.cluster.placement import ClusterConfig
-from apcm.server.cluster.wire import string_field
-from apcm.server.errors import NotFound
 from apcm.v1 import memory_pb2
 from apcm.wire.placement import bank_fields as wire_bank_fields
+
+from ..errors import NotFound
+from .gates import BankBusy, BankGates
+from .placement import ClusterConfig
+from .wire import string_field
 
 log = logging.getLogger(__name__)
 

@@ -14,15 +14,16 @@ from typing import Any
 
 import grpc
 
-from apcm.server.api.interceptors import abort_with_error
-from apcm.server.api.servicer import bank_info
-from apcm.server.cluster.gates import BankBusy
-from apcm.server.cluster.placement import PLACEMENT
-from apcm.server.cluster.router import SHARD_HEADER, forward_metadata, remaining_timeout
-from apcm.server.cluster.transfer import ChunkReader, decode_bank, encode_views, serialized_chunks
-from apcm.server.errors import AlreadyExists, ApcmError, FailedPrecondition, InvalidArgument
-from apcm.server.memory.bank import MemoryBank
 from apcm.v1 import cluster_pb2
+
+from ..api.interceptors import abort_with_error
+from ..api.servicer import bank_info
+from ..errors import AlreadyExists, ApcmError, FailedPrecondition, InvalidArgument
+from ..memory.bank import MemoryBank
+from .gates import BankBusy
+from .placement import PLACEMENT
+from .router import SHARD_HEADER, forward_metadata, remaining_timeout
+from .transfer import ChunkReader, decode_bank, encode_views, serialized_chunks
 
 SERVICE_NAME = cluster_pb2.DESCRIPTOR.services_by_name["ClusterService"].full_name
 IMPORT_METHOD = f"/{SERVICE_NAME}/ImportBank"

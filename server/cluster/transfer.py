@@ -19,10 +19,11 @@ import zlib
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from apcm.server.cluster.wire import fields, varint
-from apcm.server.errors import InvalidArgument
-from apcm.server.persistence.bankfile import FORMAT, decode_bank, encode_bank, encode_views
 from apcm.v1 import cluster_pb2
+
+from ..errors import InvalidArgument
+from ..persistence.bankfile import FORMAT, decode_bank, encode_bank, encode_views
+from .wire import fields, varint
 
 __all__ = ["FORMAT", "ChunkReader", "assemble", "chunks", "decode_bank", "encode_bank",
            "encode_views", "serialized_chunks"]

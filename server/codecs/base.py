@@ -25,9 +25,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from apcm.server.codecs.quant import CodeQuantizer
-from apcm.server.errors import ModelFileError
-from apcm.server.fsutil import atomic_write
+from ..errors import ModelFileError
+from ..fsutil import atomic_write
+from .quant import CodeQuantizer
 
 SCHEMA_VERSION = "1"
 _KINDS = {

@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from apcm.server.codecs.base import Codec
-from apcm.server.codecs.quant import CodeQuantizer
+from .base import Codec
+from .quant import CodeQuantizer
 
 
 def fit_pca(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

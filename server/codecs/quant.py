@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 # uint8 codes are bit-packed by IDRP v2's own quantiser, not by this one
-from apcm.server.code_dtypes import CODE_DTYPES
+from ..code_dtypes import CODE_DTYPES
 
 INT8_LIMIT = 127.0
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from apcm.server.config import add_settings_arguments, settings_from_args
+from ..config import add_settings_arguments, settings_from_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,6 +20,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from apcm.server.api.app import serve
+    from ..api.app import serve
 
     return serve(settings_from_args(args))

@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from apcm.server.codecs.base import Codec, ItemChecks
-from apcm.server.domain.batching import MicroBatcher
-from apcm.server.errors import InvalidArgument
+from ..codecs.base import Codec, ItemChecks
+from ..errors import InvalidArgument
+from .batching import MicroBatcher
 
 FLOAT_INPUTS = (np.dtype("float32"), np.dtype("float16"), np.dtype("float64"))
 

@@ -23,13 +23,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from apcm.server.codecs.base import Codec, ItemChecks
-from apcm.server.config import Settings
-from apcm.server.domain.batching import KeyedBatcher, MicroBatcher
-from apcm.server.domain.engine import Engine
-from apcm.server.embedding.embedder import Embedder, EmbedderSpec, resolve_spec
-from apcm.server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
-from apcm.server.memory.bank import (
+from ..codecs.base import Codec, ItemChecks
+from ..config import Settings
+from ..embedding.embedder import Embedder, EmbedderSpec, resolve_spec
+from ..errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from ..memory.bank import (
     EXHAUSTIVE,
     BankStats,
     Hit,
@@ -37,12 +35,14 @@ from apcm.server.memory.bank import (
     ReadResult,
     SlotWrite,
 )
-from apcm.server.memory.hybrid import MODES
-from apcm.server.memory.ivf import IndexConfig
-from apcm.server.memory.metadata import validate_metadata
-from apcm.server.memory.names import validate_bank_name, validate_snapshot_name
-from apcm.server.memory.store import MemoryStore
-from apcm.server.metrics import Metrics
+from ..memory.hybrid import MODES
+from ..memory.ivf import IndexConfig
+from ..memory.metadata import validate_metadata
+from ..memory.names import validate_bank_name, validate_snapshot_name
+from ..memory.store import MemoryStore
+from ..metrics import Metrics
+from .batching import KeyedBatcher, MicroBatcher
+from .engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +243,7 @@ class MemoryService:
         return np.asarray(vectors, dtype=np.float32).reshape(n, *self.codec.input_shape)
 
     def _build_persistence(self) -> Any:
-        from apcm.server.persistence.manager import PersistenceManager
+        from ..persistence.manager import PersistenceManager
 
         return PersistenceManager(
             self.store, self.settings, self.codec.content_hash, self.codec.kind,

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from apcm.server.errors import ModelFileError
+from ..errors import ModelFileError
 
 METADATA_KEY = "apcm.meta.embedder"
 

@@ -46,15 +46,15 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-from apcm.server.code_dtypes import CODE_DTYPES
-from apcm.server.errors import FailedPrecondition, InvalidArgument
-from apcm.server.memory.columns import ByteColumn, KeyIndex
-from apcm.server.memory.eviction import Policy, VictimQueue, make_policy
-from apcm.server.memory.ivf import IndexConfig, InvertedLists, IvfIndex
-from apcm.server.memory.metadata import decode_metadata, encode_metadata
-from apcm.server.memory.names import validate_key
-from apcm.server.memory.rwlock import ReadWriteLock
-from apcm.server.memory.scoring import CodeScorer
+from ..code_dtypes import CODE_DTYPES
+from ..errors import FailedPrecondition, InvalidArgument
+from .columns import ByteColumn, KeyIndex
+from .eviction import Policy, VictimQueue, make_policy
+from .ivf import IndexConfig, InvertedLists, IvfIndex
+from .metadata import decode_metadata, encode_metadata
+from .names import validate_key
+from .rwlock import ReadWriteLock
+from .scoring import CodeScorer
 
 # Rows scanned at a time by a read on CPU: small enough that the float32 copy of an
 # int8/float16 chunk and its scores stay in cache, large enough to amortise per-call
@@ -561,7 +561,7 @@ class MemoryBank:
             self.index.place(slots.cpu().numpy(), rows.cpu())
         if self.index_journal is not None:
             self.index_journal.update(slots.tolist())
-        from apcm.server.memory import indexing  # indexing imports this module
+        from . import indexing  # indexing imports this module
         indexing.maybe_start(self)
 
     def _index_freed(self, slots: list[int]) -> None:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from apcm.server.errors import InvalidArgument
+from ..errors import InvalidArgument
 
 POLICIES = ("lfu", "lfu_decay")
 # Half-lives a bank may be created with, in writes. Below the minimum a count is gone

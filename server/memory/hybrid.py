@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from apcm.server.memory.bank import EXHAUSTIVE, Hit, MemoryBank, QueryResult, ReadResult
-from apcm.server.memory.lexical import LexicalIndex
+from .bank import EXHAUSTIVE, Hit, MemoryBank, QueryResult, ReadResult
+from .lexical import LexicalIndex
 
 MODES = ("dense", "hybrid", "lexical")
 RRF_K = 60  # the constant of the RRF paper; robust across collections

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from apcm.server.memory.ivf import (
+from .ivf import (
     POINTS_PER_CENTROID,
     InvertedLists,
     IvfIndex,
@@ -38,7 +38,7 @@ from apcm.server.memory.ivf import (
 )
 
 if TYPE_CHECKING:
-    from apcm.server.memory.bank import MemoryBank
+    from .bank import MemoryBank
 
 log = logging.getLogger(__name__)
 # How many slots' search rows are decoded at once while assigning a copy.

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from apcm.server.errors import InvalidArgument
+from ..errors import InvalidArgument
 
 MAX_METADATA_ENTRIES = 16
 MAX_METADATA_KEY_CHARS = 64

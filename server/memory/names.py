@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from apcm.server.errors import InvalidArgument
+from ..errors import InvalidArgument
 
 MAX_NAME_LENGTH = 64
 # Client input shown in an error message is cut to this many characters: a status

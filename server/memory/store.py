@@ -55,23 +55,23 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from apcm.server.code_dtypes import CODE_DTYPES
-from apcm.server.errors import (
+from ..code_dtypes import CODE_DTYPES
+from ..errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
 )
-from apcm.server.memory import indexing
-from apcm.server.memory.bank import BankStats, MemoryBank, ReadResult, SlotWrite
-from apcm.server.memory.eviction import make_policy, validate_half_life
-from apcm.server.memory.hybrid import fused_read
-from apcm.server.memory.ivf import IndexConfig
-from apcm.server.memory.lexical import LexicalIndex, is_text
-from apcm.server.memory.metadata import decode_metadata, encode_metadata, validate_metadata
-from apcm.server.memory.names import shorten, validate_bank_name
-from apcm.server.memory.scoring import CodeScorer
+from . import indexing
+from .bank import BankStats, MemoryBank, ReadResult, SlotWrite
+from .eviction import make_policy, validate_half_life
+from .hybrid import fused_read
+from .ivf import IndexConfig
+from .lexical import LexicalIndex, is_text
+from .metadata import decode_metadata, encode_metadata, validate_metadata
+from .names import shorten, validate_bank_name
+from .scoring import CodeScorer
 
 
 class MutationLog(Protocol):

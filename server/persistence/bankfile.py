@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from apcm.server.errors import InvalidArgument
+from ..errors import InvalidArgument
 
 FORMAT = "apcm-bank"
 _HEADER_ALIGN = 8

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from apcm.server.errors import FailedPrecondition
-from apcm.server.fsutil import fsync_dir
+from ..errors import FailedPrecondition
+from ..fsutil import fsync_dir
 
 log = logging.getLogger(__name__)
 RECORD_KIND = "import_bank"

@@ -23,14 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from apcm.server.config import Settings
-from apcm.server.errors import AlreadyExists, ApcmError, FailedPrecondition, Unavailable
-from apcm.server.memory.store import StoreState
-from apcm.server.persistence import wal as wal_mod
-from apcm.server.persistence.bankfile import decode_bank
-from apcm.server.persistence.imports import ImportFiles
-from apcm.server.persistence.replayer import BatchingApplier
-from apcm.server.persistence.snapshot import (
+from ..config import Settings
+from ..errors import AlreadyExists, ApcmError, FailedPrecondition, Unavailable
+from ..memory.store import StoreState
+from . import wal as wal_mod
+from .bankfile import decode_bank
+from .imports import ImportFiles
+from .replayer import BatchingApplier
+from .snapshot import (
     SnapshotCorrupt,
     SnapshotDirectory,
     SnapshotInfo,
@@ -39,7 +39,7 @@ from apcm.server.persistence.snapshot import (
     read_snapshot,
     write_snapshot,
 )
-from apcm.server.persistence.wal import WalError, WriteAheadLog, segment_path
+from .wal import WalError, WriteAheadLog, segment_path
 
 log = logging.getLogger(__name__)
 

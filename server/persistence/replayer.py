@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from apcm.server.errors import ApcmError, FailedPrecondition
-from apcm.server.memory.lexical import is_text
-from apcm.server.persistence.walformat import WalRecord
+from ..errors import ApcmError, FailedPrecondition
+from ..memory.lexical import is_text
+from .walformat import WalRecord
 
 MAX_RUN_ITEMS = 8192
 

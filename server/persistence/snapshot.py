@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 from safetensors import safe_open
 
-from apcm.server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from apcm.server.fsutil import atomic_write, fsync_dir
-from apcm.server.memory.names import validate_bank_name, validate_snapshot_name
+from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from ..fsutil import atomic_write, fsync_dir
+from ..memory.names import validate_bank_name, validate_snapshot_name
 
 log = logging.getLogger(__name__)
 

@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from apcm.server.errors import FailedPrecondition, Unavailable
-from apcm.server.fsutil import fsync_dir
-from apcm.server.persistence.walformat import (
+from ..errors import FailedPrecondition, Unavailable
+from ..fsutil import fsync_dir
+from .walformat import (
     SEGMENT_END,
     VERSION,
     BadRecord,

@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             continue
         path.write_text(json.dumps(result, indent=2, default=str))
         status[name] = f"ok in {time.perf_counter() - t0:.0f} s -> {path}"
-    from apcm.tools.bench import report
+    from . import report
 
     report.run(argparse.Namespace(dir=str(out), out=args.report))
     for name, text in status.items():

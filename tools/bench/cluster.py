@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from apcm.tools.bench.common import (
+from .common import (
     add_model_arguments,
     machine,
     markdown_table,

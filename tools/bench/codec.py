@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from apcm.tools.bench.common import DEFAULT_DATA, describe_machine, machine, markdown_table
+from .common import DEFAULT_DATA, describe_machine, machine, markdown_table
 
 COLUMNS = [
     ("op", "operation"), ("median_ms", "median ms / batch"), ("min_ms", "min ms"),
@@ -55,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _items(path: str, key: str, d: int) -> np.ndarray | None:
-    from apcm.tools.evaluation.datasets import load_arrays
+    from ..evaluation.datasets import load_arrays
 
     arrays = load_arrays(path)
     if key not in arrays:

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from apcm.tools.bench.common import (
+from .common import (
     DEFAULT_DATA,
     add_model_arguments,
     machine,
@@ -27,7 +27,7 @@ from apcm.tools.bench.common import (
     server_process,
     set_torch_threads,
 )
-from apcm.tools.bench.rpc import bench_inputs
+from .rpc import bench_inputs
 
 GOAL_CLIENTS = 32
 GOAL_SPEEDUP = 5.0

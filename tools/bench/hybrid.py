@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from apcm.tools.bench.common import machine, markdown_table, percentile_ms
+from .common import machine, markdown_table, percentile_ms
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "tests" / "fixtures" / "conversation_eval.json"
@@ -95,7 +95,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from apcm.client import MemoryClient
-    from apcm.tools.bench.common import server_process
+
+    from .common import server_process
 
     data = load(Path(args.data))
     n_mem, n_q = len(data["memories"]), len(data["questions"])

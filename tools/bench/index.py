@@ -273,7 +273,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from apcm.client import MemoryClient
     from apcm.server.codecs.base import load_codec
-    from apcm.tools.bench.common import describe_machine, machine, markdown_table, server_process
+
+    from .common import describe_machine, machine, markdown_table, server_process
 
     rng = np.random.default_rng(0)
     real, source = _real(args.embeddings)

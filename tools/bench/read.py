@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from apcm.tools.bench.common import machine
+from .common import machine
 
 DEFAULT_SIZES = "10000,100000,1000000"
 
@@ -118,8 +118,8 @@ def run(args: argparse.Namespace) -> dict:
     faiss.omp_set_num_threads(threads)
     codec, source = _codec(args)
     if codec is not None and codec.code_dtype == "uint8":
-        from apcm.tools.bench.read_packed import markdown as packed_markdown
-        from apcm.tools.bench.read_packed import run_packed
+        from .read_packed import markdown as packed_markdown
+        from .read_packed import run_packed
 
         result = run_packed(args, codec, source, threads)
         result.update({"cpu": _cpu_name(), "torch": torch.__version__,

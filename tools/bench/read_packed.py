@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from apcm.tools.bench.codec import pq_spec
+from .codec import pq_spec
 
 FILL_CHUNK = 65536
 TWINS = ("sq", "pq", "flat")

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from apcm.tools.bench.common import (
+from .common import (
     add_model_arguments,
     machine,
     markdown_table,
@@ -78,7 +78,7 @@ def load_sets(path: str, names: list[str], train_key: str
     Raises:
         SystemExit: the file or a set is missing, with how to build it.
     """
-    from apcm.tools.evaluation.datasets import load_arrays
+    from ..evaluation.datasets import load_arrays
 
     if not Path(path).is_file():
         raise SystemExit(
@@ -132,7 +132,7 @@ def _served(client: Any, name: str, memories: np.ndarray, queries: np.ndarray,
 
 def _baseline_rows(methods: list[Any], name: str, memories: np.ndarray, queries: np.ndarray,
                    truth: np.ndarray) -> list[dict[str, Any]]:
-    from apcm.tools.evaluation.metrics import top_k_cosine
+    from ..evaluation.metrics import top_k_cosine
 
     rows = []
     for method in methods:
@@ -149,8 +149,9 @@ def _baseline_rows(methods: list[Any], name: str, memories: np.ndarray, queries:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from apcm.client import MemoryClient
-    from apcm.tools.evaluation.metrics import top_k_cosine
-    from apcm.tools.evaluation.report import budget_baselines
+
+    from ..evaluation.metrics import top_k_cosine
+    from ..evaluation.report import budget_baselines
 
     set_torch_threads(args.torch_threads)
     names = [s for s in args.sets.split(",") if s]

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from apcm.tools.bench.common import describe_machine, fmt, markdown_table
+from .common import describe_machine, fmt, markdown_table
 
 ORDER = ("rpc", "concurrency", "recall", "read", "durability", "cluster", "codec")
 READ_COLUMNS = [

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from apcm.tools.bench.common import (
+from .common import (
     DEFAULT_DATA,
     add_model_arguments,
     load_embeddings,

@@ -182,7 +182,7 @@ def _run_child(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from apcm.tools.bench.common import describe_machine, machine, markdown_table
+    from .common import describe_machine, machine, markdown_table
 
     threads = [int(t) for t in args.torch_threads.split(",")]
     rows: list[dict[str, Any]] = []

@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
 def _load_data(args: argparse.Namespace, d: int):  # type: ignore[no-untyped-def]
     import numpy as np
 
-    from apcm.tools.evaluation import datasets
+    from ..evaluation import datasets
 
     arrays = datasets.load_arrays(args.data)
     train_arrays = datasets.load_arrays(args.train_data) if args.train_data else arrays
@@ -132,8 +132,9 @@ def run_curves(args: argparse.Namespace) -> int:
     import json
 
     from apcm.server.codecs.base import load_codec
-    from apcm.tools.evaluation import curves, datasets
-    from apcm.tools.evaluation.baselines import CodecMethod
+
+    from ..evaluation import curves, datasets
+    from ..evaluation.baselines import CodecMethod
 
     models = []
     for path in args.model:
@@ -193,8 +194,9 @@ def run_curves(args: argparse.Namespace) -> int:
 
 def run_one(args: argparse.Namespace, model: str) -> str:
     from apcm.server.codecs.base import load_codec
-    from apcm.tools.evaluation import report
-    from apcm.tools.evaluation.baselines import CodecMethod
+
+    from ..evaluation import report
+    from ..evaluation.baselines import CodecMethod
 
     codec = load_codec(model, _device(args))
     d = codec.input_dim

@@ -36,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
 
     from apcm.server.codecs.base import save_codec
     from apcm.server.codecs.pca import PCACodec
-    from apcm.tools.datafiles import load_items
+
+    from ..datafiles import load_items
 
     length, width = (int(v) for v in args.shape.split(","))
     x = load_items(args.data, (length, width))

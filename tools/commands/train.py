@@ -74,8 +74,9 @@ def run(args: argparse.Namespace) -> int:
     from apcm.server.codecs.idrp.codec import IDRPCodec
     from apcm.server.codecs.idrp.model import IDRP, IDRPConfig
     from apcm.server.codecs.pca import PCACodec
-    from apcm.tools.evaluation import datasets, plots
-    from apcm.tools.training.idrp import (
+
+    from ..evaluation import datasets, plots
+    from ..training.idrp import (
         TrainConfig,
         code_dim_for_ratio,
         coded_mse,
@@ -174,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
 def _image_grid(codec, pca, pca_q, x, shape, path, name) -> None:  # type: ignore[no-untyped-def]
     import torch
 
-    from apcm.tools.evaluation import plots
+    from ..evaluation import plots
 
     items = x[:12]
     with torch.inference_mode():

@@ -293,7 +293,7 @@ class WaterFillingMethod(Method):
     """
 
     def __init__(self, budget: int, x_train: np.ndarray) -> None:
-        from apcm.tools.evaluation import transform
+        from . import transform
 
         d = x_train.shape[1]
         if 8 * budget > transform.MAX_BITS * d:
@@ -310,7 +310,7 @@ class WaterFillingMethod(Method):
         self.name = f"water-filling TC ({int(self.coded.sum())} dims coded)"
 
     def encode(self, x: np.ndarray) -> np.ndarray:
-        from apcm.tools.evaluation import transform
+        from . import transform
 
         z = self.proj.forward(x)
         q = np.zeros(z.shape, dtype=np.int64)
@@ -319,7 +319,7 @@ class WaterFillingMethod(Method):
         return transform.pack(q, self.bits)
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
-        from apcm.tools.evaluation import transform
+        from . import transform
 
         q = transform.unpack(codes, self.bits)
         z = np.zeros(q.shape, dtype=np.float64)
@@ -340,7 +340,7 @@ class RandomRotationMethod(Method):
     """
 
     def __init__(self, budget: int, x_train: np.ndarray, seed: int = 0) -> None:
-        from apcm.tools.evaluation import transform
+        from . import transform
 
         x = np.asarray(x_train, dtype=np.float64)
         d = x.shape[1]
@@ -360,13 +360,13 @@ class RandomRotationMethod(Method):
         self.name = f"random rotation + uniform {'/'.join(map(str, widths))}-bit SQ"
 
     def encode(self, x: np.ndarray) -> np.ndarray:
-        from apcm.tools.evaluation import transform
+        from . import transform
 
         z = (np.asarray(x, dtype=np.float64) - self.mean) @ self.rot.T
         return transform.pack(transform.quantize(z, self.step, self.bits), self.bits)
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
-        from apcm.tools.evaluation import transform
+        from . import transform
 
         z = transform.dequantize(transform.unpack(codes, self.bits), self.step, self.bits)
         return _f32(z @ self.rot + self.mean)

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from apcm.tools.evaluation import metrics, plots, report
-from apcm.tools.evaluation.baselines import Method
+from . import metrics, plots, report
+from .baselines import Method
 
 #: metric key -> (axis label, log y-axis, better is higher)
 METRICS = {

@@ -12,8 +12,9 @@ import torch
 from apcm.server.codecs.base import Codec
 from apcm.server.codecs.pca import PCACodec
 from apcm.server.codecs.quant import CodeQuantizer
-from apcm.tools.evaluation import metrics
-from apcm.tools.evaluation.baselines import (
+
+from . import metrics
+from .baselines import (
     BitPackMethod,
     CodecMethod,
     FaissMethod,

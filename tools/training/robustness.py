@@ -17,8 +17,9 @@ import numpy as np
 import torch
 
 from apcm.server.codecs.idrp.v2 import TransformCodec
-from apcm.tools.evaluation import metrics
-from apcm.tools.evaluation.baselines import Method
+
+from ..evaluation import metrics
+from ..evaluation.baselines import Method
 
 # fit(train [N, d], val [V, d]) -> a method that encodes and decodes [M, d] vectors
 Fitter = Callable[[np.ndarray, np.ndarray], Method]
@@ -45,7 +46,7 @@ def score(method: Method, x: np.ndarray) -> FoldScore:
 def codec_fitter(budget: int, **fit_kwargs: Any) -> Fitter:
     """Fits the untrained v2 coder (:meth:`TransformCodec.fit` with ``fit_kwargs``:
     ``hedge``, ``rotate_groups``...) at ``budget`` bytes."""
-    from apcm.tools.evaluation.baselines import CodecMethod
+    from ..evaluation.baselines import CodecMethod
 
     def fit(train: np.ndarray, val: np.ndarray) -> Method:
         codec = TransformCodec.fit(torch.from_numpy(train)[:, None, :], budget,

@@ -6,10 +6,10 @@ from typing import Any
 
 import torch
 
-from apcm.server.codecs.base import Codec
-from apcm.server.codecs.idrp.model import IDRP, IDRPConfig
-from apcm.server.codecs.quant import CodeQuantizer
-from apcm.server.errors import ModelFileError
+from ...errors import ModelFileError
+from ..base import Codec
+from ..quant import CodeQuantizer
+from .model import IDRP, IDRPConfig
 
 
 class IDRPCodec(Codec):

@@ -28,7 +28,7 @@ import numba
 import numpy as np
 import torch
 
-from apcm.server.codecs.idrp.transform import BitPacker
+from .transform import BitPacker
 
 PARALLEL_ROWS = 16_384  # below this, one thread: a hand-off costs more than it saves
 

@@ -18,7 +18,8 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from apcm.server.codecs.idrp.flow import (
+from ..pca import fit_pca
+from .flow import (
     AffineCoupling,
     Bijection,
     FixedScale,
@@ -26,7 +27,6 @@ from apcm.server.codecs.idrp.flow import (
     Permutation,
     SwiGLU,
 )
-from apcm.server.codecs.pca import fit_pca
 
 
 @dataclass(frozen=True)

@@ -29,9 +29,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from apcm.server.codecs.base import Codec, ItemChecks
-from apcm.server.codecs.idrp import transform
-from apcm.server.codecs.idrp.flow import (
+from ...errors import ModelFileError
+from ..base import Codec, ItemChecks
+from ..pca import fit_pca
+from . import transform
+from .flow import (
     AffineCoupling,
     Bijection,
     FixedScale,
@@ -39,9 +41,7 @@ from apcm.server.codecs.idrp.flow import (
     Permutation,
     SwiGLU,
 )
-from apcm.server.codecs.idrp.lutscan import LutScorer
-from apcm.server.codecs.pca import fit_pca
-from apcm.server.errors import ModelFileError
+from .lutscan import LutScorer
 
 N_SCORE_QUANTILES = 1001
 SCORER_ROWS = 512  # codes decoded at a time for a Read (int32 intermediates stay in cache)
