@@ -31,6 +31,7 @@ from ..fsutil import fsync_dir
 log = logging.getLogger(__name__)
 RECORD_KIND = "import_bank"
 _FINAL = re.compile(r"^(\d{20})\.bank$")
+_INCOMING = re.compile(r"^incoming-[0-9a-f]{32}\.part$")
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # Linux: fault the pages in at once
 SYNC_EVERY_BYTES = 4 << 20  # start writing back after this many new bytes
 
@@ -130,15 +131,21 @@ class ImportFiles:
         return Incoming(path, total_bytes, fd)
 
     def commit(self, incoming: Incoming, seq: int) -> dict[str, Any]:
-        """Renames a finished file after its record's sequence and makes the name
-        durable; returns the record's fields. Runs under the store's locks (one
-        rename and one folder fsync per moved bank)."""
+        """Renames a finished file after its record's sequence; returns the record's
+        fields. Runs under the store's locks, so no fsync here: ``sync`` makes the
+        name durable after them, and until it has, a crash may leave the file under
+        its incoming name, which the record also carries (``read`` falls back to it)."""
         name = f"{seq:020d}.bank"
+        incoming_name = incoming.path.name
         os.replace(incoming.path, self.directory / name)
         incoming.path = self.directory / name
         incoming.committed = True
+        return {"file": name, "bytes": incoming.written, "crc32": incoming.crc32,
+                "incoming": incoming_name}
+
+    def sync(self) -> None:
+        """Makes committed names durable (call with no store lock held)."""
         fsync_dir(self.directory)
-        return {"file": name, "bytes": incoming.written, "crc32": incoming.crc32}
 
     def read(self, fields: dict[str, Any]) -> bytearray:
         """The verified bytes of the file an ``import_bank`` record names.
@@ -150,6 +157,11 @@ class ImportFiles:
         if not _FINAL.match(name):
             raise ImportFileError(f"import record names an invalid file {name!r}")
         path = self.directory / name
+        was = str(fields.get("incoming", ""))  # absent from older records
+        if not path.exists() and _INCOMING.match(was) and (self.directory / was).exists():
+            # the rename was not durable when the record was: finish it now
+            os.replace(self.directory / was, path)
+            fsync_dir(self.directory)
         size, crc = int(fields["bytes"]), int(fields["crc32"])
         try:
             with open(path, "rb") as f:

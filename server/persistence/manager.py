@@ -168,7 +168,6 @@ class PersistenceManager:
         """
         report = RecoveryReport()
         self.snapshots.remove_partial_files()
-        self.imports.remove_incoming()
         state = None
         info: SnapshotInfo | None = None
         names = self.snapshots.newest_first(verify=False)
@@ -198,6 +197,7 @@ class PersistenceManager:
         after = info.wal_sequence if info is not None else 0
         report.last_seq = after
         if not self._log_covers(info, bool(names)):
+            self.imports.remove_incoming()
             return report
         applier = BatchingApplier(self.store, self._load_import)
         result = wal_mod.replay(
@@ -212,6 +212,8 @@ class PersistenceManager:
             log.info("replayed %d write-ahead-log records after sequence %d", result.applied,
                      after)
         report.last_seq = max(after, result.last_seq)
+        # after replay: a record may name a file whose rename was not yet durable
+        self.imports.remove_incoming()
         self._prune_imports()
         return report
 
