@@ -10,8 +10,10 @@ import threading
 import numpy as np
 import torch
 
-from apcm.server.memory.bank import INITIAL_ROWS, MemoryBank
+from apcm.server.memory.bank import MemoryBank
 from apcm.server.memory.columns import ByteColumn, KeyIndex, key_hash, key_hashes
+from apcm.server.memory.options import ReadOptions
+from apcm.server.memory.slots import INITIAL_ROWS
 from apcm.server.memory.store import MemoryStore, StoreState
 
 M = 8
@@ -71,8 +73,8 @@ def test_two_readers_are_inside_one_banks_read_at_once_and_writers_wait():
     bank = s.get("b")
     read_done, write_done = threading.Event(), threading.Event()
     with bank.lock.shared():  # a reader inside the bank (stands in for a long scan)
-        reader = threading.Thread(target=lambda: (s.read("b", torch.randn(2, M), top_k=3),
-                                                  read_done.set()))
+        reader = threading.Thread(target=lambda: (
+            s.read("b", torch.randn(2, M), ReadOptions(top_k=3)), read_done.set()))
         reader.start()
         assert read_done.wait(10), "a second reader must not wait for the first"
         writer = threading.Thread(target=lambda: (s.write("b", torch.randn(1, M), [], []),
@@ -105,7 +107,7 @@ def test_two_real_scans_of_a_big_bank_overlap():
 
     def reader() -> None:
         for _ in range(10):
-            s.read("big", torch.randn(16, 64), top_k=5)
+            s.read("big", torch.randn(16, 64), ReadOptions(top_k=5))
 
     watcher = threading.Thread(target=watch)
     watcher.start()
@@ -139,7 +141,8 @@ def test_concurrent_readers_and_writers_keep_counters_and_keys_exact():
         gen = torch.Generator().manual_seed(100 + t)
         try:
             for _ in range(60):
-                for r in s.read("b", torch.randn(2, M, generator=gen), top_k=2).results:
+                found = s.read("b", torch.randn(2, M, generator=gen), ReadOptions(top_k=2))
+                for r in found.results:
                     for h in r.hits:  # a hit's key, payload and slot agree
                         assert h.key is not None and s.get("b").slot_of(h.key) is not None
                         assert h.payload in (b"p", h.key.encode())
@@ -242,8 +245,8 @@ def test_snapshots_of_older_servers_still_load():
     assert bank.rows <= INITIAL_ROWS and bank.occupied_count == 19
     assert bank.slot_of("k7") == 7 and bank.payload_of(7) == b"p7" and bank.slot_of("k3") is None
     q = torch.randn(2, M)
-    assert [[h.slot for h in r.hits] for r in t.read("b", q, top_k=5).results] == \
-        [[h.slot for h in r.hits] for r in s.read("b", q, top_k=5).results]
+    assert [[h.slot for h in r.hits] for r in t.read("b", q, ReadOptions(top_k=5)).results] == \
+        [[h.slot for h in r.hits] for r in s.read("b", q, ReadOptions(top_k=5)).results]
 
 
 # ---------------------------------------------------------------------- snapshots

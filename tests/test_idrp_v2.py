@@ -17,6 +17,7 @@ from apcm.server.codecs.idrp import transform
 from apcm.server.codecs.idrp.v2 import TransformCodec, TransformConfig, TransformIDRP
 from apcm.server.memory.bank import MemoryBank
 from apcm.server.memory.eviction import make_policy
+from apcm.server.memory.options import ReadOptions
 
 D, BUDGET = 12, 4
 
@@ -315,8 +316,8 @@ def test_bank_scores_are_cosine_of_decoded_items(data: dict[str, np.ndarray],
     bank = _bank(codec, 300)
     bank.apply_write(list(range(300)), codes, [None] * 300, [None] * 300, list(range(1, 301)))
     queries = torch.from_numpy(data["val"][:20])
-    result = bank.read(codec.encode_latent(queries), top_k=10, temperature=0.5, soft=True,
-                       count_access=False)
+    result = bank.read(codec.encode_latent(queries),
+                       ReadOptions(top_k=10, temperature=0.5, soft=True, count_access=False))
     decoded = codec.decompress(codes)[:, 0].double()
     cos = torch.nn.functional.normalize(queries.double(), dim=1) @ \
         torch.nn.functional.normalize(decoded, dim=1).T

@@ -21,9 +21,11 @@ from apcm.client import MemoryClient
 from apcm.client.errors import InvalidArgumentError
 from apcm.server.codecs.base import Codec, load_codec
 from apcm.server.memory import indexing
-from apcm.server.memory.bank import EXHAUSTIVE, MemoryBank
+from apcm.server.memory.bank import MemoryBank
 from apcm.server.memory.eviction import make_policy
+from apcm.server.memory.export import export, from_export
 from apcm.server.memory.ivf import IndexConfig, list_count
+from apcm.server.memory.options import EXHAUSTIVE, ReadOptions
 from apcm.v1 import memory_pb2, memory_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,13 +112,13 @@ def test_index_recall_at_10_of_the_scan_on_minilm_data(text_codec: Codec,
     _check_lists(bank)
     queries = text_codec.encode_latent(torch.from_numpy(_noisy(minilm, 30, seed=2))[:, None])
     queries = queries.reshape(30, -1)
-    exact = bank.read(queries, top_k=10, count_access=False, nprobe=EXHAUSTIVE)
-    approx = bank.read(queries, top_k=10, count_access=False)
+    exact = bank.read(queries, ReadOptions(top_k=10, count_access=False, nprobe=EXHAUSTIVE))
+    approx = bank.read(queries, ReadOptions(top_k=10, count_access=False))
     recall = np.mean([len(set(a) & set(e)) / 10
                       for a, e in zip(_slots(approx), _slots(exact), strict=True)])
     assert recall >= 0.95
     # every list probed: the candidates are every slot, scored exactly as the scan
-    whole = bank.read(queries, top_k=10, count_access=False, nprobe=bank.index.k)
+    whole = bank.read(queries, ReadOptions(top_k=10, count_access=False, nprobe=bank.index.k))
     for w, e in zip(whole.results, exact.results, strict=True):
         assert [h.slot for h in w.hits] == [h.slot for h in e.hits]
         np.testing.assert_allclose([h.score for h in w.hits], [h.score for h in e.hits],
@@ -136,16 +138,17 @@ def test_exhaustive_and_soft_reads_of_an_indexed_bank_are_the_scan(text_codec: C
     queries = text_codec.encode_latent(torch.from_numpy(_noisy(minilm, 8, seed=4))[:, None])
     queries = queries.reshape(8, -1)
     for soft, nprobe in ((False, EXHAUSTIVE), (True, 0), (True, 3)):
-        a = indexed.read(queries, top_k=7, temperature=0.3, soft=soft, count_access=False,
-                         nprobe=nprobe)
-        b = plain.read(queries, top_k=7, temperature=0.3, soft=soft, count_access=False)
+        a = indexed.read(queries, ReadOptions(top_k=7, temperature=0.3, soft=soft,
+                                              count_access=False, nprobe=nprobe))
+        b = plain.read(queries,
+                       ReadOptions(top_k=7, temperature=0.3, soft=soft, count_access=False))
         for ra, rb in zip(a.results, b.results, strict=True):
             assert [(h.slot, h.score, h.weight) for h in ra.hits] == \
                 [(h.slot, h.score, h.weight) for h in rb.hits]
         if soft:
             assert a.soft is not None and b.soft is not None and torch.equal(a.soft, b.soft)
     with pytest.raises(Exception, match="nprobe"):
-        indexed.read(queries, nprobe=-2)
+        indexed.read(queries, ReadOptions(nprobe=-2))
 
 
 def test_filtered_reads_of_an_indexed_bank(text_codec: Codec, minilm: np.ndarray) -> None:
@@ -158,13 +161,14 @@ def test_filtered_reads_of_an_indexed_bank(text_codec: Codec, minilm: np.ndarray
     queries = text_codec.encode_latent(torch.from_numpy(_noisy(minilm, 5, seed=6))[:, None])
     queries = queries.reshape(5, -1)
     # 80 matching slots, fewer than a probe gathers: scored exhaustively, so exact
-    rare = bank.read(queries, top_k=10, count_access=False, where={"shard": "7"})
-    exact = bank.read(queries, top_k=10, count_access=False, where={"shard": "7"},
-                      nprobe=EXHAUSTIVE)
+    rare = bank.read(queries, ReadOptions(top_k=10, count_access=False, where={"shard": "7"}))
+    exact = bank.read(queries, ReadOptions(top_k=10, count_access=False, where={"shard": "7"},
+                      nprobe=EXHAUSTIVE))
     assert _slots(rare) == _slots(exact)
     assert all(s % 50 == 7 for row in _slots(rare) for s in row)
     # a filter too wide for that: probed candidates are masked, the hits still match it
-    wide = bank.read(queries, top_k=10, count_access=False, where={"shard": "7"}, nprobe=1)
+    wide = bank.read(queries,
+                     ReadOptions(top_k=10, count_access=False, where={"shard": "7"}, nprobe=1))
     assert all(len(row) == 10 and all(s % 50 == 7 for s in row) for row in _slots(wide))
 
 
@@ -221,7 +225,7 @@ def test_lists_stay_exact_under_concurrent_reads_writes_deletes_and_rebuilds() -
             while not stop.is_set():
                 with bank.lock.shared():
                     if bank.occupied_count:
-                        result = bank.read(codes(2, rng), top_k=5, count_access=False)
+                        result = bank.read(codes(2, rng), ReadOptions(top_k=5, count_access=False))
                         for r in result.results:
                             assert all(bank.occupied[h.slot] for h in r.hits)
         except BaseException as e:  # pragma: no cover
@@ -256,17 +260,18 @@ def test_an_index_survives_export_and_older_exports_load_without_one() -> None:
                      list(range(1, 1501)))
     bank.free(list(range(0, 1500, 3)))
     assert indexing.build(bank)
-    config, arrays = bank.export()
+    config, arrays = export(bank)
     assert arrays["ivf_assign"].dtype == np.int32 and arrays["ivf_centroids"].ndim == 2
     args = dict(scale=None, device=torch.device("cpu"), max_payload_bytes=8,
                 max_key_length=16, index_config=IndexConfig(threshold=100, background=False))
-    loaded = MemoryBank.from_export(config, arrays, **args)  # type: ignore[arg-type]
+    loaded = from_export(config, arrays, **args)  # type: ignore[arg-type]
     assert loaded.index is not None and loaded.index.k == bank.index.k
     _check_lists(loaded)
     q = torch.randn(4, 16)
-    assert _slots(loaded.read(q, top_k=5)) == _slots(bank.read(q, top_k=5))
+    five = ReadOptions(top_k=5)
+    assert _slots(loaded.read(q, five)) == _slots(bank.read(q, five))
     older = {k: v for k, v in arrays.items() if not k.startswith("ivf_")}
-    plain = MemoryBank.from_export(config, older, **args)  # type: ignore[arg-type]
+    plain = from_export(config, older, **args)  # type: ignore[arg-type]
     assert plain.index is None
     assert indexing.build(plain)
     _check_lists(plain)
@@ -355,9 +360,10 @@ def test_probed_and_scanned_fallback_reads_weigh_like_the_scan_at_a_tiny_tempera
     # every list probed: the candidates are the whole bank; top_k 300 with one list
     # probed: too few candidates, so each query is scanned (exp(-500) would underflow)
     for top_k, nprobe in ((5, k), (300, 1)):
-        got = bank.read(q, top_k=top_k, temperature=1e-3, nprobe=nprobe, count_access=False)
-        exact = bank.read(q, top_k=top_k, temperature=1e-3, nprobe=EXHAUSTIVE,
-                          count_access=False)
+        got = bank.read(q, ReadOptions(top_k=top_k, temperature=1e-3, nprobe=nprobe,
+                                       count_access=False))
+        exact = bank.read(q, ReadOptions(top_k=top_k, temperature=1e-3, nprobe=EXHAUSTIVE,
+                          count_access=False))
         for g, e in zip(got.results, exact.results, strict=True):
             assert [h.slot for h in g.hits] == [h.slot for h in e.hits]
             np.testing.assert_allclose([h.weight for h in g.hits], [h.weight for h in e.hits],

@@ -15,8 +15,11 @@ import torch
 from apcm.server.codecs.base import load_codec
 from apcm.server.codecs.idrp import lutscan
 from apcm.server.codecs.idrp.v2 import TransformCodec
+from apcm.server.memory import scan
 from apcm.server.memory.bank import MemoryBank
 from apcm.server.memory.eviction import make_policy
+from apcm.server.memory.options import ReadOptions
+from apcm.server.memory.scorers import DecodingKernel, LookupKernel
 
 ROOT = Path(__file__).resolve().parents[1]
 V2_MODELS = ["text-minilm", "text-minilm-4x", "text-minilm-16x", "text-minilm-32x",
@@ -75,11 +78,12 @@ def test_a_packed_banks_reads_rank_as_the_decoded_search_one_query_or_many() -> 
     bank.apply_write(slots, codes, [None] * n, [None] * n, list(range(1, n + 1)))
     queries = codec.encode_latent(_items(codec, 20, 5))
     search = codec.scorer.queries(queries)
-    assert bank._lut_dots(search[:1], soft=False) is not None  # one query: tables
-    assert bank._lut_dots(search, soft=False) is None  # 20 share one decode per chunk
-    singles = [bank.read(queries[i:i + 1], top_k=10, count_access=False).results[0]
+    assert isinstance(scan.kernel(bank, search[:1], soft=False), LookupKernel)  # one: tables
+    # 20 queries share one decode per chunk
+    assert type(scan.kernel(bank, search, soft=False)) is DecodingKernel
+    singles = [bank.read(queries[i:i + 1], ReadOptions(top_k=10, count_access=False)).results[0]
                for i in range(queries.shape[0])]
-    batch = bank.read(queries, top_k=10, count_access=False).results
+    batch = bank.read(queries, ReadOptions(top_k=10, count_access=False)).results
     decoded = codec.scorer.codes(codes)
     decoded = decoded / decoded.norm(dim=1, keepdim=True)
     q = codec.scorer.queries(queries)

@@ -12,6 +12,7 @@ from apcm.server.codecs.base import load_codec
 from apcm.server.codecs.quant import CodeQuantizer
 from apcm.server.memory.bank import MemoryBank
 from apcm.server.memory.eviction import make_policy
+from apcm.server.memory.options import ReadOptions
 
 M = 16
 
@@ -34,7 +35,8 @@ def test_scores_are_cosine_under_the_weights(code_dtype: str, n_queries: int) ->
     codes = quant.quantize(latents)
     bank.apply_write(list(range(40)), codes, [None] * 40, [None] * 40, list(range(1, 41)))
     queries = torch.randn(n_queries, M, generator=gen)
-    result = bank.read(queries, top_k=5, temperature=0.7, soft=True, count_access=False)
+    result = bank.read(queries,
+                       ReadOptions(top_k=5, temperature=0.7, soft=True, count_access=False))
 
     stored = quant.dequantize(codes).double()
     w = metric.double()

@@ -188,6 +188,34 @@ def test_metadata_survives_restart_and_restore(tmp_path: Path) -> None:
         srv.stop(grace=0.5)
 
 
+def test_text_recalls_access_counts_survive_an_incremental_snapshot(tmp_path: Path) -> None:
+    """Hybrid and lexical recalls count the best hit's access like a dense read, and
+    stamp the bank so the next snapshot, which copies only counters for a bank whose
+    slots did not change, carries those counts across a restart."""
+    srv = start_text_server(tmp_path)
+    try:
+        with MemoryClient(f"127.0.0.1:{srv.port}", timeout=60.0) as c:
+            c.remember(FACTS, keys=list("abcde"))
+            c.create_snapshot("slots")  # the full copy the next snapshot builds on
+            fresh = c.describe_bank("default")
+            for mode in ("hybrid", "hybrid", "lexical"):
+                assert c.recall("favourite colour teal", top_k=2, mode=mode)[0].key == "a"
+            counted = c.describe_bank("default")
+            assert counted.reads_total == fresh.reads_total + 3
+            assert counted.counter_max > fresh.counter_max + 2.5  # three accesses (decayed)
+            c.create_snapshot("counters")
+    finally:
+        srv.stop(grace=0.5)
+    srv = start_text_server(tmp_path)
+    try:
+        with MemoryClient(f"127.0.0.1:{srv.port}", timeout=60.0) as c:
+            after = c.describe_bank("default")
+            assert (after.counter_max, after.reads_total) == \
+                (counted.counter_max, counted.reads_total)
+    finally:
+        srv.stop(grace=0.5)
+
+
 def test_write_ahead_log_carries_metadata_through_recovery(tmp_path: Path) -> None:
     """Metadata written after the last snapshot comes back from the real log on disk,
     through the merging replayer (records with and without metadata in one run)."""

@@ -17,7 +17,6 @@ import logging
 import math
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -27,117 +26,24 @@ from ..codecs.base import Codec, ItemChecks
 from ..config import Settings
 from ..embedding.embedder import Embedder, EmbedderSpec, resolve_spec
 from ..errors import FailedPrecondition, InvalidArgument, ResourceExhausted
-from ..memory.bank import (
-    EXHAUSTIVE,
-    BankStats,
-    Hit,
-    MemoryBank,
-    ReadResult,
-    SlotWrite,
-)
-from ..memory.hybrid import MODES
+from ..memory.bank import MemoryBank
 from ..memory.ivf import IndexConfig
-from ..memory.metadata import validate_metadata
 from ..memory.names import validate_bank_name, validate_snapshot_name
+from ..memory.results import BankStats, ReadResult
 from ..memory.store import MemoryStore
 from ..metrics import Metrics
 from .batching import KeyedBatcher, MicroBatcher
 from .engine import Engine
+from .params import MAX_TOP_K, ModelInfo, QueryHits, ReadParams, WrittenSlots
 
 log = logging.getLogger(__name__)
 
-MAX_TOP_K = 1024
 MAX_TEXT_CHARS = 16_384  # one text to embed (MiniLM reads its first 256 tokens anyway)
 # Serialized bytes of one Hit besides its key, payload and reconstruction: field tags,
 # slot and sequence varints (up to 10 bytes each), score and weight, length prefixes.
 HIT_OVERHEAD_BYTES = 40
 # A Tensor message besides its data: shape, dtype and the length prefixes.
 TENSOR_OVERHEAD_BYTES = 16
-
-
-class WrittenSlots(list[SlotWrite]):
-    """What a Write did: one ``SlotWrite`` per written slot, plus ``checks``, the
-    codec's per-input-item domain checks (None for codes, or a codec without them)."""
-
-    checks: ItemChecks | None = None
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What a client needs to know about the served codec and the request limits."""
-
-    name: str
-    kind: str
-    input_shape: tuple[int, int]
-    code_dim: int
-    code_dtype: str
-    bytes_per_code: int
-    input_bytes: int
-    compression_ratio: float
-    model_hash: str
-    device: str
-    max_batch_size: int
-    max_message_bytes: int
-    max_top_k: int
-    max_bank_capacity: int
-    max_payload_bytes: int
-    max_key_length: int
-    memory_limit_bytes: int
-    max_banks: int
-    embedder: str = ""  # the text embedder, "" when the model serves vectors only
-
-
-@dataclass
-class QueryHits:
-    """One query's hits, with reconstructions [L, D] per hit when asked for."""
-
-    hits: list[Hit]
-    reconstructions: list[np.ndarray] | None = None
-    soft_reconstruction: np.ndarray | None = None
-
-
-@dataclass(frozen=True)
-class ReadParams:
-    """Validated parameters of a read; equal params let concurrent reads share a search."""
-
-    top_k: int = 1
-    temperature: float = 1.0
-    min_score: float | None = None
-    soft: bool = False
-    count_access: bool = True
-    where: tuple[tuple[str, str], ...] = ()  # metadata equality filter, sorted items
-    # "dense", "hybrid" or "lexical" (see memory.hybrid); None: hybrid for a text query
-    # of a bank that holds text memories, else dense
-    mode: str | None = None
-    nprobe: int = 0  # lists an indexed bank probes (0: its default)
-    exhaustive: bool = False  # scan every slot even if the bank is indexed
-
-    @staticmethod
-    def filter_items(where: dict[str, str] | None) -> tuple[tuple[str, str], ...]:
-        """A filter map, validated, as the hashable ``where`` of equal params."""
-        checked = validate_metadata(where, "filter")
-        return tuple(sorted(checked.items())) if checked else ()
-
-    @property
-    def effort(self) -> int:
-        """The bank read's ``nprobe`` (``EXHAUSTIVE`` when an exact scan is asked for)."""
-        return EXHAUSTIVE if self.exhaustive else self.nprobe
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.top_k <= MAX_TOP_K:
-            raise InvalidArgument(f"top_k must be in [1, {MAX_TOP_K}], got {self.top_k}",
-                                  field="top_k")
-        if not (self.temperature > 0 and math.isfinite(self.temperature)):
-            raise InvalidArgument(f"temperature must be > 0, got {self.temperature}",
-                                  field="temperature")
-        if self.min_score is not None and math.isnan(self.min_score):
-            raise InvalidArgument("min_score must be a number", field="min_score")
-        if self.nprobe < 0:
-            raise InvalidArgument(f"nprobe must be >= 0 (0: the server's default), got "
-                                  f"{self.nprobe}", field="nprobe")
-        if self.mode is not None and self.mode not in MODES:
-            raise InvalidArgument(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}",
-                                  field="mode")
 
 
 class MemoryService:
@@ -386,8 +292,13 @@ class MemoryService:
                 payloads = [t.encode() for t in texts] if per_item \
                     else ["\n".join(texts).encode()]
                 text_flags = [True] * len(payloads)
-        if inputs is not None and codes is None:
+        if (inputs is None) == (codes is None):
+            raise InvalidArgument("content: set one of inputs, codes or texts", field="content")
+        if inputs is not None:
             inputs = self.engine.check_inputs(inputs)
+        else:
+            assert codes is not None
+            codes = self.engine.check_codes(codes)
         stored = self._codes_to_store(inputs, codes, per_item)
         checks = None
         if inputs is not None and codes is None:
@@ -416,24 +327,22 @@ class MemoryService:
 
     def _codes_to_store(self, inputs: np.ndarray | None, codes: np.ndarray | None,
                         per_item: bool) -> torch.Tensor:
+        """The codes a write stores, from validated items or codes."""
         engine = self.engine
         if codes is not None and per_item:
-            checked = engine.check_codes(codes)
-            return torch.from_numpy(checked.copy()).to(self.codec.device)
-        latents = self._latents(inputs, codes, "content")
+            return torch.from_numpy(codes.copy()).to(self.codec.device)
+        if inputs is not None:
+            latents = engine.encode_latent(inputs)
+        else:
+            assert codes is not None
+            latents = engine.codes_to_latent(codes)
         if not per_item:
             latents = latents.mean(dim=0, keepdim=True)
-        return engine.latent_to_codes(latents)
-
-    def _latents(self, inputs: np.ndarray | None, codes: np.ndarray | None,
-                 field: str) -> torch.Tensor:
-        """z_comp [B, m] float32 on the codec's device, of items or of codes."""
-        if (inputs is None) == (codes is None):
-            raise InvalidArgument(f"{field}: set either inputs or codes", field=field)
-        if inputs is not None:
-            return self.engine.encode_latent(self.engine.check_inputs(inputs))
-        assert codes is not None
-        return self.engine.codes_to_latent(self.engine.check_codes(codes))
+        stored = engine.latent_to_codes(latents)
+        if stored.is_floating_point() and not bool(torch.isfinite(stored).all()):
+            raise InvalidArgument("the inputs encode to NaN or infinite codes (values out of "
+                                  "the model's range)", field="inputs")
+        return stored
 
     def read(
         self,
@@ -466,7 +375,7 @@ class MemoryService:
             raise InvalidArgument(f"mode {mode} ranks by the query's words: send the query "
                                   "as texts, or use mode dense", field="mode")
         if (inputs is None) == (codes is None):
-            raise InvalidArgument("query: set either inputs, codes or texts", field="query")
+            raise InvalidArgument("query: set one of inputs, codes or texts", field="query")
         if inputs is not None:
             inputs = self.engine.check_inputs(inputs)
             n_queries = inputs.shape[0]
@@ -482,12 +391,10 @@ class MemoryService:
             latents = self.engine.codes_to_latent(codes)
         if mode in ("hybrid", "lexical"):
             assert texts is not None
-            result = self.store.read_fused(
-                name, latents, list(texts), mode, top_k=params.top_k,
-                temperature=params.temperature, min_score=params.min_score, soft=params.soft,
-                count_access=params.count_access, where=dict(params.where) or None)
+            result = self.store.read_fused(name, latents, list(texts), mode,
+                                           params.options(payloads=include_payloads))
         else:
-            result = self._search(name, latents, params)
+            result = self._search(name, latents, params, include_payloads)
         self._count("Read", latents.shape[0])
         recon: list[np.ndarray] = []
         if include_reconstruction:
@@ -498,9 +405,6 @@ class MemoryService:
         out, cursor = [], 0
         for q, r in enumerate(result.results):
             n = len(r.hits)
-            if not include_payloads:
-                for h in r.hits:
-                    h.payload = None
             out.append(QueryHits(
                 hits=r.hits,
                 reconstructions=recon[cursor:cursor + n] if include_reconstruction else None,
@@ -547,26 +451,22 @@ class MemoryService:
             f"{', '.join(parts)}), over the server's max_message_bytes of {limit}: "
             f"{', '.join(fixes)}", field="top_k", limit="max_message_bytes")
 
-    def _search(self, bank: str, latents: torch.Tensor, p: ReadParams) -> ReadResult:
+    def _search(self, bank: str, latents: torch.Tensor, p: ReadParams,
+                payloads: bool) -> ReadResult:
         """Concurrent reads of one bank with equal parameters share one search."""
         if self._reads is None:
-            return self.store.read(bank, latents, top_k=p.top_k, temperature=p.temperature,
-                                   min_score=p.min_score, soft=p.soft,
-                                   count_access=p.count_access, where=dict(p.where) or None,
-                                   nprobe=p.effort)
-        rows = self._reads((bank, p), latents)
+            return self.store.read(bank, latents, p.options(payloads=payloads))
+        rows = self._reads((bank, p, payloads), latents)
         soft_rows = [s for _, s in rows]
         return ReadResult(
             results=[r for r, _ in rows],
             soft=torch.stack(soft_rows) if p.soft and soft_rows[0] is not None else None,
         )
 
-    def _read_batch(self, key: tuple[str, ReadParams],
+    def _read_batch(self, key: tuple[str, ReadParams, bool],
                     latents: torch.Tensor) -> list[tuple[Any, Any]]:
-        bank, p = key
-        result = self.store.read(bank, latents, top_k=p.top_k, temperature=p.temperature,
-                                 min_score=p.min_score, soft=p.soft, count_access=p.count_access,
-                                 where=dict(p.where) or None, nprobe=p.effort)
+        bank, p, payloads = key
+        result = self.store.read(bank, latents, p.options(payloads=payloads))
         softs = list(result.soft) if result.soft is not None else [None] * len(result.results)
         return list(zip(result.results, softs, strict=True))
 

@@ -109,15 +109,16 @@ def build(bank: MemoryBank, *, claimed: bool = False, seed: int = 0) -> bool:
             return True
     finally:
         if claimed:
-            bank.index_journal = None  # already None after a swap; a failed build's goes
-            bank.index_training = False
+            with bank.lock:  # writers read both fields under the bank lock
+                bank.index_journal = None  # already None after a swap; a failed build's goes
+                bank.index_training = False
 
 
 def _copy(bank: MemoryBank, seed: int) -> tuple[int, torch.Tensor, torch.Tensor, np.ndarray,
                                                 torch.Tensor, int]:
     """Step 1 (bank lock held shared): (epoch, codes [h, m], inverse norms [h], occupied
     slot ids, sample search rows [s, d], lists to train)."""
-    high = bank._high
+    high = bank.high
     occupied = torch.nonzero(bank.occupied[:high]).flatten().cpu().numpy()
     k = list_count(occupied.size)
     rng = np.random.default_rng(seed)

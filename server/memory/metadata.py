@@ -47,3 +47,35 @@ def encode_metadata(meta: dict[str, str] | None) -> bytes:
 
 def decode_metadata(raw: bytes) -> dict[str, str] | None:
     return json.loads(bytes(raw).decode()) if raw else None
+
+
+class MetadataIndex:
+    """(key, value) -> the slots whose metadata holds it: what a read's ``where``
+    filter looks up instead of decoding every slot's metadata."""
+
+    def __init__(self) -> None:
+        self._slots: dict[tuple[str, str], set[int]] = {}
+
+    def replace(self, slot: int, old: dict[str, str] | None,
+                new: dict[str, str] | None) -> None:
+        for item in (old or {}).items():
+            slots = self._slots.get(item)
+            if slots is not None:
+                slots.discard(slot)
+                if not slots:
+                    del self._slots[item]
+        for item in (new or {}).items():
+            self._slots.setdefault(item, set()).add(slot)
+
+    def matching(self, where: dict[str, str]) -> set[int]:
+        """Slots whose metadata holds every (key, value) of ``where``."""
+        matched: set[int] | None = None
+        for item in where.items():
+            slots = self._slots.get(item, set())
+            matched = set(slots) if matched is None else matched & slots
+            if not matched:
+                break
+        return matched or set()
+
+    def clear(self) -> None:
+        self._slots.clear()

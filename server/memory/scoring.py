@@ -32,6 +32,8 @@ class CodeScorer(Protocol):
         """Stored codes [c, m] (code dtype) -> [c, search_dim] float32."""
         ...
 
-    # Optional: ``dots(queries [Q, search_dim], codes [c, m]) -> [Q, c] float32 | None``,
-    # the products of ``queries`` with ``codes(codes)`` computed without decoding (None
-    # where the scorer cannot). Banks use it for every read but the soft one.
+    def dots(self, queries: torch.Tensor, codes: torch.Tensor) -> torch.Tensor | None:
+        """``queries [Q, search_dim] @ codes(codes).T`` -> [Q, c] float32 computed
+        without decoding (lookup tables), or None where this scorer cannot for these
+        tensors (then reads decode with ``codes``)."""
+        ...

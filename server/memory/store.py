@@ -47,7 +47,6 @@ from __future__ import annotations
 import contextlib
 import operator
 import threading
-import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -64,14 +63,17 @@ from ..errors import (
     ResourceExhausted,
 )
 from . import indexing
-from .bank import BankStats, MemoryBank, ReadResult, SlotWrite
+from .bank import DEFAULT_READ, MemoryBank
 from .eviction import make_policy, validate_half_life
+from .export import export_copy, export_counters, from_export
 from .hybrid import fused_read
 from .ivf import IndexConfig
-from .lexical import LexicalIndex, is_text
 from .metadata import decode_metadata, encode_metadata, validate_metadata
 from .names import shorten, validate_bank_name
+from .options import ReadOptions
+from .results import BankStats, ReadResult, SlotWrite
 from .scoring import CodeScorer
+from .texts import TextIndexes
 
 
 class MutationLog(Protocol):
@@ -173,8 +175,7 @@ class MemoryStore:
         self._log = log
         self._banks: dict[str, MemoryBank] = {}
         # each bank's BM25 index of its text memories, kept in step under the bank lock
-        self._lexical: weakref.WeakKeyDictionary[MemoryBank, LexicalIndex] = \
-            weakref.WeakKeyDictionary()
+        self.texts = TextIndexes()
 
     def set_log(self, log: MutationLog | None) -> None:
         with self.lock, self.seq_lock:
@@ -197,50 +198,12 @@ class MemoryStore:
                 raise FailedPrecondition("the log was attached during this mutation; retry")
             self._log.append(seq, record)
 
-    def lexical(self, bank: MemoryBank) -> LexicalIndex:
-        """The lexical index of a bank (empty until it holds text memories)."""
-        index = self._lexical.get(bank)
-        if index is None:
-            index = self._lexical.setdefault(bank, LexicalIndex())
-        return index
-
-    def _index_texts(self, b: MemoryBank, slots: list[int], payloads: list[bytes | None],
-                     text: list[bool] | None) -> None:
-        """After a write: slot j holds a text memory iff ``text[j]`` (None: data without
-        text marks, see ``lexical.is_text``)."""
-        index = self.lexical(b)
-        for j, slot in enumerate(slots):
-            flag = text[j] if text is not None else is_text(payloads[j])
-            index.set(slot, payloads[j] if flag else None)
-
-    def _load_texts(self, b: MemoryBank, flags: np.ndarray | None) -> None:
-        """A bank's index from its text marks [capacity] (None: derived from payloads).
-
-        Reads the payload column's arrays directly: ``payload_of`` per slot costs
-        ~4 us, 0.4 s for a bank of 100k memories moved in or recovered.
-        """
-        occupied = np.flatnonzero(b.occupied.cpu().numpy())
-        if flags is not None:
-            flags = np.asarray(flags)
-            occupied = occupied[occupied < len(flags)]
-            occupied = occupied[flags[occupied] != 0]
-        col = b.payloads
-        occupied = occupied[occupied < col.length.shape[0]]
-        lengths = col.length[occupied]
-        slots = occupied[lengths > 0]
-        raw = col.data[:col.used].tobytes()
-        docs = {s: raw[a:a + n] for s, a, n in zip(
-            slots.tolist(), col.start[slots].tolist(), col.length[slots].tolist(), strict=True)}
-        if flags is None:
-            docs = {s: p for s, p in docs.items() if is_text(p)}
-        self.lexical(b).load(docs)
-
     def export_bank(self, name: str, frozen: bool = False) -> tuple[dict, dict[str, np.ndarray]]:
         """One bank's (config, arrays) with its text marks, as a snapshot holds it, for
-        a move. ``frozen``: see ``MemoryBank.export_copy``. Raises ``NotFound``."""
+        a move. ``frozen``: see ``export.export_copy``. Raises ``NotFound``."""
         with self._locked(name) as bank:
-            copy = bank.export_copy(frozen=frozen)
-            text_slots = self.lexical(bank).text_slots()
+            copy = export_copy(bank, frozen=frozen)
+            text_slots = self.texts.of(bank).text_slots()
         config, arrays = copy.pack()
         flags = np.zeros(len(arrays["occupied"]), dtype=np.uint8)
         flags[text_slots] = 1
@@ -414,7 +377,7 @@ class MemoryStore:
                 raise AlreadyExists(f"bank {bank.name!r} already exists", field="name")
             self.last_seq = max(self.last_seq, newest)
             bank.applied_seq = self.last_seq
-            self._load_texts(bank, text_flags)  # None: derived from the payloads
+            self.texts.load(bank, text_flags)  # None: derived from the payloads
             bank.index_config = self.index_config  # this server's, not the sender's
             self._banks = {**self._banks, bank.name: bank}
         with bank.lock:
@@ -422,7 +385,7 @@ class MemoryStore:
 
     def bank_from_export(self, config: dict[str, Any], arrays: dict[str, np.ndarray]
                          ) -> MemoryBank:
-        """A bank rebuilt from ``MemoryBank.export`` output made elsewhere (a move), with
+        """A bank rebuilt from ``export.export`` output made elsewhere (a move), with
         this store's codec settings; not added to the store. It keeps writable
         ``arrays`` as its storage (they must not be used elsewhere).
 
@@ -435,18 +398,21 @@ class MemoryStore:
                 f"bank {config.get('name')!r} holds {config['code_dtype']} codes of dim "
                 f"{config['code_dim']}; this server's codec uses {self.code_dtype} of dim "
                 f"{self.code_dim}")
-        return MemoryBank.from_export(
+        return from_export(
             config, arrays, scale=self.scale, device=self.device,
             max_payload_bytes=self.max_payload_bytes, max_key_length=self.max_key_length,
             metric=self.metric, scorer=self.scorer, adopt_arrays=True,
             index_config=self.index_config)
 
     def import_bank(self, bank: MemoryBank, commit: Callable[[int], dict[str, Any]],
-                    text_flags: np.ndarray | None = None) -> bool:
+                    text_flags: np.ndarray | None = None,
+                    sync: Callable[[], None] | None = None) -> bool:
         """Adds a bank moved in from another server, logged as one ``import_bank`` record.
 
-        ``commit(seq)`` makes the bank's bytes durable under sequence ``seq`` and returns
-        the record's fields (which name them); it runs under the store's locks. The
+        ``commit(seq)`` names the bank's (already durable) bytes after sequence ``seq``
+        and returns the record's fields; it runs under the store's locks, so it must
+        be cheap (a rename). ``sync()``, called with no lock held before the record is
+        waited for, makes that name durable (a folder fsync). The
         record covers the sequences up to the bank's newest slot sequence, so new
         memories stay younger than moved ones and the log has no gap. Returns after
         the record is durable; False (nothing logged, like ``adopt_bank``) when no log
@@ -460,7 +426,7 @@ class MemoryStore:
             self.adopt_bank(bank, text_flags)
             return False
         newest = int(bank.sequences.max()) if bank.sequences.numel() else 0
-        self._load_texts(bank, text_flags)  # nobody sees the bank yet: no lock
+        self.texts.load(bank, text_flags)  # nobody sees the bank yet: no lock
         with self.lock, self.seq_lock:
             if bank.name in self._banks:
                 raise AlreadyExists(f"bank {bank.name!r} already exists", field="name")
@@ -472,6 +438,8 @@ class MemoryStore:
             self._banks = {**self._banks, bank.name: bank}
         with bank.lock:
             indexing.maybe_start(bank)
+        if sync is not None:
+            sync()
         self._wait(end)
         return True
 
@@ -482,7 +450,7 @@ class MemoryStore:
         Raises:
             FailedPrecondition: a bank of that name exists (corrupt log).
         """
-        self._load_texts(bank, text_flags)
+        self.texts.load(bank, text_flags)
         with self.lock:
             if seq <= self.last_seq:
                 return
@@ -507,7 +475,9 @@ class MemoryStore:
         return self._lookup(name)
 
     def describe(self, name: str) -> BankStats:
-        with self._locked(name) as bank:
+        """A bank's stats; the lock is held shared, so a scrape never waits for reads
+        (only the counters, which reads change, need ``counter_lock``)."""
+        with self._shared(name) as bank, bank.counter_lock:
             return bank.stats()
 
     # ------------------------------------------------------------------ write / read
@@ -539,9 +509,7 @@ class MemoryStore:
             added = sum(len(p) for p in payloads if p) + sum(len(k.encode()) for k in keys if k)
             self._check_memory(added, f"this write's {added} bytes of payloads and keys")
             n = codes.shape[0]
-            if metadata and len(metadata) != n:
-                raise InvalidArgument(f"got {len(metadata)} metadata maps for {n} memories",
-                                      field="metadata")
+            assert not metadata or len(metadata) == n, (n, len(metadata))
             metas = [validate_metadata(m) for m in metadata] if metadata else None
             # planning only compares new sequences with the bank's, which are all below
             # last_seq + 1 (and cannot change while we hold its lock): no store lock needed
@@ -555,9 +523,7 @@ class MemoryStore:
             if metas and any(metas):  # absent from older records and metadata-less writes
                 fields["metadata"] = [encode_metadata(m) for m in metas]
             flags = [bool(t) for t in text] if text else [False] * n
-            if len(flags) != n:
-                raise InvalidArgument(f"got {len(flags)} text flags for {n} memories",
-                                      field="texts")
+            assert len(flags) == n, (n, len(flags))
             fields["text"] = np.asarray(flags, dtype=np.uint8)  # absent: older records
             record = self._prepare("write", bank, fields, count=n)
             with self.seq_lock:
@@ -566,28 +532,18 @@ class MemoryStore:
                 self._append(sequences[-1], record)
                 self._next_seq(n)
             result = b.apply_write(slots, codes, keys, payloads, sequences, metas)
-            self._index_texts(b, slots, payloads, flags)
+            self.texts.written(b, slots, payloads, flags)
             b.applied_seq = sequences[-1]
+            indexing.maybe_start(b)
         self._wait(sequences[-1])
         return result
 
-    def read(
-        self,
-        bank: str,
-        latents: torch.Tensor,
-        top_k: int = 1,
-        temperature: float = 1.0,
-        min_score: float | None = None,
-        soft: bool = False,
-        count_access: bool = True,
-        where: dict[str, str] | None = None,
-        nprobe: int = 0,
-    ) -> ReadResult:
+    def read(self, bank: str, latents: torch.Tensor,
+             options: ReadOptions = DEFAULT_READ) -> ReadResult:
         """Cosine recall of queries [Q, m] float32 (latent space); see ``MemoryBank.read``.
         Holds the bank's lock shared: reads of one bank run at the same time."""
         with self._shared(bank) as b:
-            return b.read(latents, top_k=top_k, temperature=temperature, min_score=min_score,
-                          soft=soft, count_access=count_access, where=where, nprobe=nprobe)
+            return b.read(latents, options)
 
     def build_index(self, bank: str) -> bool:
         """(Re)builds a bank's index now, in this thread (see ``indexing.build``)."""
@@ -595,18 +551,18 @@ class MemoryStore:
 
     def has_texts(self, bank: str) -> bool:
         """Whether a bank holds text memories (its lexical index is not empty)."""
-        return len(self.lexical(self._lookup(bank))) > 0
+        return len(self.texts.of(self._lookup(bank))) > 0
 
     def read_fused(self, bank: str, latents: torch.Tensor, queries: list[str], mode: str,
-                   **options: Any) -> ReadResult:
+                   options: ReadOptions = DEFAULT_READ) -> ReadResult:
         """A "lexical" or "hybrid" read of text queries; see ``hybrid.fused_read``.
 
         The lexical index is rebuilt (if writes changed it) before the bank lock is
         taken, so a rebuild never stalls the bank's writers.
         """
-        self.lexical(self._lookup(bank)).refresh()
-        with self._locked(bank) as b:
-            return fused_read(b, self.lexical(b), latents, queries, mode=mode, **options)
+        self.texts.of(self._lookup(bank)).refresh()
+        with self._shared(bank) as b:
+            return fused_read(b, self.texts.of(b), latents, queries, mode=mode, options=options)
 
     # ------------------------------------------------------------------ delete / clear
     def delete(self, bank: str, slots: list[int], keys: list[str]) -> tuple[int, list[str]]:
@@ -628,7 +584,7 @@ class MemoryStore:
                     self._append(self.last_seq + 1, record)
                     seq = self._next_seq()
                 b.free(freed)
-                self.lexical(b).remove(freed)
+                self.texts.of(b).remove(freed)
                 b.applied_seq = seq
         if seq is not None:
             self._wait(seq)
@@ -642,7 +598,7 @@ class MemoryStore:
                 self._append(self.last_seq + 1, record)
                 seq = self._next_seq()
             b.clear()
-            self.lexical(b).clear()
+            self.texts.of(b).clear()
             b.applied_seq = seq
             stats = b.stats()
         self._wait(seq)
@@ -673,10 +629,10 @@ class MemoryStore:
                 old = (earlier or {}).get(name)
                 if old is not None and old[:2] == stamp[:2]:
                     # unchanged slots, so unchanged text marks: both come from the file
-                    copies.append((name, bank.export_counters(old[2] != stamp[2]), None))
+                    copies.append((name, export_counters(bank, old[2] != stamp[2]), None))
                     partial.add(name)
                 else:
-                    copies.append((name, bank.export_copy(), self.lexical(bank).text_slots()))
+                    copies.append((name, export_copy(bank), self.texts.of(bank).text_slots()))
             stamps[name] = stamp
         out = {}
         for name, copy, text_slots in copies:
@@ -711,11 +667,11 @@ class MemoryStore:
                     f"bank {name!r} holds {config['code_dtype']} codes of dim "
                     f"{config['code_dim']}; the served codec uses {self.code_dtype} of dim "
                     f"{self.code_dim}")
-            banks[name] = MemoryBank.from_export(
+            banks[name] = from_export(
                 config, arrays, scale=self.scale, device=self.device,
                 max_payload_bytes=self.max_payload_bytes, max_key_length=self.max_key_length,
                 metric=self.metric, scorer=self.scorer, index_config=self.index_config)
-            self._load_texts(banks[name], arrays.get("text_flags"))  # older: derived
+            self.texts.load(banks[name], arrays.get("text_flags"))  # older: derived
         with self._all_locked() as old, self.seq_lock:
             for _, bank in old:
                 bank.retired = True
@@ -757,14 +713,17 @@ class MemoryStore:
             b = self._banks.get(bank)
             if b is None:
                 raise FailedPrecondition(f"replay: {kind} on missing bank {bank!r}")
-            with b.lock, self.seq_lock:
-                if seq > b.applied_seq:
-                    self._replay(b, kind, fields)
-                    b.applied_seq = seq
-                    if kind == "drop_bank":
-                        self._banks = {n: x for n, x in self._banks.items() if n != bank}
-                        b.retired = True
-                self.last_seq = seq
+        # the bank lock is taken with no store lock held (the documented order)
+        with b.lock:
+            applied = seq > b.applied_seq
+            if applied:
+                self._replay(b, kind, fields)
+                b.applied_seq = seq
+            with self.lock, self.seq_lock:
+                if applied and kind == "drop_bank":
+                    self._banks = {n: x for n, x in self._banks.items() if n != bank}
+                    b.retired = True
+                self.last_seq = max(self.last_seq, seq)
 
     def _replay(self, b: MemoryBank, kind: str, fields: dict[str, Any]) -> None:
         if kind == "write":
@@ -784,15 +743,16 @@ class MemoryStore:
                           sequences[new].tolist(),
                           [decode_metadata(metas[i]) for i in new] if metas else None)
             text = fields.get("text")  # absent from older records
-            self._index_texts(b, slots, kept,
-                              [bool(text[i]) for i in new] if text is not None else None)
+            self.texts.written(b, slots, kept,
+                               [bool(text[i]) for i in new] if text is not None else None)
+            indexing.maybe_start(b)
         elif kind == "delete":
             freed = [int(s) for s in fields["slots"]]
             b.free(freed)
-            self.lexical(b).remove(freed)
+            self.texts.of(b).remove(freed)
         elif kind == "clear":
             b.clear()
-            self.lexical(b).clear()
+            self.texts.of(b).clear()
 
     # defined last: inside the class body, the name ``list`` shadows the builtin
     def list(self) -> list[BankStats]:
@@ -800,6 +760,6 @@ class MemoryStore:
         banks = sorted(self._banks.items())
         out = []
         for _, bank in banks:
-            with bank.lock:
+            with bank.lock.shared(), bank.counter_lock:  # see ``describe``
                 out.append(bank.stats())
         return out

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from apcm.server.memory.options import ReadOptions
+
 from .common import machine
 
 DEFAULT_SIZES = "10000,100000,1000000"
@@ -152,7 +154,7 @@ def run(args: argparse.Namespace) -> dict:
             ours, theirs, agree = [], [], 0
             for i, q in enumerate(queries):
                 t0 = time.perf_counter()
-                res = store.read("bench", q, top_k=args.top_k)
+                res = store.read("bench", q, ReadOptions(top_k=args.top_k))
                 t1 = time.perf_counter()
                 _, ids = index.search(torch.nn.functional.normalize(q).numpy(), args.top_k)
                 t2 = time.perf_counter()

@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from apcm.server.memory.options import ReadOptions
+
 from .codec import pq_spec
 
 FILL_CHUNK = 65536
@@ -118,7 +120,7 @@ def run_packed(args: argparse.Namespace, codec: Any, source: str, threads: int) 
                     q = torch.randn(b, d, generator=gen) * sigma
                     q_search = unit(scorer.queries(q))
                 t1 = time.perf_counter()
-                res = store.read("bench", q, top_k=args.top_k, count_access=False)
+                res = store.read("bench", q, ReadOptions(top_k=args.top_k, count_access=False))
                 t2 = time.perf_counter()
                 top = [r.hits[0].slot for r in res.results]
                 for j, (_, index, _) in enumerate(twins):

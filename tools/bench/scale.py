@@ -35,6 +35,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from apcm.server.memory.options import ReadOptions
+
 CODE_DIM = 192
 KEY_BYTES = 16
 RAM_GOAL = 1.3
@@ -133,12 +135,12 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     def read_loop(count: list[int], stop: threading.Event, offset: int) -> None:
         j = offset
         while not stop.is_set():
-            store.read("bench", queries[j % 64:j % 64 + 1], top_k=10)
+            store.read("bench", queries[j % 64:j % 64 + 1], ReadOptions(top_k=10))
             j += 1
             count[0] += 1
 
     for readers in spec["readers"]:
-        store.read("bench", queries[:1], top_k=10)  # warm-up
+        store.read("bench", queries[:1], ReadOptions(top_k=10))  # warm-up
         stop = threading.Event()
         counts = [[0] for _ in range(readers)]
         threads = [threading.Thread(target=read_loop, args=(counts[t], stop, t))
