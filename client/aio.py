@@ -27,8 +27,8 @@ from .channel import (
     open_aio_channel,
     resolve_tls,
 )
-from .errors import ApcmError, ClientClosedError, from_rpc_error, status_code
-from .retry import RetryPolicy, is_retryable
+from .errors import ApcmError, ClientClosedError
+from .retry import Attempts, RetryPolicy
 from .types import (
     BankInfo,
     DeleteResult,
@@ -119,18 +119,14 @@ class AsyncMemoryClient:
     async def _invoke(self, call: _calls.Call[T], timeout: float | None) -> T:
         self._open()
         method = self._methods[call.method]
-        budget = self.timeout if timeout is None else timeout
-        deadline = None if budget is None else time.monotonic() + budget
-        pauses = self._retry.backoffs() if call.retryable else iter(())
+        attempts = Attempts(
+            self._retry, self.timeout if timeout is None else timeout, call.retryable)
         while True:
-            remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
             try:
-                response = await method(call.request, timeout=remaining, metadata=self._metadata)
+                response = await method(
+                    call.request, timeout=attempts.remaining(), metadata=self._metadata)
             except grpc.RpcError as err:
-                pause = next(pauses, None) if is_retryable(status_code(err)) else None
-                if pause is None or (deadline is not None and time.monotonic() + pause >= deadline):
-                    raise from_rpc_error(err) from err
-                await asyncio.sleep(pause)
+                await asyncio.sleep(attempts.pause_after(err))
                 continue
             return call.parse(response)
 

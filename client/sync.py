@@ -21,8 +21,8 @@ from .channel import (
     open_channel,
     resolve_tls,
 )
-from .errors import ApcmError, ClientClosedError, from_rpc_error, status_code
-from .retry import RetryPolicy, is_retryable
+from .errors import ApcmError, ClientClosedError, status_code
+from .retry import Attempts, RetryPolicy
 from .routing import ROUTING_MODES, DirectRouter
 from .types import (
     BankInfo,
@@ -125,15 +125,14 @@ class MemoryClient:
     def _invoke(self, call: _calls.Call[T], timeout: float | None) -> T:
         if self._closed:
             raise ClientClosedError("MemoryClient is closed")
-        budget = self.timeout if timeout is None else timeout
-        deadline = None if budget is None else time.monotonic() + budget
-        pauses = self._retry.backoffs() if call.retryable else iter(())
+        attempts = Attempts(
+            self._retry, self.timeout if timeout is None else timeout, call.retryable)
         table = self._router.methods_for(call.method, call.request) if self._router else None
         method = (table or self._methods)[call.method]
         while True:
-            remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
             try:
-                response = method(call.request, timeout=remaining, metadata=self._metadata)
+                response = method(
+                    call.request, timeout=attempts.remaining(), metadata=self._metadata)
             except grpc.RpcError as err:
                 if table is not None and status_code(err) == grpc.StatusCode.UNAVAILABLE:
                     # the owner is unreachable or handing the bank over: from now on
@@ -143,10 +142,7 @@ class MemoryClient:
                     table, method = None, self._methods[call.method]
                     if call.retryable or _not_sent(err):
                         continue
-                pause = next(pauses, None) if is_retryable(status_code(err)) else None
-                if pause is None or (deadline is not None and time.monotonic() + pause >= deadline):
-                    raise from_rpc_error(err) from err
-                time.sleep(pause)
+                time.sleep(attempts.pause_after(err))
                 continue
             return call.parse(response)
 
