@@ -1,9 +1,12 @@
-"""Requests and response parsing shared by the sync and asyncio clients.
+"""Every RPC method of the sync and asyncio clients, defined once.
 
-Each builder validates what the client can check cheaply, converts numpy to
-messages and returns a :class:`Call`: the method to invoke, the request, how
-to turn the response into result types, and whether a retry is safe. The two
-clients only differ in how they invoke it.
+Each builder here *is* a client method: its signature and docstring are the
+method's (:mod:`._api` turns it into a method of both clients, minus the
+``Call[...]`` around the result). It validates what the client can check
+cheaply, converts numpy to messages and returns a :class:`Call`: the method to
+invoke, the request, how to turn the response into result types, whether a
+retry is safe, and the caller's deadline. The two clients only differ in how
+they invoke it.
 """
 
 from __future__ import annotations
@@ -54,12 +57,15 @@ class Call(Generic[T]):
         parse: response message -> result.
         retryable: False when repeating an attempt that did reach the server
             could change the outcome (a write without keys would store twice).
+        timeout: the caller's deadline for all attempts, in seconds; None: the
+            client's default.
     """
 
     method: str
     request: Any
     parse: Callable[[Any], T]
     retryable: bool = True
+    timeout: float | None = None
 
 
 def bind_methods(channel: Any) -> dict[str, Any]:
@@ -135,32 +141,81 @@ def _check_count(values: list[Any], expected: int | None, what: str, mode: str) 
 # ------------------------------------------------------------------ model
 
 
-def model_info() -> Call[ModelInfo]:
-    return Call("GetModelInfo", memory_pb2.GetModelInfoRequest(), ModelInfo.from_proto)
+def model_info(*, timeout: float | None = None) -> Call[ModelInfo]:
+    """Describe the served codec (input shape, code size and dtype, ratio, hash)."""
+    return Call("GetModelInfo", memory_pb2.GetModelInfoRequest(), ModelInfo.from_proto,
+                timeout=timeout)
 
 
-def compress(x: Any) -> Call[np.ndarray]:
+def compress(x: np.ndarray, *, timeout: float | None = None) -> Call[np.ndarray]:
+    """Encode inputs.
+
+    Args:
+        x: inputs [B, L, D]; any real dtype, sent as float32.
+
+    Returns:
+        codes [B, m] in the model's code dtype.
+    """
     request = memory_pb2.CompressRequest(inputs=to_proto(as_inputs(x)))
-    return Call("Compress", request, lambda r: from_proto(r.codes))
+    return Call("Compress", request, lambda r: from_proto(r.codes), timeout=timeout)
 
 
-def compress_checked(x: Any) -> Call[tuple[np.ndarray, list[ItemCheck]]]:
+def compress_checked(
+    x: np.ndarray, *, timeout: float | None = None
+) -> Call[tuple[np.ndarray, list[ItemCheck]]]:
+    """Encode inputs and say what the model thinks of each.
+
+    Returns:
+        codes [B, m] and one :class:`ItemCheck` per item (in-domain percentile,
+        out-of-domain flag, norm flag, reconstruction error); the list is empty
+        when the server's model has no density (PCA, IDRP v1).
+    """
     request = memory_pb2.CompressRequest(inputs=to_proto(as_inputs(x)))
     return Call("Compress", request,
-                lambda r: (from_proto(r.codes), [ItemCheck.from_proto(c) for c in r.checks]))
+                lambda r: (from_proto(r.codes), [ItemCheck.from_proto(c) for c in r.checks]),
+                timeout=timeout)
 
 
-def decompress(codes: Any) -> Call[np.ndarray]:
+def decompress(codes: np.ndarray, *, timeout: float | None = None) -> Call[np.ndarray]:
+    """Decode codes.
+
+    Args:
+        codes: [B, m]; float32/float16/int8/uint8 are sent as they are.
+
+    Returns:
+        reconstructions [B, L, D] float32.
+    """
     request = memory_pb2.DecompressRequest(codes=to_proto(as_codes(codes)))
-    return Call("Decompress", request, lambda r: from_proto(r.outputs))
+    return Call("Decompress", request, lambda r: from_proto(r.outputs), timeout=timeout)
 
 
 # ------------------------------------------------------------------ write / read
 
 
 def write(
-    x: Any, codes: Any, bank: str, mode: str, payloads: Any, keys: Any
+    x: np.ndarray | None = None,
+    *,
+    codes: np.ndarray | None = None,
+    bank: str = "",
+    mode: str = "mean",
+    payloads: Iterable[bytes | str] | bytes | str | None = None,
+    keys: Iterable[str] | str | None = None,
+    timeout: float | None = None,
 ) -> Call[WrittenSlots]:
+    """Store memories: inputs ``x`` [B, L, D] or ready ``codes`` [B, m] (exactly one).
+
+    Args:
+        bank: target bank ("" = the server's default bank).
+        mode: "mean" stores the batch mean as one memory (the paper's write);
+            "per_item" stores each item in its own slot.
+        payloads: none, or one per written slot (1 in mean mode, B per item);
+            str is encoded as UTF-8. A single bytes/str counts as one.
+        keys: none, or one per written slot; an existing key is overwritten in place.
+
+    Returns:
+        one entry per written slot. Writes without keys are not retried,
+        since a repeat could store the memory twice.
+    """
     if mode not in WRITE_MODES:
         raise invalid_argument(f"mode must be one of {sorted(WRITE_MODES)}, got {mode!r}")
     field, arr = _content(x, codes)
@@ -176,24 +231,45 @@ def write(
     )
     # Keyed writes are upserts, so a repeat is harmless; keyless ones would duplicate.
     return Call(
-        "Write", request, WrittenSlots.from_proto, retryable=bool(key_list),
+        "Write", request, WrittenSlots.from_proto, retryable=bool(key_list), timeout=timeout,
     )
 
 
 def read(
-    x: Any,
-    codes: Any,
-    bank: str,
-    top_k: int,
-    temperature: float | None,
-    min_score: float | None,
-    reconstruct: bool,
-    payloads: bool,
-    soft: bool,
-    count_access: bool,
+    x: np.ndarray | None = None,
+    *,
+    codes: np.ndarray | None = None,
+    bank: str = "",
+    top_k: int = 1,
+    temperature: float | None = None,
+    min_score: float | None = None,
+    reconstruct: bool = False,
+    payloads: bool = False,
+    soft: bool = False,
+    count_access: bool = True,
     nprobe: int = 0,
     exhaustive: bool = False,
+    timeout: float | None = None,
 ) -> Call[list[QueryResult]]:
+    """Recall memories by cosine similarity: queries ``x`` [Q, L, D] or ``codes`` [Q, m].
+
+    Args:
+        top_k: hits per query, best first.
+        temperature: softmax temperature of the weights (server default 1.0).
+        min_score: drop hits whose cosine score is below this.
+        reconstruct: decode each hit to [L, D].
+        payloads: return each hit's payload.
+        soft: also return the softmax-weighted soft read [L, D].
+        count_access: count this read in the slots' access counters
+            (False to inspect without affecting eviction).
+        nprobe: search effort of an indexed bank (``BankInfo.index``): inverted
+            lists probed per query; 0 = the server's default. Higher is slower and
+            closer to the exact scan.
+        exhaustive: scan every slot even if the bank is indexed (exact top-k).
+
+    Returns:
+        one result per query, in order.
+    """
     if int(top_k) < 1:
         raise invalid_argument(f"top_k must be >= 1, got {top_k}")
     if int(nprobe) < 0:
@@ -209,7 +285,8 @@ def read(
     if min_score is not None:
         request.min_score = float(min_score)
     return Call(
-        "Read", request, lambda r: [QueryResult.from_proto(q, payloads) for q in r.results]
+        "Read", request, lambda r: [QueryResult.from_proto(q, payloads) for q in r.results],
+        timeout=timeout,
     )
 
 
@@ -234,16 +311,37 @@ def _metadata_maps(metadata: Any, n: int) -> list[memory_pb2.MemoryMetadata]:
             for m in maps]
 
 
-def remember(texts: Any, bank: str, keys: Any, metadata: Any) -> Call[WrittenSlots]:
+def remember(
+    texts: str | Iterable[str],
+    bank: str | None = None,
+    keys: str | Iterable[str] | None = None,
+    metadata: dict[str, str] | Iterable[dict[str, str]] | None = None,
+    *,
+    timeout: float | None = None,
+) -> Call[WrittenSlots]:
+    """Store texts as memories, one each; the server embeds them with its model's
+    embedder and keeps each text with its memory.
+
+    Args:
+        texts: one text or a list of texts.
+        bank: target bank (None = the server's default bank).
+        keys: none, or one per text; an existing key is overwritten in place.
+        metadata: none, one string map for every text, or one per text (e.g.
+            ``{"user": "u1", "kind": "fact"}``); usable as ``recall``'s filter.
+
+    Returns:
+        one written slot per text. Writes without keys are not retried.
+    """
     text_list = _texts(texts, "texts")
     key_list = [str(k) for k in _as_list(keys, "keys")]
     _check_count(key_list, len(text_list), "keys", "per_item")
     request = memory_pb2.WriteRequest(
-        bank=bank, mode=memory_pb2.WRITE_MODE_PER_ITEM, keys=key_list,
+        bank=bank or "", mode=memory_pb2.WRITE_MODE_PER_ITEM, keys=key_list,
         texts=memory_pb2.TextBatch(texts=text_list),
         metadata=_metadata_maps(metadata, len(text_list)),
     )
-    return Call("Write", request, WrittenSlots.from_proto, retryable=bool(key_list))
+    return Call("Write", request, WrittenSlots.from_proto, retryable=bool(key_list),
+                timeout=timeout)
 
 
 RECALL_MODES = {
@@ -254,8 +352,33 @@ RECALL_MODES = {
 }
 
 
-def recall(query: Any, bank: str, top_k: int, where: dict[str, str] | None,
-           min_score: float | None, mode: str | None = None) -> Call[Any]:
+def recall(
+    query: str | Iterable[str],
+    bank: str | None = None,
+    top_k: int = 5,
+    filter: dict[str, str] | None = None,  # noqa: A002 - the documented name
+    min_score: float | None = None,
+    mode: str | None = None,
+    *,
+    timeout: float | None = None,
+) -> Call[Any]:
+    """Find the memories that best answer a text query, by words and meaning.
+
+    Args:
+        query: one text (returns a list of hits) or a list (a list of hit lists).
+        top_k: hits per query, best first.
+        filter: metadata equality filter, applied before top-k (and before fusion).
+        min_score: drop hits whose cosine is below this (in every mode).
+        mode: "hybrid" (words and meaning: reciprocal-rank fusion of BM25 over the
+            bank's texts and the dense codes), "dense" (meaning only: cosine of
+            codes) or "lexical" (words only: BM25); None lets the server choose
+            (hybrid when the bank holds texts).
+
+    Returns:
+        ``Memory`` hits with ``.text``, ``.key``, ``.score`` (cosine in dense mode,
+        fused RRF score in hybrid, BM25 in lexical), ``.cosine`` (in every mode),
+        ``.metadata``.
+    """
     single = isinstance(query, str)
     queries = _texts(query, "query")
     if int(top_k) < 1:
@@ -264,9 +387,9 @@ def recall(query: Any, bank: str, top_k: int, where: dict[str, str] | None,
         raise invalid_argument(f"mode must be 'hybrid', 'dense' or 'lexical' (or None for "
                                f"the server's choice), got {mode!r}")
     request = memory_pb2.ReadRequest(
-        bank=bank, top_k=int(top_k), include_payloads=True,
+        bank=bank or "", top_k=int(top_k), include_payloads=True,
         texts=memory_pb2.TextBatch(texts=queries),
-        filter={str(k): str(v) for k, v in (where or {}).items()},
+        filter={str(k): str(v) for k, v in (filter or {}).items()},
         mode=RECALL_MODES[mode],
     )
     if min_score is not None:
@@ -276,15 +399,29 @@ def recall(query: Any, bank: str, top_k: int, where: dict[str, str] | None,
         out = [[Memory.from_hit(Hit.from_proto(h, True)) for h in q.hits] for q in r.results]
         return out[0] if single else out
 
-    return Call("Read", request, parse)
+    return Call("Read", request, parse, timeout=timeout)
 
 
 # ------------------------------------------------------------------ banks
 
 
 def create_bank(
-    name: str, capacity: int, policy: str | None, half_life: float | None, exist_ok: bool
+    name: str,
+    capacity: int,
+    *,
+    policy: str | None = None,
+    half_life: float | None = None,
+    exist_ok: bool = False,
+    timeout: float | None = None,
 ) -> Call[BankInfo]:
+    """Create a bank of ``capacity`` slots.
+
+    Args:
+        policy: "lfu" (the paper's), "lfu_decay", or None for the server default.
+        half_life: half-life of access counts under lfu_decay, in writes
+            (None: server default).
+        exist_ok: succeed without change if the bank exists.
+    """
     if policy is not None and policy not in POLICY_CODES:
         raise invalid_argument(
             f"policy must be one of {sorted(POLICY_CODES)} or None, got {policy!r}"
@@ -294,65 +431,88 @@ def create_bank(
         policy=POLICY_CODES[policy] if policy else memory_pb2.EVICTION_POLICY_UNSPECIFIED,
         half_life=float(half_life or 0.0), exist_ok=exist_ok,
     )
-    return Call("CreateBank", request, BankInfo.from_proto)
+    return Call("CreateBank", request, BankInfo.from_proto, timeout=timeout)
 
 
-def list_banks() -> Call[list[BankInfo]]:
+def list_banks(*, timeout: float | None = None) -> Call[list[BankInfo]]:
+    """Every bank on the server, as :class:`BankInfo`."""
     return Call(
         "ListBanks", memory_pb2.ListBanksRequest(),
-        lambda r: [BankInfo.from_proto(b) for b in r.banks],
+        lambda r: [BankInfo.from_proto(b) for b in r.banks], timeout=timeout,
     )
 
 
-def describe_bank(name: str) -> Call[BankInfo]:
-    return Call("DescribeBank", memory_pb2.DescribeBankRequest(name=name), BankInfo.from_proto)
+def describe_bank(name: str, *, timeout: float | None = None) -> Call[BankInfo]:
+    """One bank's capacity, occupancy, policy, counters and index."""
+    return Call("DescribeBank", memory_pb2.DescribeBankRequest(name=name), BankInfo.from_proto,
+                timeout=timeout)
 
 
-def delete_slots(bank: str, slots: Iterable[int], keys: Iterable[str]) -> Call[DeleteResult]:
+def delete_slots(
+    bank: str,
+    *,
+    slots: Iterable[int] = (),
+    keys: Iterable[str] = (),
+    timeout: float | None = None,
+) -> Call[DeleteResult]:
+    """Free slots by index and/or key; returns ``(deleted, missing_keys)``."""
     request = memory_pb2.DeleteSlotsRequest(
         bank=bank, slots=[int(s) for s in slots], keys=[str(k) for k in _as_list(keys, "keys")]
     )
     return Call(
-        "DeleteSlots", request, lambda r: DeleteResult(int(r.deleted), list(r.missing_keys))
+        "DeleteSlots", request, lambda r: DeleteResult(int(r.deleted), list(r.missing_keys)),
+        timeout=timeout,
     )
 
 
-def clear_bank(name: str) -> Call[BankInfo]:
-    return Call("ClearBank", memory_pb2.ClearBankRequest(name=name), BankInfo.from_proto)
+def clear_bank(name: str, *, timeout: float | None = None) -> Call[BankInfo]:
+    """Free every slot; the bank remains."""
+    return Call("ClearBank", memory_pb2.ClearBankRequest(name=name), BankInfo.from_proto,
+                timeout=timeout)
 
 
-def drop_bank(name: str) -> Call[None]:
-    return Call("DropBank", memory_pb2.DropBankRequest(name=name), lambda r: None)
+def drop_bank(name: str, *, timeout: float | None = None) -> Call[None]:
+    """Remove a bank entirely."""
+    return Call("DropBank", memory_pb2.DropBankRequest(name=name), lambda r: None,
+                timeout=timeout)
 
 
 # ------------------------------------------------------------------ snapshots
 
 
-def create_snapshot(name: str | None) -> Call[SnapshotInfo]:
+def create_snapshot(
+    name: str | None = None, *, timeout: float | None = None
+) -> Call[SnapshotInfo]:
+    """Write every bank to disk on the server (name: optional, default timestamped)."""
     request = memory_pb2.CreateSnapshotRequest(name=name or "")
-    return Call("CreateSnapshot", request, SnapshotInfo.from_proto)
+    return Call("CreateSnapshot", request, SnapshotInfo.from_proto, timeout=timeout)
 
 
-def list_snapshots() -> Call[list[SnapshotInfo]]:
+def list_snapshots(*, timeout: float | None = None) -> Call[list[SnapshotInfo]]:
+    """Snapshots on the server's disk, newest first."""
     return Call(
         "ListSnapshots", memory_pb2.ListSnapshotsRequest(),
-        lambda r: [SnapshotInfo.from_proto(s) for s in r.snapshots],
+        lambda r: [SnapshotInfo.from_proto(s) for s in r.snapshots], timeout=timeout,
     )
 
 
-def restore_snapshot(name: str) -> Call[RestoreResult]:
+def restore_snapshot(name: str, *, timeout: float | None = None) -> Call[RestoreResult]:
+    """Replace every bank with the snapshot's contents."""
     return Call(
         "RestoreSnapshot", memory_pb2.RestoreSnapshotRequest(name=name),
         lambda r: RestoreResult(
             SnapshotInfo.from_proto(r.snapshot), [BankInfo.from_proto(b) for b in r.banks]
         ),
+        timeout=timeout,
     )
 
 
 # ------------------------------------------------------------------ health
 
 
-def health(service: str) -> Call[str]:
+def health(service: str = "", *, timeout: float | None = None) -> Call[str]:
+    """Standard gRPC health check: "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN" or "UNKNOWN"."""
     return Call(
-        HEALTH_CHECK, _health.HealthCheckRequest(service=service), _health.status_name
+        HEALTH_CHECK, _health.HealthCheckRequest(service=service), _health.status_name,
+        timeout=timeout,
     )

@@ -8,10 +8,13 @@ server's answer and is raised at once.
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import grpc
+
+from .errors import from_rpc_error, status_code
 
 RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
 
@@ -60,3 +63,34 @@ class RetryPolicy:
 
 def is_retryable(code: grpc.StatusCode) -> bool:
     return code in RETRYABLE_CODES
+
+
+class Attempts:
+    """The deadline and the pauses of one call's attempts.
+
+    Both clients run their attempts through one of these, so they agree on what
+    is retried and for how long; only the loop (blocking or awaiting) is theirs.
+
+    Args:
+        policy: the client's retry policy.
+        budget: seconds for all attempts and pauses together (None: no deadline).
+        retryable: False when a repeat could change the outcome: no pauses then.
+    """
+
+    def __init__(self, policy: RetryPolicy, budget: float | None, retryable: bool) -> None:
+        self._deadline = None if budget is None else time.monotonic() + budget
+        self._pauses = policy.backoffs() if retryable else iter(())
+
+    def remaining(self) -> float | None:
+        """The deadline of the next attempt (None: none)."""
+        return None if self._deadline is None else max(self._deadline - time.monotonic(), 0.0)
+
+    def pause_after(self, err: grpc.RpcError) -> float:
+        """Seconds to wait before the next attempt; raises ``err`` as its ``ApcmError``
+        when it is not retried, the retries are spent, or the pause would pass the deadline.
+        """
+        pause = next(self._pauses, None) if is_retryable(status_code(err)) else None
+        if pause is None or (self._deadline is not None
+                             and time.monotonic() + pause >= self._deadline):
+            raise from_rpc_error(err) from err
+        return pause

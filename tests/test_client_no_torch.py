@@ -325,32 +325,34 @@ def test_inputs_are_sent_as_float32_and_codes_keep_their_dtype() -> None:
 def test_write_validates_counts_locally_and_encodes_text_payloads() -> None:
     x = np.zeros((3, 2, 2), np.float32)
     with pytest.raises(InvalidArgumentError, match="payloads: expected none or 1"):
-        _calls.write(x, None, "", "mean", ["a", "b"], None)
+        _calls.write(x, payloads=["a", "b"])
     with pytest.raises(InvalidArgumentError, match="keys: expected none or 3"):
-        _calls.write(x, None, "", "per_item", None, ["k1"])
+        _calls.write(x, mode="per_item", keys=["k1"])
     with pytest.raises(InvalidArgumentError, match="exactly one"):
-        _calls.write(x, np.zeros((3, 4), np.float32), "", "mean", None, None)
+        _calls.write(x, codes=np.zeros((3, 4), np.float32))
     with pytest.raises(InvalidArgumentError, match="mode"):
-        _calls.write(x, None, "", "sum", None, None)
-    request = _calls.write(x, None, "b", "per_item", ["é", b"\x00", bytearray(b"z")], None).request
+        _calls.write(x, mode="sum")
+    request = _calls.write(x, bank="b", mode="per_item",
+                           payloads=["é", b"\x00", bytearray(b"z")]).request
     assert list(request.payloads) == ["é".encode(), b"\x00", b"z"]
-    single = _calls.write(x, None, "b", "mean", "one note", "k").request
+    single = _calls.write(x, bank="b", payloads="one note", keys="k").request
     assert list(single.payloads) == [b"one note"] and list(single.keys) == ["k"]
 
 
 def test_read_request_carries_options_and_leaves_unset_ones_unset() -> None:
     q = np.zeros((1, 4), np.float32)
-    plain = _calls.read(None, q, "", 1, None, None, False, False, False, True).request
+    plain = _calls.read(codes=q).request
     assert plain.WhichOneof("query") == "codes"
     assert not plain.HasField("temperature") and not plain.HasField("min_score")
     assert not plain.skip_access_count
-    full = _calls.read(None, q, "bk", 5, 0.5, 0.1, True, True, True, False).request
+    full = _calls.read(codes=q, bank="bk", top_k=5, temperature=0.5, min_score=0.1,
+                       reconstruct=True, payloads=True, soft=True, count_access=False).request
     assert (full.top_k, full.temperature, full.bank) == (5, 0.5, "bk")
     assert full.min_score == pytest.approx(0.1)
     assert full.include_reconstruction and full.include_payloads and full.soft
     assert full.skip_access_count
     with pytest.raises(InvalidArgumentError):
-        _calls.read(None, q, "", 0, None, None, False, False, False, True)
+        _calls.read(codes=q, top_k=0)
 
 
 def test_closed_client_refuses_calls_and_its_channel_is_closed(closed_address: str) -> None:
