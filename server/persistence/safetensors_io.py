@@ -154,3 +154,34 @@ def decode(buf: Any, *, dense: bool = False) -> tuple[dict[str, str], dict[str, 
         if base + end != len(buf):
             raise ValueError(f"{len(buf) - base - end} bytes after the last array")
     return metadata, tensors
+
+
+def save(path: Path, buffers: list[memoryview]) -> None:
+    """Write ``encode``'s buffers at exactly ``path``, each straight from its array
+    (``safetensors.save_file`` writes a ``.tmpXXXXXX`` file of its own beside it
+    first, which a crash leaves behind)."""
+    with open(path, "wb") as f:
+        for buf in buffers:
+            f.write(buf)
+
+
+def load(path: Path) -> tuple[dict[str, str], dict[str, np.ndarray]]:
+    """Read a file with one ``readinto``; the tensors are views of that buffer.
+
+    The library's reader copies every tensor out of a memory map; restore time is
+    dominated by I/O and the checksum, so we read once and check every bound here.
+
+    Raises:
+        OSError, ValueError, KeyError, TypeError: unreadable, truncated, or a header
+        that does not fit.
+    """
+    size = path.stat().st_size
+    buf = np.empty(size, dtype=np.uint8)  # unlike bytearray, not zero-filled first
+    with open(path, "rb", buffering=0) as f:
+        view, got = buf.data, 0
+        while got < size:
+            n = f.readinto(view[got:])
+            if not n:
+                raise ValueError(f"file shrank while reading ({got} of {size} bytes)")
+            got += n
+    return decode(buf)
