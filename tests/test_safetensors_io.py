@@ -132,3 +132,12 @@ def test_damaged_bank_encodings_are_refused(data: bytes, why: str) -> None:
     with pytest.raises(InvalidArgument, match="not an encoded bank") as exc:
         bankfile.decode_bank(data)
     assert why in exc.value.message
+
+
+def test_a_big_endian_array_passes_the_snapshot_checksum(tmp_path: Path) -> None:
+    # The checksum once covered the array as given, the file the little-endian copy.
+    arrays = bank_arrays(4, 1, ">f8")
+    snap.write_snapshot(tmp_path, "be", banks={"b": (config("b"), arrays)}, wal_sequence=1,
+                        wal_segment=1, model_hash=HASH, codec_kind="pca")
+    _, loaded = snap.read_snapshot(tmp_path / "be.safetensors")
+    _assert_same(loaded["b"][1], arrays)

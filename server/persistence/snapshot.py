@@ -132,7 +132,7 @@ def write_snapshot(
         for array_name, arr in arrays.items():
             if "/" in array_name:
                 raise ValueError(f"array name {array_name!r} contains '/'")
-            tensors[f"bank/{bank}/{array_name}"] = np.ascontiguousarray(arr)
+            tensors[f"bank/{bank}/{array_name}"] = safetensors_io.little_endian(arr)
     metadata = {
         "format": FORMAT,
         "schema_version": SCHEMA_VERSION,
