@@ -3,10 +3,10 @@
 A file is an 8-byte little-endian header length, a JSON header (padded with spaces
 to 8 bytes) naming each tensor's dtype, shape and byte range plus a ``__metadata__``
 map of strings, then the tensors' bytes. ``encode`` hands out the arrays' own
-buffers and ``decode`` gives views of the buffer it is handed: the ``safetensors``
-library copies every array into one buffer to write it (or writes a ``.tmpXXXXXX``
-file of its own first) and copies every tensor out when reading, which costs 2-20
-times as long on a bank of 100k codes.
+buffers and ``decode`` gives views of the buffer it is handed. The ``safetensors``
+library (0.8) writes as fast, but through a ``.tmpXXXXXX`` file of its own and in
+another header order; its readers copy every tensor: 4-5 times slower reading a
+1M-code snapshot, 90 ms instead of 0.03 ms to decode that bank sent in a move.
 """
 
 from __future__ import annotations
