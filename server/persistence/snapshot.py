@@ -31,6 +31,7 @@ from safetensors import safe_open
 from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from ..fsutil import atomic_write, fsync_dir
 from ..memory.names import validate_bank_name, validate_snapshot_name
+from . import safetensors_io
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,7 @@ def write_snapshot(
         for array_name, arr in arrays.items():
             if "/" in array_name:
                 raise ValueError(f"array name {array_name!r} contains '/'")
-            tensors[f"bank/{bank}/{array_name}"] = np.ascontiguousarray(arr)
+            tensors[f"bank/{bank}/{array_name}"] = safetensors_io.little_endian(arr)
     metadata = {
         "format": FORMAT,
         "schema_version": SCHEMA_VERSION,
@@ -143,7 +144,8 @@ def write_snapshot(
         "banks": json.dumps({b: cfg for b, (cfg, _) in banks.items()}, sort_keys=True),
     }
     metadata["checksum"] = _checksum(metadata, tensors)
-    atomic_write(path, lambda tmp: _save_safetensors(tmp, tensors, metadata))
+    buffers = safetensors_io.encode(sorted(tensors.items()), metadata, metadata_first=False)
+    atomic_write(path, lambda tmp: safetensors_io.save(tmp, buffers))
     return _info_from_metadata(name, metadata, path.stat().st_size, valid=True)
 
 
@@ -159,7 +161,7 @@ def read_snapshot(path: Path) -> tuple[SnapshotInfo, Banks]:
     path = Path(path)
     name = path.name[: -len(SUFFIX)]
     try:
-        metadata, tensors = _load_safetensors(path)
+        metadata, tensors = safetensors_io.load(path)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SnapshotCorrupt(f"snapshot {name!r} is unreadable or truncated: {e}") from e
     if metadata.get("format") != FORMAT:
@@ -197,83 +199,6 @@ def read_snapshot(path: Path) -> tuple[SnapshotInfo, Banks]:
     return info, banks
 
 
-_DTYPES = {
-    "F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
-    "I8": "i1", "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?",
-}
-
-
-_NAMES = {np.dtype(v).str: k for k, v in _DTYPES.items()}
-
-
-def _save_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
-    """Write a safetensors file at exactly ``path`` (``safetensors.save_file`` writes a
-    ``.tmpXXXXXX`` file of its own beside it first, which a crash leaves behind)."""
-    header: dict[str, Any] = {}
-    arrays = []
-    offset = 0
-    for key in sorted(tensors):
-        arr = tensors[key]
-        arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
-        if arr.dtype.str not in _NAMES:
-            raise ValueError(f"tensor {key!r} has an unsupported dtype {arr.dtype}")
-        header[key] = {"dtype": _NAMES[arr.dtype.str], "shape": list(arr.shape),
-                       "data_offsets": [offset, offset + arr.nbytes]}
-        offset += arr.nbytes
-        arrays.append(arr)
-    header["__metadata__"] = metadata
-    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
-        for arr in arrays:
-            if arr.nbytes:
-                f.write(arr.reshape(-1).view(np.uint8).data)
-
-
-def _load_safetensors(path: Path) -> tuple[dict[str, str], dict[str, np.ndarray]]:
-    """Read a safetensors file with one ``readinto``; tensors are views of that buffer.
-
-    The library's reader copies every tensor out of a memory map; restore time is
-    dominated by I/O and the checksum, so we read once and check every bound here.
-
-    Raises:
-        ValueError: the file is truncated or its header is inconsistent.
-    """
-    size = path.stat().st_size
-    buf = np.empty(size, dtype=np.uint8)  # unlike bytearray, not zero-filled first
-    with open(path, "rb", buffering=0) as f:
-        view, got = buf.data, 0
-        while got < size:
-            n = f.readinto(view[got:])
-            if not n:
-                raise ValueError(f"file shrank while reading ({got} of {size} bytes)")
-            got += n
-    if size < 8:
-        raise ValueError("file is shorter than a safetensors header")
-    header_len = int.from_bytes(buf[:8].tobytes(), "little")
-    base = 8 + header_len
-    if base > size:
-        raise ValueError(f"header of {header_len} bytes runs past the end of the file")
-    header = json.loads(buf[8:base].tobytes())
-    if not isinstance(header, dict):
-        raise ValueError("header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
-    tensors: dict[str, np.ndarray] = {}
-    for key, spec in header.items():
-        dtype = np.dtype(_DTYPES[spec["dtype"]])
-        shape = [int(d) for d in spec["shape"]]
-        begin, end = (int(o) for o in spec["data_offsets"])
-        count = int(np.prod(shape, dtype=np.int64))
-        if min(shape, default=0) < 0 or not 0 <= begin <= end <= size - base \
-                or end - begin != count * dtype.itemsize:
-            raise ValueError(f"tensor {key!r} has inconsistent shape or offsets")
-        tensors[key] = np.frombuffer(buf, dtype=dtype, count=count,
-                                     offset=base + begin).reshape(shape)
-    return {str(k): str(v) for k, v in metadata.items()}, tensors
-
-
 def map_bank_arrays(path: Path, banks: set[str]) -> dict[str, BankArrays]:
     """Read-only memory maps of the arrays of ``banks`` in a snapshot file: no copy, the
     pages are read as a new snapshot file is written from them.
@@ -281,24 +206,17 @@ def map_bank_arrays(path: Path, banks: set[str]) -> dict[str, BankArrays]:
     Raises:
         OSError, ValueError: the file is gone or its header is inconsistent.
     """
-    path = Path(path)
-    with open(path, "rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(header_len))
-    header.pop("__metadata__", None)
-    base = 8 + header_len
+    base, _, specs = safetensors_io.read_header(path)
     mapped = np.memmap(path, dtype=np.uint8, mode="r")
     out: dict[str, BankArrays] = {b: {} for b in banks}
-    for key, spec in header.items():
-        prefix, bank, array_name = key.split("/", 2)
-        if prefix != "bank" or bank not in out:
-            continue
-        dtype = np.dtype(_DTYPES[spec["dtype"]])
-        begin, end = (int(o) for o in spec["data_offsets"])
-        if base + end > mapped.shape[0]:
-            raise ValueError(f"tensor {key!r} runs past the end of {path.name}")
-        out[bank][array_name] = mapped[base + begin:base + end].view(dtype).reshape(
-            [int(d) for d in spec["shape"]])
+    wanted = {}
+    for key, spec in specs.items():
+        prefix, bank, _ = key.split("/", 2)
+        if prefix == "bank" and bank in out:
+            wanted[key] = spec
+    for key, arr in safetensors_io.views(mapped, base, wanted).items():
+        _, bank, array_name = key.split("/", 2)
+        out[bank][array_name] = arr
     return out
 
 
