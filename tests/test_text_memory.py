@@ -29,6 +29,7 @@ from apcm.server.api.app import ApcmServer, build_server
 from apcm.server.config import Settings
 from apcm.server.memory.store import MemoryStore
 from apcm.server.persistence.manager import PersistenceManager
+from apcm.server.memory.options import ReadOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT_MODEL = ROOT / "model_weights" / "text-minilm.safetensors"
@@ -240,7 +241,7 @@ def test_write_ahead_log_carries_metadata_through_recovery(tmp_path: Path) -> No
     live.write("b", codes[3:], ["k3"], [None], [{"user": "u3", "kind": "fact"}])
     recovered = store()
     manager(recovered).recover()  # a fresh process's view of the same files
-    hits = recovered.read("b", codes, top_k=1).results
+    hits = recovered.read("b", codes, ReadOptions(top_k=1)).results
     assert [r.hits[0].metadata for r in hits] == \
         [{"user": "u1"}, None, None, {"user": "u3", "kind": "fact"}]
     mgr.close(final_snapshot=False)

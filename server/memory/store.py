@@ -44,247 +44,34 @@ exactly the live state although the banks were copied at different moments.
 
 from __future__ import annotations
 
-import contextlib
 import operator
-import threading
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from ..code_dtypes import CODE_DTYPES
 from ..errors import (
     AlreadyExists,
-    FailedPrecondition,
     InvalidArgument,
-    NotFound,
     ResourceExhausted,
 )
 from . import indexing
 from .bank import DEFAULT_READ, MemoryBank
 from .eviction import make_policy, validate_half_life
-from .export import export_copy, export_counters, from_export
 from .hybrid import fused_read
-from .ivf import IndexConfig
-from .metadata import decode_metadata, encode_metadata, validate_metadata
+from .metadata import encode_metadata, validate_metadata
+from .moves import BankMoves
 from .names import shorten, validate_bank_name
 from .options import ReadOptions
+from .recovery import StoreRecovery
 from .results import BankStats, ReadResult, SlotWrite
-from .scoring import CodeScorer
-from .texts import TextIndexes
+from .storebase import MutationLog, StoreState
+
+__all__ = ["MemoryStore", "MutationLog", "StoreState"]
 
 
-class MutationLog(Protocol):
-    """Where mutations go before they are acknowledged (the write-ahead log)."""
+class MemoryStore(BankMoves, StoreRecovery):
+    """All banks of one server, for one codec; constructed like ``StoreBase``."""
 
-    def prepare(self, kind: str, bank: str, fields: dict[str, Any], count: int = 1) -> Any:
-        """Encodes a record of ``count`` sequences; called before ``store.seq_lock``."""
-
-    def append(self, seq: int, record: Any) -> None:
-        """Buffers a prepared record as sequences ``seq - count + 1 .. seq``; called with
-        the bank lock and ``store.seq_lock`` held, so it must be cheap. Raising leaves
-        the mutation unapplied and its sequence unused."""
-
-    def wait_durable(self, seq: int) -> None:
-        """Blocks until every record up to ``seq`` is durable; called without locks."""
-
-
-@dataclass
-class StoreState:
-    """A consistent copy of every bank, as plain Python and numpy values.
-
-    Attributes:
-        last_seq: last sequence number reflected in the banks.
-        banks: name -> (config, arrays), as produced by ``MemoryBank.export``.
-    """
-
-    last_seq: int
-    banks: dict[str, tuple[dict[str, Any], dict[str, np.ndarray]]] = field(default_factory=dict)
-    # bank -> ``MemoryBank.stamp()`` at its copy (filled by ``export_state``)
-    stamps: dict[str, tuple[int, int, int]] = field(default_factory=dict)
-    # banks copied without some arrays, which are unchanged since the earlier copy
-    # ``export_state`` was given: the caller takes those from it
-    partial: set[str] = field(default_factory=set)
-
-
-class MemoryStore:
-    """All banks of one server, for one codec (code dim, dtype and int8 scale).
-
-    Args:
-        code_dim: m of the codec.
-        code_dtype: "float32", "float16" or "int8".
-        scale: the codec's int8 per-dimension scale [m] (None otherwise).
-        metric: the codec's similarity weights [m] for cosine search (None: plain).
-        scorer: the codec's ``CodeScorer`` for packed (uint8) codes, else None.
-        device: where banks live.
-        max_capacity: largest bank capacity.
-        max_payload_bytes: largest payload per memory.
-        max_key_length: longest key.
-        default_policy: policy of banks created without one.
-        default_half_life: half-life (in writes) of "lfu_decay" banks created without one.
-        log: the mutation log, or None (no durability).
-        memory_limit_bytes: bytes all banks may hold (preallocated slots, keys and
-            payloads); None for no limit. Checked by ``create_bank`` and by writes that
-            add payload bytes; restores and replay are not refused.
-        max_banks: most banks at once (None for no limit).
-        index_config: when banks build an approximate index (None: never).
-    """
-
-    def __init__(
-        self,
-        *,
-        code_dim: int,
-        code_dtype: str,
-        scale: torch.Tensor | None,
-        device: torch.device,
-        max_capacity: int,
-        max_payload_bytes: int,
-        max_key_length: int,
-        default_policy: str,
-        default_half_life: float,
-        log: MutationLog | None = None,
-        metric: torch.Tensor | None = None,
-        memory_limit_bytes: int | None = None,
-        max_banks: int | None = None,
-        scorer: CodeScorer | None = None,
-        index_config: IndexConfig | None = None,
-    ) -> None:
-        if code_dtype not in CODE_DTYPES:
-            raise ValueError(f"unknown code dtype {code_dtype!r}")
-        self.code_dim = int(code_dim)
-        self.code_dtype = code_dtype
-        self.scale = scale.detach().float().cpu() if scale is not None else None
-        self.metric = metric.detach().float().cpu() if metric is not None else None
-        self.scorer = scorer
-        self.index_config = index_config or IndexConfig()
-        self.device = torch.device(device)
-        self.max_capacity = int(max_capacity)
-        self.max_payload_bytes = int(max_payload_bytes)
-        self.max_key_length = int(max_key_length)
-        self.memory_limit_bytes = memory_limit_bytes
-        self.max_banks = max_banks
-        make_policy(default_policy, default_half_life)  # fail fast on bad settings
-        validate_half_life(default_half_life)
-        self.default_policy = default_policy
-        self.default_half_life = float(default_half_life)
-        self.lock = threading.RLock()
-        self.seq_lock = threading.Lock()
-        self.last_seq = 0
-        self._log = log
-        self._banks: dict[str, MemoryBank] = {}
-        # each bank's BM25 index of its text memories, kept in step under the bank lock
-        self.texts = TextIndexes()
-
-    def set_log(self, log: MutationLog | None) -> None:
-        with self.lock, self.seq_lock:
-            self._log = log
-
-    # ------------------------------------------------------------------ helpers
-    def _next_seq(self, n: int = 1) -> int:
-        """Reserves ``n`` sequence numbers (``seq_lock`` held); returns the first."""
-        first = self.last_seq + 1
-        self.last_seq += n
-        return first
-
-    def _prepare(self, kind: str, bank: str, fields: dict[str, Any], count: int = 1) -> Any:
-        log = self._log
-        return None if log is None else log.prepare(kind, bank, fields, count)
-
-    def _append(self, seq: int, record: Any) -> None:
-        if self._log is not None:
-            if record is None:
-                raise FailedPrecondition("the log was attached during this mutation; retry")
-            self._log.append(seq, record)
-
-    def export_bank(self, name: str, frozen: bool = False) -> tuple[dict, dict[str, np.ndarray]]:
-        """One bank's (config, arrays) with its text marks, as a snapshot holds it, for
-        a move. ``frozen``: see ``export.export_copy``. Raises ``NotFound``."""
-        with self._locked(name) as bank:
-            copy = export_copy(bank, frozen=frozen)
-            text_slots = self.texts.of(bank).text_slots()
-        config, arrays = copy.pack()
-        flags = np.zeros(len(arrays["occupied"]), dtype=np.uint8)
-        flags[text_slots] = 1
-        return config, {**arrays, "text_flags": flags}
-
-    def _wait(self, seq: int) -> None:
-        log = self._log
-        if log is not None:
-            log.wait_durable(seq)
-
-    def _new_bank(self, name: str, capacity: int, policy: str, half_life: float) -> MemoryBank:
-        return MemoryBank(
-            name, capacity, code_dim=self.code_dim, code_dtype=self.code_dtype,
-            scale=self.scale, device=self.device, policy=make_policy(policy, half_life),
-            max_payload_bytes=self.max_payload_bytes, max_key_length=self.max_key_length,
-            metric=self.metric, scorer=self.scorer, index_config=self.index_config)
-
-    def _lookup(self, name: str) -> MemoryBank:
-        bank = self._banks.get(name)  # copy-on-write dict: no lock needed
-        if bank is None:
-            raise NotFound(f"bank {shorten(name)} does not exist", field="bank")
-        return bank
-
-    def usage_bytes(self) -> int:
-        """Bytes the memory limit counts: every bank's full capacity of slots (reserved
-        at creation, although its tensors grow only as it fills), keys, metadata and
-        payloads (no locks: an estimate while writes run)."""
-        return sum(b.reserved_bytes() + b.payload_bytes for b in self._banks.values())
-
-    def check_room(self, adding: int, what: str) -> None:
-        """Raises ``ResourceExhausted`` unless ``adding`` more bytes fit the memory limit."""
-        self._check_memory(adding, what)
-
-    def _check_memory(self, adding: int, what: str) -> None:
-        limit = self.memory_limit_bytes
-        if limit is None or adding <= 0:
-            return
-        used = self.usage_bytes()
-        if used + adding > limit:
-            raise ResourceExhausted(
-                f"{what} needs {adding} more bytes, but the banks hold {used} of the "
-                f"server's memory_limit_bytes of {limit} ({limit - used} left): free "
-                "memory (DropBank, ClearBank, DeleteSlots) or ask the operator to raise "
-                "--memory-limit-bytes", limit="memory_limit_bytes")
-
-    @contextlib.contextmanager
-    def _locked(self, name: str) -> Iterator[MemoryBank]:
-        """Holds the lock of the bank now called ``name``, retrying if the bank was
-        dropped or replaced while this thread waited for its lock."""
-        while True:
-            bank = self._lookup(name)
-            with bank.lock:
-                if not bank.retired:
-                    yield bank
-                    return
-
-    @contextlib.contextmanager
-    def _shared(self, name: str) -> Iterator[MemoryBank]:
-        """Like ``_locked`` but holds the bank's lock shared (reads)."""
-        while True:
-            bank = self._lookup(name)
-            with bank.lock.shared():
-                if not bank.retired:
-                    yield bank
-                    return
-
-    @contextlib.contextmanager
-    def _all_locked(self) -> Iterator[list[tuple[str, MemoryBank]]]:
-        """Holds every bank lock (sorted by name), then the store lock, with no bank
-        created or dropped in between (retries if one was)."""
-        while True:
-            banks = sorted(self._banks.items())
-            with contextlib.ExitStack() as stack:
-                for _, bank in banks:
-                    stack.enter_context(bank.lock)
-                stack.enter_context(self.lock)
-                if sorted(self._banks.items()) == banks:
-                    yield banks
-                    return
-
-    # ------------------------------------------------------------------ banks
     def create_bank(
         self,
         name: str,
@@ -360,127 +147,12 @@ class MemoryStore:
             bank.retired = True
         self._wait(seq)
 
-    def adopt_bank(self, bank: MemoryBank, text_flags: np.ndarray | None = None) -> None:
-        """Adds a bank built elsewhere (a bank moved in from another server), unlogged.
-
-        The caller makes it durable by a snapshot before anyone may use it. Its
-        records from now on are replayed after that snapshot, so its
-        ``applied_seq`` restarts at this store's sequence; ``last_seq`` moves past
-        the bank's slot sequences so new memories stay younger than moved ones.
-
-        Raises:
-            AlreadyExists: a bank of that name is here.
-        """
-        newest = int(bank.sequences.max()) if bank.capacity else 0
-        with self.lock, self.seq_lock:
-            if bank.name in self._banks:
-                raise AlreadyExists(f"bank {bank.name!r} already exists", field="name")
-            self.last_seq = max(self.last_seq, newest)
-            bank.applied_seq = self.last_seq
-            self.texts.load(bank, text_flags)  # None: derived from the payloads
-            bank.index_config = self.index_config  # this server's, not the sender's
-            self._banks = {**self._banks, bank.name: bank}
-        with bank.lock:
-            indexing.maybe_start(bank)
-
-    def bank_from_export(self, config: dict[str, Any], arrays: dict[str, np.ndarray]
-                         ) -> MemoryBank:
-        """A bank rebuilt from ``export.export`` output made elsewhere (a move), with
-        this store's codec settings; not added to the store. It keeps writable
-        ``arrays`` as its storage (they must not be used elsewhere).
-
-        Raises:
-            FailedPrecondition: its codes do not match this store's codec, or the arrays
-                are inconsistent.
-        """
-        if int(config["code_dim"]) != self.code_dim or config["code_dtype"] != self.code_dtype:
-            raise FailedPrecondition(
-                f"bank {config.get('name')!r} holds {config['code_dtype']} codes of dim "
-                f"{config['code_dim']}; this server's codec uses {self.code_dtype} of dim "
-                f"{self.code_dim}")
-        return from_export(
-            config, arrays, scale=self.scale, device=self.device,
-            max_payload_bytes=self.max_payload_bytes, max_key_length=self.max_key_length,
-            metric=self.metric, scorer=self.scorer, adopt_arrays=True,
-            index_config=self.index_config)
-
-    def import_bank(self, bank: MemoryBank, commit: Callable[[int], dict[str, Any]],
-                    text_flags: np.ndarray | None = None,
-                    sync: Callable[[], None] | None = None) -> bool:
-        """Adds a bank moved in from another server, logged as one ``import_bank`` record.
-
-        ``commit(seq)`` names the bank's (already durable) bytes after sequence ``seq``
-        and returns the record's fields; it runs under the store's locks, so it must
-        be cheap (a rename). ``sync()``, called with no lock held before the record is
-        waited for, makes that name durable (a folder fsync). The
-        record covers the sequences up to the bank's newest slot sequence, so new
-        memories stay younger than moved ones and the log has no gap. Returns after
-        the record is durable; False (nothing logged, like ``adopt_bank``) when no log
-        is attached: the caller makes the bank durable another way.
-
-        Raises:
-            AlreadyExists: a bank of that name is here.
-            WalError: the log failed (the bank is in memory; ``abandon_bank`` it).
-        """
-        if self._log is None:
-            self.adopt_bank(bank, text_flags)
-            return False
-        newest = int(bank.sequences.max()) if bank.sequences.numel() else 0
-        self.texts.load(bank, text_flags)  # nobody sees the bank yet: no lock
-        with self.lock, self.seq_lock:
-            if bank.name in self._banks:
-                raise AlreadyExists(f"bank {bank.name!r} already exists", field="name")
-            end = max(self.last_seq + 1, newest)
-            record = self._prepare("import_bank", bank.name, commit(end), end - self.last_seq)
-            self._append(end, record)
-            self.last_seq = end
-            bank.applied_seq = end
-            self._banks = {**self._banks, bank.name: bank}
-        with bank.lock:
-            indexing.maybe_start(bank)
-        if sync is not None:
-            sync()
-        self._wait(end)
-        return True
-
-    def apply_import(self, seq: int, bank: MemoryBank,
-                     text_flags: np.ndarray | None = None) -> None:
-        """Re-applies an ``import_bank`` record (WAL replay; skipped like ``apply_record``).
-
-        Raises:
-            FailedPrecondition: a bank of that name exists (corrupt log).
-        """
-        self.texts.load(bank, text_flags)
-        with self.lock:
-            if seq <= self.last_seq:
-                return
-            if bank.name in self._banks:
-                raise FailedPrecondition(f"replay: imported bank {bank.name!r} already exists")
-            bank.applied_seq = seq
-            with self.seq_lock:
-                self._banks = {**self._banks, bank.name: bank}
-                self.last_seq = seq
-        with bank.lock:
-            indexing.maybe_start(bank)
-
-    def abandon_bank(self, bank: MemoryBank) -> None:
-        """Takes back an ``adopt_bank`` that never became durable (unlogged, like it)."""
-        with bank.lock, self.lock:
-            if self._banks.get(bank.name) is bank:
-                self._banks = {n: b for n, b in self._banks.items() if n != bank.name}
-            bank.retired = True
-
-    def get(self, name: str) -> MemoryBank:
-        """The bank called ``name`` (hold its ``lock`` to use it). Raises ``NotFound``."""
-        return self._lookup(name)
-
     def describe(self, name: str) -> BankStats:
         """A bank's stats; the lock is held shared, so a scrape never waits for reads
         (only the counters, which reads change, need ``counter_lock``)."""
         with self._shared(name) as bank, bank.counter_lock:
             return bank.stats()
 
-    # ------------------------------------------------------------------ write / read
     def write(
         self,
         bank: str,
@@ -564,7 +236,6 @@ class MemoryStore:
         with self._shared(bank) as b:
             return fused_read(b, self.texts.of(b), latents, queries, mode=mode, options=options)
 
-    # ------------------------------------------------------------------ delete / clear
     def delete(self, bank: str, slots: list[int], keys: list[str]) -> tuple[int, list[str]]:
         """Frees slots by index and/or key.
 
@@ -604,157 +275,6 @@ class MemoryStore:
         self._wait(seq)
         return stats
 
-    # ------------------------------------------------------------------ state
-    def export_state(self, earlier: dict[str, tuple[int, int, int]] | None = None
-                     ) -> StoreState:
-        """A copy of every bank that, with the log after ``last_seq``, is the live state.
-
-        Banks are copied one at a time under their own lock (see the module
-        docstring), so a snapshot never stalls the banks it is not copying.
-
-        Args:
-            earlier: stamps of an earlier copy the caller still has (a snapshot file).
-                A bank whose slots are unchanged since (same identity and version) is
-                copied without its slot arrays: only its config, and its access
-                counters if reads changed them; it is listed in ``partial``.
-        """
-        with self.lock, self.seq_lock:
-            banks, last_seq = sorted(self._banks.items()), self.last_seq
-        copies: list[tuple[str, Any, list[int] | None]] = []
-        stamps, partial = {}, set()
-        for name, bank in banks:
-            # a bank dropped since is still copied whole: its drop record follows S
-            with bank.lock:
-                stamp = bank.stamp()
-                old = (earlier or {}).get(name)
-                if old is not None and old[:2] == stamp[:2]:
-                    # unchanged slots, so unchanged text marks: both come from the file
-                    copies.append((name, export_counters(bank, old[2] != stamp[2]), None))
-                    partial.add(name)
-                else:
-                    copies.append((name, export_copy(bank), self.texts.of(bank).text_slots()))
-            stamps[name] = stamp
-        out = {}
-        for name, copy, text_slots in copies:
-            config, arrays = copy.pack()
-            if text_slots is not None:
-                # slot arrays end at the last occupied slot; text slots are occupied
-                flags = np.zeros(len(arrays["occupied"]), dtype=np.uint8)
-                flags[text_slots] = 1
-                arrays = {**arrays, "text_flags": flags}
-            out[name] = (config, arrays)
-        return StoreState(last_seq, out, stamps, partial)
-
-    def stamps(self) -> dict[str, tuple[int, int, int]]:
-        """``MemoryBank.stamp()`` of every bank (no locks: a change in flight may be
-        missed, never invented)."""
-        return {name: bank.stamp() for name, bank in self._banks.items()}
-
-    def load_state(self, state: StoreState) -> None:
-        """Replaces every bank with ``state`` (restore / recovery).
-
-        ``last_seq`` becomes the larger of the current and the state's, so sequence
-        numbers stay monotonic across a restore. Writers that were waiting for a
-        replaced bank's lock retry on the new bank.
-
-        Raises:
-            FailedPrecondition: the state's codes do not match this store's codec.
-        """
-        banks = {}
-        for name, (config, arrays) in state.banks.items():
-            if int(config["code_dim"]) != self.code_dim or config["code_dtype"] != self.code_dtype:
-                raise FailedPrecondition(
-                    f"bank {name!r} holds {config['code_dtype']} codes of dim "
-                    f"{config['code_dim']}; the served codec uses {self.code_dtype} of dim "
-                    f"{self.code_dim}")
-            banks[name] = from_export(
-                config, arrays, scale=self.scale, device=self.device,
-                max_payload_bytes=self.max_payload_bytes, max_key_length=self.max_key_length,
-                metric=self.metric, scorer=self.scorer, index_config=self.index_config)
-            self.texts.load(banks[name], arrays.get("text_flags"))  # older: derived
-        with self._all_locked() as old, self.seq_lock:
-            for _, bank in old:
-                bank.retired = True
-            self._banks = banks
-            # never backwards: mutations that finished while this waited for their bank
-            # locks used numbers above a last_seq the caller may have read earlier
-            self.last_seq = max(self.last_seq, int(state.last_seq))
-        for bank in banks.values():  # banks restored without a stored index
-            with bank.lock:
-                indexing.maybe_start(bank)
-
-    def apply_record(self, seq: int, kind: str, bank: str, fields: dict[str, Any]) -> None:
-        """Re-applies one logged mutation (WAL replay): deterministic, never logged.
-
-        Records the state already reflects are skipped: those with ``seq <= last_seq``
-        (the snapshot's sequence) and those a bank's own copy holds
-        (``seq <= bank.applied_seq``), so replaying a log over a snapshot that
-        overlaps it is safe.
-
-        Raises:
-            FailedPrecondition: the record does not fit the current state (corrupt log).
-        """
-        with self.lock:
-            if seq <= self.last_seq:
-                return
-            if kind == "create_bank":
-                if bank in self._banks:
-                    raise FailedPrecondition(f"replay: bank {bank!r} already exists")
-                new = self._new_bank(
-                    bank, int(fields["capacity"]), str(fields["policy"]),
-                    float(fields["half_life"]) or self.default_half_life)
-                new.applied_seq = seq
-                self._banks = {**self._banks, bank: new}
-                with self.seq_lock:
-                    self.last_seq = seq
-                return
-            if kind not in ("drop_bank", "write", "delete", "clear"):
-                raise FailedPrecondition(f"replay: unknown record kind {kind!r}")
-            b = self._banks.get(bank)
-            if b is None:
-                raise FailedPrecondition(f"replay: {kind} on missing bank {bank!r}")
-        # the bank lock is taken with no store lock held (the documented order)
-        with b.lock:
-            applied = seq > b.applied_seq
-            if applied:
-                self._replay(b, kind, fields)
-                b.applied_seq = seq
-            with self.lock, self.seq_lock:
-                if applied and kind == "drop_bank":
-                    self._banks = {n: x for n, x in self._banks.items() if n != bank}
-                    b.retired = True
-                self.last_seq = max(self.last_seq, seq)
-
-    def _replay(self, b: MemoryBank, kind: str, fields: dict[str, Any]) -> None:
-        if kind == "write":
-            sequences = np.asarray(fields["sequences"], dtype=np.int64)
-            # a merged run of write records may start inside what the bank's copy holds
-            new = np.flatnonzero(sequences > b.applied_seq)
-            if new.size == 0:
-                return
-            codes = torch.from_numpy(np.array(fields["codes"])[new])  # copy: may be read-only
-            if codes.dtype != b.torch_dtype or tuple(codes.shape[1:]) != (b.code_dim,):
-                raise FailedPrecondition("replay: write record codes do not match the bank")
-            keys, payloads = fields["keys"], fields["payloads"]
-            metas = fields.get("metadata")
-            slots = [int(fields["slots"][i]) for i in new]
-            kept = [bytes(payloads[i]) or None for i in new]
-            b.apply_write(slots, codes, [keys[i] or None for i in new], kept,
-                          sequences[new].tolist(),
-                          [decode_metadata(metas[i]) for i in new] if metas else None)
-            text = fields.get("text")  # absent from older records
-            self.texts.written(b, slots, kept,
-                               [bool(text[i]) for i in new] if text is not None else None)
-            indexing.maybe_start(b)
-        elif kind == "delete":
-            freed = [int(s) for s in fields["slots"]]
-            b.free(freed)
-            self.texts.of(b).remove(freed)
-        elif kind == "clear":
-            b.clear()
-            self.texts.of(b).clear()
-
-    # defined last: inside the class body, the name ``list`` shadows the builtin
     def list(self) -> list[BankStats]:
         """Stats of every bank, sorted by name."""
         banks = sorted(self._banks.items())
