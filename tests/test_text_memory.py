@@ -27,9 +27,9 @@ from apcm.client import (
 )
 from apcm.server.api.app import ApcmServer, build_server
 from apcm.server.config import Settings
+from apcm.server.memory.options import ReadOptions
 from apcm.server.memory.store import MemoryStore
 from apcm.server.persistence.manager import PersistenceManager
-from apcm.server.memory.options import ReadOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT_MODEL = ROOT / "model_weights" / "text-minilm.safetensors"
