@@ -8,17 +8,13 @@ the only state a read changes, under ``bank.counter_lock``, and each change bump
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from .results import FusedHit, Hit, QueryResult
-
-if TYPE_CHECKING:
-    from .bank import MemoryBank
+from .slots import BankSlots
 
 
-def count_best(bank: MemoryBank, best: list[int] | torch.Tensor) -> None:
+def count_best(bank: BankSlots, best: list[int] | torch.Tensor) -> None:
     """Counts one access of each query's best returned slot (the paper's
     ``AFF_ctrl[i*] += 1``; the other hits are not counted)."""
     slots = torch.as_tensor(best, dtype=torch.int64).to(bank.device)
@@ -30,7 +26,7 @@ def count_best(bank: MemoryBank, best: list[int] | torch.Tensor) -> None:
         bank.counter_version += 1
 
 
-def build_hits(bank: MemoryBank, slots: list[list[int]], scores: list[list[float]],
+def build_hits(bank: BankSlots, slots: list[list[int]], scores: list[list[float]],
                weights: list[list[float]], *, payloads: bool,
                ranks: list[list[tuple[float, float]]] | None = None) -> list[QueryResult]:
     """Hits of each query from its kept slots (best first) with their cosine scores

@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from .ivf import IvfIndex
 from .scorers import READ_CHUNK_ROWS, Kernel, kernel_for
-
-if TYPE_CHECKING:
-    from .bank import MemoryBank
+from .slots import BankSlots
 
 _SCORE_SPAN_FLOATS = 1 << 18  # scores post-processed at once on CPU (1 MB)
 _DEVICE_SPAN_ROWS = 1 << 18  # rows per step off the CPU (no cache to fit)
@@ -35,7 +32,7 @@ class Scan:
     soft_sum: torch.Tensor | None  # [Q, m] sum of exp(...) * code (before the int8 scale)
 
 
-def unit_queries(bank: MemoryBank, q: torch.Tensor) -> torch.Tensor:
+def unit_queries(bank: BankSlots, q: torch.Tensor) -> torch.Tensor:
     """Queries [Q, query_dim] -> unit vectors [Q, d] of the search space."""
     if bank.scorer is not None:
         q = bank.scorer.queries(q)
@@ -44,17 +41,17 @@ def unit_queries(bank: MemoryBank, q: torch.Tensor) -> torch.Tensor:
     return q / q.norm(dim=1, keepdim=True).clamp_min(1e-30)
 
 
-def fold(bank: MemoryBank, q: torch.Tensor) -> torch.Tensor:
+def fold(bank: BankSlots, q: torch.Tensor) -> torch.Tensor:
     """Unit queries [Q, d] -> what raw (int8 / weighted) codes are multiplied by."""
     return q * bank.query_fold if bank.query_fold is not None else q
 
 
-def kernel(bank: MemoryBank, folded: torch.Tensor, soft: bool) -> Kernel:
+def kernel(bank: BankSlots, folded: torch.Tensor, soft: bool) -> Kernel:
     return kernel_for(folded, bank.codes, int8_scaled=bank.scale is not None,
                       scorer=bank.scorer, soft=soft)
 
 
-def scan(bank: MemoryBank, q: torch.Tensor, k: int, temperature: float, soft: bool,
+def scan(bank: BankSlots, q: torch.Tensor, k: int, temperature: float, soft: bool,
          shift: torch.Tensor | None, allowed: torch.Tensor | None = None) -> Scan:
     """One pass over slots ``[0, high)``: scores, top-k and softmax sums, fused per span.
 
@@ -121,7 +118,7 @@ def scan(bank: MemoryBank, q: torch.Tensor, k: int, temperature: float, soft: bo
     return Scan(top.values, torch.gather(slots, 1, top.indices), exp_sum, shift_t, soft_sum)
 
 
-def probe(bank: MemoryBank, index: IvfIndex, q: torch.Tensor, k: int, temperature: float,
+def probe(bank: BankSlots, index: IvfIndex, q: torch.Tensor, k: int, temperature: float,
           nprobe: int, allowed: torch.Tensor | None, n_allowed: int) -> Scan:
     """Top-k and softmax sums of queries [Q, query_dim] over each query's candidates:
     the slots of its ``nprobe`` nearest lists (or, under a filter matching no more
@@ -159,7 +156,7 @@ def probe(bank: MemoryBank, index: IvfIndex, q: torch.Tensor, k: int, temperatur
                 torch.stack(shifts)[:, None], None)
 
 
-def score_slots(bank: MemoryBank, folded: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+def score_slots(bank: BankSlots, folded: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Cosines [Q, c] of folded unit queries [Q, m] with the slots ``idx`` [c], as the
     scan computes them (same kernel, times the slot's inverse norm)."""
     kern = kernel(bank, folded, soft=False)
@@ -171,7 +168,7 @@ def score_slots(bank: MemoryBank, folded: torch.Tensor, idx: torch.Tensor) -> to
     return out.mul_(bank.inv_norms.index_select(0, idx))
 
 
-def cosines(bank: MemoryBank, latent: torch.Tensor, slots: list[int]) -> list[float]:
+def cosines(bank: BankSlots, latent: torch.Tensor, slots: list[int]) -> list[float]:
     """Cosine, exactly as a read scores it, of one query latent [query_dim] with the
     given occupied slots (hybrid recall scores memories the dense cut missed)."""
     if not slots:
