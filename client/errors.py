@@ -11,7 +11,6 @@ import grpc
 
 from apcm.wire.trailers import LIMIT_KEY
 
-RETRY_AFTER_KEY = "retry-after-s"
 # gRPC's own refusal of a message over a channel's or server's size limit
 _SIZE_LIMIT_MESSAGES = ("larger than max", "message too large")
 
@@ -50,22 +49,12 @@ class FailedPreconditionError(ApcmError):
 
 
 class ResourceExhaustedError(ApcmError):
-    """RESOURCE_EXHAUSTED. Catch this for all three kinds; each has its own subclass.
-
-    Attributes:
-        retry_after_s: the server's ``retry-after-s`` hint in seconds, or None.
-    """
-
-    def __init__(
-        self, code: grpc.StatusCode, message: str, retry_after_s: float | None = None
-    ) -> None:
-        super().__init__(code, message)
-        self.retry_after_s = retry_after_s
+    """RESOURCE_EXHAUSTED. Catch this for all three kinds; each has its own subclass."""
 
 
 class Overloaded(ResourceExhaustedError):
     """The server is busy (e.g. its concurrent-RPC limit): the same call may succeed
-    later, after ``retry_after_s`` if the server gave one."""
+    later."""
 
 
 class LimitExceededError(ResourceExhaustedError):
@@ -155,7 +144,7 @@ def _resource_exhausted(err: grpc.RpcError, code: grpc.StatusCode,
         return LimitExceededError(code, message, limit)
     if any(m in message.lower() for m in _SIZE_LIMIT_MESSAGES):
         return MessageTooLargeError(code, message)
-    return Overloaded(code, message, retry_after_s=_retry_after(err))
+    return Overloaded(code, message)
 
 
 def invalid_argument(message: str) -> InvalidArgumentError:
@@ -170,11 +159,3 @@ def _trailer(err: grpc.RpcError, key: str) -> str | None:
         if k == key:
             return value.decode() if isinstance(value, bytes) else str(value)
     return None
-
-
-def _retry_after(err: grpc.RpcError) -> float | None:
-    value = _trailer(err, RETRY_AFTER_KEY)
-    try:
-        return None if value is None else float(value)
-    except ValueError:
-        return None

@@ -7,7 +7,10 @@ with its PNGs, ``model_weights/NAME.selection.md`` records every candidate, and
 ``apcm eval`` writes ``model_weights/NAME.eval.md`` (train vs held-out tables).
 
 Usage (after the ``prepare_*.py`` scripts):
-``.venv/bin/python scripts/train_models.py [digits gravel-binary text-minilm]``
+``.venv/bin/python scripts/train_models.py [digits gravel-binary text-minilm-v1]``
+
+The IDRP v2 models (the default ``text-minilm`` and its siblings) come from
+``scripts/train_v2_models.py``; this script reproduces the v1 ones only.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ MODELS: dict[str, dict[str, list[str]]] = {
         "eval": ["--data", "data/gravel/gravel.safetensors", "--splits", "train,test",
                  "--image", "--data-range", "1"],
     },
-    "text-minilm": {
+    "text-minilm-v1": {
         "train": ["--data", "data/text/minilm.safetensors", "--shape", "1,384",
                   "--blocks", "4", "--hidden", "128", "--aux-hidden", "256", "--dropout", "0.1",
                   "--noise", "0.05", "--weight-decay", "1e-3", "--epochs", "16",

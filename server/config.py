@@ -194,10 +194,6 @@ class Settings:
             return self.memory_limit_bytes
         return int(detected_memory_bytes() * MEMORY_LIMIT_FRACTION)
 
-    @property
-    def data_path(self) -> Path:
-        return Path(self.data_dir)
-
 
 def env_name(field_name: str) -> str:
     return f"APCM_{field_name.upper()}"

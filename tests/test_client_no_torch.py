@@ -166,17 +166,6 @@ def test_unmapped_code_is_the_base_error_and_invalid_argument_is_a_value_error()
     assert issubclass(NotFoundError, ApcmError)
 
 
-def test_overloaded_reads_retry_after_from_trailing_metadata() -> None:
-    busy = _FailedCall(grpc.StatusCode.RESOURCE_EXHAUSTED, "busy",
-                       (("x-other", "1"), ("retry-after-s", "0.25")))
-    err = from_rpc_error(busy)
-    assert isinstance(err, Overloaded) and err.retry_after_s == 0.25
-    assert from_rpc_error(_FailedCall(grpc.StatusCode.RESOURCE_EXHAUSTED, "big")).retry_after_s \
-        is None
-    garbled = _FailedCall(grpc.StatusCode.RESOURCE_EXHAUSTED, "busy", (("retry-after-s", "soon"),))
-    assert from_rpc_error(garbled).retry_after_s is None
-
-
 def test_resource_exhausted_tells_a_limit_a_size_and_a_busy_server_apart() -> None:
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     limit = from_rpc_error(_FailedCall(code, "full", (("apcm-limit", "memory_limit_bytes"),)))
