@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import urllib.request
 import uuid
 
 import numpy as np
@@ -261,3 +262,20 @@ def test_sixteen_threads_never_lose_or_duplicate_a_write(server_address: str, ba
             assert (hit.key, hit.payload) == (key, key.encode())
         deleted, missing = c.delete_slots(bank, keys=acked)
         assert deleted == capacity and sorted(missing) == sorted(evicted)
+
+
+def test_describe_list_and_a_scrape_do_not_wait_for_a_long_read(make_server) -> None:
+    """What every metrics scrape calls (describe, list) holds a bank's lock shared, as
+    reads do, so a scrape during a long read returns at once instead of stalling."""
+    srv = make_server(metrics_port=0)
+    with MemoryClient(f"127.0.0.1:{srv.port}", timeout=5.0) as c:
+        c.write(codes=basis(0, 1), mode="per_item")
+        bank = srv.service.store.get("default")
+        with bank.lock.shared():  # a read inside the bank, for as long as it likes
+            info = c.describe_bank("default")
+            names = [b.name for b in c.list_banks()]
+            url = f"http://127.0.0.1:{srv.metrics_port}/metrics"
+            with urllib.request.urlopen(url, timeout=5) as response:
+                scrape = response.read().decode()
+    assert info.occupied == 2 and names == ["default"]
+    assert 'apcm_bank_occupied_slots{bank="default"} 2.0' in scrape
