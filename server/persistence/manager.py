@@ -26,7 +26,6 @@ from typing import Any
 from ..config import Settings
 from ..errors import AlreadyExists, ApcmError, FailedPrecondition, Unavailable
 from ..memory.store import StoreState
-from . import wal as wal_mod
 from .bankfile import decode_bank
 from .imports import ImportFiles
 from .replayer import BatchingApplier
@@ -39,7 +38,9 @@ from .snapshot import (
     read_snapshot,
     write_snapshot,
 )
-from .wal import WalError, WriteAheadLog, segment_path
+from .wal import WalError, WriteAheadLog
+from .walreplay import replay
+from .walsegments import list_segments, segment_path
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +201,7 @@ class PersistenceManager:
             self.imports.remove_incoming()
             return report
         applier = BatchingApplier(self.store, self._load_import)
-        result = wal_mod.replay(
+        result = replay(
             self.wal_dir, self.codec_hash, after, applier,
             covered_below=info.wal_segment if info is not None else 0,
             allow_loss=self.settings.allow_empty_start,
@@ -224,7 +225,7 @@ class PersistenceManager:
 
     def _log_covers(self, info: SnapshotInfo | None, had_snapshots: bool) -> bool:
         """Whether the log holds every segment the recovered snapshot does not cover."""
-        segments = wal_mod.list_segments(self.wal_dir)
+        segments = list_segments(self.wal_dir)
         need = info.wal_segment if info is not None else 1
         if info is not None and need > (segments[-1][0] if segments else 1):
             # The snapshot's log rotation created segment ``need`` (a rotation never
@@ -423,7 +424,7 @@ class PersistenceManager:
                 # worth writing; it covers every existing segment.
                 log.error("snapshot without log rotation: %s", e.message)
         # Name the newest existing segment: start-up expects the snapshot's segment to exist.
-        segments = wal_mod.list_segments(self.wal_dir)
+        segments = list_segments(self.wal_dir)
         return segments[-1][0] if segments else 1
 
     def _trim_log(self) -> None:
