@@ -1,9 +1,7 @@
 """Write-ahead log: every acknowledged mutation is on disk before its reply.
 
-Layout: ``<dir>/wal-<index:010d>.log`` segments, replayed in index order. A new
-segment is started on every open, before every snapshot and after an I/O error,
-so segments that a snapshot covers can be deleted whole. The record format is in
-``walformat``.
+The segment files are in ``walsegments``, the record format in ``walformat`` and
+start-up replay in ``walreplay``; their public names are importable from here too.
 
 Durability modes (``wal_mode``):
     fsync: ``wait_durable`` returns after the record is fsynced. Concurrent callers
@@ -23,29 +21,24 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import FailedPrecondition, Unavailable
-from ..fsutil import fsync_dir
+from ..errors import Unavailable
 from .walformat import (
-    SEGMENT_END,
     VERSION,
-    BadRecord,
     PreparedRecord,
     WalRecord,
     decode_body,
-    encode_header,
     encode_record,
     iter_segment,
     prepare_record,
-    segment_version,
 )
+from .walreplay import ReplayResult, WalCorruptError, WalGapError, replay
+from .walsegments import SegmentFiles, list_segments, segment_path, write_all
 
 log = logging.getLogger(__name__)
 
@@ -56,167 +49,13 @@ __all__ = [
 ]
 
 MODES = ("fsync", "interval", "off")
-_SEGMENT_RE = re.compile(r"^wal-(\d{10})\.log$")
 
 
 class WalError(Unavailable):
     """The log cannot make writes durable now (disk full, I/O error, closed)."""
 
 
-class WalCorruptError(FailedPrecondition):
-    """A record before the end of the log fails its checks; replay refuses to skip it."""
-
-
-class WalGapError(FailedPrecondition):
-    """Logged sequences are missing (a segment was deleted); replay refuses to guess."""
-
-
-@dataclass
-class ReplayResult:
-    """What ``replay`` did: last sequence seen, records applied, bytes cut off a torn tail."""
-
-    last_seq: int = 0
-    applied: int = 0
-    truncated_bytes: int = 0
-    segments: list[Path] = field(default_factory=list)
-    skipped_segments: list[tuple[Path, str]] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)
-
-
-def segment_path(directory: Path, index: int) -> Path:
-    return Path(directory) / f"wal-{index:010d}.log"
-
-
-def list_segments(directory: Path) -> list[tuple[int, Path]]:
-    """Segments of the log in replay order, as ``(index, path)``."""
-    if not directory.is_dir():
-        return []
-    found = []
-    for p in directory.iterdir():
-        m = _SEGMENT_RE.match(p.name)
-        if m:
-            found.append((int(m.group(1)), p))
-    return sorted(found)
-
-
-def replay(
-    directory: Path,
-    model_hash: str,
-    after_seq: int,
-    apply: Callable[[WalRecord], None],
-    *,
-    covered_below: int = 0,
-    allow_loss: bool = False,
-) -> ReplayResult:
-    """Apply every logged record with ``seq > after_seq``, in log order.
-
-    A torn tail of the last segment (cut short, or bad CRC followed only by
-    zeros) is truncated away: its write was never acknowledged. Damage in a
-    segment below ``covered_below`` (all its records are in the snapshot) is
-    logged and skipped. Any other bad record stops replay with
-    ``WalCorruptError`` — skipping it would silently drop an acknowledged memory.
-    Missing sequences (after ``after_seq``, between records, or a segment that
-    the one before it names) raise ``WalGapError`` unless ``allow_loss``.
-
-    Raises:
-        WalCorruptError: a record in the middle of the log is damaged.
-        WalGapError: logged sequences are missing.
-        FailedPrecondition: the log was written for another model.
-    """
-    result = ReplayResult(last_seq=after_seq)
-    segments = list_segments(directory)
-    seen = {i for i, _ in segments}
-    expected = after_seq + 1
-    link: int | None = None
-    for n, (index, path) in enumerate(segments):
-        last_segment = n == len(segments) - 1
-        result.segments.append(path)
-        link = None
-
-        def check_header(header: dict[str, Any], path: Path = path) -> None:
-            logged_hash = header.get("model_hash")
-            if logged_hash != model_hash:
-                raise FailedPrecondition(
-                    f"write-ahead log {path} was written for model {logged_hash}, but the "
-                    f"served model is {model_hash}; serve model {logged_hash} or move the "
-                    "data directory aside"
-                )
-
-        try:
-            for _, record in iter_segment(path, check_header):
-                if record.kind == SEGMENT_END:
-                    link = int(record.fields["next_segment"])
-                    continue
-                result.last_seq = max(result.last_seq, record.seq)
-                if record.seq <= after_seq:
-                    continue
-                if record.first_seq > expected:
-                    _gap(result, f"sequences {expected}..{record.first_seq - 1} (before "
-                                 f"{path.name})", allow_loss)
-                expected = record.seq + 1
-                apply(record)
-                result.applied += 1
-        except BadRecord as bad:
-            if index < covered_below:
-                log.warning(
-                    "write-ahead log %s is damaged at byte %d (%s); SKIPPING it: the "
-                    "snapshot being loaded holds all of its records", path, bad.offset,
-                    bad.reason)
-                result.skipped_segments.append((path, bad.reason))
-                continue
-            if not (last_segment and bad.reaches_eof):
-                raise WalCorruptError(
-                    f"write-ahead log {path} is corrupt at byte {bad.offset}: {bad.reason}; "
-                    f"replay stopped after sequence {result.last_seq} (records after it "
-                    "would be lost if skipped: restore the file or move it aside "
-                    "deliberately)"
-                ) from bad
-            _cut_torn_tail(directory, path, bad, result)
-            if bad.offset == 0:
-                seen.discard(index)
-                seen.add(-index)  # it existed, empty: a link to it is not a gap
-    if link is not None and link not in seen and -link not in seen:
-        _gap(result, f"segment {segment_path(directory, link).name}, named by the end of "
-                     f"{result.segments[-1].name} (sequences after {result.last_seq})",
-             allow_loss)
-    return result
-
-
-def _gap(result: ReplayResult, what: str, allow_loss: bool) -> None:
-    result.missing.append(what)
-    message = (f"write-ahead log is missing {what}: acknowledged writes were lost (a log "
-               "segment was deleted or moved)")
-    if not allow_loss:
-        raise WalGapError(message + "; put the segment back, or start with "
-                          "--allow-empty-start to accept the loss")
-    log.error("%s; continuing WITHOUT them because allow_empty_start", message)
-
-
-def _cut_torn_tail(directory: Path, path: Path, bad: BadRecord, result: ReplayResult) -> None:
-    size = path.stat().st_size
-    dropped = "0 records (zero bytes)" if bad.reason.startswith("zero bytes") else \
-        f"1 partial record after sequence {result.last_seq}"
-    log.warning(
-        "write-ahead log %s: torn final write at byte %d (%s); dropping %s: %d bytes "
-        "that were never acknowledged", path, bad.offset, bad.reason, dropped,
-        size - bad.offset,
-    )
-    result.truncated_bytes += size - bad.offset
-    if bad.offset == 0:
-        # Crashed while creating the segment: no record was ever in it.
-        path.unlink()
-        fsync_dir(directory)
-    else:
-        with open(path, "r+b") as f:
-            f.truncate(bad.offset)
-            f.flush()
-            os.fsync(f.fileno())
-
-
-# --------------------------------------------------------------------------- writing
-
-
-class WriteAheadLog:
+class WriteAheadLog(SegmentFiles):
     """Appends records to the newest segment with group commit.
 
     ``prepare`` encodes a record (no lock needed); ``append`` gives it its
@@ -412,22 +251,6 @@ class WriteAheadLog:
                 self._flushing = False
                 self._cond.notify_all()
 
-    def delete_segments_before(self, index: int) -> int:
-        """Remove segments with a lower index (a durable snapshot covers them). Returns count."""
-        removed = 0
-        for i, path in list_segments(self.directory):
-            if i >= min(index, self._index):
-                break
-            size = path.stat().st_size
-            path.unlink()
-            with self._cond:
-                self._bytes -= size
-            removed += 1
-        if removed:
-            fsync_dir(self.directory)
-            self._report_bytes()
-        return removed
-
     # -- internals ---------------------------------------------------------------------
     def _check_usable(self) -> None:
         if self._failed is not None:
@@ -501,57 +324,6 @@ class WriteAheadLog:
         self._set_healthy(True)
         return True
 
-    def _switch_segment(self, index: int) -> None:
-        """Create segment ``index``, link the current one to it, make it current."""
-        path = segment_path(self.directory, index)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
-        header = encode_header(self.model_hash, index)
-        try:
-            _write_all(fd, header)
-            os.fsync(fd)
-            fsync_dir(self.directory)
-        except OSError:
-            os.close(fd)
-            path.unlink(missing_ok=True)
-            raise
-        link = 0
-        old = self._fd
-        if old is not None:
-            link = self._write_link(old, index)
-        with self._cond:
-            self._fd, self._index, self._good_end = fd, index, len(header)
-            self._bytes += len(header) + link
-        if old is not None:
-            os.close(old)  # after the swap: the sync thread dups the descriptor under _cond
-        self._report_bytes()
-
-    def _write_link(self, fd: int, index: int) -> int:
-        """End the segment open at ``fd`` with a record naming the next one; returns its size."""
-        data = encode_record(0, SEGMENT_END, "", {"next_segment": index}, count=0)
-        try:
-            _write_all(fd, data)
-            os.fsync(fd)
-        except OSError as e:
-            # The log stays correct; only a later deletion of the new segment goes unnoticed.
-            log.warning("could not end the previous log segment with a link to %d: %s", index, e)
-            return 0
-        return len(data)
-
-    def _link_previous(self, path: Path) -> None:
-        try:
-            if segment_version(path) != VERSION:
-                return
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND)
-        except (OSError, BadRecord) as e:
-            log.warning("could not link %s to the new segment: %s", path.name, e)
-            return
-        try:
-            size = self._write_link(fd, self._index)
-        finally:
-            os.close(fd)
-        with self._cond:
-            self._bytes += size
-
     def _flush_buffer(self, force_fsync: bool, raise_os_error: bool = False) -> None:
         """Write (and maybe fsync) everything buffered. Caller holds the flushing role."""
         with self._cond:
@@ -562,7 +334,7 @@ class WriteAheadLog:
         data = b"".join(batch)
         try:
             if data:
-                _write_all(fd, data)
+                write_all(fd, data)
             if force_fsync or (data and self.mode == "fsync"):
                 t0 = time.perf_counter()
                 os.fsync(fd)
@@ -613,14 +385,3 @@ class WriteAheadLog:
                 callback(ok)
             except Exception:
                 log.exception("write-ahead-log health listener failed")
-
-    def _report_bytes(self) -> None:
-        if self.metrics is not None:
-            self.metrics.set_wal_bytes(self._bytes)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
