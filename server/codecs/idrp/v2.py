@@ -49,7 +49,7 @@ class TransformCodec(Codec):
         self.model = model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
-        super().__init__(name, input_shape, PackedQuantizer(self.model))  # type: ignore[arg-type]
+        super().__init__(name, input_shape, PackedQuantizer(self.model))
         if self.input_dim != model.config.dim:
             raise ValueError(f"input shape {input_shape} does not match dim {model.config.dim}")
         self._scorer = TransformScorer(self.model)
