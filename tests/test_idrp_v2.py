@@ -14,7 +14,8 @@ import torch
 
 from apcm.server.codecs.base import load_codec, save_codec
 from apcm.server.codecs.idrp import transform
-from apcm.server.codecs.idrp.v2 import TransformCodec, TransformConfig, TransformIDRP
+from apcm.server.codecs.idrp.v2 import TransformCodec
+from apcm.server.codecs.idrp.v2model import TransformConfig, TransformIDRP
 from apcm.server.memory.bank import MemoryBank
 from apcm.server.memory.eviction import make_policy
 from apcm.server.memory.options import ReadOptions

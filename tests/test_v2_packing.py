@@ -15,7 +15,7 @@ from safetensors.numpy import load_file
 
 from apcm.server.codecs.base import load_codec
 from apcm.server.codecs.idrp import transform
-from apcm.server.codecs.idrp.v2 import PackedQuantizer, TransformConfig, TransformIDRP
+from apcm.server.codecs.idrp.v2model import PackedQuantizer, TransformConfig, TransformIDRP
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = load_file(str(ROOT / "tests" / "fixtures" / "v2_packing.safetensors"))

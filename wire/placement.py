@@ -11,6 +11,8 @@ from __future__ import annotations
 import functools
 import hashlib
 
+from google.protobuf.descriptor import ServiceDescriptor
+
 from apcm.v1 import memory_pb2
 
 PLACEMENT = "rendezvous-blake2b-64"
@@ -33,11 +35,11 @@ def owner_of(name: str, shard_count: int) -> int:
     return max(range(shard_count), key=lambda shard: _score(name, shard))
 
 
-def bank_fields(service: object = SERVICE) -> dict[str, tuple[str, int]]:
+def bank_fields(service: ServiceDescriptor = SERVICE) -> dict[str, tuple[str, int]]:
     """Method name -> (name, number) of the request field naming the bank, for every
     unary method of ``service`` that addresses one bank."""
     out = {}
-    for m in service.methods:  # type: ignore[attr-defined]
+    for m in service.methods:
         if m.client_streaming or m.server_streaming:
             continue
         f = m.input_type.fields_by_name.get(BANK_FIELD_NAMES.get(m.name, "bank"))

@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 
 from ..errors import ModelFileError
 from ..fsutil import atomic_write
-from .quant import CodeQuantizer
+from .quant import CodeQuantizer, Quantizer
 
 SCHEMA_VERSION = "1"
 _KINDS = {
@@ -67,7 +67,7 @@ class Codec(ABC):
 
     kind: str = ""
 
-    def __init__(self, name: str, input_shape: tuple[int, int], quantizer: CodeQuantizer) -> None:
+    def __init__(self, name: str, input_shape: tuple[int, int], quantizer: Quantizer) -> None:
         self.name = name
         self.input_shape = (int(input_shape[0]), int(input_shape[1]))
         self.quantizer = quantizer

@@ -6,12 +6,36 @@ per-dimension scale fitted on training codes (symmetric, round-to-nearest).
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
 # uint8 codes are bit-packed by IDRP v2's own quantiser, not by this one
 from ..code_dtypes import CODE_DTYPES
 
 INT8_LIMIT = 127.0
+
+
+class Quantizer(Protocol):
+    """What a codec stores its latents through: a :class:`CodeQuantizer`, or IDRP v2's
+    ``PackedQuantizer`` (bit-packed ``uint8`` codes), which shares no base with it."""
+
+    @property
+    def code_dtype(self) -> str: ...
+
+    @property
+    def itemsize(self) -> int: ...
+
+    @property
+    def scale(self) -> torch.Tensor | None: ...
+
+    def quantize(self, z: torch.Tensor) -> torch.Tensor: ...
+
+    def dequantize(self, codes: torch.Tensor) -> torch.Tensor: ...
+
+    def tensors(self) -> dict[str, torch.Tensor]: ...
+
+    def to(self, device: torch.device) -> Quantizer: ...
 
 
 class CodeQuantizer:

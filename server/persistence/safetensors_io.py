@@ -61,7 +61,7 @@ def encode(
         specs[name] = {"dtype": tag, "shape": list(arr.shape),
                        "data_offsets": [offset, offset + arr.nbytes]}
         offset += arr.nbytes
-        views.append(memoryview(arr.reshape(-1).view(np.uint8)))  # type: ignore[arg-type]
+        views.append(arr.reshape(-1).view(np.uint8).data)
     header = ({"__metadata__": metadata, **specs} if metadata_first
               else {**specs, "__metadata__": metadata})
     head = json.dumps(header, separators=(",", ":")).encode("utf-8")

@@ -13,6 +13,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the command imports numpy and the server only when it runs
+    import numpy as np
+
+    from apcm.server.codecs.base import Codec
 
 EPILOG = """Baselines are fitted on --train-key of --train-data (default: the 'train' tensor
 of --data), the split the model was trained on. One table per --splits entry.
@@ -73,7 +79,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _label(path: str, codec) -> tuple[str, str]:  # type: ignore[no-untyped-def]
+def _label(path: str, codec: Codec) -> tuple[str, str]:
     """(row name, curve family) of a codec file, from what any loaded codec has."""
     dtype, m = getattr(codec, "code_dtype", "?"), getattr(codec, "code_dim", "?")
     return (f"{Path(path).stem} ({codec.kind} {dtype} m={m}, this model)",
@@ -91,7 +97,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_data(args: argparse.Namespace, d: int):  # type: ignore[no-untyped-def]
+def _load_data(
+    args: argparse.Namespace, d: int,
+) -> tuple[np.ndarray, dict[str, np.ndarray], bool, float | None]:
     import numpy as np
 
     from ..evaluation import datasets

@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the command imports torch and the server only when it runs
+    import torch
+
+    from apcm.server.codecs.idrp.codec import IDRPCodec
+    from apcm.server.codecs.idrp.model import IDRP
+    from apcm.server.codecs.quant import CodeQuantizer
 
 EPILOG = """Data: a .safetensors file with tensors 'train' and 'val' (and optionally 'test',
 reported as held-out) or one array (.npy / single tensor) split by --val-fraction.
@@ -172,7 +179,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _image_grid(codec, pca, pca_q, x, shape, path, name) -> None:  # type: ignore[no-untyped-def]
+def _image_grid(codec: IDRPCodec, pca: IDRP, pca_q: CodeQuantizer, x: torch.Tensor,
+                shape: tuple[int, int], path: str, name: str) -> None:
     import torch
 
     from ..evaluation import plots

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 
@@ -72,8 +74,8 @@ def recall_at_k(x: np.ndarray, x_hat: np.ndarray, k: int = 10,
     return recall_of(top_k_cosine(x, x_hat, k), exact)
 
 
-def search_recall_at_k(search, x: np.ndarray, k: int = 10,  # type: ignore[no-untyped-def]
-                       exact: np.ndarray | None = None) -> float:
+def search_recall_at_k(search: Callable[[np.ndarray, np.ndarray, int], np.ndarray],
+                       x: np.ndarray, k: int = 10, exact: np.ndarray | None = None) -> float:
     """:func:`recall_at_k` for a search-only method: ``search(queries, base, k)`` -> ids.
 
     Every item queries the whole set for k + 1 ids; its own id is dropped (or

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,7 +45,8 @@ class Row:
     family: str = ""
 
 
-def _rate(fn, arg, min_seconds: float = 0.3) -> tuple[object, float]:  # type: ignore[no-untyped-def]
+def _rate(fn: Callable[[np.ndarray], np.ndarray], arg: np.ndarray,
+          min_seconds: float = 0.3) -> tuple[np.ndarray, float]:
     """``fn(arg)`` and items/s: best of repeated whole-batch calls over ``min_seconds``."""
     out = fn(arg)  # warm-up, and the output we report
     best, spent = math.inf, 0.0
@@ -140,7 +142,8 @@ def budget_baselines(
     methods: list[Method] = []
     skipped: list[str] = []
 
-    def add(label: str, make) -> None:  # type: ignore[no-untyped-def]
+    # not Callable[[], Method]: mypy rejects the lambdas' defaulted loop-variable argument
+    def add(label: str, make: Callable[..., Method]) -> None:
         try:
             methods.append(make())
         except (ValueError, RuntimeError) as e:

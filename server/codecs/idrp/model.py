@@ -110,12 +110,12 @@ class IDRP(nn.Module):
         """
         model = cls(config)
         mean, components, variances = fit_pca(x.reshape(x.shape[0], -1))
-        rotation: PCARotation = model.layers[0]  # type: ignore[assignment]
+        rotation = cast(PCARotation, model.layers[0])
         rotation.mean.copy_(mean.float())
         rotation.rotation.copy_(components.float())
         if config.whiten:
             std = variances.sqrt()
-            scale: FixedScale = model.layers[1]  # type: ignore[assignment]
+            scale = cast(FixedScale, model.layers[1])
             scale.scale.copy_(std.clamp_min(float(std.max()) * min_std_ratio).float())
         return model
 
@@ -131,7 +131,7 @@ class IDRP(nn.Module):
         """
         if not self.config.whiten:
             return None
-        scale: FixedScale = self.layers[1]  # type: ignore[assignment]
+        scale = cast(FixedScale, self.layers[1])
         return scale.scale[: self.code_dim].detach()
 
     def flow(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
