@@ -1,5 +1,5 @@
 """Server interceptors: metrics around every unary RPC, readiness, domain errors ->
-status codes.
+status codes (streaming RPCs too: ``apcm.v1.ClusterService`` moves banks as streams).
 
 Domain code raises ``apcm.server.errors.ApcmError`` subclasses; this is the one
 place that turns them into gRPC statuses. Anything else is a server bug: it is
@@ -8,9 +8,10 @@ logged with its traceback and the client gets ``INTERNAL`` with a generic messag
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import grpc
@@ -36,6 +37,35 @@ def _wrap_unary(
         return handler
     return grpc.unary_unary_rpc_method_handler(
         wrap(handler.unary_unary),
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+# (request streams, response streams) -> the handler's behaviour attribute, its factory
+_KINDS = {
+    (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
+    (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler),
+    (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler),
+    (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler),
+}
+
+
+def _wrap_any(
+    handler: grpc.RpcMethodHandler | None, wrap: Callable[[Behavior], Behavior],
+    wrap_streaming: Callable[[Behavior], Behavior],
+) -> grpc.RpcMethodHandler | None:
+    """``handler`` of any kind with its behaviour wrapped: by ``wrap`` when it answers
+    one message, by ``wrap_streaming`` when it returns an iterator of them."""
+    if handler is None:
+        return None
+    streams = bool(handler.request_streaming), bool(handler.response_streaming)
+    attribute, factory = _KINDS[streams]
+    behavior = getattr(handler, attribute)
+    if behavior is None or getattr(behavior, "experimental_non_blocking", False):
+        return handler  # a callback-style stream (grpc health's Watch) has no iterator to wrap
+    return factory(
+        (wrap_streaming if streams[1] else wrap)(behavior),
         request_deserializer=handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )
@@ -119,6 +149,21 @@ def abort_with_error(context: grpc.ServicerContext, error: ApcmError) -> None:
     context.abort_with_status(grpc_status)
 
 
+@contextlib.contextmanager
+def _errors_mapped(context: grpc.ServicerContext, method: str) -> Iterator[None]:
+    try:
+        yield
+    except ApcmError as e:
+        abort_with_error(context, e)
+    except TensorFormatError as e:
+        abort_with_error(context, InvalidArgument(str(e)))
+    except Exception:
+        if context.code() not in (None, grpc.StatusCode.OK):
+            raise  # the handler aborted on purpose
+        log.exception("unhandled error in %s", method)
+        abort_with_error(context, ApcmError("internal server error; see the server log"))
+
+
 class ErrorInterceptor(grpc.ServerInterceptor):
     """Maps domain errors to their status codes and hides internal failures."""
 
@@ -127,27 +172,24 @@ class ErrorInterceptor(grpc.ServerInterceptor):
 
         def wrap(behavior: Behavior) -> Behavior:
             def mapped(request: Any, context: grpc.ServicerContext) -> Any:
-                try:
+                with _errors_mapped(context, method):
                     return behavior(request, context)
-                except ApcmError as e:
-                    abort_with_error(context, e)
-                except TensorFormatError as e:
-                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-                except Exception:
-                    if context.code() not in (None, grpc.StatusCode.OK):
-                        raise  # the handler aborted on purpose
-                    log.exception("unhandled error in %s", method)
-                    context.abort(
-                        grpc.StatusCode.INTERNAL, "internal server error; see the server log"
-                    )
 
             return mapped
 
-        return _wrap_unary(continuation(handler_call_details), wrap)
+        def wrap_streaming(behavior: Behavior) -> Behavior:
+            def mapped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                with _errors_mapped(context, method):
+                    yield from behavior(request, context)
+
+            return mapped
+
+        return _wrap_any(continuation(handler_call_details), wrap, wrap_streaming)
 
 
 # Methods that only look at the server answer while it starts, restores or stops.
-ALWAYS_ANSWERED = frozenset({"GetModelInfo", "ListBanks", "DescribeBank", "ListSnapshots"})
+ALWAYS_ANSWERED = frozenset({"GetModelInfo", "ListBanks", "DescribeBank", "ListSnapshots",
+                             "GetClusterInfo"})
 
 
 class ReadinessInterceptor(grpc.ServerInterceptor):
@@ -156,11 +198,12 @@ class ReadinessInterceptor(grpc.ServerInterceptor):
     Args:
         is_ready: tells whether the service serves now (recovered, warmed up, not
             restoring or stopping).
-        service_prefix: full name of the guarded service, e.g. "/apcm.v1.MemoryService/";
-            health and reflection are never guarded.
+        service_prefix: full name of the guarded service, e.g. "/apcm.v1.MemoryService/",
+            or a tuple of them; health and reflection are never guarded.
     """
 
-    def __init__(self, is_ready: Callable[[], bool], service_prefix: str) -> None:
+    def __init__(self, is_ready: Callable[[], bool],
+                 service_prefix: str | tuple[str, ...]) -> None:
         self.is_ready = is_ready
         self.prefix = service_prefix
 
@@ -180,7 +223,8 @@ class ReadinessInterceptor(grpc.ServerInterceptor):
 
             return guarded
 
-        return _wrap_unary(handler, wrap)
+        # a stream's iterator is made when the call starts: the same check suits it
+        return _wrap_any(handler, wrap, wrap)
 
 
 class Undecodable:
