@@ -29,7 +29,7 @@ class ClusterNode:
         self.service = service
         self.config = ClusterConfig.from_settings(settings)
         self.has_bank = has_bank_of(service.store)
-        self.gates = BankGates(self.has_bank, self._describe)
+        self.gates = BankGates(self.has_bank, self._describe, self.shard_id)
         self.peers: PeerChannels | None = None
         self.router: ClusterRouter | None = None
         if self.config is None:

@@ -33,6 +33,7 @@ from apcm.v1 import memory_pb2
 from apcm.wire.placement import bank_fields as wire_bank_fields
 
 from ..errors import NotFound
+from .errors import SHARD_HEADER
 from .gates import BankBusy, BankGates
 from .placement import ClusterConfig
 from .wire import string_field
@@ -40,9 +41,6 @@ from .wire import string_field
 log = logging.getLogger(__name__)
 
 FORWARDED_HEADER = "apcm-forwarded-by"
-# Set on every refusal the router itself makes: an UNAVAILABLE without it came from
-# the transport (the shard is down), one with it from a live shard (e.g. "moving").
-SHARD_HEADER = "apcm-shard"
 SERVICE = memory_pb2.DESCRIPTOR.services_by_name["MemoryService"]
 PREFIX = f"/{SERVICE.full_name}/"
 # Calls that leave a bank unchanged and may go on while it moves; any other

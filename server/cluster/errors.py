@@ -1,0 +1,22 @@
+"""The cluster's domain errors: refusals a live shard makes, mapped to statuses like
+any other ``ApcmError`` (``server.errors``)."""
+
+from __future__ import annotations
+
+from ..errors import Unavailable
+
+# Set on every refusal a shard itself makes: an UNAVAILABLE without it came from
+# the transport (the shard is down), one with it from a live shard (e.g. "moving").
+SHARD_HEADER = "apcm-shard"
+
+
+class ShardUnavailable(Unavailable):
+    """UNAVAILABLE from a live shard (``shard``: its id, sent in ``SHARD_HEADER``)."""
+
+    def __init__(self, message: str, *, shard: int) -> None:
+        super().__init__(message)
+        self.shard = shard
+
+    @property
+    def trailers(self) -> tuple[tuple[str, str], ...]:
+        return ((SHARD_HEADER, str(self.shard)),)
