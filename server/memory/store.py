@@ -506,6 +506,10 @@ class MemoryStore:
         """The bank called ``name`` (hold its ``lock`` to use it). Raises ``NotFound``."""
         return self._lookup(name)
 
+    def has(self, name: str) -> bool:
+        """Whether a bank called ``name`` is here now."""
+        return name in self._banks  # copy-on-write dict: no lock needed
+
     def describe(self, name: str) -> BankStats:
         with self._locked(name) as bank:
             return bank.stats()
