@@ -32,7 +32,6 @@ from google.protobuf.message import DecodeError
 from apcm.v1 import memory_pb2
 from apcm.wire.placement import bank_fields as wire_bank_fields
 
-from ..errors import NotFound
 from .errors import SHARD_HEADER
 from .gates import BankBusy, BankGates
 from .placement import ClusterConfig
@@ -319,13 +318,3 @@ class ClusterRouter(grpc.ServerInterceptor):
                                           self.cluster.pods),
             banks=self._merge_banks({s: a.banks for s, a in answers.items()}))
 
-
-def has_bank_of(store: Any) -> Callable[[str], bool]:
-    def has(name: str) -> bool:
-        try:
-            store.get(name)
-        except NotFound:
-            return False
-        return True
-
-    return has
