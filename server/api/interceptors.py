@@ -1,9 +1,10 @@
 """Server interceptors: metrics around every unary RPC, readiness, domain errors ->
 status codes (streaming RPCs too: ``apcm.v1.ClusterService`` moves banks as streams).
 
-Domain code raises ``apcm.server.errors.ApcmError`` subclasses; this is the one
-place that turns them into gRPC statuses. Anything else is a server bug: it is
-logged with its traceback and the client gets ``INTERNAL`` with a generic message.
+Domain code raises ``apcm.server.errors.ApcmError`` subclasses; ``ErrorInterceptor``
+turns them into gRPC statuses (by ``rpc.status.abort_with_error``). Anything else is a
+server bug: it is logged with its traceback and the client gets ``INTERNAL`` with a
+generic message.
 """
 
 from __future__ import annotations
@@ -12,18 +13,16 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple
+from typing import Any
 
 import grpc
-from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError
-from google.rpc import code_pb2, error_details_pb2, status_pb2
-from grpc_status import rpc_status
 
 from apcm.wire.tensors import TensorFormatError
 
 from ..errors import ApcmError, FailedPrecondition, InvalidArgument
 from ..metrics import Metrics
+from ..rpc.status import abort_with_error
 
 log = logging.getLogger(__name__)
 
@@ -113,40 +112,6 @@ class MetricsInterceptor(grpc.ServerInterceptor):
             return observed
 
         return _wrap_unary(continuation(handler_call_details), wrap)
-
-
-class _StatusFields(NamedTuple):
-    code: grpc.StatusCode
-    details: str
-    trailing_metadata: tuple[tuple[str, str | bytes], ...]
-
-
-class _StatusWithTrailers(_StatusFields, grpc.Status):
-    """A ``grpc.Status`` whose trailers add ours to the rich-error detail."""
-
-
-def abort_with_error(context: grpc.ServicerContext, error: ApcmError) -> None:
-    """Abort the RPC with the error's status; field errors carry a BadRequest detail,
-    limits a trailer naming the setting (``LIMIT_KEY``)."""
-    code = grpc.StatusCode[error.code]
-    trailers = error.trailers
-    if error.field is None:
-        if trailers:
-            context.set_trailing_metadata(trailers)
-        context.abort(code, error.message)
-    violation = error_details_pb2.BadRequest.FieldViolation(
-        field=error.field, description=error.message
-    )
-    detail = any_pb2.Any()
-    detail.Pack(error_details_pb2.BadRequest(field_violations=[violation]))
-    status = status_pb2.Status(
-        code=getattr(code_pb2, error.code), message=error.message, details=[detail]
-    )
-    grpc_status = rpc_status.to_status(status)
-    if trailers:  # abort_with_status replaces earlier trailers with the status's own
-        grpc_status = _StatusWithTrailers(grpc_status.code, grpc_status.details,
-                                          (*grpc_status.trailing_metadata, *trailers))
-    context.abort_with_status(grpc_status)
 
 
 @contextlib.contextmanager

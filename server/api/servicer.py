@@ -14,11 +14,8 @@ from apcm.wire.tensors import DTYPE_CODES, from_proto, to_proto
 
 from ..domain.service import ItemChecks, MemoryService, QueryHits, ReadParams
 from ..errors import InvalidArgument
+from ..rpc.convert import POLICY_TO_PROTO, bank_info
 
-POLICY_TO_PROTO = {
-    "lfu": memory_pb2.EVICTION_POLICY_LFU,
-    "lfu_decay": memory_pb2.EVICTION_POLICY_LFU_DECAY,
-}
 POLICY_FROM_PROTO: dict[int, str | None] = {v: k for k, v in POLICY_TO_PROTO.items()}
 POLICY_FROM_PROTO[memory_pb2.EVICTION_POLICY_UNSPECIFIED] = None  # the server's default
 MODE_FROM_PROTO: dict[int, str | None] = {
@@ -26,12 +23,6 @@ MODE_FROM_PROTO: dict[int, str | None] = {
     memory_pb2.RECALL_MODE_DENSE: "dense",
     memory_pb2.RECALL_MODE_HYBRID: "hybrid",
     memory_pb2.RECALL_MODE_LEXICAL: "lexical",
-}
-INDEX_STATE_TO_PROTO = {
-    "none": memory_pb2.INDEX_STATE_NONE,
-    "training": memory_pb2.INDEX_STATE_TRAINING,
-    "ready": memory_pb2.INDEX_STATE_READY,
-    "retraining": memory_pb2.INDEX_STATE_RETRAINING,
 }
 PER_ITEM_FROM_PROTO = {
     memory_pb2.WRITE_MODE_UNSPECIFIED: False,
@@ -46,35 +37,6 @@ def _from_enum(value: int, table: dict[int, Any], enum: Any, field: str) -> Any:
         valid = ", ".join(f"{enum.Name(v)} ({v})" for v in enum.values() if v in table)
         raise InvalidArgument(f"{field} {value} is not one of {valid}", field=field)
     return table[value]
-
-
-def bank_info(stats) -> memory_pb2.BankInfo:  # type: ignore[no-untyped-def]
-    return memory_pb2.BankInfo(
-        name=stats.name,
-        capacity=stats.capacity,
-        occupied=stats.occupied,
-        policy=POLICY_TO_PROTO[stats.policy],
-        half_life=stats.half_life,
-        code_dim=stats.code_dim,
-        code_dtype=DTYPE_CODES[stats.code_dtype],
-        evictions_total=stats.evictions_total,
-        writes_total=stats.writes_total,
-        reads_total=stats.reads_total,
-        counter_min=stats.counter_min,
-        counter_max=stats.counter_max,
-        counter_mean=stats.counter_mean,
-        memory_bytes=stats.memory_bytes,
-        payload_bytes=stats.payload_bytes,
-        index=_bank_index(stats.index),
-    )
-
-
-def _bank_index(ix) -> memory_pb2.BankIndex | None:  # type: ignore[no-untyped-def]
-    if ix is None:
-        return None
-    return memory_pb2.BankIndex(
-        state=INDEX_STATE_TO_PROTO[ix.state], lists=ix.lists, trained_at=ix.trained_at,
-        default_nprobe=ix.nprobe, indexed_slots=ix.slots, threshold=ix.threshold)
 
 
 def snapshot_info(info) -> memory_pb2.SnapshotInfo:  # type: ignore[no-untyped-def]

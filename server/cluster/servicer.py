@@ -1,7 +1,7 @@
 """``apcm.v1.ClusterService``: the shard map, and banks exported, imported and moved.
 
 Works on the server's ``MemoryService``; readiness and domain errors -> statuses are
-the interceptors' (``api.interceptors``), streaming handlers included.
+the server's interceptors' (``api.interceptors``), streaming handlers included.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import grpc
 
 from apcm.v1 import cluster_pb2
 
-from ..api.servicer import bank_info
+from ..domain.service import BankStats
 from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument
-from ..memory.bank import BankStats
+from ..rpc.convert import bank_info
 from .placement import PLACEMENT
 from .router import forward_metadata, remaining_timeout
 from .transfer import ChunkReader, decode_bank, encode_views, serialized_chunks
