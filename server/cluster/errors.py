@@ -3,7 +3,7 @@ any other ``ApcmError`` (``server.errors``)."""
 
 from __future__ import annotations
 
-from ..errors import Unavailable
+from ..errors import ApcmError, Unavailable
 
 # Set on every refusal a shard itself makes: an UNAVAILABLE without it came from
 # the transport (the shard is down), one with it from a live shard (e.g. "moving").
@@ -20,3 +20,18 @@ class ShardUnavailable(Unavailable):
     @property
     def trailers(self) -> tuple[tuple[str, str], ...]:
         return ((SHARD_HEADER, str(self.shard)),)
+
+
+class PeerError(ApcmError):
+    """Another shard's refusal, passed on as it came: its status code (``code``, a
+    ``grpc.StatusCode`` name), message and trailers (a rich-error detail included)."""
+
+    def __init__(self, code: str, message: str,
+                 trailers: tuple[tuple[str, str | bytes], ...]) -> None:
+        super().__init__(message)
+        self.code = code
+        self._trailers = trailers
+
+    @property
+    def trailers(self) -> tuple[tuple[str, str | bytes], ...]:
+        return self._trailers

@@ -138,8 +138,7 @@ class ClusterServicer:
                     timeout=remaining_timeout(context, MOVE_TIMEOUT_S),
                     metadata=forward_metadata(context, c.shard_id))
             except grpc.RpcError as e:
-                node.router._relay(owner, e, context, prefix=f"{c.describe(owner)}: ")
-                raise  # unreachable
+                raise node.router.peer_error(owner, e, prefix=f"{c.describe(owner)}: ") from e
             sent = time.perf_counter()
             # the owner holds it durably: only now does it go from here, once no call
             # is using it (later ones hear "moved, retry" and reach the owner)
