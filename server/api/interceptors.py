@@ -27,6 +27,7 @@ from ..rpc.status import abort_with_error
 log = logging.getLogger(__name__)
 
 Behavior = Callable[[Any, grpc.ServicerContext], Any]
+Continuation = Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None]
 
 
 def _wrap_unary(
@@ -87,7 +88,9 @@ class MetricsInterceptor(grpc.ServerInterceptor):
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
 
-    def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+    def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
         method = method_name(handler_call_details)
         m = self.metrics
 
@@ -132,7 +135,9 @@ def _errors_mapped(context: grpc.ServicerContext, method: str) -> Iterator[None]
 class ErrorInterceptor(grpc.ServerInterceptor):
     """Maps domain errors to their status codes and hides internal failures."""
 
-    def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+    def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
         method = handler_call_details.method
 
         def wrap(behavior: Behavior) -> Behavior:
@@ -172,7 +177,9 @@ class ReadinessInterceptor(grpc.ServerInterceptor):
         self.is_ready = is_ready
         self.prefix = service_prefix
 
-    def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+    def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
         handler = continuation(handler_call_details)
         full = handler_call_details.method
         if not full.startswith(self.prefix) or method_name(handler_call_details) in \
@@ -229,7 +236,9 @@ class DecodeErrorInterceptor(grpc.ServerInterceptor):
     ``InvalidArgument`` is mapped to a status like any other domain error.
     """
 
-    def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+    def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
         handler = continuation(handler_call_details)
         if handler is None or handler.unary_unary is None or handler.request_deserializer is None:
             return handler

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import grpc
 
 from ..config import Settings
+from ..domain.service import MemoryService
 from .gates import BankGates
 from .placement import ClusterConfig
 from .router import ClusterRouter, PeerChannels
@@ -24,7 +24,7 @@ class ClusterNode:
         ValueError: contradictory cluster settings.
     """
 
-    def __init__(self, settings: Settings, service: Any) -> None:
+    def __init__(self, settings: Settings, service: MemoryService) -> None:
         self.settings = settings
         self.service = service
         self.config = ClusterConfig.from_settings(settings)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -22,6 +22,9 @@ from .placement import PLACEMENT
 from .router import forward_metadata, remaining_timeout
 from .transfer import ChunkReader, decode_bank, encode_views, serialized_chunks
 
+if TYPE_CHECKING:  # node.py imports this module
+    from .node import ClusterNode
+
 SERVICE_NAME = cluster_pb2.DESCRIPTOR.services_by_name["ClusterService"].full_name
 IMPORT_METHOD = f"/{SERVICE_NAME}/ImportBank"
 
@@ -33,11 +36,13 @@ DRAIN_TIMEOUT_S = 30.0  # how long a move waits for a bank's writes in flight
 class ClusterServicer:
     """Implements ``apcm.v1.ClusterService`` for one server (``node``: its ``ClusterNode``)."""
 
-    def __init__(self, node: Any) -> None:
+    def __init__(self, node: ClusterNode) -> None:
         self.node = node
         self.service = node.service
 
-    def GetClusterInfo(self, request, context):  # noqa: N802
+    def GetClusterInfo(  # noqa: N802
+        self, request: cluster_pb2.GetClusterInfoRequest, context: grpc.ServicerContext
+    ) -> cluster_pb2.ClusterInfo:
         c = self.node.config
         if c is None:
             return cluster_pb2.ClusterInfo(shard_id=0, shard_count=1, placement=PLACEMENT)
@@ -50,12 +55,16 @@ class ClusterServicer:
         the buffers have been sent, so they may be views of its own tensors."""
         return encode_views(*self.service.export_bank(name, frozen=frozen))
 
-    def ExportBank(self, request, context) -> Iterator[bytes]:  # noqa: N802
+    def ExportBank(  # noqa: N802
+        self, request: cluster_pb2.ExportBankRequest, context: grpc.ServicerContext
+    ) -> Iterator[bytes]:
         """Yields serialized ``BankChunk`` messages (registered without a serializer)."""
         views = self._views(request.name)
         yield from serialized_chunks(request.name, views)
 
-    def ImportBank(self, request_iterator, context):  # noqa: N802
+    def ImportBank(  # noqa: N802
+        self, request_iterator: Iterable[bytes], context: grpc.ServicerContext
+    ) -> cluster_pb2.ImportBankResponse:
         """Takes serialized ``BankChunk`` messages (registered without a deserializer)."""
         reader = ChunkReader()
         incoming = None
@@ -107,10 +116,12 @@ class ClusterServicer:
         gates.moved_to.pop(name, None)
         return stats
 
-    def MoveBank(self, request, context):  # noqa: N802
+    def MoveBank(  # noqa: N802
+        self, request: cluster_pb2.MoveBankRequest, context: grpc.ServicerContext
+    ) -> cluster_pb2.MoveBankResponse:
         node = self.node
-        c = node.config
-        if c is None:
+        c, router, peers = node.config, node.router, node.peers
+        if c is None or router is None or peers is None:  # the three come with peers
             raise FailedPrecondition("this server is not part of a cluster (no peers)")
         name = request.name
         self.service.require_bank(name)
@@ -129,7 +140,7 @@ class ClusterServicer:
         try:
             views = self._views(name, frozen=True)  # paused until dropped or resumed
             size = sum(len(v) for v in views)
-            send = node.peers.channel(owner).stream_unary(
+            send = peers.channel(owner).stream_unary(
                 IMPORT_METHOD, request_serializer=None,
                 response_deserializer=cluster_pb2.ImportBankResponse.FromString)
             try:
@@ -138,7 +149,7 @@ class ClusterServicer:
                     timeout=remaining_timeout(context, MOVE_TIMEOUT_S),
                     metadata=forward_metadata(context, c.shard_id))
             except grpc.RpcError as e:
-                raise node.router.peer_error(owner, e, prefix=f"{c.describe(owner)}: ") from e
+                raise router.peer_error(owner, e, prefix=f"{c.describe(owner)}: ") from e
             sent = time.perf_counter()
             # the owner holds it durably: only now does it go from here, once no call
             # is using it (later ones hear "moved, retry" and reach the owner)
