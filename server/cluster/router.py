@@ -327,4 +327,3 @@ class ClusterRouter(grpc.ServerInterceptor):
             snapshot=self._merge_snapshot([a.snapshot for a in answers.values()],
                                           self.cluster.pods),
             banks=self._merge_banks({s: a.banks for s, a in answers.items()}))
-
