@@ -2,6 +2,8 @@
 
 - ``api``: the gRPC edge (servicer, interceptors, auth, TLS, server lifecycle).
   Translates proto <-> domain objects and maps domain errors to status codes.
+- ``rpc``: what ``api`` and ``cluster`` share (the one errors -> status mapping,
+  the domain -> proto conversions both send), so neither imports the other.
 - ``domain``: ``MemoryService``, the one place requests are validated, pooled,
   batched, placed on the device and bounded; ``Engine`` runs the codec.
 - ``memory``: banks, the store of banks, eviction policies, names.
@@ -9,7 +11,7 @@
 - ``codecs``: the served codecs and their file format (never imports grpc).
 - ``embedding``: the text embedder a text model is bound to (loaded lazily).
 - ``cluster``: sharding at the gRPC edge (placement, forwarding, bank moves);
-  beside ``api``, imported only by ``api.app``.
+  beside ``api`` (above ``rpc``), imported only by ``api.app``.
 
 Shared by every layer: ``config``, ``errors``, ``metrics``, ``fsutil``.
 """

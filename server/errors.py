@@ -20,7 +20,7 @@ class ApcmError(Exception):
         self.field = field
 
     @property
-    def trailers(self) -> tuple[tuple[str, str], ...]:
+    def trailers(self) -> tuple[tuple[str, str | bytes], ...]:
         """Trailing metadata the client gets with the status (none by default)."""
         return ()
 

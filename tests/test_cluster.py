@@ -544,3 +544,24 @@ def test_the_shard_map_needs_only_a_read_key_and_moves_a_read_write_key(make_ser
             cluster.MoveBank(cluster_pb2.MoveBankRequest(name="default"), timeout=10,
                              metadata=read)
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_cluster_calls_wait_for_readiness_but_the_shard_map_does_not(make_server) -> None:  # type: ignore[no-untyped-def]
+    server = make_server()
+    server.service.stop_serving()
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        cluster = cluster_pb2_grpc.ClusterServiceStub(ch)
+        assert cluster.GetClusterInfo(cluster_pb2.GetClusterInfoRequest(),
+                                      timeout=10).shard_count == 1
+        calls = {
+            "MoveBank": lambda: cluster.MoveBank(cluster_pb2.MoveBankRequest(name="default"),
+                                                 timeout=10),
+            "ExportBank": lambda: list(cluster.ExportBank(
+                cluster_pb2.ExportBankRequest(name="default"), timeout=10)),
+            "ImportBank": lambda: cluster.ImportBank(chunks("default", b"x"), timeout=10),
+        }
+        for name, call in calls.items():
+            with pytest.raises(grpc.RpcError) as err:
+                call()
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION, name
+            assert "not ready" in (err.value.details() or ""), name

@@ -170,7 +170,8 @@ def build_server(
     interceptors: list[Any] = [
         *cluster.interceptors,  # outermost: forwards before anything decodes
         MetricsInterceptor(metrics), *([auth] if auth else []), ErrorInterceptor(),
-        ReadinessInterceptor(lambda: service.ready, f"/{SERVICE_NAME}/"),
+        ReadinessInterceptor(lambda: service.ready,
+                             (f"/{SERVICE_NAME}/", f"/{CLUSTER_SERVICE_NAME}/")),
         DecodeErrorInterceptor(),  # innermost: its deserializer is the one grpc calls
     ]
     options = [

@@ -25,6 +25,8 @@ from typing import Any
 import grpc
 
 from ..config import Settings
+from ..errors import ApcmError, PermissionDenied, Unauthenticated
+from ..rpc.status import abort_with_error
 
 log = logging.getLogger(__name__)
 
@@ -171,13 +173,11 @@ def bearer_token(metadata: Iterable[tuple[str, Any]] | None) -> str | None:
     return None
 
 
-def _abort_handler(
-    handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str
-) -> grpc.RpcMethodHandler:
+def _abort_handler(handler: grpc.RpcMethodHandler, error: ApcmError) -> grpc.RpcMethodHandler:
     """A handler of the same streaming kind as ``handler`` that only aborts."""
 
     def abort(request: Any, context: grpc.ServicerContext) -> Any:
-        context.abort(code, message)
+        abort_with_error(context, error)
 
     kwargs = {
         "request_deserializer": handler.request_deserializer,
@@ -221,28 +221,22 @@ class ApiKeyInterceptor(grpc.ServerInterceptor):
         if denial is None or handler is None:
             # An unknown method stays UNIMPLEMENTED, as grpc reports it.
             return handler
-        code, message = denial
-        self._log.rejected(method, message)
-        return _abort_handler(handler, code, message)
+        self._log.rejected(method, denial.message)
+        # it answers before ErrorInterceptor sees the call, so it aborts itself
+        return _abort_handler(handler, denial)
 
     def _denial(
         self, method: str, metadata: Iterable[tuple[str, Any]] | None
-    ) -> tuple[grpc.StatusCode, str] | None:
+    ) -> ApcmError | None:
         token = bearer_token(metadata)
         if token is None:
-            return (
-                grpc.StatusCode.UNAUTHENTICATED,
-                "missing API key: send metadata 'authorization: Bearer <key>'",
-            )
+            return Unauthenticated("missing API key: send metadata 'authorization: Bearer <key>'")
         role = self._keys.role_of(token)
         if role is None:
-            return grpc.StatusCode.UNAUTHENTICATED, "invalid API key"
+            return Unauthenticated("invalid API key")
         if role is Role.READ_ONLY and method not in READ_ONLY_METHODS:
             rpc = method.rsplit("/", 1)[-1]
-            return (
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"{rpc} needs a read-write API key; this key is read-only",
-            )
+            return PermissionDenied(f"{rpc} needs a read-write API key; this key is read-only")
         return None
 
 

@@ -1,32 +1,33 @@
 """Server interceptors: metrics around every unary RPC, readiness, domain errors ->
-status codes.
+status codes (streaming RPCs too: ``apcm.v1.ClusterService`` moves banks as streams).
 
-Domain code raises ``apcm.server.errors.ApcmError`` subclasses; this is the one
-place that turns them into gRPC statuses. Anything else is a server bug: it is
-logged with its traceback and the client gets ``INTERNAL`` with a generic message.
+Domain code raises ``apcm.server.errors.ApcmError`` subclasses; ``ErrorInterceptor``
+turns them into gRPC statuses (by ``rpc.status.abort_with_error``). Anything else is a
+server bug: it is logged with its traceback and the client gets ``INTERNAL`` with a
+generic message.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import grpc
-from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError
-from google.rpc import code_pb2, error_details_pb2, status_pb2
-from grpc_status import rpc_status
 
 from apcm.wire.tensors import TensorFormatError
 
 from ..errors import ApcmError, FailedPrecondition, InvalidArgument
 from ..metrics import Metrics
+from ..rpc.status import abort_with_error
 
 log = logging.getLogger(__name__)
 
 Behavior = Callable[[Any, grpc.ServicerContext], Any]
+Continuation = Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None]
 
 
 def _wrap_unary(
@@ -36,6 +37,35 @@ def _wrap_unary(
         return handler
     return grpc.unary_unary_rpc_method_handler(
         wrap(handler.unary_unary),
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+# (request streams, response streams) -> the handler's behaviour attribute, its factory
+_KINDS = {
+    (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
+    (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler),
+    (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler),
+    (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler),
+}
+
+
+def _wrap_any(
+    handler: grpc.RpcMethodHandler | None, wrap: Callable[[Behavior], Behavior],
+    wrap_streaming: Callable[[Behavior], Behavior],
+) -> grpc.RpcMethodHandler | None:
+    """``handler`` of any kind with its behaviour wrapped: by ``wrap`` when it answers
+    one message, by ``wrap_streaming`` when it returns an iterator of them."""
+    if handler is None:
+        return None
+    streams = bool(handler.request_streaming), bool(handler.response_streaming)
+    attribute, factory = _KINDS[streams]
+    behavior = getattr(handler, attribute)
+    if behavior is None or getattr(behavior, "experimental_non_blocking", False):
+        return handler  # a callback-style stream (grpc health's Watch) has no iterator to wrap
+    return factory(
+        (wrap_streaming if streams[1] else wrap)(behavior),
         request_deserializer=handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )
@@ -58,7 +88,9 @@ class MetricsInterceptor(grpc.ServerInterceptor):
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
 
-    def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+    def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
         method = method_name(handler_call_details)
         m = self.metrics
 
@@ -85,69 +117,49 @@ class MetricsInterceptor(grpc.ServerInterceptor):
         return _wrap_unary(continuation(handler_call_details), wrap)
 
 
-class _StatusFields(NamedTuple):
-    code: grpc.StatusCode
-    details: str
-    trailing_metadata: tuple[tuple[str, str | bytes], ...]
-
-
-class _StatusWithTrailers(_StatusFields, grpc.Status):
-    """A ``grpc.Status`` whose trailers add ours to the rich-error detail."""
-
-
-def abort_with_error(context: grpc.ServicerContext, error: ApcmError) -> None:
-    """Abort the RPC with the error's status; field errors carry a BadRequest detail,
-    limits a trailer naming the setting (``LIMIT_KEY``)."""
-    code = grpc.StatusCode[error.code]
-    trailers = error.trailers
-    if error.field is None:
-        if trailers:
-            context.set_trailing_metadata(trailers)
-        context.abort(code, error.message)
-    violation = error_details_pb2.BadRequest.FieldViolation(
-        field=error.field, description=error.message
-    )
-    detail = any_pb2.Any()
-    detail.Pack(error_details_pb2.BadRequest(field_violations=[violation]))
-    status = status_pb2.Status(
-        code=getattr(code_pb2, error.code), message=error.message, details=[detail]
-    )
-    grpc_status = rpc_status.to_status(status)
-    if trailers:  # abort_with_status replaces earlier trailers with the status's own
-        grpc_status = _StatusWithTrailers(grpc_status.code, grpc_status.details,
-                                          (*grpc_status.trailing_metadata, *trailers))
-    context.abort_with_status(grpc_status)
+@contextlib.contextmanager
+def _errors_mapped(context: grpc.ServicerContext, method: str) -> Iterator[None]:
+    try:
+        yield
+    except ApcmError as e:
+        abort_with_error(context, e)
+    except TensorFormatError as e:
+        abort_with_error(context, InvalidArgument(str(e)))
+    except Exception:
+        if context.code() not in (None, grpc.StatusCode.OK):
+            raise  # the handler aborted on purpose
+        log.exception("unhandled error in %s", method)
+        abort_with_error(context, ApcmError("internal server error; see the server log"))
 
 
 class ErrorInterceptor(grpc.ServerInterceptor):
     """Maps domain errors to their status codes and hides internal failures."""
 
-    def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+    def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
         method = handler_call_details.method
 
         def wrap(behavior: Behavior) -> Behavior:
             def mapped(request: Any, context: grpc.ServicerContext) -> Any:
-                try:
+                with _errors_mapped(context, method):
                     return behavior(request, context)
-                except ApcmError as e:
-                    abort_with_error(context, e)
-                except TensorFormatError as e:
-                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-                except Exception:
-                    if context.code() not in (None, grpc.StatusCode.OK):
-                        raise  # the handler aborted on purpose
-                    log.exception("unhandled error in %s", method)
-                    context.abort(
-                        grpc.StatusCode.INTERNAL, "internal server error; see the server log"
-                    )
 
             return mapped
 
-        return _wrap_unary(continuation(handler_call_details), wrap)
+        def wrap_streaming(behavior: Behavior) -> Behavior:
+            def mapped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                with _errors_mapped(context, method):
+                    yield from behavior(request, context)
+
+            return mapped
+
+        return _wrap_any(continuation(handler_call_details), wrap, wrap_streaming)
 
 
 # Methods that only look at the server answer while it starts, restores or stops.
-ALWAYS_ANSWERED = frozenset({"GetModelInfo", "ListBanks", "DescribeBank", "ListSnapshots"})
+ALWAYS_ANSWERED = frozenset({"GetModelInfo", "ListBanks", "DescribeBank", "ListSnapshots",
+                             "GetClusterInfo"})
 
 
 class ReadinessInterceptor(grpc.ServerInterceptor):
@@ -156,15 +168,18 @@ class ReadinessInterceptor(grpc.ServerInterceptor):
     Args:
         is_ready: tells whether the service serves now (recovered, warmed up, not
             restoring or stopping).
-        service_prefix: full name of the guarded service, e.g. "/apcm.v1.MemoryService/";
-            health and reflection are never guarded.
+        service_prefix: full name of the guarded service, e.g. "/apcm.v1.MemoryService/",
+            or a tuple of them; health and reflection are never guarded.
     """
 
-    def __init__(self, is_ready: Callable[[], bool], service_prefix: str) -> None:
+    def __init__(self, is_ready: Callable[[], bool],
+                 service_prefix: str | tuple[str, ...]) -> None:
         self.is_ready = is_ready
         self.prefix = service_prefix
 
-    def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+    def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
         handler = continuation(handler_call_details)
         full = handler_call_details.method
         if not full.startswith(self.prefix) or method_name(handler_call_details) in \
@@ -180,7 +195,8 @@ class ReadinessInterceptor(grpc.ServerInterceptor):
 
             return guarded
 
-        return _wrap_unary(handler, wrap)
+        # a stream's iterator is made when the call starts: the same check suits it
+        return _wrap_any(handler, wrap, wrap)
 
 
 class Undecodable:
@@ -220,7 +236,9 @@ class DecodeErrorInterceptor(grpc.ServerInterceptor):
     ``InvalidArgument`` is mapped to a status like any other domain error.
     """
 
-    def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+    def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
         handler = continuation(handler_call_details)
         if handler is None or handler.unary_unary is None or handler.request_deserializer is None:
             return handler

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import grpc
+
 from apcm.v1 import memory_pb2, memory_pb2_grpc
 from apcm.wire.tensors import DTYPE_CODES, from_proto, to_proto
 
 from ..domain.service import ItemChecks, MemoryService, QueryHits, ReadParams
 from ..errors import InvalidArgument
+from ..rpc.convert import POLICY_TO_PROTO, bank_info
 
-POLICY_TO_PROTO = {
-    "lfu": memory_pb2.EVICTION_POLICY_LFU,
-    "lfu_decay": memory_pb2.EVICTION_POLICY_LFU_DECAY,
-}
 POLICY_FROM_PROTO: dict[int, str | None] = {v: k for k, v in POLICY_TO_PROTO.items()}
 POLICY_FROM_PROTO[memory_pb2.EVICTION_POLICY_UNSPECIFIED] = None  # the server's default
 MODE_FROM_PROTO: dict[int, str | None] = {
@@ -27,13 +26,7 @@ MODE_FROM_PROTO: dict[int, str | None] = {
     memory_pb2.RECALL_MODE_HYBRID: "hybrid",
     memory_pb2.RECALL_MODE_LEXICAL: "lexical",
 }
-INDEX_STATE_TO_PROTO = {
-    "none": memory_pb2.INDEX_STATE_NONE,
-    "training": memory_pb2.INDEX_STATE_TRAINING,
-    "ready": memory_pb2.INDEX_STATE_READY,
-    "retraining": memory_pb2.INDEX_STATE_RETRAINING,
-}
-PER_ITEM_FROM_PROTO = {
+PER_ITEM_FROM_PROTO: dict[int, bool] = {
     memory_pb2.WRITE_MODE_UNSPECIFIED: False,
     memory_pb2.WRITE_MODE_MEAN: False,
     memory_pb2.WRITE_MODE_PER_ITEM: True,
@@ -48,36 +41,7 @@ def _from_enum(value: int, table: dict[int, Any], enum: Any, field: str) -> Any:
     return table[value]
 
 
-def bank_info(stats) -> memory_pb2.BankInfo:  # type: ignore[no-untyped-def]
-    return memory_pb2.BankInfo(
-        name=stats.name,
-        capacity=stats.capacity,
-        occupied=stats.occupied,
-        policy=POLICY_TO_PROTO[stats.policy],
-        half_life=stats.half_life,
-        code_dim=stats.code_dim,
-        code_dtype=DTYPE_CODES[stats.code_dtype],
-        evictions_total=stats.evictions_total,
-        writes_total=stats.writes_total,
-        reads_total=stats.reads_total,
-        counter_min=stats.counter_min,
-        counter_max=stats.counter_max,
-        counter_mean=stats.counter_mean,
-        memory_bytes=stats.memory_bytes,
-        payload_bytes=stats.payload_bytes,
-        index=_bank_index(stats.index),
-    )
-
-
-def _bank_index(ix) -> memory_pb2.BankIndex | None:  # type: ignore[no-untyped-def]
-    if ix is None:
-        return None
-    return memory_pb2.BankIndex(
-        state=INDEX_STATE_TO_PROTO[ix.state], lists=ix.lists, trained_at=ix.trained_at,
-        default_nprobe=ix.nprobe, indexed_slots=ix.slots, threshold=ix.threshold)
-
-
-def snapshot_info(info) -> memory_pb2.SnapshotInfo:  # type: ignore[no-untyped-def]
+def snapshot_info(info: Any) -> memory_pb2.SnapshotInfo:
     return memory_pb2.SnapshotInfo(
         name=info.name,
         created_at=info.created_at,
@@ -96,7 +60,9 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         self.service = service
 
     # -- model -----------------------------------------------------------------------
-    def GetModelInfo(self, request, context):  # noqa: N802
+    def GetModelInfo(  # noqa: N802
+        self, request: memory_pb2.GetModelInfoRequest, context: grpc.ServicerContext
+    ) -> memory_pb2.ModelInfo:
         info = self.service.model_info()
         return memory_pb2.ModelInfo(
             name=info.name,
@@ -120,23 +86,30 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
             max_banks=info.max_banks,
         )
 
-    def Compress(self, request, context):  # noqa: N802
+    def Compress(  # noqa: N802
+        self, request: memory_pb2.CompressRequest, context: grpc.ServicerContext
+    ) -> memory_pb2.CompressResponse:
         codes, checks = self.service.compress_checked(from_proto(request.inputs))
         return memory_pb2.CompressResponse(codes=to_proto(codes), checks=_checks(checks))
 
-    def Decompress(self, request, context):  # noqa: N802
+    def Decompress(  # noqa: N802
+        self, request: memory_pb2.DecompressRequest, context: grpc.ServicerContext
+    ) -> memory_pb2.DecompressResponse:
         outputs = self.service.decompress(from_proto(request.codes))
         return memory_pb2.DecompressResponse(outputs=to_proto(outputs))
 
     # -- write / read ------------------------------------------------------------------
     @staticmethod
-    def _content(request, oneof: str) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    def _content(request: memory_pb2.WriteRequest | memory_pb2.ReadRequest,
+                 oneof: str) -> dict[str, Any]:
         which = request.WhichOneof(oneof)
         if which == "texts":
             return {"texts": list(request.texts.texts)}
         return {which: from_proto(getattr(request, which))} if which else {}
 
-    def Write(self, request, context):  # noqa: N802
+    def Write(  # noqa: N802
+        self, request: memory_pb2.WriteRequest, context: grpc.ServicerContext
+    ) -> memory_pb2.WriteResponse:
         texts = request.WhichOneof("content") == "texts"
         # texts default to one memory each: the mean of unrelated sentences means nothing
         per_item = _from_enum(request.mode, PER_ITEM_FROM_PROTO, memory_pb2.WriteMode, "mode") \
@@ -154,7 +127,9 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
             for w in written
         ], checks=_checks(written.checks))
 
-    def Read(self, request, context):  # noqa: N802
+    def Read(  # noqa: N802
+        self, request: memory_pb2.ReadRequest, context: grpc.ServicerContext
+    ) -> memory_pb2.ReadResponse:
         params = ReadParams(
             top_k=request.top_k if request.HasField("top_k") else 1,
             temperature=request.temperature if request.HasField("temperature") else 1.0,
@@ -174,7 +149,9 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         return memory_pb2.ReadResponse(results=[_query_result(r) for r in results])
 
     # -- banks -----------------------------------------------------------------------
-    def CreateBank(self, request, context):  # noqa: N802
+    def CreateBank(  # noqa: N802
+        self, request: memory_pb2.CreateBankRequest, context: grpc.ServicerContext
+    ) -> memory_pb2.BankInfo:
         stats = self.service.create_bank(
             request.name, request.capacity,
             policy=_from_enum(request.policy, POLICY_FROM_PROTO, memory_pb2.EvictionPolicy,
@@ -183,33 +160,49 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         )
         return bank_info(stats)
 
-    def ListBanks(self, request, context):  # noqa: N802
+    def ListBanks(  # noqa: N802
+        self, request: memory_pb2.ListBanksRequest, context: grpc.ServicerContext
+    ) -> memory_pb2.ListBanksResponse:
         return memory_pb2.ListBanksResponse(
             banks=[bank_info(s) for s in self.service.list_banks()])
 
-    def DescribeBank(self, request, context):  # noqa: N802
+    def DescribeBank(  # noqa: N802
+        self, request: memory_pb2.DescribeBankRequest, context: grpc.ServicerContext
+    ) -> memory_pb2.BankInfo:
         return bank_info(self.service.describe_bank(request.name))
 
-    def DeleteSlots(self, request, context):  # noqa: N802
+    def DeleteSlots(  # noqa: N802
+        self, request: memory_pb2.DeleteSlotsRequest, context: grpc.ServicerContext
+    ) -> memory_pb2.DeleteSlotsResponse:
         deleted, missing = self.service.delete_slots(request.bank, request.slots, request.keys)
         return memory_pb2.DeleteSlotsResponse(deleted=deleted, missing_keys=missing)
 
-    def ClearBank(self, request, context):  # noqa: N802
+    def ClearBank(  # noqa: N802
+        self, request: memory_pb2.ClearBankRequest, context: grpc.ServicerContext
+    ) -> memory_pb2.BankInfo:
         return bank_info(self.service.clear_bank(request.name))
 
-    def DropBank(self, request, context):  # noqa: N802
+    def DropBank(  # noqa: N802
+        self, request: memory_pb2.DropBankRequest, context: grpc.ServicerContext
+    ) -> memory_pb2.DropBankResponse:
         self.service.drop_bank(request.name)
         return memory_pb2.DropBankResponse()
 
     # -- snapshots ---------------------------------------------------------------------
-    def CreateSnapshot(self, request, context):  # noqa: N802
+    def CreateSnapshot(  # noqa: N802
+        self, request: memory_pb2.CreateSnapshotRequest, context: grpc.ServicerContext
+    ) -> memory_pb2.SnapshotInfo:
         return snapshot_info(self.service.create_snapshot(request.name or None))
 
-    def ListSnapshots(self, request, context):  # noqa: N802
+    def ListSnapshots(  # noqa: N802
+        self, request: memory_pb2.ListSnapshotsRequest, context: grpc.ServicerContext
+    ) -> memory_pb2.ListSnapshotsResponse:
         return memory_pb2.ListSnapshotsResponse(
             snapshots=[snapshot_info(i) for i in self.service.list_snapshots()])
 
-    def RestoreSnapshot(self, request, context):  # noqa: N802
+    def RestoreSnapshot(  # noqa: N802
+        self, request: memory_pb2.RestoreSnapshotRequest, context: grpc.ServicerContext
+    ) -> memory_pb2.RestoreSnapshotResponse:
         info = self.service.restore_snapshot(request.name)
         return memory_pb2.RestoreSnapshotResponse(
             snapshot=snapshot_info(info),

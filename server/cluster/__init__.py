@@ -9,6 +9,7 @@
   export / import / move).
 - ``rebalance``: ``apcm cluster rebalance``, moving every misplaced bank.
 
-Sits beside ``api`` (imports ``api``, ``domain``, ``memory``; nothing imports it
-but ``api.app``). Membership comes from Kubernetes: no gossip, no consensus.
+Sits beside ``api`` (imports ``rpc``, ``domain`` and ``persistence.bankfile``, never
+``api``; nothing imports it but ``api.app``). Membership comes from Kubernetes: no
+gossip, no consensus.
 """

@@ -14,8 +14,10 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
+from .errors import ShardUnavailable
 
-class BankBusy(Exception):
+
+class BankBusy(ShardUnavailable):
     """The bank is moving, being imported or moved away; retry (UNAVAILABLE)."""
 
 
@@ -23,12 +25,15 @@ class BankGates:
     """Args:
         has_bank: whether this server holds a bank now.
         describe_shard: how messages name a shard.
+        shard_id: this server's shard, named by the ``BankBusy`` it raises.
     """
 
     def __init__(self, has_bank: Callable[[str], bool],
-                 describe_shard: Callable[[int], str] = lambda s: f"shard {s}") -> None:
+                 describe_shard: Callable[[int], str] = lambda s: f"shard {s}",
+                 shard_id: int = 0) -> None:
         self.has_bank = has_bank
         self.describe_shard = describe_shard
+        self.shard_id = shard_id
         self._cond = threading.Condition()
         self._active: dict[str, list[int]] = {}  # bank -> [mutations, all calls] in flight
         self._blocked: dict[str, tuple[bool, str]] = {}  # bank -> (reads blocked too, why)
@@ -40,10 +45,10 @@ class BankGates:
         with self._cond:
             blocked = self._blocked.get(bank)
             if blocked is not None and (mutating or blocked[0]):
-                raise BankBusy(blocked[1])
+                raise self._busy(blocked[1])
             if bank in self.moved_to and not self.has_bank(bank):
-                raise BankBusy(f"bank {bank!r} moved to "
-                               f"{self.describe_shard(self.moved_to[bank])}; retry")
+                raise self._busy(f"bank {bank!r} moved to "
+                                 f"{self.describe_shard(self.moved_to[bank])}; retry")
             counts = self._active.setdefault(bank, [0, 0])
             counts[0] += mutating
             counts[1] += 1
@@ -57,13 +62,16 @@ class BankGates:
                     del self._active[bank]
                 self._cond.notify_all()
 
+    def _busy(self, why: str) -> BankBusy:
+        return BankBusy(why, shard=self.shard_id)
+
     def _wait(self, bank: str, which: int, deadline: float, timeout_s: float) -> None:
         while self._active.get(bank, (0, 0))[which]:
             left = deadline - time.monotonic()
             if left <= 0:
                 del self._blocked[bank]
-                raise BankBusy(f"bank {bank!r}: calls in flight did not finish in "
-                               f"{timeout_s:g} s; try the move again")
+                raise self._busy(f"bank {bank!r}: calls in flight did not finish in "
+                                 f"{timeout_s:g} s; try the move again")
             self._cond.wait(left)
 
     def pause(self, bank: str, why: str, timeout_s: float) -> None:
@@ -75,7 +83,7 @@ class BankGates:
         """
         with self._cond:
             if bank in self._blocked:
-                raise BankBusy(self._blocked[bank][1])
+                raise self._busy(self._blocked[bank][1])
             self._blocked[bank] = (False, why)
             self._wait(bank, 0, time.monotonic() + timeout_s, timeout_s)
 
@@ -89,7 +97,7 @@ class BankGates:
         """Refuses every call on ``bank`` (it is being installed) until ``resume``."""
         with self._cond:
             if bank in self._blocked:
-                raise BankBusy(self._blocked[bank][1])
+                raise self._busy(self._blocked[bank][1])
             self._blocked[bank] = (True, why)
 
     def resume(self, bank: str) -> None:

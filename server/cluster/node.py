@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import grpc
 
 from ..config import Settings
+from ..domain.service import MemoryService
 from .gates import BankGates
 from .placement import ClusterConfig
-from .router import ClusterRouter, PeerChannels, has_bank_of
+from .router import ClusterRouter, PeerChannels
 from .servicer import SERVICE_NAME, ClusterServicer, add_to_server
 
 log = logging.getLogger(__name__)
@@ -24,12 +24,12 @@ class ClusterNode:
         ValueError: contradictory cluster settings.
     """
 
-    def __init__(self, settings: Settings, service: Any) -> None:
+    def __init__(self, settings: Settings, service: MemoryService) -> None:
         self.settings = settings
         self.service = service
         self.config = ClusterConfig.from_settings(settings)
-        self.has_bank = has_bank_of(service.store)
-        self.gates = BankGates(self.has_bank, self._describe)
+        self.has_bank = service.has_bank
+        self.gates = BankGates(self.has_bank, self._describe, self.shard_id)
         self.peers: PeerChannels | None = None
         self.router: ClusterRouter | None = None
         if self.config is None:
@@ -71,7 +71,7 @@ class ClusterNode:
         previous = c.previous_owner(name)
         if c.shard_id == previous or (c.shard_id == c.owner(name) and previous is None):
             return
-        stats = self.service.store.describe(name)
+        stats = self.service.describe_bank(name)
         if stats.occupied == 0 and stats.writes_total == 0:
             self.service.drop_bank(name)
 

@@ -14,6 +14,9 @@ cannot make calls loop.
 ListBanks and the snapshot RPCs go to every shard and their answers are merged.
 A shard that cannot be reached fails only the calls that need it, with
 UNAVAILABLE naming the shard (id and address).
+
+The router answers before ``ErrorInterceptor`` sees a call, so it raises domain
+errors (``cluster.errors``) and aborts with them itself (``_aborting``).
 """
 
 from __future__ import annotations
@@ -32,17 +35,16 @@ from google.protobuf.message import DecodeError
 from apcm.v1 import memory_pb2
 from apcm.wire.placement import bank_fields as wire_bank_fields
 
-from ..errors import NotFound
-from .gates import BankBusy, BankGates
+from ..errors import ApcmError, InvalidArgument
+from ..rpc.status import abort_with_error
+from .errors import SHARD_HEADER, PeerError, ShardUnavailable
+from .gates import BankGates
 from .placement import ClusterConfig
 from .wire import string_field
 
 log = logging.getLogger(__name__)
 
 FORWARDED_HEADER = "apcm-forwarded-by"
-# Set on every refusal the router itself makes: an UNAVAILABLE without it came from
-# the transport (the shard is down), one with it from a live shard (e.g. "moving").
-SHARD_HEADER = "apcm-shard"
 SERVICE = memory_pb2.DESCRIPTOR.services_by_name["MemoryService"]
 PREFIX = f"/{SERVICE.full_name}/"
 # Calls that leave a bank unchanged and may go on while it moves; any other
@@ -121,6 +123,17 @@ def forward_metadata(context: grpc.ServicerContext, shard_id: int) -> list[tuple
     return md
 
 
+def _aborting(behavior: Callable[[Any, grpc.ServicerContext], Any]
+              ) -> Callable[[Any, grpc.ServicerContext], Any]:
+    def call(request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return behavior(request, context)
+        except ApcmError as e:
+            abort_with_error(context, e)
+
+    return call
+
+
 def may_fall_back(path: str) -> bool:
     """Whether a call forwarded along ``path`` may take one more hop, to the bank's
     previous owner: only a call one shard forwarded (tools mark calls with a
@@ -157,7 +170,11 @@ class ClusterRouter(grpc.ServerInterceptor):
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
         handler = continuation(handler_call_details)
         method = handler_call_details.method
         if handler is None or handler.unary_unary is None or not method.startswith(PREFIX):
@@ -166,10 +183,10 @@ class ClusterRouter(grpc.ServerInterceptor):
         forwarded = header(handler_call_details.invocation_metadata, FORWARDED_HEADER) is not None
         if name in self.fields:
             return grpc.unary_unary_rpc_method_handler(
-                functools.partial(self._bank_call, handler, method, name))
+                _aborting(functools.partial(self._bank_call, handler, method, name)))
         if name in FAN_OUT and not forwarded:
             return grpc.unary_unary_rpc_method_handler(
-                functools.partial(self._fan_out, handler, method, name),
+                _aborting(functools.partial(self._fan_out, handler, method, name)),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
         return handler
@@ -186,17 +203,13 @@ class ClusterRouter(grpc.ServerInterceptor):
             target = self._fall_back(name, bank, context)
         if target is not None:
             return self._forward(target, method, raw, context)
-        try:
-            with self.gates.admit(bank, mutating=name not in READ_METHODS):
-                try:
-                    request = handler.request_deserializer(raw)
-                except DecodeError:
-                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed request message")
-                response = handler.unary_unary(request, context)
-                return handler.response_serializer(response)
-        except BankBusy as e:
-            self._refuse(context, grpc.StatusCode.UNAVAILABLE, str(e))
-            raise  # unreachable: abort raises
+        with self.gates.admit(bank, mutating=name not in READ_METHODS):  # BankBusy
+            try:
+                request = handler.request_deserializer(raw)
+            except DecodeError:
+                raise InvalidArgument("malformed request message") from None
+            response = handler.unary_unary(request, context)
+            return handler.response_serializer(response)
 
     def _route(self, name: str, bank: str, context: grpc.ServicerContext) -> int | None:
         """The shard to forward to, or None to serve here."""
@@ -220,7 +233,7 @@ class ClusterRouter(grpc.ServerInterceptor):
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.NOT_FOUND:
                 return None
-            self._relay(prev, e, context)
+            raise self.peer_error(prev, e) from e
         return prev
 
     def _call(self, shard: int, method: str, raw: bytes,
@@ -234,25 +247,18 @@ class ClusterRouter(grpc.ServerInterceptor):
         try:
             return self._call(shard, method, raw, context)
         except grpc.RpcError as e:
-            self._relay(shard, e, context)
-            raise  # unreachable
+            raise self.peer_error(shard, e) from e
 
-    def _relay(self, shard: int, e: grpc.RpcError, context: grpc.ServicerContext,
-               prefix: str = "") -> None:
-        """Aborts with the peer's status verbatim, or, if the peer could not be
-        reached, UNAVAILABLE naming it."""
+    def peer_error(self, shard: int, e: grpc.RpcError, prefix: str = "") -> ApcmError:
+        """What to answer for the peer's failed call: its status verbatim, or, if the
+        peer could not be reached, UNAVAILABLE naming it."""
         code, details = e.code(), e.details() or ""
         trailing = tuple((k, v) for k, v in (e.trailing_metadata() or ())
                          if not k.startswith("grpc-") or k == "grpc-status-details-bin")
         if code == grpc.StatusCode.UNAVAILABLE and header(trailing, SHARD_HEADER) is None:
-            self._refuse(context, code, f"{self.cluster.describe(shard)} is unavailable: "
-                         f"{details}")
-        context.set_trailing_metadata(trailing)
-        context.abort(code, prefix + details)
-
-    def _refuse(self, context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> None:
-        context.set_trailing_metadata(((SHARD_HEADER, str(self.cluster.shard_id)),))
-        context.abort(code, message)
+            return ShardUnavailable(f"{self.cluster.describe(shard)} is unavailable: "
+                                    f"{details}", shard=self.cluster.shard_id)
+        return PeerError(code.name, prefix + details, trailing)
 
     # -- every shard -----------------------------------------------------------------
     def _fan_out(self, handler: grpc.RpcMethodHandler, method: str, name: str,
@@ -274,7 +280,8 @@ class ClusterRouter(grpc.ServerInterceptor):
             except grpc.RpcError as e:
                 for f in pending.values():
                     f.cancel()
-                self._relay(shard, e, context, prefix=f"{self.cluster.describe(shard)}: ")
+                raise self.peer_error(shard, e, prefix=f"{self.cluster.describe(shard)}: ") \
+                    from e
         return getattr(self, f"_merge_{name}")(answers)
 
     def _merge_banks(self, answers: dict[int, Sequence[Any]]) -> list[Any]:
@@ -320,14 +327,3 @@ class ClusterRouter(grpc.ServerInterceptor):
             snapshot=self._merge_snapshot([a.snapshot for a in answers.values()],
                                           self.cluster.pods),
             banks=self._merge_banks({s: a.banks for s, a in answers.items()}))
-
-
-def has_bank_of(store: Any) -> Callable[[str], bool]:
-    def has(name: str) -> bool:
-        try:
-            store.get(name)
-        except NotFound:
-            return False
-        return True
-
-    return has

@@ -1,29 +1,29 @@
 """``apcm.v1.ClusterService``: the shard map, and banks exported, imported and moved.
 
-Streaming handlers are not wrapped by the unary interceptors, so domain errors
-are mapped to statuses here (``_mapped``).
+Works on the server's ``MemoryService``; readiness and domain errors -> statuses are
+the server's interceptors' (``api.interceptors``), streaming handlers included.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from apcm.v1 import cluster_pb2
 
-from ..api.interceptors import abort_with_error
-from ..api.servicer import bank_info
-from ..errors import AlreadyExists, ApcmError, FailedPrecondition, InvalidArgument
-from ..memory.bank import MemoryBank
-from .gates import BankBusy
+from ..domain.service import BankStats
+from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument
+from ..rpc.convert import bank_info
 from .placement import PLACEMENT
-from .router import SHARD_HEADER, forward_metadata, remaining_timeout
+from .router import forward_metadata, remaining_timeout
 from .transfer import ChunkReader, decode_bank, encode_views, serialized_chunks
+
+if TYPE_CHECKING:  # node.py imports this module
+    from .node import ClusterNode
 
 SERVICE_NAME = cluster_pb2.DESCRIPTOR.services_by_name["ClusterService"].full_name
 IMPORT_METHOD = f"/{SERVICE_NAME}/ImportBank"
@@ -33,33 +33,16 @@ MOVE_TIMEOUT_S = 3600.0  # a move's deadline when its caller set none
 DRAIN_TIMEOUT_S = 30.0  # how long a move waits for a bank's writes in flight
 
 
-def _mapped(fn: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(fn)
-    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
-        try:
-            return fn(self, request, context)
-        except ApcmError as e:
-            abort_with_error(context, e)
-        except BankBusy as e:
-            context.set_trailing_metadata(((SHARD_HEADER, str(self.node.shard_id)),))
-            context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
-
-    return wrapper
-
-
 class ClusterServicer:
     """Implements ``apcm.v1.ClusterService`` for one server (``node``: its ``ClusterNode``)."""
 
-    def __init__(self, node: Any) -> None:
+    def __init__(self, node: ClusterNode) -> None:
         self.node = node
         self.service = node.service
-        self.store = node.service.store
 
-    def _ready(self) -> None:
-        if not self.service.ready:
-            raise FailedPrecondition("the server is not ready (starting, restoring or stopping)")
-
-    def GetClusterInfo(self, request, context):  # noqa: N802
+    def GetClusterInfo(  # noqa: N802
+        self, request: cluster_pb2.GetClusterInfoRequest, context: grpc.ServicerContext
+    ) -> cluster_pb2.ClusterInfo:
         c = self.node.config
         if c is None:
             return cluster_pb2.ClusterInfo(shard_id=0, shard_count=1, placement=PLACEMENT)
@@ -70,22 +53,19 @@ class ClusterServicer:
     def _views(self, name: str, frozen: bool = False) -> list[memoryview]:
         """The bank's encoding as buffers; ``frozen``: its mutations are paused until
         the buffers have been sent, so they may be views of its own tensors."""
-        return encode_views(*self.store.export_bank(name, frozen=frozen))
+        return encode_views(*self.service.export_bank(name, frozen=frozen))
 
-    def ExportBank(self, request, context) -> Iterator[bytes]:  # noqa: N802
+    def ExportBank(  # noqa: N802
+        self, request: cluster_pb2.ExportBankRequest, context: grpc.ServicerContext
+    ) -> Iterator[bytes]:
         """Yields serialized ``BankChunk`` messages (registered without a serializer)."""
-        try:
-            self._ready()
-            views = self._views(request.name)
-        except ApcmError as e:
-            abort_with_error(context, e)
+        views = self._views(request.name)
         yield from serialized_chunks(request.name, views)
 
-    @_mapped
-    def ImportBank(self, request_iterator, context):  # noqa: N802
+    def ImportBank(  # noqa: N802
+        self, request_iterator: Iterable[bytes], context: grpc.ServicerContext
+    ) -> cluster_pb2.ImportBankResponse:
         """Takes serialized ``BankChunk`` messages (registered without a deserializer)."""
-        self._ready()
-        persistence = self.service.persistence
         reader = ChunkReader()
         incoming = None
         try:
@@ -95,8 +75,7 @@ class ClusterServicer:
                     if reader.total < 0:
                         raise InvalidArgument("the first chunk must give the bank's size",
                                               field="total_bytes")
-                    self.store.check_room(reader.total, f"bank {reader.bank!r} moved here")
-                    incoming = persistence.imports.incoming(reader.total)
+                    incoming = self.service.receive_bank(reader.bank, reader.total)
                 try:
                     incoming.write(data)
                 except ValueError as e:
@@ -107,7 +86,7 @@ class ClusterServicer:
             incoming.finish()
             reader.check(incoming.written, incoming.crc32, incoming.buffer)
             synced = time.perf_counter()
-            bank = self._install(reader.bank, incoming)
+            stats = self._install(reader.bank, incoming)
         except BaseException:
             if incoming is not None:
                 incoming.discard()
@@ -115,12 +94,11 @@ class ClusterServicer:
         log.info("bank %s imported (%d bytes): fsync %.3f s, rebuild and log %.3f s",
                  reader.bank, incoming.written, synced - received,
                  time.perf_counter() - synced)
-        return cluster_pb2.ImportBankResponse(bank=bank_info(self.store.describe(bank.name)))
+        return cluster_pb2.ImportBankResponse(bank=bank_info(stats))
 
-    def _install(self, name: str, incoming: Any) -> MemoryBank:
-        """Rebuilds the bank from the received bytes and makes it durable and visible:
-        an ``import_bank`` log record naming the fsynced file (a snapshot when the
-        server has no log). Nobody sees the bank before that."""
+    def _install(self, name: str, incoming: Any) -> BankStats:
+        """Rebuilds the bank from the received bytes and installs it (``install_bank``),
+        hidden from calls until it is durable."""
         config, arrays = decode_bank(incoming.buffer)
         if config.get("name") != name:
             raise FailedPrecondition(f"the chunks name bank {name!r}, the data "
@@ -128,34 +106,25 @@ class ClusterServicer:
         if self.node.has_bank(name):
             raise AlreadyExists(f"bank {name!r} already exists on "
                                 f"{self.node.describe_self()}", field="name")
-        bank = self.store.bank_from_export(config, arrays)
-        persistence = self.service.persistence
+        bank = self.service.bank_from_export(config, arrays)
         gates = self.node.gates
         gates.hide(name, f"bank {name!r} is being moved here; retry")
         try:
-            try:
-                logged = self.store.import_bank(
-                    bank, lambda seq: persistence.imports.commit(incoming, seq),
-                    arrays.get("text_flags"))
-                if not logged:
-                    persistence.snapshot()  # no log: durable before anyone sees it
-            except BaseException:
-                self.store.abandon_bank(bank)
-                raise
+            stats = self.service.install_bank(bank, incoming, arrays.get("text_flags"))
         finally:
             gates.resume(name)
         gates.moved_to.pop(name, None)
-        return bank
+        return stats
 
-    @_mapped
-    def MoveBank(self, request, context):  # noqa: N802
-        self._ready()
+    def MoveBank(  # noqa: N802
+        self, request: cluster_pb2.MoveBankRequest, context: grpc.ServicerContext
+    ) -> cluster_pb2.MoveBankResponse:
         node = self.node
-        c = node.config
-        if c is None:
+        c, router, peers = node.config, node.router, node.peers
+        if c is None or router is None or peers is None:  # the three come with peers
             raise FailedPrecondition("this server is not part of a cluster (no peers)")
         name = request.name
-        self.store.get(name)  # NOT_FOUND
+        self.service.require_bank(name)
         owner = c.owner(name)
         if request.HasField("target_shard") and request.target_shard != owner:
             raise FailedPrecondition(
@@ -171,7 +140,7 @@ class ClusterServicer:
         try:
             views = self._views(name, frozen=True)  # paused until dropped or resumed
             size = sum(len(v) for v in views)
-            send = node.peers.channel(owner).stream_unary(
+            send = peers.channel(owner).stream_unary(
                 IMPORT_METHOD, request_serializer=None,
                 response_deserializer=cluster_pb2.ImportBankResponse.FromString)
             try:
@@ -180,8 +149,7 @@ class ClusterServicer:
                     timeout=remaining_timeout(context, MOVE_TIMEOUT_S),
                     metadata=forward_metadata(context, c.shard_id))
             except grpc.RpcError as e:
-                node.router._relay(owner, e, context, prefix=f"{c.describe(owner)}: ")
-                raise  # unreachable
+                raise router.peer_error(owner, e, prefix=f"{c.describe(owner)}: ") from e
             sent = time.perf_counter()
             # the owner holds it durably: only now does it go from here, once no call
             # is using it (later ones hear "moved, retry" and reach the owner)

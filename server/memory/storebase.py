@@ -225,6 +225,10 @@ class StoreBase:
                     yield banks
                     return
 
+    def has(self, name: str) -> bool:
+        """Whether a bank called ``name`` is here now."""
+        return name in self._banks  # copy-on-write dict: no lock needed
+
     def get(self, name: str) -> MemoryBank:
         """The bank called ``name`` (hold its ``lock`` to use it). Raises ``NotFound``."""
         return self._lookup(name)
