@@ -107,3 +107,53 @@ def assert_float32_cosines(got: ArrayLike, a: ArrayLike, b: ArrayLike, *,
                     torch.nn.functional.normalize(b_t, dim=-1))
     assert_within_bound(got, ref, float32_cosine_bound(a_t, b_t, factor=factor,
                                                        magnitude=magnitude), what)
+
+
+def float32_softmax_bound(scores: ArrayLike, score_bound: ArrayLike, temperature: float, *,
+                          factor: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference weights ``softmax(scores / T)`` [Q, n] and the bound on float32 weights
+    computed from scores within ``score_bound`` of ``scores`` (float64, both [Q, n]).
+
+    A read weighs ``exp((s - shift) / T) / sum``: an error e in s scales a term by
+    ``exp(e / T)``, the subtract, divide and exp add a few u per term, the sum of n
+    positive terms n u and the quotient one u, so a weight's relative error is at most
+    ``expm1((e_i + e_max + 8u) / T) + (n + 5) u`` (|s - shift| <= 2).
+    """
+    s, e = _f64(scores), _f64(score_bound).expand_as(_f64(scores))
+    weights = torch.softmax(s / temperature, dim=-1)
+    n = s.shape[-1]
+    e_max = e.amax(dim=-1, keepdim=True)
+    rel = torch.expm1((e + e_max + 8 * U) / temperature) + (n + 5) * U
+    return weights, factor * rel * weights
+
+
+def float32_mix_bound(weights: ArrayLike, weight_bound: ArrayLike, values: ArrayLike, *,
+                      factor: float = 2.0) -> torch.Tensor:
+    """Bound on float32 ``weights @ values`` ([Q, n] @ [n, m]) where the weights used are
+    within ``weight_bound`` of ``weights``: their error carried through plus an n-term
+    sum, a divide by the weights' sum and a scale, n + 2 roundings of ``w @ |values|``."""
+    w, v = _f64(weights), _f64(values).abs()
+    return _f64(weight_bound) @ v + factor * (w.shape[-1] + 2) * U * (w @ v)
+
+
+def pca_encode_bound(codec: object, x: ArrayLike) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 codes ``(x - mean) @ W.T`` [n, m] of a float32 PCA codec (``mean``,
+    ``components``) and the bound on its float32 codes: a d-term dot of the rounded
+    difference, d + 1 roundings of ``|x - mean| @ |W|.T``."""
+    mean, w = _f64(codec.mean), _f64(codec.components)  # type: ignore[attr-defined]
+    centred = _f64(x).reshape(-1, w.shape[1]) - mean
+    return centred @ w.T, float32_dot_bound(centred, w, terms=w.shape[1] + 1)
+
+
+def pca_decode_bound(codec: object, z: ArrayLike,
+                     z_bound: ArrayLike | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 items ``z @ W + mean`` [n, d] of codes z [n, m] and the bound on their
+    float32 decode: an m-term dot plus the mean, m + 1 roundings, and where the codes
+    decoded are only known to lie within ``z_bound`` of z, that error carried through W."""
+    mean, w = _f64(codec.mean), _f64(codec.components)  # type: ignore[attr-defined]
+    z_t = _f64(z).reshape(-1, w.shape[0])
+    carried = torch.zeros(()) if z_bound is None else _f64(z_bound) @ w.abs()
+    size = z_t.abs() + (0.0 if z_bound is None else _f64(z_bound))
+    magnitude = size @ w.abs() + mean.abs()
+    bound = float32_dot_bound(z_t, w.T, magnitude=magnitude, terms=w.shape[0] + 1)
+    return z_t @ w + mean, bound + carried
