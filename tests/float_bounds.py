@@ -4,9 +4,10 @@ A d-term float32 dot product summed in any order (torch's blocking depends on th
 thread count, a lookup-table scan adds in code order) is within
 ``d * u * sum_i |a_i b_i|`` of the exact value, ``u = 2**-24`` (Higham, Accuracy and
 Stability of Numerical Algorithms, 3.1). The helpers compare against a float64
-reference with that bound times a small ``factor`` (2: the float64 reference and
-the inputs' own rounding get room), elementwise, so a score of 50 and one of 0.01
-each get the tolerance their terms allow. A real bug (a wrong code, a dropped dim)
+reference with that bound times a small ``factor`` (2: room for up to d more
+roundings per term, such as scales multiplied in or the inputs' own rounding),
+elementwise, so a score of 50 and one of 0.01 each get the tolerance their terms
+allow. A real bug (a wrong code, a dropped dim)
 moves a score by one whole term, far more than ``d * u`` of the sum of all of them.
 """
 
