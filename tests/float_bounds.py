@@ -70,6 +70,15 @@ def float32_dot_bound(a: ArrayLike, b: ArrayLike, *, factor: float = 2.0,
     return factor * d * (U * mag + _UNDERFLOW)
 
 
+def split_magnitude(a: ArrayLike, b: ArrayLike, offset: ArrayLike) -> torch.Tensor:
+    """``|a| @ (|b - o| + |o|).T``: the terms of ``a @ b.T`` computed as ``a.(b - o) +
+    a.o`` (a lookup-table scan adds a query's products with the table entries and with
+    the offset apart), which can be far larger than ``|a| @ |b|.T`` where b - o and o
+    cancel."""
+    o = _f64(offset)
+    return _products(_f64(a).abs(), (_f64(b) - o).abs() + o.abs())
+
+
 def assert_float32_dots(got: ArrayLike, a: ArrayLike, b: ArrayLike, *, factor: float = 2.0,
                         magnitude: ArrayLike | None = None, terms: int | None = None,
                         what: str = "dot products") -> None:

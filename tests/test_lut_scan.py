@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from float_bounds import assert_float32_cosines, assert_float32_dots
+from float_bounds import assert_float32_cosines, assert_float32_dots, split_magnitude
 
 from apcm.server.codecs.base import load_codec
 from apcm.server.codecs.idrp import lutscan
@@ -40,11 +40,10 @@ def _items(codec: TransformCodec, n: int, seed: int) -> torch.Tensor:
 
 def _lut_terms(codec: TransformCodec, queries: torch.Tensor,
                decoded: torch.Tensor) -> torch.Tensor:
-    """Sum of the magnitudes of the terms the tables add up, ``|q| @ (|t| + |o|).T``:
-    they sum ``q.t`` and ``q.o`` apart (decoded ``v = t + o``, o the search offset),
-    so their rounding scales with those terms, which cancel in v for some models."""
-    offset = codec.scorer.queries(torch.zeros(1, queries.shape[1]))[0].double()
-    return queries.abs().double() @ ((decoded.double() - offset).abs() + offset.abs()).T
+    """The magnitude of the terms the tables add up: they sum ``q.t`` and ``q.o`` apart
+    (decoded ``v = t + o``, o the search offset), which cancel in v for some models."""
+    offset = codec.scorer.queries(torch.zeros(1, queries.shape[1]))[0]
+    return split_magnitude(queries, decoded, offset)
 
 
 @pytest.mark.parametrize("name", V2_MODELS)
