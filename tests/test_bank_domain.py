@@ -13,6 +13,12 @@ import threading
 import numpy as np
 import pytest
 import torch
+from float_bounds import (
+    assert_within_bound,
+    float32_cosine_bound,
+    float32_mix_bound,
+    float32_softmax_bound,
+)
 
 from apcm.server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from apcm.server.memory.names import validate_bank_name, validate_key, validate_snapshot_name
@@ -247,17 +253,21 @@ def test_read_scores_weights_topk_soft_match_numpy(code_dtype):
 
     cos = (q.double() / q.double().norm(dim=1, keepdim=True)) @ \
         (deq / deq.norm(dim=1, keepdim=True)).T
-    weights = torch.softmax(cos / temperature, dim=1)
+    cos_bound = float32_cosine_bound(q, deq)
+    weights, weight_bound = float32_softmax_bound(cos, cos_bound, temperature)
     for i, r in enumerate(res.results):
         order = torch.argsort(cos[i], descending=True)[:5].tolist()
         assert [h.slot for h in r.hits] == order
-        np.testing.assert_allclose([h.score for h in r.hits], cos[i, order], atol=1e-5)
-        np.testing.assert_allclose([h.weight for h in r.hits], weights[i, order], rtol=1e-4)
+        assert_within_bound([h.score for h in r.hits], cos[i, order], cos_bound[i, order],
+                            "scores")
+        assert_within_bound([h.weight for h in r.hits], weights[i, order],
+                            weight_bound[i, order], "weights")
         assert [h.key for h in r.hits] == [f"k{j}" for j in order]
         assert [h.payload for h in r.hits] == [bytes([j]) for j in order]
         for h in r.hits:
             torch.testing.assert_close(h.code, codes[h.slot])
-    torch.testing.assert_close(res.soft, (weights @ deq).float(), rtol=1e-4, atol=1e-5)
+    assert_within_bound(res.soft, weights @ deq, float32_mix_bound(weights, weight_bound, deq),
+                        "soft mix")
 
 
 def test_read_over_many_chunks_matches_dense():
@@ -269,18 +279,21 @@ def test_read_over_many_chunks_matches_dense():
     codes = torch.randint(-127, 128, (n, 8), generator=gen, dtype=torch.int8)
     s.write("b", codes, [], [])
     q = torch.randn(4, 8, generator=gen)
-    deq = codes.float() * s.get("b").scale
-    expect = torch.nn.functional.normalize(q) @ torch.nn.functional.normalize(deq).T
+    deq = codes.double() * s.get("b").scale.double()
+    unit = torch.nn.functional.normalize
+    expect = unit(q.double()) @ unit(deq).T
+    cos_bound = float32_cosine_bound(q, deq)
     res = s.read("b", q, ReadOptions(top_k=n, temperature=0.05, soft=True, count_access=False))
-    weights = torch.softmax(expect.double() / 0.05, dim=1)
+    weights, weight_bound = float32_softmax_bound(expect, cos_bound, 0.05)
     for i, r in enumerate(res.results):
         slots = [h.slot for h in r.hits]
         assert sorted(slots) == list(range(n))
-        torch.testing.assert_close(torch.tensor([h.score for h in r.hits]), expect[i, slots],
-                                   atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(torch.tensor([h.weight for h in r.hits], dtype=torch.float64),
-                                   weights[i, slots], atol=1e-7, rtol=1e-4)
-    torch.testing.assert_close(res.soft.double(), weights @ deq.double(), atol=1e-5, rtol=1e-4)
+        assert_within_bound([h.score for h in r.hits], expect[i, slots], cos_bound[i, slots],
+                            "scores")
+        assert_within_bound([h.weight for h in r.hits], weights[i, slots],
+                            weight_bound[i, slots], "weights")
+    assert_within_bound(res.soft, weights @ deq, float32_mix_bound(weights, weight_bound, deq),
+                        "soft mix")
     top3 = s.read("b", q, ReadOptions(top_k=3, count_access=False))
     assert [[h.slot for h in r.hits] for r in top3.results] == \
         torch.topk(expect, 3, dim=1).indices.tolist()

@@ -11,6 +11,15 @@ import uuid
 import numpy as np
 import pytest
 import torch
+from float_bounds import (
+    U,
+    assert_within_bound,
+    float32_cosine_bound,
+    float32_mix_bound,
+    float32_softmax_bound,
+    pca_decode_bound,
+    pca_encode_bound,
+)
 
 from apcm.client import (
     AlreadyExistsError,
@@ -92,9 +101,16 @@ def test_mean_write_stores_the_batch_mean_code(client: MemoryClient, bank, codec
     expected = codec.compress(torch.from_numpy(x)).mean(0, keepdim=True)
     hit = client.read(codes=expected.numpy(), bank=bank, reconstruct=True, payloads=True)[0].hits[0]
     assert hit.slot == written[0].slot and hit.payload == b"four digits"
-    assert hit.score == pytest.approx(1.0, abs=1e-5)
-    np.testing.assert_allclose(hit.reconstruction, codec.decompress(expected)[0].numpy(),
-                               atol=1e-5)
+    # the stored code and the query are float32 means of float32 encodes of x: both
+    # within z_bound of the exact mean code, so their angle is at most 2 z_bound / |z|
+    codes, code_bound = pca_encode_bound(codec, x)
+    z = codes.mean(0, keepdim=True)
+    z_bound = code_bound.mean(0, keepdim=True) + 2 * (len(x) + 1) * U * codes.abs().mean(0)
+    angle = 2 * float(z_bound.norm() / z.norm())
+    assert_within_bound([hit.score], [1.0], float32_cosine_bound(z, z)[0] + angle ** 2 / 2,
+                        "score of the mean code")
+    assert_within_bound(hit.reconstruction.reshape(1, -1),
+                        *pca_decode_bound(codec, z, z_bound), "reconstruction")
 
 
 def test_read_top_k_scores_weights_payloads_soft(client: MemoryClient, bank, codec) -> None:
@@ -106,21 +122,26 @@ def test_read_top_k_scores_weights_payloads_soft(client: MemoryClient, bank, cod
     query = rng.normal(size=(2, M)).astype(np.float32)
     results = client.read(codes=query, bank=bank, top_k=3, temperature=0.5, payloads=True,
                           reconstruct=True, soft=True)
-    unit = codes / np.linalg.norm(codes, axis=1, keepdims=True)
+    unit = torch.nn.functional.normalize
+    cos = unit(torch.from_numpy(query).double()) @ unit(torch.from_numpy(codes).double()).T
+    cos_bound = float32_cosine_bound(query, codes)
+    all_weights, all_weight_bounds = float32_softmax_bound(cos, cos_bound, 0.5)
     for q, result in enumerate(results):
-        cos = unit @ (query[q] / np.linalg.norm(query[q]))
-        order = np.argsort(-cos)[:3]
-        weights = np.exp(cos / 0.5) / np.exp(cos / 0.5).sum()
+        order = torch.argsort(cos[q], descending=True)[:3]
+        weights, weight_bound = all_weights[q], all_weight_bounds[q]
         assert [h.key for h in result.hits] == [f"k{i}" for i in order]
-        np.testing.assert_allclose([h.score for h in result.hits], cos[order], atol=1e-5)
-        np.testing.assert_allclose([h.weight for h in result.hits], weights[order], atol=1e-5)
+        assert_within_bound([h.score for h in result.hits], cos[q, order],
+                            cos_bound[q, order], "scores")
+        assert_within_bound([h.weight for h in result.hits], weights[order],
+                            weight_bound[order], "weights")
         assert [h.payload for h in result.hits] == [f"p{i}".encode() for i in order]
-        for h, i in zip(result.hits, order, strict=False):
-            expected = codec.decompress(torch.from_numpy(codes[i : i + 1]))[0].numpy()
-            np.testing.assert_allclose(h.reconstruction, expected, atol=1e-5)
-        soft_code = torch.from_numpy((weights[:, None] * codes).sum(0, keepdims=True))
-        np.testing.assert_allclose(result.soft_reconstruction,
-                                   codec.decompress(soft_code.float())[0].numpy(), atol=1e-4)
+        for h, i in zip(result.hits, order.tolist(), strict=False):
+            assert_within_bound(h.reconstruction.reshape(1, -1),
+                                *pca_decode_bound(codec, codes[i:i + 1]), "reconstruction")
+        soft_code = weights[None] @ torch.from_numpy(codes).double()
+        soft_bound = float32_mix_bound(weights[None], weight_bound[None], codes)
+        assert_within_bound(result.soft_reconstruction.reshape(1, -1),
+                            *pca_decode_bound(codec, soft_code, soft_bound), "soft reconstruction")
 
 
 def test_read_counts_only_the_best_slot_and_min_score_filters(client: MemoryClient, bank) -> None:

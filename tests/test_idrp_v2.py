@@ -11,6 +11,13 @@ import math
 import numpy as np
 import pytest
 import torch
+from float_bounds import (
+    assert_within_bound,
+    float32_cosine_bound,
+    float32_dot_bound,
+    float32_mix_bound,
+    float32_softmax_bound,
+)
 
 from apcm.server.codecs.base import load_codec, save_codec
 from apcm.server.codecs.idrp import transform
@@ -317,21 +324,35 @@ def test_bank_scores_are_cosine_of_decoded_items(data: dict[str, np.ndarray],
     bank = _bank(codec, 300)
     bank.apply_write(list(range(300)), codes, [None] * 300, [None] * 300, list(range(1, 301)))
     queries = torch.from_numpy(data["val"][:20])
-    result = bank.read(codec.encode_latent(queries),
+    latents = codec.encode_latent(queries)
+    result = bank.read(latents,
                        ReadOptions(top_k=10, temperature=0.5, soft=True, count_access=False))
     decoded = codec.decompress(codes)[:, 0].double()
-    cos = torch.nn.functional.normalize(queries.double(), dim=1) @ \
-        torch.nn.functional.normalize(decoded, dim=1).T
-    weights = torch.softmax(cos / 0.5, dim=1)
+    unit = torch.nn.functional.normalize
+    cos = unit(queries.double(), dim=1) @ unit(decoded, dim=1).T
+    # the read's float32 arithmetic starts from the search vectors (a rotation or the
+    # flow away from the inputs): its scores are checked there, its ranking above
+    search_q, search_v = codec.scorer.queries(latents), codec.scorer.codes(codes)
+    search_cos = unit(search_q.double(), dim=1) @ unit(search_v.double(), dim=1).T
+    cos_bound = float32_cosine_bound(search_q, search_v)
+    weights, weight_bound = float32_softmax_bound(search_cos, cos_bound, 0.5)
     for q, res in enumerate(result.results):
         best = torch.argsort(cos[q], descending=True)[:10]
         assert {h.slot for h in res.hits} == set(best.tolist())
-        np.testing.assert_allclose([h.score for h in res.hits], cos[q, best].numpy(), atol=1e-5)
-        np.testing.assert_allclose([h.weight for h in res.hits], weights[q, best].numpy(),
-                                   atol=1e-5)
+        slots = [h.slot for h in res.hits]
+        assert_within_bound([h.score for h in res.hits], search_cos[q, slots],
+                            cos_bound[q, slots], "scores")
+        assert_within_bound([h.weight for h in res.hits], weights[q, slots],
+                            weight_bound[q, slots], "weights")
     if n_blocks == 0:  # the soft mix maps back to the inputs' space exactly
-        mix = codec.scorer.to_input(result.soft).double()
-        np.testing.assert_allclose(mix.numpy(), (weights @ decoded).numpy(), atol=1e-4)
+        rotation = codec.model.rotation.rotation.double()
+        mix = weights @ search_v.double()
+        mix_bound = float32_mix_bound(weights, weight_bound, search_v)
+        # to_input is one d-term product with the rotation, of a mix known to mix_bound
+        rounding = float32_dot_bound(mix, rotation.T,
+                                    magnitude=(mix.abs() + mix_bound) @ rotation.abs())
+        assert_within_bound(codec.scorer.to_input(result.soft), mix @ rotation,
+                            mix_bound @ rotation.abs() + rounding, "soft mix in input space")
 
 
 def test_flow_training_never_ships_worse_than_the_init(data: dict[str, np.ndarray]) -> None:

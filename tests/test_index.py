@@ -15,12 +15,19 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from float_bounds import (
+    U,
+    assert_within_bound,
+    float32_dot_bound,
+    float32_softmax_bound,
+    split_magnitude,
+)
 from safetensors.numpy import load_file
 
 from apcm.client import MemoryClient
 from apcm.client.errors import InvalidArgumentError
 from apcm.server.codecs.base import Codec, load_codec
-from apcm.server.memory import indexing
+from apcm.server.memory import indexing, scan
 from apcm.server.memory.bank import MemoryBank
 from apcm.server.memory.eviction import make_policy
 from apcm.server.memory.export import export, from_export
@@ -117,14 +124,25 @@ def test_index_recall_at_10_of_the_scan_on_minilm_data(text_codec: Codec,
     recall = np.mean([len(set(a) & set(e)) / 10
                       for a, e in zip(_slots(approx), _slots(exact), strict=True)])
     assert recall >= 0.95
-    # every list probed: the candidates are every slot, scored exactly as the scan
+    # every list probed: the candidates are every slot, scored as the scan scores them
+    # (one query's tables against the scan's decoded product: two summation orders)
     whole = bank.read(queries, ReadOptions(top_k=10, count_access=False, nprobe=bank.index.k))
-    for w, e in zip(whole.results, exact.results, strict=True):
+    unit_q = scan.unit_queries(bank, queries)
+    rows = bank.search_vectors(bank.codes[:n])
+    inv = bank.inv_norms[:n].double()
+    ref = unit_q.double() @ rows.double().T * inv
+    offset = text_codec.scorer.queries(torch.zeros(1, unit_q.shape[1]))[0]
+    bound = float32_dot_bound(unit_q, rows, magnitude=split_magnitude(unit_q, rows, offset)) \
+        * inv + 2 * U * ref.abs()  # and the product with the inverse norm
+    weights, weight_bound = float32_softmax_bound(ref, bound, 1.0)
+    for i, (w, e) in enumerate(zip(whole.results, exact.results, strict=True)):
         assert [h.slot for h in w.hits] == [h.slot for h in e.hits]
-        np.testing.assert_allclose([h.score for h in w.hits], [h.score for h in e.hits],
-                                   rtol=0, atol=1e-5)
-        np.testing.assert_allclose([h.weight for h in w.hits], [h.weight for h in e.hits],
-                                   rtol=1e-4, atol=1e-7)
+        slots = [h.slot for h in e.hits]
+        for read in (w, e):
+            assert_within_bound([h.score for h in read.hits], ref[i, slots], bound[i, slots],
+                                "scores")
+            assert_within_bound([h.weight for h in read.hits], weights[i, slots],
+                                weight_bound[i, slots], "weights")
 
 
 def test_exhaustive_and_soft_reads_of_an_indexed_bank_are_the_scan(text_codec: Codec,
