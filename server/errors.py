@@ -66,10 +66,6 @@ class Unavailable(ApcmError):
     code = "UNAVAILABLE"
 
 
-class Unimplemented(ApcmError):
-    code = "UNIMPLEMENTED"
-
-
 class Unauthenticated(ApcmError):
     code = "UNAUTHENTICATED"
 

@@ -25,14 +25,16 @@ SHARED = {S + "config", S + "errors", S + "metrics", S + "fsutil", S + "code_dty
 # (apcm.client, apcm.wire, apcm.tools), a server subpackage or a server module.
 LAYERS: dict[str, set[str]] = {
     "apcm.tools": {"apcm.client", "apcm.wire", "apcm.v1"} | {
-        S + u for u in ("allocator", "api", "cluster", "codecs", "config", "domain",
+        S + u for u in ("allocator", "api", "cluster", "codecs", "config", "domain", "rpc",
                         "embedding", "memory", "persistence", "errors", "metrics")},
     S + "cli": {S + "commands"},
     S + "commands": {S + "api", S + "config"},
-    S + "api": {S + "allocator", S + "cluster", S + "codecs", S + "domain", "apcm.v1",
-                "apcm.wire"} | SHARED,
-    S + "cluster": {S + "domain", S + "memory", S + "persistence", "apcm.v1",
+    S + "api": {S + "allocator", S + "cluster", S + "codecs", S + "domain", S + "rpc",
+                "apcm.v1", "apcm.wire"} | SHARED,
+    S + "cluster": {S + "domain", S + "memory", S + "persistence", S + "rpc", "apcm.v1",
                     "apcm.wire"} | SHARED,
+    # what api and cluster share: status mapping and proto conversions of domain values
+    S + "rpc": {S + "memory", "apcm.v1", "apcm.wire"} | SHARED,
     S + "domain": {S + "codecs", S + "embedding", S + "memory", S + "persistence"} | SHARED,
     S + "persistence": {S + "memory", S + "config", S + "errors", S + "fsutil"},
     S + "memory": {S + "code_dtypes", S + "errors"},

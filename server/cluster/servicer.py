@@ -9,21 +9,33 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import grpc
 
 from apcm.v1 import cluster_pb2
 
-from ..domain.service import BankStats
+from ..domain.service import BankStats, MemoryService
 from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from ..rpc.convert import bank_info
-from .placement import PLACEMENT
-from .router import forward_metadata, remaining_timeout
+from .gates import BankGates
+from .placement import PLACEMENT, ClusterConfig
+from .router import ClusterRouter, PeerChannels, forward_metadata, remaining_timeout
 from .transfer import ChunkReader, decode_bank, encode_views, serialized_chunks
 
-if TYPE_CHECKING:  # node.py imports this module
-    from .node import ClusterNode
+
+class ClusterNode(Protocol):
+    """What the servicer uses of ``node.ClusterNode`` (which imports this module)."""
+
+    service: MemoryService
+    config: ClusterConfig | None
+    gates: BankGates
+    router: ClusterRouter | None
+    peers: PeerChannels | None
+
+    def has_bank(self, name: str) -> bool: ...
+
+    def describe_self(self) -> str: ...
 
 SERVICE_NAME = cluster_pb2.DESCRIPTOR.services_by_name["ClusterService"].full_name
 IMPORT_METHOD = f"/{SERVICE_NAME}/ImportBank"

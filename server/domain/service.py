@@ -14,7 +14,6 @@ a Read goes ``service.read`` -> ``Engine`` -> the read batcher -> ``store.read``
 from __future__ import annotations
 
 import logging
-import math
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -25,8 +24,7 @@ import torch
 from ..codecs.base import Codec, ItemChecks
 from ..config import Settings
 from ..embedding.embedder import Embedder, EmbedderSpec, resolve_spec
-from ..errors import FailedPrecondition, InvalidArgument, ResourceExhausted
-from ..memory.bank import MemoryBank
+from ..errors import FailedPrecondition, InvalidArgument
 from ..memory.ivf import IndexConfig
 from ..memory.names import validate_bank_name, validate_snapshot_name
 from ..memory.results import BankStats, ReadResult
@@ -34,19 +32,16 @@ from ..memory.store import MemoryStore
 from ..metrics import Metrics
 from .batching import KeyedBatcher, MicroBatcher
 from .engine import Engine
+from .limits import check_reply_size
+from .moves import BankMoves
 from .params import MAX_TOP_K, ModelInfo, QueryHits, ReadParams, WrittenSlots
 
 log = logging.getLogger(__name__)
 
 MAX_TEXT_CHARS = 16_384  # one text to embed (MiniLM reads its first 256 tokens anyway)
-# Serialized bytes of one Hit besides its key, payload and reconstruction: field tags,
-# slot and sequence varints (up to 10 bytes each), score and weight, length prefixes.
-HIT_OVERHEAD_BYTES = 40
-# A Tensor message besides its data: shape, dtype and the length prefixes.
-TENSOR_OVERHEAD_BYTES = 16
 
 
-class MemoryService:
+class MemoryService(BankMoves):
     """Codec, engine, banks, persistence and readiness of one server.
 
     Args:
@@ -383,7 +378,10 @@ class MemoryService:
             assert codes is not None
             codes = self.engine.check_codes(codes)
             n_queries = codes.shape[0]
-        self._check_reply_size(b, n_queries, params, include_reconstruction, include_payloads)
+        check_reply_size(b, n_queries, params, input_bytes=self.codec.input_bytes,
+                         limit=self.settings.max_message_bytes,
+                         include_reconstruction=include_reconstruction,
+                         include_payloads=include_payloads)
         if inputs is not None:
             latents = self.engine.encode_latent(inputs)
         else:
@@ -412,44 +410,6 @@ class MemoryService:
             ))
             cursor += n
         return out
-
-    def _check_reply_size(self, bank: MemoryBank, n_queries: int, p: ReadParams,
-                          include_reconstruction: bool, include_payloads: bool) -> None:
-        """Refuses a read whose reply would not fit in one message, before doing it.
-
-        The estimate is queries x min(top_k, occupied) x bytes per hit, where a hit
-        costs its framing, the bank's mean key and (if asked for) mean payload and
-        its L*D*4 reconstruction. Refusing early bounds the server's memory: a reply
-        is built whole in memory (several copies) before gRPC can refuse to send it.
-        """
-        hits = min(p.top_k, bank.occupied_count)
-        key_bytes, payload_bytes = bank.mean_entry_bytes()
-        per_hit = HIT_OVERHEAD_BYTES + key_bytes
-        parts = [f"{HIT_OVERHEAD_BYTES + round(key_bytes)} per hit"]
-        if include_payloads:
-            per_hit += payload_bytes
-            parts.append(f"{round(payload_bytes)} per payload (include_payloads)")
-        if include_reconstruction:
-            per_hit += self.codec.input_bytes + TENSOR_OVERHEAD_BYTES
-            parts.append(f"{self.codec.input_bytes} per reconstruction "
-                         "(include_reconstruction)")
-        per_query = hits * per_hit + 8
-        if p.soft and hits:
-            per_query += self.codec.input_bytes + TENSOR_OVERHEAD_BYTES
-            parts.append(f"{self.codec.input_bytes} per soft read (soft)")
-        estimate = math.ceil(n_queries * per_query)
-        limit = self.settings.max_message_bytes
-        if estimate <= limit:
-            return
-        fixes = ["lower top_k", "send fewer queries per request"]
-        fixes += [f"drop {flag}" for flag, on in (
-            ("include_reconstruction", include_reconstruction),
-            ("include_payloads", include_payloads), ("soft", p.soft)) if on]
-        raise ResourceExhausted(
-            f"this Read's reply would be about {estimate} bytes ({n_queries} queries x "
-            f"{hits} hits (top_k {p.top_k}, {bank.occupied_count} occupied) x "
-            f"{', '.join(parts)}), over the server's max_message_bytes of {limit}: "
-            f"{', '.join(fixes)}", field="top_k", limit="max_message_bytes")
 
     def _search(self, bank: str, latents: torch.Tensor, p: ReadParams,
                 payloads: bool) -> ReadResult:
@@ -528,59 +488,3 @@ class MemoryService:
 
     def _count(self, method: str, n: int) -> None:
         self.metrics.items.labels(method).inc(n)
-
-    # -- banks moved between servers (apcm.v1.ClusterService) ----------------------------
-    # Names are taken as given, not through ``bank_name``: a move names a bank exactly.
-    def has_bank(self, name: str) -> bool:
-        """Whether this server holds a bank called ``name`` now."""
-        return self.store.has(name)
-
-    def require_bank(self, name: str) -> None:
-        """Raises ``NotFound`` unless this server holds a bank called ``name``."""
-        self.store.get(name)
-
-    def export_bank(self, name: str, *, frozen: bool = False
-                    ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        """The bank's (config, arrays) as a snapshot holds it, for a move; ``frozen``:
-        see ``MemoryBank.export_copy``. Raises ``NotFound``."""
-        return self.store.export_bank(name, frozen=frozen)
-
-    def receive_bank(self, name: str, total_bytes: int) -> Any:
-        """An import file for ``total_bytes`` of bank ``name`` moving here (``Incoming``
-        of ``persistence.imports``: write, finish, then ``install_bank`` or discard).
-
-        Raises:
-            ResourceExhausted: the bank would not fit the memory limit.
-        """
-        self.store.check_room(total_bytes, f"bank {name!r} moved here")
-        return self.persistence.imports.incoming(total_bytes)
-
-    def bank_from_export(self, config: dict[str, Any],
-                         arrays: dict[str, np.ndarray]) -> MemoryBank:
-        """A bank rebuilt from another server's ``export_bank``, not yet installed.
-
-        Raises:
-            FailedPrecondition: it does not fit this server's codec.
-        """
-        return self.store.bank_from_export(config, arrays)
-
-    def install_bank(self, bank: MemoryBank, incoming: Any,
-                     text_flags: np.ndarray | None = None) -> BankStats:
-        """Makes a bank moved here durable and visible: an ``import_bank`` log record
-        naming ``incoming``'s fsynced file (a snapshot when the server has no log).
-        Nobody sees the bank before that; if it fails the bank is not installed.
-
-        Raises:
-            AlreadyExists: a bank of that name is here.
-        """
-        persistence = self.persistence
-        try:
-            logged = self.store.import_bank(
-                bank, lambda seq: persistence.imports.commit(incoming, seq), text_flags,
-                sync=persistence.imports.sync)
-            if not logged:
-                persistence.snapshot()  # no log: durable before anyone sees it
-        except BaseException:
-            self.store.abandon_bank(bank)
-            raise
-        return self.store.describe(bank.name)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from apcm.v1 import memory_pb2
 from apcm.wire.tensors import DTYPE_CODES
 
-from ..domain.service import BankStats
+from ..memory.results import BankStats
 
 POLICY_TO_PROTO = {
     "lfu": memory_pb2.EVICTION_POLICY_LFU,
