@@ -125,8 +125,8 @@ def test_index_recall_at_10_of_the_scan_on_minilm_data(text_codec: Codec,
     # every list probed: the candidates are every slot, scored as the scan scores them
     # (one query's tables against the scan's decoded product: two summation orders)
     whole = bank.read(queries, top_k=10, count_access=False, nprobe=bank.index.k)
-    unit_q = bank._unit_queries(queries)
-    rows = bank.search_vectors(bank.codes[:n])
+    unit_q = torch.nn.functional.normalize(text_codec.scorer.queries(queries), dim=1)
+    rows = text_codec.scorer.codes(bank.codes[:n])
     inv = bank.inv_norms[:n].double()
     ref = unit_q.double() @ rows.double().T * inv
     offset = text_codec.scorer.queries(torch.zeros(1, unit_q.shape[1]))[0]
