@@ -8,6 +8,7 @@ milliseconds), saved through the real weights format; servers bind
 from __future__ import annotations
 
 import contextlib
+import os
 import resource
 import signal
 from collections.abc import Callable, Iterator
@@ -24,6 +25,11 @@ from apcm.server.codecs.pca import PCACodec
 from apcm.server.config import Settings
 
 DIGITS_SHAPE = (8, 8)
+
+# OMP_NUM_THREADS is capped at the CPUs this process may use; set_num_threads is not,
+# so float tolerances can be tried under the summation orders of a larger machine
+if os.environ.get("APCM_TEST_TORCH_THREADS"):
+    torch.set_num_threads(int(os.environ["APCM_TEST_TORCH_THREADS"]))
 
 
 @pytest.fixture(scope="session")
