@@ -14,4 +14,6 @@
   beside ``api`` (above ``rpc``), imported only by ``api.app``.
 
 Shared by every layer: ``config``, ``errors``, ``metrics``, ``fsutil``.
+``tests/test_layering.py`` holds this order as one table (``LAYERS``) and checks
+every import against it, with no cycle between modules or packages.
 """
