@@ -28,6 +28,7 @@ from ..errors import FailedPrecondition, InvalidArgument
 from ..memory.ivf import IndexConfig
 from ..memory.names import validate_bank_name, validate_snapshot_name
 from ..memory.results import BankStats, ReadResult
+from ..memory.scoring import CodeScorer
 from ..memory.store import MemoryStore
 from ..metrics import Metrics
 from .batching import KeyedBatcher, MicroBatcher
@@ -172,10 +173,9 @@ class MemoryService(BankMoves):
         out = self.engine.decompress(codes)
         if out.shape != x.shape or not np.isfinite(out).all():
             raise FailedPrecondition("warm-up round trip failed: codec output is malformed")
-        scorer = self.codec.scorer
-        dots = getattr(scorer, "dots", None)
-        if dots is not None:  # compiles the lookup-table kernel now, not on a first read
-            dots(torch.zeros(1, scorer.search_dim), torch.as_tensor(codes).cpu())
+        scorer: CodeScorer | None = self.codec.scorer
+        if scorer is not None:  # compiles the lookup-table kernel now, not on a first read
+            scorer.dots(torch.zeros(1, scorer.search_dim), torch.as_tensor(codes).cpu())
 
     def stop_serving(self) -> None:
         self._set_ready(False)
