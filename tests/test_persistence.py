@@ -513,6 +513,27 @@ def test_damaged_newest_snapshot_falls_back_without_loss(tmp_path: Path, caplog)
     _assert_states_equal(store, recovered)
 
 
+def test_a_damaged_first_snapshot_leaves_the_log_to_rebuild_from(tmp_path: Path,
+                                                                  caplog) -> None:
+    """Until a second snapshot exists no log segment is deleted (docs/durability.md):
+    ten writes, one snapshot, one flipped bit in it, and every write comes back."""
+    store = _store()
+    mgr = _manager(tmp_path, store)
+    mgr.recover()
+    mgr.start()
+    store.create_bank("b", 50)
+    _write_some(store, 10, seed=1)
+    only = mgr.snapshot("only")
+    path = mgr.snapshots.path(only.name)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+    recovered, report = _crash_and_recover(tmp_path)
+    assert report.snapshot is None and [n for n, _ in report.skipped] == ["only"]
+    assert "rebuilding every bank from the write-ahead log" in caplog.text
+    _assert_states_equal(store, recovered)
+
+
 def test_no_valid_snapshot_refuses_to_start_unless_allowed(tmp_path: Path) -> None:
     store = _store()
     mgr = _manager(tmp_path, store)
@@ -520,14 +541,17 @@ def test_no_valid_snapshot_refuses_to_start_unless_allowed(tmp_path: Path) -> No
     mgr.start()
     store.create_bank("b", 50)
     _write_some(store, 2, seed=1)
-    only = mgr.snapshot("only")
-    path = mgr.snapshots.path(only.name)
-    with open(path, "r+b") as f:
-        f.truncate(path.stat().st_size // 2)
+    names = [mgr.snapshot("first").name]
+    _write_some(store, 2, seed=2)
+    names.append(mgr.snapshot("second").name)  # the log's head goes with two snapshots
+    for name in names:
+        path = mgr.snapshots.path(name)
+        with open(path, "r+b") as f:
+            f.truncate(path.stat().st_size // 2)
     with pytest.raises(FailedPrecondition) as exc:
         _crash_and_recover(tmp_path)
-    assert "no valid snapshot" in exc.value.message and "only" in exc.value.message
-    # The snapshot covered the log's head, so the flag starts empty; the log is kept aside.
+    assert "no valid snapshot" in exc.value.message and "second" in exc.value.message
+    # The snapshots covered the log's head, so the flag starts empty; the log is kept aside.
     recovered, report = _crash_and_recover(tmp_path, allow_empty_start=True)
     assert report.snapshot is None and recovered.list() == []
     assert not (tmp_path / "wal").exists()

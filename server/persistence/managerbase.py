@@ -86,10 +86,18 @@ class ManagerBase:
         self._wal_mark = 0  # WriteAheadLog.written_bytes when the last snapshot rotated it
         self._last: Written | None = None  # the last snapshot this process wrote
 
-    def _prune_imports(self) -> None:
-        """Import files whose banks both newest snapshots hold go with their log records."""
+    def _recoverable_snapshots(self) -> list[SnapshotInfo]:
+        """The snapshots start-up may fall back on: the newest two of this model. With
+        only one, none: until a second exists, the whole log stays, so a damaged
+        first snapshot still leaves the log to rebuild from (unless the settings
+        keep one snapshot only, which accepts that window)."""
         ours = [i for i in self.snapshots.newest_first(verify=False)
                 if i.model_hash == self.codec_hash][:2]
+        return ours if len(ours) == 2 or self.settings.snapshot_keep < 2 else []
+
+    def _prune_imports(self) -> None:
+        """Import files whose banks both newest snapshots hold go with their log records."""
+        ours = self._recoverable_snapshots()
         if ours:
             self.imports.prune(min(i.wal_sequence for i in ours))
 

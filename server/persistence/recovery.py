@@ -60,13 +60,21 @@ class StartupRecovery(ManagerBase):
             break
         if names and state is None:
             reasons = "; ".join(f"{n}: {r}" for n, r in report.skipped)
-            if not self.settings.allow_empty_start:
+            segments = list_segments(self.wal_dir)
+            if segments and segments[0][0] == 1:
+                # nothing was ever trimmed: the log alone holds every acknowledged write
+                log.error("no valid snapshot (%s); rebuilding every bank from the "
+                          "write-ahead log, which holds every record since the start",
+                          reasons)
+            elif not self.settings.allow_empty_start:
                 raise FailedPrecondition(
                     f"no valid snapshot in {self.snapshots.directory} ({reasons}); refusing "
                     "to start with empty banks. Restore a good snapshot file, or start with "
                     "--allow-empty-start to accept the loss"
                 )
-            log.error("no valid snapshot (%s); starting EMPTY because allow_empty_start", reasons)
+            else:
+                log.error("no valid snapshot (%s); starting EMPTY because allow_empty_start",
+                          reasons)
         if info is not None and state is not None:
             self.store.load_state(state)
             report.snapshot = info.name

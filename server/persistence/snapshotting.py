@@ -178,10 +178,9 @@ class Snapshotting(ManagerBase):
     def _trim_log(self) -> None:
         if self.wal is None:
             return
-        snapshots = self.snapshots.newest_first(verify=False)
-        ours = [i for i in snapshots if i.model_hash == self.codec_hash]
+        ours = self._recoverable_snapshots()
         if ours:
-            self.wal.delete_segments_before(min(i.wal_segment for i in ours[:2]))
+            self.wal.delete_segments_before(min(i.wal_segment for i in ours))
         self._prune_imports()
 
     def _observe(self, seconds: float, ok: bool) -> None:
