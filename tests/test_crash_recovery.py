@@ -70,7 +70,7 @@ class ServerProcess:
         args.update(flags)
         cmd = [sys.executable, "-m", "apcm.server.cli", "serve"]
         for k, v in args.items():
-            cmd += [f"--{k}", str(v)]
+            cmd += [f"--{k}"] if v is True else [f"--{k}", str(v)]  # True: a bare switch
         self._log = open(log_path, "ab")  # noqa: SIM115 (closed in kill())
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
         self.port = 0

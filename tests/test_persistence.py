@@ -175,17 +175,17 @@ def test_wal_torn_tail_is_truncated_and_log_continues(tmp_path: Path) -> None:
     _log(tmp_path, records).close()
     (_, path), = wal.list_segments(tmp_path)
     full = path.stat().st_size
-    with open(path, "r+b") as f:
-        f.truncate(full - 5)  # the last record's write was cut short
-    got, result = _replay(tmp_path)
-    assert [r.seq for r in got] == [1, 2, 3, 4, 5, 6]
-    assert result.truncated_bytes > 0
-    assert path.stat().st_size == full - 5 - result.truncated_bytes
-    # Appending after recovery goes to a new segment; everything replays cleanly.
-    # The torn record was never acknowledged: after a restart its sequence is used again.
-    _log(tmp_path, [wal.WalRecord(7, "clear", "b1", {})]).close()
+    with open(path, "ab") as f:  # a write cut short by the crash, never acknowledged
+        f.write(wal.encode_record(8, "clear", "b1", {})[:-5])
     got, result = _replay(tmp_path)
     assert [r.seq for r in got] == [1, 2, 3, 4, 5, 6, 7]
+    assert result.truncated_bytes > 0
+    assert path.stat().st_size == full
+    # Appending after recovery goes to a new segment; everything replays cleanly.
+    # The torn record was never acknowledged: after a restart its sequence is used again.
+    _log(tmp_path, [wal.WalRecord(8, "clear", "b1", {})]).close()
+    got, result = _replay(tmp_path)
+    assert [r.seq for r in got] == [1, 2, 3, 4, 5, 6, 7, 8]
     assert result.truncated_bytes == 0
 
 

@@ -93,14 +93,32 @@ def test_flipped_bit_in_the_last_records_length_keeps_it(tmp_path: Path) -> None
 def test_torn_tail_logs_what_it_dropped(tmp_path: Path, caplog) -> None:
     _fill(tmp_path, 5).close()
     (_, path), = wal.list_segments(tmp_path)
-    with open(path, "r+b") as f:
-        f.truncate(path.stat().st_size - 3)
+    size = path.stat().st_size
+    with open(path, "ab") as f:  # a write the crash cut short, past the acknowledged end
+        f.write(wal.encode_record(6, "clear", "b", {})[:-3])
     applied: list[wal.WalRecord] = []
     with caplog.at_level(logging.WARNING):
         result = wal.replay(tmp_path, HASH, 0, applied.append)
+    assert [r.seq for r in applied] == [1, 2, 3, 4, 5]
+    assert path.stat().st_size == size
+    assert (f"torn final write at byte {size} (record runs past the end of the file); "
+            f"dropping {result.truncated_bytes} bytes after sequence 5: it lies past the "
+            f"acknowledged end at byte {size} (sequence 5): never acknowledged") in caplog.text
+
+
+def test_an_acknowledged_record_cut_short_is_damage(tmp_path: Path) -> None:
+    _fill(tmp_path, 5).close()
+    (_, path), = wal.list_segments(tmp_path)
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - 3)
+    applied: list[wal.WalRecord] = []
+    with pytest.raises(WalCorruptError, match="acknowledged sequence 5 is lost"):
+        wal.replay(tmp_path, HASH, 0, applied.append)
     assert [r.seq for r in applied] == [1, 2, 3, 4]
+    # the same tail without the mark (a log written before marks existed): torn
+    (tmp_path / path.name).with_suffix(".acked").unlink()
+    result = wal.replay(tmp_path, HASH, 0, lambda r: None)
     assert result.truncated_bytes > 0
-    assert "1 partial record after sequence 4" in caplog.text
 
 
 @pytest.mark.parametrize("shape", [[4611686018427387904, 2, 2], [4294967296, 4294967296],

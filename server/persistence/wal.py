@@ -37,6 +37,7 @@ from .walformat import (
     iter_segment,
     prepare_record,
 )
+from .walmark import AckMark, write_mark
 from .walreplay import ReplayResult, WalCorruptError, WalGapError, replay
 from .walsegments import SegmentFiles, list_segments, segment_path, write_all
 
@@ -95,6 +96,11 @@ class WriteAheadLog(SegmentFiles):
         self.metrics = metrics
         self._cond = threading.Condition()
         self._buf: list[bytes] = []
+        self._buf_records = 0  # records in _buf, the last of them sequence _buf_seq
+        self._buf_seq = 0
+        self._mark_fd: int | None = None
+        self._records = 0
+        self._flushed_seq = 0
         self._appended = 0
         self._durable = 0
         self._flushing = False
@@ -151,6 +157,9 @@ class WriteAheadLog(SegmentFiles):
                 self._cond.notify_all()
             if fd is not None:
                 os.close(fd)
+            if self._mark_fd is not None:
+                os.close(self._mark_fd)
+                self._mark_fd = None
 
     @property
     def segment_index(self) -> int:
@@ -194,6 +203,8 @@ class WriteAheadLog(SegmentFiles):
         with self._cond:
             self._check_usable()
             self._buf.extend(record.finish(seq))
+            self._buf_records += 1
+            self._buf_seq = seq
             self._appended += 1
 
     def wait_durable(self, seq: int) -> None:
@@ -328,8 +339,9 @@ class WriteAheadLog(SegmentFiles):
         """Write (and maybe fsync) everything buffered. Caller holds the flushing role."""
         with self._cond:
             batch, self._buf = self._buf, []
-            upto = self._appended
-            fd = self._fd
+            records, self._buf_records = self._buf_records, 0
+            upto, last_seq = self._appended, self._buf_seq
+            fd, end = self._fd, self._good_end
         assert fd is not None
         data = b"".join(batch)
         try:
@@ -340,13 +352,21 @@ class WriteAheadLog(SegmentFiles):
                 os.fsync(fd)
                 if self.metrics is not None:
                     self.metrics.observe_fsync(time.perf_counter() - t0)
+            if records:
+                # before any of these writes is acknowledged (see walmark)
+                assert self._mark_fd is not None
+                write_mark(self._mark_fd,
+                           AckMark(end + len(data), last_seq, self._records + records))
         except OSError as e:
             with self._cond:
                 self._buf[:0] = batch  # kept for the new segment a recovery starts
+                self._buf_records += records
             if raise_os_error:
                 raise
             self._fail(e)
             raise WalError(f"write-ahead log write failed: {e}") from e
+        self._records += records
+        self._flushed_seq = max(self._flushed_seq, last_seq)
         with self._cond:
             self._durable = max(self._durable, upto)
             self._good_end += len(data)

@@ -209,7 +209,8 @@ class BadRecord(Exception):
     """A record (or segment header) fails a check.
 
     ``reaches_eof`` says whether everything from ``offset`` on looks like a torn
-    final write (cut short, or followed only by zero bytes).
+    final write (cut short, or followed only by zero bytes) when nothing says how
+    far the segment was acknowledged (``walmark``).
     """
 
     def __init__(self, offset: int, reason: str, reaches_eof: bool) -> None:
@@ -290,7 +291,10 @@ def _records_v2(f: io.BufferedReader, offset: int, size: int) -> Iterator[tuple[
         body = bytearray(length)
         f.readinto(body)
         if crc != zlib.crc32(body):
-            raise BadRecord(offset, "record fails its CRC32", end == size or _zeros_to_eof(f))
+            # The header's CRC proved the length whole and the body is all there: the
+            # bytes changed after they were written, so this is damage, not a torn append.
+            raise BadRecord(offset, f"record body fails its CRC32 (it says sequence "
+                            f"{_SEQ.unpack_from(body, length - _SEQ.size)[0]})", False)
         yield end, _decode(offset, body, 2)
         offset = end
 

@@ -1,8 +1,9 @@
 """Replay of the write-ahead log at start-up: every segment, in order, checked.
 
-A torn tail is cut off, damage a snapshot covers is skipped, anything else that
-would drop an acknowledged write (a bad record mid-log, a missing segment)
-stops start-up; see ``replay``.
+A torn tail (past what the log acknowledged, see ``walmark``) is cut off, damage a
+snapshot covers is skipped, anything else that would drop an acknowledged write (a
+bad record mid-log or before the acknowledged end, a missing segment) stops
+start-up; see ``replay``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 from ..errors import FailedPrecondition
 from ..fsutil import fsync_dir
 from .walformat import SEGMENT_END, BadRecord, WalRecord, iter_segment
+from .walmark import AckMark, read_mark
 from .walsegments import list_segments, segment_path
 
 log = logging.getLogger(__name__)
@@ -53,8 +55,11 @@ def replay(
 ) -> ReplayResult:
     """Apply every logged record with ``seq > after_seq``, in log order.
 
-    A torn tail of the last segment (cut short, or bad CRC followed only by
-    zeros) is truncated away: its write was never acknowledged. Damage in a
+    A bad tail of the last segment that starts at or past its acknowledgement
+    mark is a torn write and is truncated away: it was never acknowledged (a
+    segment without a mark: a tail cut short or followed only by zeros). A bad
+    record before the mark destroyed acknowledged writes: ``WalCorruptError``
+    naming them, or with ``allow_loss`` cut off with an error log. Damage in a
     segment below ``covered_below`` (all its records are in the snapshot) is
     logged and skipped. Any other bad record stops replay with
     ``WalCorruptError`` — skipping it would silently drop an acknowledged memory.
@@ -75,6 +80,7 @@ def replay(
         last_segment = n == len(segments) - 1
         result.segments.append(path)
         link = None
+        records = 0
 
         def check_header(header: dict[str, Any], path: Path = path) -> None:
             logged_hash = header.get("model_hash")
@@ -90,6 +96,7 @@ def replay(
                 if record.kind == SEGMENT_END:
                     link = int(record.fields["next_segment"])
                     continue
+                records += 1
                 result.last_seq = max(result.last_seq, record.seq)
                 if record.seq <= after_seq:
                     continue
@@ -107,14 +114,18 @@ def replay(
                     bad.reason)
                 result.skipped_segments.append((path, bad.reason))
                 continue
-            if not (last_segment and bad.reaches_eof):
+            mark = read_mark(path) if last_segment else None
+            if mark is not None and mark.records > 0 and bad.offset < mark.offset:
+                _acknowledged_lost(directory, path, bad, mark, records, result, allow_loss)
+            elif not (last_segment and (mark is not None or bad.reaches_eof)):
                 raise WalCorruptError(
                     f"write-ahead log {path} is corrupt at byte {bad.offset}: {bad.reason}; "
                     f"replay stopped after sequence {result.last_seq} (records after it "
                     "would be lost if skipped: restore the file or move it aside "
                     "deliberately)"
                 ) from bad
-            _cut_torn_tail(directory, path, bad, result)
+            else:
+                _cut_torn_tail(directory, path, bad, result, mark)
             if bad.offset == 0:
                 seen.discard(index)
                 seen.add(-index)  # it existed, empty: a link to it is not a gap
@@ -135,16 +146,48 @@ def _gap(result: ReplayResult, what: str, allow_loss: bool) -> None:
     log.error("%s; continuing WITHOUT them because allow_empty_start", message)
 
 
-def _cut_torn_tail(directory: Path, path: Path, bad: BadRecord, result: ReplayResult) -> None:
+def _acknowledged_lost(directory: Path, path: Path, bad: BadRecord, mark: AckMark,
+                       records: int, result: ReplayResult, allow_loss: bool) -> None:
+    """A bad record before the segment's acknowledged end: refuse, or cut and say what
+    was lost."""
+    first, last, count = result.last_seq + 1, mark.last_seq, mark.records - records
+    if count == 1 and first == last:
+        lost, verb = f"acknowledged sequence {last}", "is"
+    else:
+        lost = f"{count} record{'s' if count != 1 else ''} (acknowledged sequences " \
+               f"{first}..{last})"
+        verb = "is" if count == 1 else "are"
+    where = (f"write-ahead log {path} is damaged at byte {bad.offset} ({bad.reason}), "
+             f"before its acknowledged end at byte {mark.offset}")
+    if not allow_loss:
+        raise WalCorruptError(
+            f"{where}: {lost} {verb} lost; replay stopped after sequence "
+            f"{result.last_seq}. Restore the file, or start with --allow-empty-start to "
+            "accept the loss (the damaged bytes are then cut off)")
+    log.error("%s; LOSING %s because allow_empty_start", where, lost)
+    result.missing.append(lost)
+    _truncate(directory, path, bad, result)
+
+
+def _cut_torn_tail(directory: Path, path: Path, bad: BadRecord, result: ReplayResult,
+                   mark: AckMark | None) -> None:
     size = path.stat().st_size
-    dropped = "0 records (zero bytes)" if bad.reason.startswith("zero bytes") else \
-        f"1 partial record after sequence {result.last_seq}"
+    if mark is not None:
+        why = (f"it lies past the acknowledged end at byte {mark.offset} (sequence "
+               f"{mark.last_seq}): never acknowledged")
+    else:
+        why = ("the segment has no acknowledgement mark; a tail cut short or followed "
+               "only by zeros is taken as never acknowledged")
     log.warning(
-        "write-ahead log %s: torn final write at byte %d (%s); dropping %s: %d bytes "
-        "that were never acknowledged", path, bad.offset, bad.reason, dropped,
-        size - bad.offset,
+        "write-ahead log %s: torn final write at byte %d (%s); dropping %d bytes after "
+        "sequence %d: %s", path, bad.offset, bad.reason, size - bad.offset,
+        result.last_seq, why,
     )
-    result.truncated_bytes += size - bad.offset
+    _truncate(directory, path, bad, result)
+
+
+def _truncate(directory: Path, path: Path, bad: BadRecord, result: ReplayResult) -> None:
+    result.truncated_bytes += path.stat().st_size - bad.offset
     if bad.offset == 0:
         # Crashed while creating the segment: no record was ever in it.
         path.unlink()

@@ -4,7 +4,8 @@ Layout: ``<dir>/wal-<index:010d>.log`` segments, replayed in index order. A new
 segment is started on every open, before every snapshot and after an I/O error,
 so segments that a snapshot covers can be deleted whole. A segment that was
 followed by another ends with a ``SEGMENT_END`` record naming it, so replay
-notices a deleted segment. The record format is in ``walformat``; ``wal``
+notices a deleted segment. Next to each segment, ``wal-<index>.acked`` says how
+far it was acknowledged (``walmark``). The record format is in ``walformat``; ``wal``
 appends to the newest segment and ``walreplay`` reads them all back.
 """
 
@@ -26,6 +27,7 @@ from .walformat import (
     encode_record,
     segment_version,
 )
+from .walmark import AckMark, open_mark, remove_mark
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +55,9 @@ class SegmentFiles:
     from the one before, deleting those a snapshot covers.
 
     ``WriteAheadLog`` sets these attributes; ``_fd``, ``_index``, ``_bytes`` and
-    ``_good_end`` change only under ``_cond``.
+    ``_good_end`` change only under ``_cond``. ``_mark_fd`` is the current segment's
+    acknowledgement mark, ``_records`` the records flushed into it and ``_flushed_seq``
+    the last sequence flushed (only the flushing role changes them).
     """
 
     directory: Path
@@ -64,6 +68,9 @@ class SegmentFiles:
     _index: int
     _good_end: int
     _bytes: int
+    _mark_fd: int | None
+    _records: int
+    _flushed_seq: int
 
     def delete_segments_before(self, index: int) -> int:
         """Remove segments with a lower index (a durable snapshot covers them). Returns count."""
@@ -73,6 +80,7 @@ class SegmentFiles:
                 break
             size = path.stat().st_size
             path.unlink()
+            remove_mark(path)
             with self._cond:
                 self._bytes -= size
             removed += 1
@@ -86,23 +94,31 @@ class SegmentFiles:
         path = segment_path(self.directory, index)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
         header = encode_header(self.model_hash, index)
+        mark_fd: int | None = None
         try:
             write_all(fd, header)
             os.fsync(fd)
+            mark_fd = open_mark(path, AckMark(len(header), self._flushed_seq, 0))
             fsync_dir(self.directory)
         except OSError:
             os.close(fd)
+            if mark_fd is not None:
+                os.close(mark_fd)
             path.unlink(missing_ok=True)
+            remove_mark(path)
             raise
         link = 0
-        old = self._fd
+        old, old_mark = self._fd, self._mark_fd
         if old is not None:
             link = self._write_link(old, index)
         with self._cond:
             self._fd, self._index, self._good_end = fd, index, len(header)
             self._bytes += len(header) + link
+        self._mark_fd, self._records = mark_fd, 0
         if old is not None:
             os.close(old)  # after the swap: the sync thread dups the descriptor under _cond
+        if old_mark is not None:
+            os.close(old_mark)
         self._report_bytes()
 
     def _write_link(self, fd: int, index: int) -> int:
