@@ -181,7 +181,8 @@ class Settings:
         if self.memory_limit_bytes < 0:
             raise ValueError(f"memory_limit_bytes must be >= 0, got {self.memory_limit_bytes}")
         if bool(self.tls_cert) != bool(self.tls_key):
-            raise ValueError("tls_cert and tls_key must be given together")
+            given, missing = ("cert", "key") if self.tls_cert else ("key", "cert")
+            raise ValueError(f"--tls-{given} needs --tls-{missing} (TLS takes both)")
         return self
 
     def replace(self, **changes: Any) -> Settings:

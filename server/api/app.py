@@ -30,15 +30,14 @@ from ..config import Settings
 from ..domain.service import MemoryService
 from ..errors import FailedPrecondition
 from ..metrics import Metrics
-from .auth import build_auth_interceptor
 from .interceptors import (
     DecodeErrorInterceptor,
     ErrorInterceptor,
     MetricsInterceptor,
     ReadinessInterceptor,
 )
+from .preflight import bind_failure, check_startup
 from .servicer import MemoryServicer
-from .tls import server_credentials
 
 log = logging.getLogger("apcm")
 SERVICE_NAME = memory_pb2.DESCRIPTOR.services_by_name["MemoryService"].full_name
@@ -155,7 +154,9 @@ def build_server(
     """Load the codec and wire servicers, health, reflection and interceptors.
 
     Nothing is served until ``start()``. Returns the server and its bound port.
+    Settings and the files they name are checked before the codec loads.
     """
+    checked = check_startup(settings)
     pin_mmap_threshold()
     if settings.torch_threads > 0:
         torch.set_num_threads(settings.torch_threads)
@@ -166,7 +167,7 @@ def build_server(
     service = MemoryService(settings, codec, metrics)
 
     cluster = ClusterNode(settings, service)
-    auth = build_auth_interceptor(settings)
+    auth = checked.auth
     interceptors: list[Any] = [
         *cluster.interceptors,  # outermost: forwards before anything decodes
         MetricsInterceptor(metrics), *([auth] if auth else []), ErrorInterceptor(),
@@ -199,9 +200,7 @@ def build_server(
     )
     _add_reflection_v1(server)
     address = f"{settings.host}:{settings.grpc_port}"
-    # tls.py also refuses a client CA without a server certificate, which would
-    # otherwise silently serve plaintext.
-    credentials = server_credentials(settings)
+    credentials = checked.credentials
     try:
         if credentials is None:
             port = server.add_insecure_port(address)
@@ -211,8 +210,8 @@ def build_server(
         port = 0
     if port == 0:
         raise FailedPrecondition(
-            f"cannot bind gRPC to {address}: port {settings.grpc_port} is in use or not "
-            "allowed; choose another with --port (env APCM_GRPC_PORT)")
+            f"cannot bind gRPC to {address}: {bind_failure(settings.host, settings.grpc_port)}; "
+            "choose another --host or --port (env APCM_HOST, APCM_GRPC_PORT)")
     apcm_server = ApcmServer(settings, service, server, port, health_servicer)
     apcm_server.cluster = cluster
     health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -232,7 +231,12 @@ def serve(settings: Settings) -> int:
     except FailedPrecondition as e:
         log.error("cannot start: %s", e.message)
         return 2
-    except (ValueError, OSError) as e:  # bad TLS files, keys file, settings
+    except OSError as e:
+        # a write's error (disk full) carries no file name unless we put it there
+        where = f"{e.filename}: " if e.filename else ""
+        log.error("cannot start: %s%s", where, e.strerror or e)
+        return 2
+    except ValueError as e:  # bad TLS files, keys file, settings
         log.error("cannot start: %s", e)
         return 2
     print(

@@ -24,7 +24,14 @@ class ClusterNode:
         ValueError: contradictory cluster settings.
     """
 
+    @staticmethod
+    def check_settings(settings: Settings) -> None:
+        """Raises ``ValueError`` for cluster settings this server cannot run with."""
+        if ClusterConfig.from_settings(settings) is not None and settings.tls_cert:
+            raise ValueError("a cluster with TLS is not supported yet: peers talk plaintext")
+
     def __init__(self, settings: Settings, service: MemoryService) -> None:
+        self.check_settings(settings)
         self.settings = settings
         self.service = service
         self.config = ClusterConfig.from_settings(settings)
@@ -34,8 +41,6 @@ class ClusterNode:
         self.router: ClusterRouter | None = None
         if self.config is None:
             return
-        if settings.tls_cert:
-            raise ValueError("a cluster with TLS is not supported yet: peers talk plaintext")
         self.peers = PeerChannels(self.config, settings.max_message_bytes)
         self.router = ClusterRouter(self.config, self.has_bank, settings.default_bank,
                                     self.gates, self.peers, settings.forward_timeout_s)

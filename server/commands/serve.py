@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ..config import add_settings_arguments, settings_from_args
 
@@ -22,4 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..api.app import serve
 
-    return serve(settings_from_args(args))
+    try:
+        settings = settings_from_args(args)
+    except ValueError as e:  # contradictory flags or a malformed APCM_* variable
+        print(f"apcm serve: error: {e}", file=sys.stderr)
+        return 2
+    return serve(settings)

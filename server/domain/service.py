@@ -103,6 +103,13 @@ class MemoryService(BankMoves):
                 observe=lambda n: observe("Read", n),
             )
 
+    @staticmethod
+    def check_settings(settings: Settings) -> None:
+        """Raises ``ModelFileError`` for an ``--embedder`` JSON object that does not parse
+        (checked before any model loads; "auto" is checked against the model later)."""
+        if settings.embedder not in ("", "auto", "none"):
+            resolve_spec(settings.embedder, {})
+
     def _load_embedder(self, spec: EmbedderSpec) -> Embedder:
         if spec.dim != self.codec.input_dim:
             raise FailedPrecondition(

@@ -100,13 +100,14 @@ class SegmentFiles:
             os.fsync(fd)
             mark_fd = open_mark(path, AckMark(len(header), self._flushed_seq, 0))
             fsync_dir(self.directory)
-        except OSError:
+        except OSError as e:
             os.close(fd)
             if mark_fd is not None:
                 os.close(mark_fd)
             path.unlink(missing_ok=True)
             remove_mark(path)
-            raise
+            # a failed write names no file; the operator needs to know which disk is full
+            raise OSError(e.errno, e.strerror, e.filename or str(path)) from e
         link = 0
         old, old_mark = self._fd, self._mark_fd
         if old is not None:
