@@ -48,7 +48,11 @@ class Settings:
     host: str = _f("[::]", "address to bind the gRPC server to")
     grpc_port: int = _f(50051, "gRPC port (0 picks a free port)", alias="--port")
     metrics_port: int = _f(9090, "Prometheus metrics HTTP port (0 picks a free port, -1 disables)")
-    metrics_host: str = _f("0.0.0.0", "address to bind the metrics HTTP server to")
+    metrics_host: str = _f(
+        "127.0.0.1", "address to bind the metrics HTTP server to: loopback by default (the "
+        "page has no authentication and names banks); 0.0.0.0 for a Prometheus in another "
+        "container or pod, as deploy/ sets it"
+    )
     model: str = _f(DEFAULT_MODEL, "codec weights file (.safetensors) to serve")
     device: str = _f("auto", "where the codec and banks live", ("auto", "cpu", "cuda"))
     embedder: str = _f(
@@ -120,6 +124,11 @@ class Settings:
     read_only_api_keys: str = _f(
         "", "comma-separated read-only API keys (visible in ps as a flag: prefer "
         "--api-keys-file or APCM_READ_ONLY_API_KEYS)"
+    )
+    reflection_without_key: bool = _f(
+        False, "with API keys on, answer server reflection (v1 and v1alpha) without a key; "
+        "by default it needs one like every call but health Check, since it describes the "
+        "whole API"
     )
     api_keys_file: str = _f(
         "", "file with one key per line, 'rw:KEY' or 'ro:KEY' (never logged); the preferred "

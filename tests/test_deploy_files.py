@@ -184,6 +184,8 @@ def test_compose_stack() -> None:
     assert apcm["environment"]["APCM_API_KEYS_FILE"] == "/run/secrets/apcm-api-keys"
     assert "apcm-data:/var/lib/apcm" in apcm["volumes"]
     assert {"50051:50051", "9090:9090"} <= set(apcm["ports"])
+    # the metrics page binds loopback by default; the published port needs all addresses
+    assert apcm["environment"]["APCM_METRICS_HOST"] == "0.0.0.0"
     assert int(apcm["stop_grace_period"].rstrip("s")) > Settings().shutdown_grace_s
     for service in services.values():
         for volume in service.get("volumes", []):
@@ -257,6 +259,7 @@ def test_statefulset_lifecycle_and_security() -> None:
 def test_configmap_names_real_settings() -> None:
     config = _k8s_objects()["ConfigMap/apcm-config"]["data"]
     assert set(config) <= SETTINGS_ENV, set(config) - SETTINGS_ENV
+    assert config["APCM_METRICS_HOST"] == "0.0.0.0"  # Prometheus scrapes the pod's IP
     defaults = {env_name(f.name): f.default for f in fields(Settings)}
     for name, value in config.items():
         kind = type(defaults[name])

@@ -37,7 +37,7 @@ from test_security import healthcheck_module
 from apcm.client import MemoryClient
 
 ROOT = Path(__file__).resolve().parents[1]
-READY_LINE = re.compile(r"serving gRPC on (\S+):(\d+), metrics on :(\d+)")
+READY_LINE = re.compile(r"serving gRPC on (\S+):(\d+), metrics on \S*:(\d+)")
 
 
 @dataclass

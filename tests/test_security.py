@@ -246,12 +246,16 @@ def test_read_only_key_cannot_change_anything(
     assert (after.occupied, after.capacity) == (before.occupied, before.capacity)
 
 
-def test_health_and_reflection_need_no_key(keyed_server: str) -> None:
+def test_health_check_needs_no_key_reflection_does(keyed_server: str) -> None:
     with MemoryClient(keyed_server, timeout=10) as client:
         assert client.health() == "SERVING"
         stub = reflection_pb2_grpc.ServerReflectionStub(client.channel)
         request = reflection_pb2.ServerReflectionRequest(list_services="")
-        reply = next(stub.ServerReflectionInfo(iter([request]), timeout=10))
+        with pytest.raises(grpc.RpcError) as exc:
+            next(stub.ServerReflectionInfo(iter([request]), timeout=10))
+        assert exc.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        reply = next(stub.ServerReflectionInfo(
+            iter([request]), timeout=10, metadata=(("authorization", f"Bearer {RW_KEY}"),)))
     names = {s.name for s in reply.list_services_response.service}
     assert "apcm.v1.MemoryService" in names
 

@@ -241,7 +241,8 @@ def serve(settings: Settings) -> int:
         return 2
     print(
         f"apcm: serving gRPC on {settings.host}:{port}"
-        + (f", metrics on :{server.metrics_port}" if server.metrics_port is not None else ""),
+        + (f", metrics on {settings.metrics_host}:{server.metrics_port}"
+           if server.metrics_port is not None else ""),
         file=sys.stderr,
         flush=True,
     )

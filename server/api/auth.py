@@ -4,9 +4,11 @@ Keys come from ``settings.api_keys`` (read-write), ``settings.read_only_api_keys
 and ``settings.api_keys_file`` (lines ``rw:KEY`` / ``ro:KEY``). With no key
 configured, :func:`build_auth_interceptor` returns ``None`` and the server is open.
 
-Health checks and reflection stay reachable without a key so that probes
-(Docker ``HEALTHCHECK``, Kubernetes gRPC probes) and generic clients work.
-Keys are never logged and never appear in an error message.
+Only health ``Check`` answers without a key, so that probes (Docker
+``HEALTHCHECK``, Kubernetes gRPC probes) work: health ``Watch`` and server
+reflection need a key like every other call (reflection can be opened with
+``settings.reflection_without_key``). Keys are never logged and never appear in
+an error message.
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ READ_ONLY_METHODS = frozenset(
         "ListSnapshots",
     )
 ) | {"/apcm.v1.ClusterService/GetClusterInfo"}  # the shard map: what SDK routing needs
-OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+OPEN_METHODS = frozenset({"/grpc.health.v1.Health/Check"})
+REFLECTION_PREFIX = "/grpc.reflection."
 # At most one "rejected" log line per this many seconds: a misconfigured client or a
 # scanner would otherwise write one line per call.
 REJECTION_LOG_INTERVAL_S = 10.0
@@ -199,13 +202,15 @@ class ApiKeyInterceptor(grpc.ServerInterceptor):
     """Admits an RPC when its bearer key's role allows the method.
 
     No or unknown key -> ``UNAUTHENTICATED``; a read-only key on a method that
-    writes -> ``PERMISSION_DENIED``. Health and reflection need no key.
+    writes -> ``PERMISSION_DENIED``. Health ``Check`` needs no key, nor reflection
+    when ``open_reflection``.
     """
 
-    def __init__(self, keys: KeyRing) -> None:
+    def __init__(self, keys: KeyRing, open_reflection: bool = False) -> None:
         if not len(keys):
             raise ValueError("ApiKeyInterceptor needs at least one key")
         self._keys = keys
+        self._open_reflection = open_reflection
         self._log = _RateLimitedLog(REJECTION_LOG_INTERVAL_S)
 
     def intercept_service(
@@ -214,7 +219,8 @@ class ApiKeyInterceptor(grpc.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
         method = handler_call_details.method
-        if method.startswith(OPEN_METHOD_PREFIXES):
+        if method in OPEN_METHODS or (self._open_reflection
+                                      and method.startswith(REFLECTION_PREFIX)):
             return continuation(handler_call_details)
         denial = self._denial(method, handler_call_details.invocation_metadata)
         handler = continuation(handler_call_details)
@@ -251,4 +257,4 @@ def build_auth_interceptor(settings: Settings) -> grpc.ServerInterceptor | None:
     if not len(keys):
         return None
     log.info("API-key authentication on: %d key(s) configured", len(keys))
-    return ApiKeyInterceptor(keys)
+    return ApiKeyInterceptor(keys, open_reflection=settings.reflection_without_key)
