@@ -8,13 +8,14 @@ tells the model what to do next; an unreachable server fails within the
 ``--timeout`` deadline instead of hanging.
 
 Serves stdio by default (for agent hosts that spawn it), or streamable HTTP
-with ``--transport http --port N``.
+with ``--transport http --port N``, which needs a bearer token (``mcp_http``).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 from typing import Any, Literal
 
 from .errors import (
@@ -25,6 +26,7 @@ from .errors import (
     NotFoundError,
     UnavailableError,
 )
+from .mcp_http import TOKEN_ENV, read_token, serve_http
 from .sync import MemoryClient
 
 INSTRUCTIONS = (
@@ -196,6 +198,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "fails within it)")
     parser.add_argument("--api-key", default=os.environ.get("APCM_API_KEY"),
                         help="ApCM API key (env APCM_API_KEY)")
+    parser.add_argument("--http-token-file", default=None,
+                        help="file whose first line is the bearer token HTTP clients must "
+                        f"send (else env {TOKEN_ENV}); required with --transport http")
     parser.add_argument("--tls", action="store_true", help="use TLS with the system roots")
     parser.add_argument("--tls-ca", default="", help="PEM CA bundle of the server (enables TLS)")
     parser.set_defaults(func=run)
@@ -204,13 +209,26 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from .channel import TLSConfig
 
+    token = None
+    if args.transport == "http":
+        try:
+            token = read_token(os.environ.get(TOKEN_ENV), args.http_token_file)
+        except OSError as e:
+            print(f"apcm mcp: error: cannot read --http-token-file: {e}", file=sys.stderr)
+            return 2
+        if token is None:
+            # whoever reaches the port would act with this server's ApCM key
+            print(f"apcm mcp: error: --transport http needs a bearer token: set {TOKEN_ENV} "
+                  "or --http-token-file (clients send 'Authorization: Bearer <token>'), "
+                  f"e.g. {TOKEN_ENV}=$(openssl rand -hex 32)", file=sys.stderr)
+            return 2
     tls: bool | TLSConfig = TLSConfig.from_files(args.tls_ca) if args.tls_ca else args.tls
     client = MemoryClient(args.target, timeout=args.timeout, api_key=args.api_key, tls=tls,
                           retries=1)
     mcp = build_mcp(AgentMemory(client, args.target))
     try:
-        if args.transport == "http":
-            mcp.run("streamable-http", host=args.host, port=args.port)
+        if token is not None:
+            serve_http(mcp, args.host, args.port, token)
         else:
             mcp.run("stdio")
     finally:
