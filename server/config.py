@@ -76,8 +76,9 @@ class Settings:
     )
     max_payload_bytes: int = _f(65_536, "largest payload per memory, bytes")
     memory_limit_bytes: int = _f(
-        0, "bytes all banks together may hold (codes, slot metadata, keys, payloads); "
-        "CreateBank and payload writes beyond it are refused with RESOURCE_EXHAUSTED. "
+        0, "bytes all banks together may hold (codes, slot metadata, keys, metadata, "
+        "payloads, IVF lists and lexical indexes); CreateBank and writes beyond it are "
+        "refused with RESOURCE_EXHAUSTED. "
         f"0 = {MEMORY_LIMIT_FRACTION:g} x the cgroup memory limit "
         "(/sys/fs/cgroup/memory.max or memory.limit_in_bytes), or x physical RAM if none"
     )

@@ -43,6 +43,9 @@ except ImportError:  # pragma: no cover - PyStemmer ships with the server extra
 
 _VOCAB_SLACK = 4  # rebuild the vocabulary when it is this many times the live one
 _VOCAB_MIN = 50_000
+# a vocabulary entry is a str key and an int in two dicts (the tokenizer's and the
+# retriever's): an estimate, as Python objects have no exact size to add up cheaply
+_VOCAB_ENTRY_BYTES = 200
 
 
 def is_text(payload: bytes | None) -> bool:
@@ -75,6 +78,8 @@ class LexicalIndex:
         self._built = _Built(0, np.zeros(0, dtype=np.int64), None)
         self._tokenizer = self._new_tokenizer()
         self._tokens: dict[int, tuple[bytes, np.ndarray]] = {}
+        self._doc_bytes = 0  # of the texts in _docs
+        self._built_bytes = 0  # token ids, BM25 matrix and vocabulary of the last build
 
     @staticmethod
     def _new_tokenizer() -> Tokenizer:
@@ -84,18 +89,32 @@ class LexicalIndex:
     def __len__(self) -> int:
         return len(self._docs)
 
+    def nbytes(self) -> int:
+        """Bytes the index holds: its copy of the texts (exact, kept at every change)
+        plus the token ids, BM25 matrix and vocabulary of the last build."""
+        return self._doc_bytes + self._built_bytes
+
+    def _drop(self, slot: int) -> bool:
+        old = self._docs.pop(slot, None)
+        if old is None:
+            return False
+        self._doc_bytes -= len(old)
+        return True
+
     def set(self, slot: int, text: bytes | None) -> None:
         """Slot ``slot`` now holds ``text`` (UTF-8), or no text memory if None."""
         with self._lock:
+            dropped = self._drop(slot)
             if text:
                 self._docs[slot] = text
-            elif self._docs.pop(slot, None) is None:
+                self._doc_bytes += len(text)
+            elif not dropped:
                 return
             self._generation += 1
 
     def remove(self, slots: Iterable[int]) -> None:
         with self._lock:
-            gone = [s for s in slots if self._docs.pop(s, None) is not None]
+            gone = [s for s in slots if self._drop(s)]
             if gone:
                 self._generation += 1
 
@@ -103,12 +122,14 @@ class LexicalIndex:
         with self._lock:
             if self._docs:
                 self._docs.clear()
+                self._doc_bytes = 0
                 self._generation += 1
 
     def load(self, docs: dict[int, bytes]) -> None:
         """Replaces the table (recovery, restore, a bank moved in)."""
         with self._lock:
             self._docs = {s: t for s, t in docs.items() if t}
+            self._doc_bytes = sum(len(t) for t in self._docs.values())
             self._generation += 1
 
     def text_slots(self) -> list[int]:
@@ -129,9 +150,21 @@ class LexicalIndex:
                     return self._built
                 generation, docs = self._generation, dict(self._docs)
             built = self._build(generation, docs)
+            size = self._size_of(built)
             with self._lock:
                 self._built = built
+                self._built_bytes = size
             return built
+
+    def _size_of(self, built: _Built) -> int:
+        """Bytes of a build besides the texts (build lock held)."""
+        tokens = sum(ids.nbytes for _, ids in self._tokens.values())
+        vocab = len(self._tokenizer.get_vocab_dict()) * _VOCAB_ENTRY_BYTES
+        matrix = 0
+        if built.retriever is not None:
+            matrix = sum(a.nbytes for a in built.retriever.scores.values()
+                         if isinstance(a, np.ndarray))
+        return built.slots.nbytes + tokens + vocab + matrix
 
     def _build(self, generation: int, docs: dict[int, bytes]) -> _Built:
         """Tokenises new texts (the build lock held) and builds the BM25 matrix."""

@@ -221,10 +221,12 @@ class BankSlots:
         return tensors + columns - self.payloads.live + self._key_index.nbytes() + index
 
     def reserved_bytes(self) -> int:
-        """What the server's memory limit counts for this bank besides payloads: every
-        slot of ``capacity`` (a bank may always fill up) plus keys and metadata."""
+        """What the server's memory limit counts for this bank besides payloads (and
+        its lexical index, which the store keeps): every slot of ``capacity`` (a bank
+        may always fill up), keys, metadata and the IVF index's lists and centroids."""
         slots = self.capacity * self.slot_bytes(self.code_dim, self.code_dtype)
-        return slots + self.keys.live + self.metadata.live
+        index = self.index.nbytes() if self.index is not None else 0
+        return slots + self.keys.live + self.metadata.live + index
 
     def search_vectors(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes [n, m] -> the vectors [n, d] float32 a read's cosine compares the query

@@ -119,12 +119,12 @@ class MemoryStore(BankMoves, StoreRecovery):
                         seq = self._next_seq()
                     bank.applied_seq = seq
                     self._banks = {**self._banks, name: bank}
-                    stats = bank.stats()  # nobody else can hold the new bank's lock yet
+                    stats = self._stats(bank)  # nobody else can hold the new bank's lock yet
         if existing is not None:
             if not exist_ok:
                 raise AlreadyExists(f"bank {shorten(name)} already exists", field="name")
             with existing.lock:
-                return existing.stats()
+                return self._stats(existing)
         self._wait(seq)
         return stats
 
@@ -151,7 +151,7 @@ class MemoryStore(BankMoves, StoreRecovery):
         """A bank's stats; the lock is held shared, so a scrape never waits for reads
         (only the counters, which reads change, need ``counter_lock``)."""
         with self._shared(name) as bank, bank.counter_lock:
-            return bank.stats()
+            return self._stats(bank)
 
     def write(
         self,
@@ -178,11 +178,13 @@ class MemoryStore(BankMoves, StoreRecovery):
         """
         with self._locked(bank) as b:
             keys, payloads = b.validate_write(codes, keys, payloads)
-            added = sum(len(p) for p in payloads if p) + sum(len(k.encode()) for k in keys if k)
-            self._check_memory(added, f"this write's {added} bytes of payloads and keys")
             n = codes.shape[0]
             assert not metadata or len(metadata) == n, (n, len(metadata))
             metas = [validate_metadata(m) for m in metadata] if metadata else None
+            encoded = [encode_metadata(m) for m in metas] if metas and any(metas) else None
+            flags = [bool(t) for t in text] if text else [False] * n
+            assert len(flags) == n, (n, len(flags))
+            self._check_write_room(keys, payloads, encoded, flags)
             # planning only compares new sequences with the bank's, which are all below
             # last_seq + 1 (and cannot change while we hold its lock): no store lock needed
             slots = b.plan_write(keys, self.last_seq + 1)
@@ -192,10 +194,8 @@ class MemoryStore(BankMoves, StoreRecovery):
                 "keys": [k or "" for k in keys],
                 "payloads": [p or b"" for p in payloads],
             }
-            if metas and any(metas):  # absent from older records and metadata-less writes
-                fields["metadata"] = [encode_metadata(m) for m in metas]
-            flags = [bool(t) for t in text] if text else [False] * n
-            assert len(flags) == n, (n, len(flags))
+            if encoded:  # absent from older records and metadata-less writes
+                fields["metadata"] = encoded
             fields["text"] = np.asarray(flags, dtype=np.uint8)  # absent: older records
             record = self._prepare("write", bank, fields, count=n)
             with self.seq_lock:
@@ -209,6 +209,22 @@ class MemoryStore(BankMoves, StoreRecovery):
             indexing.maybe_start(b)
         self._wait(sequences[-1])
         return result
+
+    def _check_write_room(self, keys: list[str | None], payloads: list[bytes | None],
+                          metadata: list[bytes] | None, text: list[bool]) -> None:
+        """Charges a write's bytes against the memory limit before it is logged: keys,
+        payloads, metadata, and the lexical index's own copy of each text (its token
+        ids and matrix are counted once the next lexical read builds them)."""
+        parts = {
+            "payloads": sum(len(p) for p in payloads if p),
+            "keys": sum(len(k.encode()) for k in keys if k),
+            "metadata": sum(len(m) for m in metadata) if metadata else 0,
+            "lexical index": sum(len(p) for p, t in zip(payloads, text, strict=True)
+                                 if t and p),
+        }
+        added = sum(parts.values())
+        what = ", ".join(f"{v} of {k}" for k, v in parts.items() if v)
+        self._check_memory(added, f"this write ({what} bytes)")
 
     def read(self, bank: str, latents: torch.Tensor,
              options: ReadOptions = DEFAULT_READ) -> ReadResult:
@@ -271,7 +287,7 @@ class MemoryStore(BankMoves, StoreRecovery):
             b.clear()
             self.texts.of(b).clear()
             b.applied_seq = seq
-            stats = b.stats()
+            stats = self._stats(b)
         self._wait(seq)
         return stats
 
@@ -281,5 +297,5 @@ class MemoryStore(BankMoves, StoreRecovery):
         out = []
         for _, bank in banks:
             with bank.lock.shared(), bank.counter_lock:  # see ``describe``
-                out.append(bank.stats())
+                out.append(self._stats(bank))
         return out

@@ -7,6 +7,7 @@ helpers that follow it (``_locked``, ``_shared``, ``_all_locked``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from .bank import MemoryBank
 from .eviction import make_policy, validate_half_life
 from .ivf import IndexConfig
 from .names import shorten
+from .results import BankStats
 from .scoring import CodeScorer
 from .texts import TextIndexes
 
@@ -170,9 +172,18 @@ class StoreBase:
 
     def usage_bytes(self) -> int:
         """Bytes the memory limit counts: every bank's full capacity of slots (reserved
-        at creation, although its tensors grow only as it fills), keys, metadata and
-        payloads (no locks: an estimate while writes run)."""
-        return sum(b.reserved_bytes() + b.payload_bytes for b in self._banks.values())
+        at creation, although its tensors grow only as it fills), keys, metadata,
+        payloads, IVF lists and lexical index (no locks: an estimate while writes run)."""
+        return sum(b.reserved_bytes() + b.payload_bytes + self.texts.of(b).nbytes()
+                   for b in self._banks.values())
+
+    def _stats(self, bank: MemoryBank) -> BankStats:
+        """``bank.stats()`` with the bank's lexical index, which the store keeps, counted
+        in its memory and reserved bytes (caller holds the bank's lock)."""
+        stats = bank.stats()
+        lexical = self.texts.of(bank).nbytes()
+        return dataclasses.replace(stats, memory_bytes=stats.memory_bytes + lexical,
+                                   reserved_bytes=stats.reserved_bytes + lexical)
 
     def check_room(self, adding: int, what: str) -> None:
         """Raises ``ResourceExhausted`` unless ``adding`` more bytes fit the memory limit."""
