@@ -589,3 +589,15 @@ def test_write_health_follows_the_log_while_reads_keep_serving(
             time.sleep(0.05)
         assert client.health(WRITES_HEALTH_NAME) == "SERVING"
         client.write(codes=codes, mode="per_item", keys=["after"])
+
+
+def test_damage_before_intact_records_is_never_cut_even_when_loss_is_allowed(
+    tmp_path: Path
+) -> None:
+    _fill(tmp_path, 5).close()
+    (_, path), = wal.list_segments(tmp_path)
+    size = path.stat().st_size
+    _flip(path, _offsets(path)[2] + 20, 0x08)  # record 3's body; 4 and 5 follow intact
+    with pytest.raises(WalCorruptError, match="is corrupt at byte"):
+        wal.replay(tmp_path, HASH, 0, lambda r: None, allow_loss=True)
+    assert path.stat().st_size == size

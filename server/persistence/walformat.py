@@ -208,16 +208,19 @@ def encode_header(model_hash: str, index: int) -> bytes:
 class BadRecord(Exception):
     """A record (or segment header) fails a check.
 
-    ``reaches_eof`` says whether everything from ``offset`` on looks like a torn
-    final write (cut short, or followed only by zero bytes) when nothing says how
-    far the segment was acknowledged (``walmark``).
+    ``reaches_eof`` says whether the damage runs to the end of the file (the record
+    is cut short, ends the file, or only zero bytes follow it): nothing intact
+    comes after it. ``complete`` says the record is all there (its header CRC
+    held and the file holds its full length), so it cannot be a torn append.
     """
 
-    def __init__(self, offset: int, reason: str, reaches_eof: bool) -> None:
+    def __init__(self, offset: int, reason: str, reaches_eof: bool,
+                 complete: bool = False) -> None:
         super().__init__(reason)
         self.offset = offset
         self.reason = reason
         self.reaches_eof = reaches_eof
+        self.complete = complete
 
 
 def _zeros_to_eof(f: io.BufferedReader) -> bool:
@@ -294,7 +297,8 @@ def _records_v2(f: io.BufferedReader, offset: int, size: int) -> Iterator[tuple[
             # The header's CRC proved the length whole and the body is all there: the
             # bytes changed after they were written, so this is damage, not a torn append.
             raise BadRecord(offset, f"record body fails its CRC32 (it says sequence "
-                            f"{_SEQ.unpack_from(body, length - _SEQ.size)[0]})", False)
+                            f"{_SEQ.unpack_from(body, length - _SEQ.size)[0]})",
+                            end == size or _zeros_to_eof(f), complete=True)
         yield end, _decode(offset, body, 2)
         offset = end
 

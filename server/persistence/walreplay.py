@@ -115,9 +115,12 @@ def replay(
                 result.skipped_segments.append((path, bad.reason))
                 continue
             mark = read_mark(path) if last_segment else None
-            if mark is not None and mark.records > 0 and bad.offset < mark.offset:
+            acknowledged = mark is not None and mark.records > 0 and bad.offset < mark.offset
+            if acknowledged and bad.reaches_eof:
+                assert mark is not None
                 _acknowledged_lost(directory, path, bad, mark, records, result, allow_loss)
-            elif not (last_segment and (mark is not None or bad.reaches_eof)):
+            elif acknowledged or not last_segment or (
+                    mark is None and (bad.complete or not bad.reaches_eof)):
                 raise WalCorruptError(
                     f"write-ahead log {path} is corrupt at byte {bad.offset}: {bad.reason}; "
                     f"replay stopped after sequence {result.last_seq} (records after it "
