@@ -239,6 +239,15 @@ def serve(settings: Settings) -> int:
     except ValueError as e:  # bad TLS files, keys file, settings
         log.error("cannot start: %s", e)
         return 2
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("signal %s: shutting down", signal.Signals(signum).name)
+        threading.Thread(target=server.stop, name="apcm-shutdown", daemon=True).start()
+
+    # before the ready line: a supervisor that stops us as soon as it reads it must get
+    # the graceful shutdown, not the default SIGTERM action
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     print(
         f"apcm: serving gRPC on {settings.host}:{port}"
         + (f", metrics on {settings.metrics_host}:{server.metrics_port}"
@@ -246,13 +255,6 @@ def serve(settings: Settings) -> int:
         file=sys.stderr,
         flush=True,
     )
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        log.info("signal %s: shutting down", signal.Signals(signum).name)
-        threading.Thread(target=server.stop, name="apcm-shutdown", daemon=True).start()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
     server.wait()
     log.info("stopped")
     return 0
