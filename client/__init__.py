@@ -35,6 +35,7 @@ from .sync import MemoryClient
 from .types import (
     BankIndex,
     BankInfo,
+    ContextTurn,
     DeleteResult,
     Hit,
     ItemCheck,
@@ -54,6 +55,7 @@ __all__ = [
     "BankIndex",
     "BankInfo",
     "ClientClosedError",
+    "ContextTurn",
     "DeadlineExceededError",
     "DeleteResult",
     "FailedPreconditionError",

@@ -344,6 +344,11 @@ def remember(
                 timeout=timeout)
 
 
+RECALL_FUSIONS = {
+    None: memory_pb2.RECALL_FUSION_UNSPECIFIED,
+    "convex": memory_pb2.RECALL_FUSION_CONVEX,
+    "rrf": memory_pb2.RECALL_FUSION_RRF,
+}
 RECALL_MODES = {
     None: memory_pb2.RECALL_MODE_UNSPECIFIED,
     "dense": memory_pb2.RECALL_MODE_DENSE,
@@ -360,6 +365,8 @@ def recall(
     min_score: float | None = None,
     mode: str | None = None,
     *,
+    context: int | None = None,
+    fusion: str | None = None,
     timeout: float | None = None,
 ) -> Call[Any]:
     """Find the memories that best answer a text query, by words and meaning.
@@ -369,15 +376,22 @@ def recall(
         top_k: hits per query, best first.
         filter: metadata equality filter, applied before top-k (and before fusion).
         min_score: drop hits whose cosine is below this (in every mode).
-        mode: "hybrid" (words and meaning: reciprocal-rank fusion of BM25 over the
-            bank's texts and the dense codes), "dense" (meaning only: cosine of
-            codes) or "lexical" (words only: BM25); None lets the server choose
-            (hybrid when the bank holds texts).
+        mode: "hybrid" (words and meaning: BM25 over the bank's texts fused with
+            the dense codes), "dense" (meaning only: cosine of codes) or "lexical"
+            (words only: BM25); None lets the server choose (hybrid when the bank
+            holds texts).
+        context: context recall for conversations stored one turn per memory: a
+            memory's ``context`` neighbours each side in its thread (the memories
+            sharing its "thread" or "session" metadata, else the bank's, in write
+            order) lift its score, and come back as each hit's ``.context``. 0 turns
+            it off; None: the bank's setting (``create_bank(context=...)``, off by
+            default).
+        fusion: how hybrid fuses its rankings: "convex" (the default: a mix of the
+            normalised scores) or "rrf" (reciprocal-rank fusion); None: convex.
 
     Returns:
-        ``Memory`` hits with ``.text``, ``.key``, ``.score`` (cosine in dense mode,
-        fused RRF score in hybrid, BM25 in lexical), ``.cosine`` (in every mode),
-        ``.metadata``.
+        ``Memory`` hits with ``.text``, ``.key``, ``.score`` (the cosine, in every
+        mode), ``.rank_score`` (what ordered them), ``.metadata`` and ``.context``.
     """
     single = isinstance(query, str)
     queries = _texts(query, "query")
@@ -386,14 +400,20 @@ def recall(
     if mode not in RECALL_MODES:
         raise invalid_argument(f"mode must be 'hybrid', 'dense' or 'lexical' (or None for "
                                f"the server's choice), got {mode!r}")
+    if fusion not in RECALL_FUSIONS:
+        raise invalid_argument(f"fusion must be 'convex' or 'rrf' (or None), got {fusion!r}")
+    if context is not None and int(context) < 0:
+        raise invalid_argument(f"context must be >= 0, got {context}")
     request = memory_pb2.ReadRequest(
         bank=bank or "", top_k=int(top_k), include_payloads=True,
         texts=memory_pb2.TextBatch(texts=queries),
         filter={str(k): str(v) for k, v in (filter or {}).items()},
-        mode=RECALL_MODES[mode],
+        mode=RECALL_MODES[mode], fusion=RECALL_FUSIONS[fusion],
     )
     if min_score is not None:
         request.min_score = float(min_score)
+    if context is not None:
+        request.context = int(context)
 
     def parse(r: Any) -> Any:
         out = [[Memory.from_hit(Hit.from_proto(h, True)) for h in q.hits] for q in r.results]
@@ -412,6 +432,7 @@ def create_bank(
     policy: str | None = None,
     half_life: float | None = None,
     exist_ok: bool = False,
+    context: int = 0,
     timeout: float | None = None,
 ) -> Call[BankInfo]:
     """Create a bank of ``capacity`` slots.
@@ -421,6 +442,9 @@ def create_bank(
         half_life: half-life of access counts under lfu_decay, in writes
             (None: server default).
         exist_ok: succeed without change if the bank exists.
+        context: context recall of the bank's text reads by default (neighbours each
+            side, see ``recall``): for banks of conversation turns. 0 (off) for banks
+            of unrelated facts, where write order means nothing.
     """
     if policy is not None and policy not in POLICY_CODES:
         raise invalid_argument(
@@ -429,7 +453,7 @@ def create_bank(
     request = memory_pb2.CreateBankRequest(
         name=name, capacity=int(capacity),
         policy=POLICY_CODES[policy] if policy else memory_pb2.EVICTION_POLICY_UNSPECIFIED,
-        half_life=float(half_life or 0.0), exist_ok=exist_ok,
+        half_life=float(half_life or 0.0), exist_ok=exist_ok, context=int(context),
     )
     return Call("CreateBank", request, BankInfo.from_proto, timeout=timeout)
 

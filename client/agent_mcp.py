@@ -82,11 +82,18 @@ class AgentMemory:
 
     def recall(self, query: str, bank: str | None = None, top_k: int = 5,
                filter: dict[str, str] | None = None,  # noqa: A002
-               mode: str | None = None) -> list[dict[str, Any]]:
+               mode: str | None = None, context: int | None = None) -> list[dict[str, Any]]:
         hits = self._call(self.client.recall, query, bank=bank, top_k=top_k, filter=filter,
-                          mode=mode)
-        return [{"text": h.text, "key": h.key, "similarity": round(h.score, 4),
-                 "metadata": h.metadata} for h in hits]
+                          mode=mode, context=context)
+        out = []
+        for h in hits:
+            hit: dict[str, Any] = {"text": h.text, "key": h.key,
+                                   "similarity": round(h.score, 4), "metadata": h.metadata}
+            if h.context:
+                hit["before"] = [c.text for c in h.context if c.offset < 0]
+                hit["after"] = [c.text for c in h.context if c.offset > 0]
+            out.append(hit)
+        return out
 
     def forget(self, key: str | None = None, query: str | None = None,
                bank: str | None = None) -> dict[str, Any]:
@@ -146,6 +153,7 @@ def build_mcp(memory: AgentMemory, host: str = "127.0.0.1", port: int = 8000) ->
     def recall(query: str, bank: str | None = None, top_k: int = 5,
                filter: dict[str, str] | None = None,  # noqa: A002
                mode: Literal["hybrid", "dense", "lexical"] | None = None,
+               context: int | None = None,
                ) -> list[dict[str, Any]]:
         """Find the stored memories that best answer a question or topic, best first.
 
@@ -156,9 +164,15 @@ def build_mcp(memory: AgentMemory, host: str = "127.0.0.1", port: int = 8000) ->
             filter: only memories whose metadata has all these labels, e.g. {"user": "u1"}.
             mode: leave out (hybrid: matches words and meaning); "lexical" for exact
                 names, ids or rare words only; "dense" for meaning only.
+            context: set 1 or 2 when the bank holds a conversation stored one turn per
+                memory and you ask what someone said, answered or did: the answer is
+                often the turn next to the one your question matches, so each hit comes
+                with the turns just before and after it ("before", "after") and turns
+                next to a good match rank higher. Leave out for banks of separate facts
+                (0 turns it off; left out, the bank's own setting applies).
         """
         return guarded(memory.recall, query, bank, top_k,  # type: ignore[no-any-return]
-                       filter, mode)
+                       filter, mode, context)
 
     @mcp.tool()
     def forget(key: str | None = None, query: str | None = None,

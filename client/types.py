@@ -185,7 +185,9 @@ class Hit:
         cosine: the same cosine as ``score`` (kept for callers of the first text API).
         lexical_score: BM25 score of the memory's text for the query (0 in dense).
         rank_score: the score that ordered the hits: the cosine (dense), the fused
-            RRF score (hybrid) or BM25 (lexical).
+            score (hybrid) or BM25 (lexical); with context, lifted by its neighbours'.
+        context: with context recall, the memories around this one in its thread
+            (:class:`ContextTurn`, in order); () otherwise.
     """
 
     slot: int
@@ -199,6 +201,7 @@ class Hit:
     cosine: float = 0.0
     lexical_score: float = 0.0
     rank_score: float = 0.0
+    context: tuple[ContextTurn, ...] = ()
 
     @classmethod
     def from_proto(cls, msg: memory_pb2.Hit, with_payload: bool) -> Hit:
@@ -215,7 +218,32 @@ class Hit:
             cosine=float(msg.cosine),
             lexical_score=float(msg.lexical_score),
             rank_score=float(msg.rank_score),
+            context=tuple(ContextTurn.from_proto(c) for c in msg.context),
         )
+
+
+@dataclass(frozen=True)
+class ContextTurn:
+    """A memory next to a recalled one in its thread (``recall(context=...)``).
+
+    Attributes:
+        offset: its place relative to the hit: -1 written just before, 1 just after.
+        text: its text (payload as UTF-8).
+        key: its key ("" if none).
+        slot: its slot.
+        sequence: its write sequence number.
+    """
+
+    offset: int
+    text: str
+    key: str
+    slot: int
+    sequence: int
+
+    @classmethod
+    def from_proto(cls, msg: memory_pb2.ContextMemory) -> ContextTurn:
+        return cls(offset=int(msg.offset), text=bytes(msg.payload).decode("utf-8", "replace"),
+                   key=msg.key, slot=int(msg.slot), sequence=int(msg.sequence))
 
 
 @dataclass(frozen=True)
@@ -230,8 +258,11 @@ class Memory:
         slot: slot index in the bank.
         sequence: write sequence number (its age).
         cosine: the same cosine as ``score``.
-        rank_score: the score that ordered the hits (fused RRF in hybrid mode,
-            BM25 in lexical mode, the cosine in dense mode).
+        rank_score: the score that ordered the hits (fused in hybrid mode, BM25 in
+            lexical mode, the cosine in dense mode; with context, lifted by its
+            neighbours').
+        context: with context recall, the turns before and after it in its thread
+            (:class:`ContextTurn`, offsets -n..-1 then 1..n); () otherwise.
     """
 
     text: str
@@ -242,12 +273,14 @@ class Memory:
     sequence: int
     cosine: float = 0.0
     rank_score: float = 0.0
+    context: tuple[ContextTurn, ...] = ()
 
     @classmethod
     def from_hit(cls, hit: Hit) -> Memory:
         return cls(text=(hit.payload or b"").decode("utf-8", errors="replace"), key=hit.key,
                    score=hit.score, metadata=dict(hit.metadata), slot=hit.slot,
-                   sequence=hit.sequence, cosine=hit.cosine, rank_score=hit.rank_score)
+                   sequence=hit.sequence, cosine=hit.cosine, rank_score=hit.rank_score,
+                   context=hit.context)
 
 
 @dataclass(frozen=True)
@@ -292,6 +325,7 @@ class BankInfo:
         memory_bytes: bytes of codes and per-slot metadata.
         payload_bytes: bytes of payloads.
         index: the bank's approximate index (``state`` "none": reads scan).
+        context: context recall of the bank's text reads by default (0: off).
     """
 
     name: str
@@ -310,6 +344,7 @@ class BankInfo:
     memory_bytes: int
     payload_bytes: int
     index: BankIndex | None = None
+    context: int = 0
 
     @classmethod
     def from_proto(cls, msg: memory_pb2.BankInfo) -> BankInfo:
@@ -330,6 +365,7 @@ class BankInfo:
             memory_bytes=int(msg.memory_bytes),
             payload_bytes=int(msg.payload_bytes),
             index=BankIndex.from_proto(msg.index) if msg.HasField("index") else None,
+            context=int(msg.context),
         )
 
 

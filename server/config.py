@@ -108,6 +108,17 @@ class Settings:
         64, "inverted lists an indexed read probes by default (a request's nprobe "
         "overrides it): more is slower and closer to the exact scan"
     )
+    bm25_k1: float = _f(
+        0.9, "BM25 term saturation of text recall (documents: 1.2-2; short memories: "
+        "lower); see docs/agent-memory.md"
+    )
+    bm25_b: float = _f(
+        0.4, "BM25 length normalisation of text recall, 0..1 (documents: 0.75)"
+    )
+    max_request_text_bytes: int = _f(
+        1024 * 1024, "most UTF-8 bytes of text one request may send to be embedded (Write "
+        "and Read texts together); more is refused with RESOURCE_EXHAUSTED"
+    )
     torch_threads: int = _f(
         0, "intra-op threads of the model (0 = torch's default, one per core)"
     )
@@ -179,7 +190,7 @@ class Settings:
                 raise ValueError(f"{f.name} must be one of {choices}, got {value!r}")
         for name in ("max_workers", "max_concurrent_rpcs", "max_message_bytes", "max_batch_size",
                      "max_bank_capacity", "default_bank_capacity", "batch_max_size",
-                     "max_banks"):
+                     "max_banks", "max_request_text_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.default_bank_capacity > self.max_bank_capacity:
@@ -188,6 +199,9 @@ class Settings:
             raise ValueError(f"index_threshold must be >= 0, got {self.index_threshold}")
         if self.index_nprobe < 1:
             raise ValueError(f"index_nprobe must be >= 1, got {self.index_nprobe}")
+        if not (self.bm25_k1 > 0 and 0 <= self.bm25_b <= 1):
+            raise ValueError(f"bm25_k1 must be > 0 and bm25_b in [0, 1], got "
+                             f"{self.bm25_k1}, {self.bm25_b}")
         if self.memory_limit_bytes < 0:
             raise ValueError(f"memory_limit_bytes must be >= 0, got {self.memory_limit_bytes}")
         if bool(self.tls_cert) != bool(self.tls_key):

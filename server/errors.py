@@ -60,6 +60,12 @@ class ResourceExhausted(ApcmError):
         return ((LIMIT_KEY, self.limit),)
 
 
+class DeadlineExceeded(ApcmError):
+    """The caller's deadline passed before the work was done; the rest was not started."""
+
+    code = "DEADLINE_EXCEEDED"
+
+
 class Unavailable(ApcmError):
     """A resource the request needs is failing now (e.g. the disk); retrying later may work."""
 

@@ -65,7 +65,9 @@ def test_scores_per_mode(mem: MemoryClient) -> None:
     assert dense[0].score == pytest.approx(dense[0].cosine)
     hybrid = mem.recall("where is the spare key?", bank="scores", top_k=2, mode="hybrid")
     assert hybrid[0].text.startswith("The spare key")
-    assert hybrid[0].rank_score == pytest.approx(2 / 61)  # first in both: 2 / (60 + 1)
+    assert hybrid[0].rank_score == pytest.approx(1.0)  # first in both: normalised 1 and 1
+    rrf = mem.recall("where is the spare key?", bank="scores", top_k=2, fusion="rrf")
+    assert rrf[0].rank_score == pytest.approx(2 / 61)  # first in both: 2 / (60 + 1)
     # .score is the cosine whatever the mode, so thresholds and displays mean one thing
     assert hybrid[0].score == hybrid[0].cosine == pytest.approx(dense[0].cosine, abs=1e-5)
     lexical = mem.recall("where is the spare key?", bank="scores", top_k=2, mode="lexical")

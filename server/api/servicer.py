@@ -7,6 +7,7 @@ status codes in ``ErrorInterceptor``.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import grpc
@@ -25,6 +26,11 @@ MODE_FROM_PROTO: dict[int, str | None] = {
     memory_pb2.RECALL_MODE_DENSE: "dense",
     memory_pb2.RECALL_MODE_HYBRID: "hybrid",
     memory_pb2.RECALL_MODE_LEXICAL: "lexical",
+}
+FUSION_FROM_PROTO: dict[int, str | None] = {
+    memory_pb2.RECALL_FUSION_UNSPECIFIED: None,
+    memory_pb2.RECALL_FUSION_CONVEX: "convex",
+    memory_pb2.RECALL_FUSION_RRF: "rrf",
 }
 PER_ITEM_FROM_PROTO: dict[int, bool] = {
     memory_pb2.WRITE_MODE_UNSPECIFIED: False,
@@ -118,6 +124,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
             request.bank, **self._content(request, "content"), per_item=per_item,
             keys=list(request.keys), payloads=[bytes(p) for p in request.payloads],
             metadata=[dict(m.entries) for m in request.metadata],
+            deadline=_deadline(context),
         )
         return memory_pb2.WriteResponse(slots=[
             memory_pb2.WrittenSlot(
@@ -140,11 +147,14 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
             mode=_from_enum(request.mode, MODE_FROM_PROTO, memory_pb2.RecallMode, "mode"),
             nprobe=request.nprobe,
             exhaustive=request.exhaustive,
+            fusion=_from_enum(request.fusion, FUSION_FROM_PROTO, memory_pb2.RecallFusion,
+                              "fusion"),
+            context=request.context if request.HasField("context") else None,
         )
         results = self.service.read(
             request.bank, params, **self._content(request, "query"),
             include_reconstruction=request.include_reconstruction,
-            include_payloads=request.include_payloads,
+            include_payloads=request.include_payloads, deadline=_deadline(context),
         )
         return memory_pb2.ReadResponse(results=[_query_result(r) for r in results])
 
@@ -157,6 +167,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
             policy=_from_enum(request.policy, POLICY_FROM_PROTO, memory_pb2.EvictionPolicy,
                               "policy"),
             half_life=request.half_life or None, exist_ok=request.exist_ok,
+            context=request.context,
         )
         return bank_info(stats)
 
@@ -209,6 +220,12 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
             banks=[bank_info(s) for s in self.service.list_banks()])
 
 
+def _deadline(context: grpc.ServicerContext) -> float | None:
+    """The caller's deadline as a ``time.monotonic()`` value (None: it set none)."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
 def _query_result(r: QueryHits) -> memory_pb2.QueryResult:
     qr = memory_pb2.QueryResult()
     for i, h in enumerate(r.hits):
@@ -219,6 +236,9 @@ def _query_result(r: QueryHits) -> memory_pb2.QueryResult:
                           rank_score=getattr(h, "rank_score", h.score))
         if h.payload:
             hit.payload = h.payload
+        for c in getattr(h, "context", None) or ():
+            hit.context.add(offset=c.offset, slot=c.slot, key=c.key or "", payload=c.text,
+                            sequence=c.sequence)
         if r.reconstructions is not None:
             hit.reconstruction.CopyFrom(to_proto(r.reconstructions[i]))
     if r.soft_reconstruction is not None:

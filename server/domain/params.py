@@ -10,6 +10,7 @@ import numpy as np
 
 from ..codecs.base import ItemChecks
 from ..errors import InvalidArgument
+from ..memory.fusion import FUSION_METHODS, MAX_CONTEXT
 from ..memory.hybrid import MODES
 from ..memory.metadata import validate_metadata
 from ..memory.options import EXHAUSTIVE, ReadOptions
@@ -74,6 +75,8 @@ class ReadParams:
     mode: str | None = None
     nprobe: int = 0  # lists an indexed bank probes (0: its default)
     exhaustive: bool = False  # scan every slot even if the bank is indexed
+    fusion: str | None = None  # "convex" or "rrf" (memory.fusion); None: convex
+    context: int | None = None  # context recall neighbours; None: the bank's setting
 
     @staticmethod
     def filter_items(where: dict[str, str] | None) -> tuple[tuple[str, str], ...]:
@@ -98,6 +101,12 @@ class ReadParams:
         if self.nprobe < 0:
             raise InvalidArgument(f"nprobe must be >= 0 (0: the server's default), got "
                                   f"{self.nprobe}", field="nprobe")
+        if self.fusion is not None and self.fusion not in FUSION_METHODS:
+            raise InvalidArgument(f"fusion must be one of {', '.join(FUSION_METHODS)}, got "
+                                  f"{self.fusion!r}", field="fusion")
+        if self.context is not None and not 0 <= self.context <= MAX_CONTEXT:
+            raise InvalidArgument(f"context must be between 0 and {MAX_CONTEXT}, got "
+                                  f"{self.context}", field="context")
         if self.mode is not None and self.mode not in MODES:
             raise InvalidArgument(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}",
                                   field="mode")

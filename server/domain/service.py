@@ -26,11 +26,13 @@ from ..config import Settings
 from ..embedding.embedder import Embedder, EmbedderSpec, resolve_spec
 from ..errors import FailedPrecondition, InvalidArgument
 from ..memory.ivf import IndexConfig
+from ..memory.lexical import Bm25Params
 from ..memory.names import validate_bank_name, validate_snapshot_name
 from ..memory.results import BankStats, ReadResult
 from ..memory.scoring import CodeScorer
 from ..memory.store import MemoryStore
 from ..metrics import Metrics
+from . import recall
 from .batching import KeyedBatcher, MicroBatcher
 from .engine import Engine
 from .limits import check_reply_size
@@ -39,7 +41,7 @@ from .params import MAX_TOP_K, ModelInfo, QueryHits, ReadParams, WrittenSlots
 
 log = logging.getLogger(__name__)
 
-MAX_TEXT_CHARS = 16_384  # one text to embed (MiniLM reads its first 256 tokens anyway)
+MAX_TEXT_CHARS = recall.MAX_TEXT_CHARS
 
 
 class MemoryService(BankMoves):
@@ -76,6 +78,7 @@ class MemoryService(BankMoves):
             max_banks=settings.max_banks,
             index_config=IndexConfig(threshold=settings.index_threshold,
                                      nprobe=settings.index_nprobe),
+            bm25=Bm25Params(k1=settings.bm25_k1, b=settings.bm25_b),
         )
         self.embedder: Embedder | None = None
         spec = resolve_spec(settings.embedder, codec.extra_metadata)
@@ -123,12 +126,16 @@ class MemoryService(BankMoves):
         assert self.embedder is not None
         return self.embedder.embed(texts)
 
-    def embed(self, texts: Sequence[str], field: str = "texts") -> np.ndarray:
-        """Texts [B] -> items [B, L, D] float32 by the model's embedder (micro-batched).
+    def embed(self, texts: Sequence[str], field: str = "texts",
+              deadline: float | None = None) -> np.ndarray:
+        """Texts [B] -> items [B, L, D] float32 by the model's embedder (micro-batched),
+        in chunks, stopping once ``deadline`` (``time.monotonic()``) has passed.
 
         Raises:
             FailedPrecondition: the served model names no embedder (vectors only).
             InvalidArgument: no texts, too many, an empty or an overlong one.
+            ResourceExhausted: more than ``max_request_text_bytes`` of text.
+            DeadlineExceeded: the deadline passed (see ``recall``).
         """
         if self.embedder is None:
             raise FailedPrecondition(
@@ -136,18 +143,9 @@ class MemoryService(BankMoves):
                 "(or the server runs with --embedder none). Send inputs or codes, or serve "
                 "a text model such as model_weights/text-minilm.safetensors.")
         n = len(texts)
-        if n == 0:
-            raise InvalidArgument(f"{field} is empty; send at least one text", field=field)
-        if n > self.settings.max_batch_size:
-            raise InvalidArgument(f"{field}: {n} texts exceed the maximum batch of "
-                                  f"{self.settings.max_batch_size}", field=field)
-        for t in texts:
-            if not isinstance(t, str) or not t.strip():
-                raise InvalidArgument(f"{field} must be non-empty strings", field=field)
-            if len(t) > MAX_TEXT_CHARS:
-                raise InvalidArgument(f"a text of {len(t)} characters exceeds the limit of "
-                                      f"{MAX_TEXT_CHARS}", field=field)
-        vectors = self._embed(np.array(list(texts), dtype=object))
+        recall.check_texts(texts, self.settings.max_batch_size,
+                           self.settings.max_request_text_bytes, field)
+        vectors = recall.embed_in_chunks(self._embed, texts, deadline)
         self._count("Embed", n)
         return np.asarray(vectors, dtype=np.float32).reshape(n, *self.codec.input_shape)
 
@@ -264,6 +262,7 @@ class MemoryService(BankMoves):
         keys: Sequence[str] = (),
         payloads: Sequence[bytes] = (),
         metadata: Sequence[dict[str, str] | None] = (),
+        deadline: float | None = None,
     ) -> WrittenSlots:
         """Store items (encoded), codes or texts, as their batch mean or one memory each.
 
@@ -277,6 +276,8 @@ class MemoryService(BankMoves):
             per_item: one memory per item instead of the paper's batch mean.
             keys, payloads, metadata: none, or one per memory written ("" / b"" / {} for
                 none); metadata is a small string -> string map usable as a read filter.
+            deadline: the caller's (``time.monotonic()``): texts stop being embedded
+                once it has passed.
 
         Returns:
             the written slots, with the codec's checks of each input item (inputs and
@@ -289,7 +290,7 @@ class MemoryService(BankMoves):
             if inputs is not None or codes is not None:
                 raise InvalidArgument("content: set one of inputs, codes or texts",
                                       field="content")
-            inputs = self.embed(texts)
+            inputs = self.embed(texts, deadline=deadline)
             if not payloads:  # the payload is the text: it joins the lexical index
                 payloads = [t.encode() for t in texts] if per_item \
                     else ["\n".join(texts).encode()]
@@ -356,9 +357,11 @@ class MemoryService(BankMoves):
         texts: Sequence[str] | None = None,
         include_reconstruction: bool = False,
         include_payloads: bool = False,
+        deadline: float | None = None,
     ) -> list[QueryHits]:
         """Recall from a bank for each query (items, codes or texts); see
-        ``MemoryBank.read``. ``params.where`` filters by metadata before top-k.
+        ``MemoryBank.read``. ``params.where`` filters by metadata before top-k; text
+        reads fuse as ``recall.fusion_of`` says (``deadline``: as ``write``'s).
 
         Raises:
             ResourceExhausted: the reply would exceed ``max_message_bytes``; refused
@@ -370,7 +373,7 @@ class MemoryService(BankMoves):
         if texts is not None:
             if inputs is not None or codes is not None:
                 raise InvalidArgument("query: set one of inputs, codes or texts", field="query")
-            inputs = self.embed(texts, "query")
+            inputs = self.embed(texts, "query", deadline)
             if mode is None:
                 mode = "hybrid" if self.store.has_texts(name) else "dense"
         elif mode not in (None, "dense"):
@@ -394,10 +397,12 @@ class MemoryService(BankMoves):
         else:
             assert codes is not None
             latents = self.engine.codes_to_latent(codes)
-        if mode in ("hybrid", "lexical"):
-            assert texts is not None
-            result = self.store.read_fused(name, latents, list(texts), mode,
-                                           params.options(payloads=include_payloads))
+        fusion = recall.fusion_of(params, b.context)
+        recall.check_deadline(deadline, "the search")
+        if mode in ("hybrid", "lexical") or fusion.context:
+            result = self.store.read_fused(name, latents, list(texts or [""] * n_queries),
+                                           mode or "dense", params.options(
+                                               payloads=include_payloads), fusion)
         else:
             result = self._search(name, latents, params, include_payloads)
         self._count("Read", latents.shape[0])
@@ -448,9 +453,10 @@ class MemoryService(BankMoves):
         return validate_bank_name(name or self.settings.default_bank)
 
     def create_bank(self, name: str, capacity: int, *, policy: str | None = None,
-                    half_life: float | None = None, exist_ok: bool = False) -> BankStats:
+                    half_life: float | None = None, exist_ok: bool = False,
+                    context: int = 0) -> BankStats:
         return self.store.create_bank(name, capacity, policy=policy, half_life=half_life,
-                                      exist_ok=exist_ok)
+                                      exist_ok=exist_ok, context=context)
 
     def list_banks(self) -> list[BankStats]:
         return self.store.list()

@@ -65,6 +65,7 @@ class MemoryBank(BankSlots):
             counter_min=cmin, counter_max=cmax, counter_mean=cmean,
             memory_bytes=self.memory_bytes(), payload_bytes=self.payloads.live,
             reserved_bytes=self.reserved_bytes(), index=self.index_stats(),
+            context=self.context,
         )
 
     def index_stats(self) -> IndexStats:

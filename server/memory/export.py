@@ -35,6 +35,7 @@ def _config(bank: MemoryBank) -> dict[str, Any]:
         "code_dtype": bank.code_dtype, "evictions_total": bank.evictions_total,
         "writes_total": bank.writes_total, "reads_total": bank.reads_total,
         "write_clock": bank.write_clock, "applied_seq": bank.applied_seq,
+        "context": bank.context,
     }
 
 
@@ -114,6 +115,7 @@ def from_export(
                       policy=policy, max_payload_bytes=max_payload_bytes,
                       max_key_length=max_key_length, metric=metric, scorer=scorer,
                       index_config=index_config)
+    bank.context = int(config.get("context", 0))  # absent from older snapshots
     for name in ("occupied", "payload_data", "key_data"):
         if name not in arrays:
             raise FailedPrecondition(f"bank {bank.name!r}: array {name} is missing")

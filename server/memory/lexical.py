@@ -20,6 +20,13 @@ never come back, because the read keeps only slots the bank still holds.
 The tokenizer is bm25s's (lower-case words, English stop words) with the
 Snowball English stemmer (``PyStemmer``). Its vocabulary grows with every new
 word; it is rebuilt from the live texts when it is much larger than they need.
+
+BM25 parameters (``Bm25Params``): k1 = 0.9, b = 0.4 rather than the document
+defaults 1.5 / 0.75. Memories are one to three sentences of uneven length: a
+repeated word says little more than one occurrence (earlier saturation, lower
+k1), and a short memory is not more relevant for being short (less length
+normalisation, lower b). Chosen on the dialog, facts and FAQ sets of
+``apcm bench hybrid`` together (see docs/agent-memory.md).
 """
 
 from __future__ import annotations
@@ -60,17 +67,42 @@ def is_text(payload: bytes | None) -> bool:
 
 
 @dataclass(frozen=True)
+class Bm25Params:
+    """BM25's term saturation ``k1`` and length normalisation ``b`` (see the module)."""
+
+    k1: float = 0.9
+    b: float = 0.4
+
+
+@dataclass(frozen=True)
 class _Built:
     generation: int
     slots: np.ndarray  # [n] int64: document i of the retriever is slot slots[i]
     retriever: bm25s.BM25 | None  # None when there are no documents
 
 
+@dataclass(frozen=True)
+class Scores:
+    """BM25 of Q queries over every indexed slot: ``values[q, i]`` is query q's score
+    of slot ``slots[i]`` (0 where no query word is in the text)."""
+
+    slots: np.ndarray  # [n] int64, ascending
+    values: np.ndarray  # [Q, n] float32
+
+    def of(self, q: int, slots: np.ndarray) -> np.ndarray:
+        """Query q's scores [len(slots)] of the given slots (0 for slots not indexed)."""
+        if not len(self.slots):
+            return np.zeros(len(slots), dtype=np.float32)
+        at = np.clip(np.searchsorted(self.slots, slots), 0, len(self.slots) - 1)
+        return np.where(self.slots[at] == slots, self.values[q, at], 0.0).astype(np.float32)
+
+
 class LexicalIndex:
     """BM25 over one bank's text memories; thread-safe (mutations under the bank lock,
     queries from any thread)."""
 
-    def __init__(self) -> None:
+    def __init__(self, params: Bm25Params | None = None) -> None:
+        self.params = params or Bm25Params()
         self._lock = threading.Lock()  # the table and generation: held only briefly
         self._build_lock = threading.Lock()  # the tokenizer, token cache and builds
         self._docs: dict[int, bytes] = {}
@@ -182,11 +214,29 @@ class LexicalIndex:
         slots = np.fromiter(sorted(docs), dtype=np.int64, count=len(docs))
         if not len(slots):
             return _Built(generation, slots, None)
-        retriever = bm25s.BM25()
+        retriever = bm25s.BM25(k1=self.params.k1, b=self.params.b)
         corpus = [self._tokens[int(s)][1].tolist() for s in slots]
         retriever.index(Tokenized(ids=corpus, vocab=self._tokenizer.get_vocab_dict()),
                         show_progress=False)
         return _Built(generation, slots, retriever)
+
+    def scores(self, queries: list[str], allowed: np.ndarray) -> Scores:
+        """BM25 of each query over every indexed slot that ``allowed`` (bool [capacity]:
+        occupied and matching the read's filter) lets through; the others score 0."""
+        built = self._current()
+        if built.retriever is None:
+            return Scores(built.slots, np.zeros((len(queries), 0), dtype=np.float32))
+        keep = allowed[built.slots] if len(allowed) else np.zeros(len(built.slots), bool)
+        with self._build_lock:  # the tokenizer's vocabulary is shared with builds
+            ids = self._tokenizer.tokenize(queries, update_vocab=False, show_progress=False,
+                                           return_as="ids")
+        vocab_size = len(built.retriever.vocab_dict)
+        values = np.zeros((len(queries), len(built.slots)), dtype=np.float32)
+        for q, row in enumerate(ids):
+            known = [t for t in row if t < vocab_size]
+            if known:
+                values[q] = np.where(keep, built.retriever.get_scores(known), 0.0)
+        return Scores(built.slots, np.maximum(values, 0.0))
 
     def search(self, queries: list[str], allowed: np.ndarray, depth: int,
                ) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -202,28 +252,15 @@ class LexicalIndex:
             Per query, (slots [n] int64, BM25 scores [n] float32) with n <= depth and
             every score > 0 (a memory sharing no word with the query is not ranked).
         """
-        built = self._current()
-        out = []
-        empty = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32))
-        if built.retriever is None:
-            return [empty for _ in queries]
-        keep = allowed[built.slots] if len(allowed) else np.zeros(len(built.slots), bool)
-        with self._build_lock:  # the tokenizer's vocabulary is shared with builds
-            ids = self._tokenizer.tokenize(queries, update_vocab=False, show_progress=False,
-                                           return_as="ids")
-        vocab_size = len(built.retriever.vocab_dict)
-        for row in ids:
-            known = [t for t in row if t < vocab_size]
-            if not known:
-                out.append(empty)
-                continue
-            scores = built.retriever.get_scores(known)
-            scores = np.where(keep & (scores > 0), scores, 0.0)
-            n = min(depth, int(np.count_nonzero(scores)))
-            if n == 0:
-                out.append(empty)
-                continue
-            top = np.argpartition(-scores, n - 1)[:n]
-            top = top[np.argsort(-scores[top], kind="stable")]
-            out.append((built.slots[top], scores[top].astype(np.float32)))
-        return out
+        return [top(all_scores.slots, row, depth)
+                for all_scores in (self.scores(queries, allowed),) for row in all_scores.values]
+
+
+def top(slots: np.ndarray, scores: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
+    """The at most ``depth`` slots of positive score, best first."""
+    n = min(depth, int(np.count_nonzero(scores > 0)))
+    if n == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+    best = np.argpartition(-scores, n - 1)[:n]
+    best = best[np.argsort(-scores[best], kind="stable")]
+    return slots[best], scores[best].astype(np.float32)

@@ -77,5 +77,13 @@ class MetadataIndex:
                 break
         return matched or set()
 
+    def with_key(self, key: str) -> set[int]:
+        """Slots whose metadata has ``key`` (with any value)."""
+        out: set[int] = set()
+        for (k, _), slots in self._slots.items():
+            if k == key:
+                out |= slots
+        return out
+
     def clear(self) -> None:
         self._slots.clear()

@@ -122,6 +122,7 @@ class StoreRecovery(StoreBase):
                 new = self._new_bank(
                     bank, int(fields["capacity"]), str(fields["policy"]),
                     float(fields["half_life"]) or self.default_half_life)
+                new.context = int(fields.get("context", 0))  # absent from older records
                 new.applied_seq = seq
                 self._banks = {**self._banks, bank: new}
                 with self.seq_lock:

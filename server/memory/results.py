@@ -71,6 +71,7 @@ class BankStats:
     payload_bytes: int
     reserved_bytes: int = 0
     index: IndexStats | None = None
+    context: int = 0
 
 
 @dataclass(frozen=True)
@@ -105,3 +106,16 @@ class FusedHit(Hit):
     cosine: float = 0.0
     lexical: float = 0.0  # BM25 score, 0 if no word matched
     rank_score: float = 0.0
+    context: list[ContextMemory] | None = None  # neighbours in its thread, with context
+
+
+@dataclass(frozen=True)
+class ContextMemory:
+    """A memory next to a hit in its thread (``threads``): ``offset`` -1 is the one
+    written just before it, 1 the one just after."""
+
+    offset: int
+    slot: int
+    key: str | None
+    text: bytes
+    sequence: int

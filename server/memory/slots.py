@@ -118,6 +118,8 @@ class BankSlots:
         # sequence of the last logged mutation applied here (snapshots copy banks one
         # at a time, so replay skips a bank's records up to its own copy)
         self.applied_seq = 0
+        # context recall of its text reads by default (neighbours each side, 0: off)
+        self.context = 0
         self.writes_total = 0
         self.evictions_total = 0
         self.reads_total = 0
@@ -252,6 +254,14 @@ class BankSlots:
         if matched:
             mask[torch.tensor(sorted(matched), dtype=torch.int64, device=self.device)] = True
         return mask, len(matched)
+
+    def slots_matching(self, where: dict[str, str]) -> set[int]:
+        """Occupied slots whose metadata has every (key, value) of ``where``."""
+        return self._meta_index.matching(where)
+
+    def slots_with_key(self, key: str) -> set[int]:
+        """Occupied slots whose metadata has ``key``, whatever its value."""
+        return self._meta_index.with_key(key)
 
     def _dequantize(self, codes: torch.Tensor) -> torch.Tensor:
         if self.scorer is not None:

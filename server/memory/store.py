@@ -57,7 +57,8 @@ from ..errors import (
 from . import indexing
 from .bank import DEFAULT_READ, MemoryBank
 from .eviction import make_policy, validate_half_life
-from .hybrid import fused_read
+from .fusion import MAX_CONTEXT
+from .hybrid import DEFAULT_FUSION, Fusion, fused_read
 from .metadata import encode_metadata, validate_metadata
 from .moves import BankMoves
 from .names import shorten, validate_bank_name
@@ -79,11 +80,15 @@ class MemoryStore(BankMoves, StoreRecovery):
         policy: str | None = None,
         half_life: float | None = None,
         exist_ok: bool = False,
+        context: int = 0,
     ) -> BankStats:
         """Creates an empty bank (or, with ``exist_ok``, returns the existing one's stats).
 
+        ``context``: context recall of the bank's text reads by default (``fusion``).
+
         Raises:
-            InvalidArgument: bad name, capacity outside 1..max_capacity, unknown policy.
+            InvalidArgument: bad name, capacity outside 1..max_capacity, unknown policy,
+                context outside 0..MAX_CONTEXT.
             AlreadyExists: the bank exists and ``exist_ok`` is false.
         """
         validate_bank_name(name)
@@ -96,6 +101,9 @@ class MemoryStore(BankMoves, StoreRecovery):
             raise InvalidArgument(
                 f"capacity must be between 1 and {self.max_capacity}, got {capacity}",
                 field="capacity")
+        if not 0 <= context <= MAX_CONTEXT:
+            raise InvalidArgument(f"context must be between 0 and {MAX_CONTEXT}, got "
+                                  f"{context}", field="context")
         policy = policy or self.default_policy
         half_life = half_life or self.default_half_life
         make_policy(policy, half_life)
@@ -105,6 +113,7 @@ class MemoryStore(BankMoves, StoreRecovery):
         if existing is None:
             self._check_new_bank(name, capacity)
             bank = self._new_bank(name, capacity, policy, half_life)  # allocate unlocked
+            bank.context = int(context)
             with self.lock:
                 # checked again: a concurrent create may have taken the room meanwhile
                 if name not in self._banks:
@@ -113,7 +122,7 @@ class MemoryStore(BankMoves, StoreRecovery):
                 if existing is None:
                     record = self._prepare("create_bank", name, {
                         "capacity": bank.capacity, "policy": bank.policy.name,
-                        "half_life": bank.policy.half_life})
+                        "half_life": bank.policy.half_life, "context": bank.context})
                     with self.seq_lock:
                         self._append(self.last_seq + 1, record)
                         seq = self._next_seq()
@@ -242,15 +251,18 @@ class MemoryStore(BankMoves, StoreRecovery):
         return len(self.texts.of(self._lookup(bank))) > 0
 
     def read_fused(self, bank: str, latents: torch.Tensor, queries: list[str], mode: str,
-                   options: ReadOptions = DEFAULT_READ) -> ReadResult:
-        """A "lexical" or "hybrid" read of text queries; see ``hybrid.fused_read``.
+                   options: ReadOptions = DEFAULT_READ,
+                   fusion: Fusion = DEFAULT_FUSION) -> ReadResult:
+        """A "lexical" or "hybrid" read of text queries (or "dense" with context); see
+        ``hybrid.fused_read``.
 
         The lexical index is rebuilt (if writes changed it) before the bank lock is
         taken, so a rebuild never stalls the bank's writers.
         """
         self.texts.of(self._lookup(bank)).refresh()
         with self._shared(bank) as b:
-            return fused_read(b, self.texts.of(b), latents, queries, mode=mode, options=options)
+            return fused_read(b, self.texts.of(b), latents, queries, mode=mode, options=options,
+                              fusion=fusion)
 
     def delete(self, bank: str, slots: list[int], keys: list[str]) -> tuple[int, list[str]]:
         """Frees slots by index and/or key.

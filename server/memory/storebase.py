@@ -25,6 +25,7 @@ from ..errors import (
 from .bank import MemoryBank
 from .eviction import make_policy, validate_half_life
 from .ivf import IndexConfig
+from .lexical import Bm25Params
 from .names import shorten
 from .results import BankStats
 from .scoring import CodeScorer
@@ -105,6 +106,7 @@ class StoreBase:
         max_banks: int | None = None,
         scorer: CodeScorer | None = None,
         index_config: IndexConfig | None = None,
+        bm25: Bm25Params | None = None,
     ) -> None:
         if code_dtype not in CODE_DTYPES:
             raise ValueError(f"unknown code dtype {code_dtype!r}")
@@ -130,7 +132,7 @@ class StoreBase:
         self._log = log
         self._banks: dict[str, MemoryBank] = {}
         # each bank's BM25 index of its text memories, kept in step under the bank lock
-        self.texts = TextIndexes()
+        self.texts = TextIndexes(bm25)
 
     def set_log(self, log: MutationLog | None) -> None:
         with self.lock, self.seq_lock:

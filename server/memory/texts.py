@@ -12,13 +12,14 @@ import weakref
 import numpy as np
 
 from .bank import MemoryBank
-from .lexical import LexicalIndex, is_text
+from .lexical import Bm25Params, LexicalIndex, is_text
 
 
 class TextIndexes:
     """The lexical index of every bank of a store (changed under the bank's lock)."""
 
-    def __init__(self) -> None:
+    def __init__(self, params: Bm25Params | None = None) -> None:
+        self.params = params or Bm25Params()
         self._indexes: weakref.WeakKeyDictionary[MemoryBank, LexicalIndex] = \
             weakref.WeakKeyDictionary()
 
@@ -26,7 +27,7 @@ class TextIndexes:
         """The lexical index of a bank (empty until it holds text memories)."""
         index = self._indexes.get(bank)
         if index is None:
-            index = self._indexes.setdefault(bank, LexicalIndex())
+            index = self._indexes.setdefault(bank, LexicalIndex(self.params))
         return index
 
     def written(self, b: MemoryBank, slots: list[int], payloads: list[bytes | None],

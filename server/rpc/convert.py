@@ -37,6 +37,7 @@ def bank_info(stats: BankStats) -> memory_pb2.BankInfo:
         memory_bytes=stats.memory_bytes,
         payload_bytes=stats.payload_bytes,
         index=_bank_index(stats),
+        context=stats.context,
     )
 
 
