@@ -18,18 +18,20 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from clusterpods import CODE_DIM, Pod, Writers, missing, settled
-from natscluster import NatsCluster
 
 from apcm.client import MemoryClient
 from apcm.client.errors import UnavailableError
 from apcm.server.cluster.router import FORWARDED_HEADER
 from apcm.server.cluster.shardmap import shard_of
+from apcm.tools.bench.cluster_pods import Pod, Writers, missing, settled
+from apcm.tools.bench.nats_cluster import NatsCluster
 from apcm.v1 import memory_pb2, memory_pb2_grpc
 
 pytestmark = pytest.mark.timeout(600)
 SHARDS = 8
 LOCAL = ((FORWARDED_HEADER, "test"),)  # served by the pod it is sent to
+CODE_DIM = 8  # the test model (conftest's float32 PCA) stores 8 values per memory
+POOL = np.random.default_rng(7).standard_normal((100_000, CODE_DIM)).astype(np.float32)
 
 
 @pytest.fixture
@@ -137,7 +139,7 @@ def test_an_owner_killed_under_writers_with_its_disk_wiped_loses_no_acknowledged
         create_banks(ca, banks)
     victim_banks = banks[:4]
     reads_failed = 0
-    writers = Writers(a.address, banks).start()
+    writers = Writers(a.address, banks, POOL).start()
     time.sleep(3)
     killed_at = time.monotonic()
     victim.kill9()
@@ -175,7 +177,7 @@ def test_a_killed_nats_server_does_not_stop_writes(
     banks = [f"n-{i}" for i in range(4)]
     with a.client() as ca:
         create_banks(ca, banks)
-    writers = Writers(b.address, banks).start()
+    writers = Writers(b.address, banks, POOL).start()
     time.sleep(2)
     nats.servers[0].kill9()
     killed_at = time.monotonic()
@@ -195,7 +197,7 @@ def test_a_paused_owner_cannot_append_after_a_standby_took_over(
     bank = banks_owned_by(owners, victim.address, 1, "p")[0]
     with a.client() as ca:
         create_banks(ca, [bank])
-    writers = Writers(a.address, [bank]).start()
+    writers = Writers(a.address, [bank], POOL).start()
     time.sleep(2)
     victim.signal(signal.SIGSTOP)
     # a write sent to the paused owner itself waits in its socket until it resumes
@@ -231,7 +233,7 @@ def test_adding_a_fourth_pod_and_removing_one_under_writes(
     banks = [f"r-{i}" for i in range(8)]
     with a.client() as ca:
         create_banks(ca, banks)
-    writers = Writers(a.address, banks).start()
+    writers = Writers(a.address, banks, POOL).start()
     time.sleep(2)
     (d,) = start_pods(pods, model_path, tmp_path, nats, ["pod-d"])
     owners = settled([a, b, c, d], replicas=2)

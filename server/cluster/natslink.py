@@ -29,7 +29,7 @@ LEASES_BUCKET = "apcm-leases"
 MEMBERS_BUCKET = "apcm-members"
 SNAPSHOTS_BUCKET = "apcm-snapshots"
 # Records of one batch message at most; the NATS server's max_payload must allow it
-# (deploy/nats/nats.conf sets 8 MiB).
+# (deploy/k8s/nats/nats.conf sets 8 MiB).
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 
 

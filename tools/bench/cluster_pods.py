@@ -1,5 +1,5 @@
 """Real ``apcm serve --cluster`` processes on loopback, and writers that record every
-acknowledged write, for the cluster tests and ``apcm bench cluster``'s checks."""
+acknowledged write, for the cluster tests and ``apcm bench cluster``."""
 
 from __future__ import annotations
 
@@ -14,14 +14,14 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from natscluster import free_ports
 
 from apcm.client import MemoryClient
 from apcm.client.errors import ApcmError
 from apcm.v1 import cluster_pb2, cluster_pb2_grpc
 
+from .nats_cluster import free_ports
+
 START_TIMEOUT_S = 120.0
-CODE_DIM = 8  # the digits model the pods serve stores 8 float32 values per memory
 
 
 class Pod:
@@ -119,12 +119,14 @@ def settled(pods: list[Pod], replicas: int, timeout: float = 90.0) -> list[str]:
 
 @dataclass
 class Writers:
-    """``n`` threads, each writing one memory at a time to its own bank through
-    ``address``: a random code under a unique key. Every acknowledged write is kept,
-    to be checked afterwards; failures are counted (they are never acknowledged)."""
+    """One thread per bank, each writing one memory at a time through ``address``: a
+    code of ``pool`` (thread i takes rows i, i + n, ...; distinct codes, so each reads
+    back as its own top hit) under a unique key. Every acknowledged write is kept, to
+    be checked afterwards; failures are counted (they are never acknowledged)."""
 
     address: str
     banks: list[str]
+    pool: np.ndarray
     acked: dict[str, list[tuple[str, np.ndarray]]] = field(default_factory=dict)
     failures: int = 0
     # per write: (monotonic time it was acknowledged, seconds it took)
@@ -142,11 +144,11 @@ class Writers:
         return self
 
     def _run(self, i: int, bank: str) -> None:
-        rng = np.random.default_rng(i)
+        rows = self.pool[i::len(self.banks)]
         n = 0
         with MemoryClient(self.address, timeout=20.0, retries=8) as c:
-            while not self._stop.is_set():
-                code = rng.standard_normal((1, CODE_DIM)).astype(np.float32)
+            while not self._stop.is_set() and n < len(rows):
+                code = rows[n:n + 1]
                 key = f"{bank}-{n}"
                 n += 1
                 t0 = time.monotonic()
