@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -113,6 +115,15 @@ def test_three_pods_share_one_map_and_serve_every_bank_through_any_pod(
                 info = memory_pb2_grpc.MemoryServiceStub(ch).DescribeBank(
                     memory_pb2.DescribeBankRequest(name=bank), timeout=10, metadata=LOCAL)
             assert info.occupied == 3, (bank, pod.name)
+    # the SDK's direct routing sends each call to the shard's owner itself
+    with c.client(routing="direct") as cd:
+        code = rng.standard_normal((1, CODE_DIM)).astype(np.float32)
+        cd.write(codes=code, bank=banks[5], keys=["direct"], mode="per_item")
+        assert cd.read(codes=code, bank=banks[5])[0].hits[0].key == "direct"
+    out = subprocess.run([sys.executable, "-m", "apcm.server.cli", "cluster", "info",
+                          "--address", b.address], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert f"{SHARDS} shards" in out.stdout and out.stdout.count("owner pod-") == SHARDS
     # eventual reads through one pod spread over both replicas of a bank
     bank = banks[0]
     holders = [p for p in (a, b, c)

@@ -42,7 +42,7 @@ from . import snapshots
 from .natslink import NatsLink
 from .replica import ShardReplica
 from .shardlog import fenced
-from .shardmap import ClusterView, Lease, Member, lease_key, member_key, rank
+from .shardmap import ClusterView, Lease, Member, lease_key, member_key
 from .shardstore import ShardedStore
 
 log = logging.getLogger(__name__)
@@ -296,12 +296,11 @@ class ClusterNode:
         return bool(wanted) and all(n in ready for n in wanted)
 
     def _preferred(self, shard: int) -> Member | None:
-        """The best-ranked live replica that has caught up: who should own ``shard``."""
+        """Who should own ``shard``: the first of its assigned holders that has caught
+        up; None while none has (the owner then keeps it: handing it to a pod that is
+        not assigned would only move it twice)."""
         ready = {m.node: m for m in self.view.ready_replicas(shard) if not m.leaving}
-        for node in rank(shard, list(ready)):
-            if node in self.view.replicas_of(shard):
-                return ready[node]
-        return next(iter(ready.values()), None) if ready else None
+        return next((ready[n] for n in self.view.replicas_of(shard) if n in ready), None)
 
     def _keep_or_hand_over(self, shard: int, replica: ShardReplica,
                            lease: Lease | None) -> None:

@@ -177,7 +177,8 @@ class ShardLog:
                 self._cond.wait(0.5)
             if self._failed is not None:
                 return None
-            batch, size = [], 0
+            batch: list[tuple[int, list[bytes]]] = []
+            size = 0
             while self._pending:
                 seq, chunks = self._pending[0]
                 n = sum(len(c) for c in chunks)

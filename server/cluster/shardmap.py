@@ -5,15 +5,16 @@ fed by its watchers of the two KV buckets (``members``, ``leases``).
 
 - A bank lives in shard ``owner_of(bank, shards)`` (``apcm.wire.placement``): a
   fixed shard count, many more shards than pods, so placement never changes.
-- The pods that hold a shard (its replicas) are the ``replicas`` best-ranked
-  live members by rendezvous hashing of (shard, node): adding or removing a pod
-  moves only the shards it wins or held.
+- The pods that hold a shard (its replicas) are chosen by rendezvous hashing of
+  (shard, node) with bounded loads (``assignment``): every pod holds and owns about
+  as many shards as the others, and adding or removing a pod moves few shards.
 - The owner is whoever holds the shard's lease; it should be the best-ranked
   replica that is caught up, and the owner hands the lease over when it is not.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import threading
@@ -22,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 
 from apcm.wire.placement import owner_of
 
-__all__ = ["ClusterView", "Lease", "Member", "rank", "shard_of"]
+__all__ = ["ClusterView", "Lease", "Member", "assignment", "rank", "shard_of"]
 
 
 def shard_of(bank: str, shards: int) -> int:
@@ -37,6 +38,33 @@ def _weight(shard: int, node: str) -> int:
 def rank(shard: int, nodes: list[str]) -> list[str]:
     """Nodes in the order they are preferred to hold ``shard`` (best first)."""
     return sorted(nodes, key=lambda n: _weight(shard, n), reverse=True)
+
+
+@functools.lru_cache(maxsize=64)
+def assignment(shards: int, nodes: tuple[str, ...], replicas: int) -> tuple[tuple[str, ...], ...]:
+    """The holders of every shard, owner first: rendezvous ranking with bounded loads.
+
+    Pure rendezvous leaves some pods with many more shards than others (and so a
+    larger share of the reads and writes); here each position (owner, first standby,
+    ...) is filled shard by shard with the best-ranked node that holds fewer than
+    ``ceil(shards / len(nodes))`` shards at that position, so every pod owns and
+    holds about the same number. It stays a function of the member set alone (every
+    pod computes the same), and a joining or leaving pod still moves few shards.
+    """
+    if not nodes:
+        return tuple(() for _ in range(shards))
+    r = min(replicas, len(nodes))
+    cap = -(-shards // len(nodes))
+    ranked = [rank(s, list(nodes)) for s in range(shards)]
+    picks: list[list[str]] = [[] for _ in range(shards)]
+    for _ in range(r):
+        load: dict[str, int] = dict.fromkeys(nodes, 0)
+        for s in range(shards):
+            free = [n for n in ranked[s] if n not in picks[s]]
+            node = next((n for n in free if load[n] < cap), free[0])
+            load[node] += 1
+            picks[s].append(node)
+    return tuple(tuple(p) for p in picks)
 
 
 @dataclass(frozen=True)
@@ -109,8 +137,8 @@ class ClusterView:
                           and now - self.member_seen[n][1] < self.member_ttl_s)
 
     def replicas_of(self, shard: int) -> list[str]:
-        """The nodes that should hold ``shard``, best first."""
-        return rank(shard, self.live_nodes())[: self.replicas]
+        """The nodes that should hold ``shard``, the one that should own it first."""
+        return list(assignment(self.shards, tuple(self.live_nodes()), self.replicas)[shard])
 
     def ready_replicas(self, shard: int) -> list[Member]:
         """Live members that have caught up on ``shard``, whether assigned or not."""

@@ -328,5 +328,5 @@ def decode_records(data: bytes) -> list[WalRecord]:
         BadRecord: a record fails a check (any, the last included: a message is
             never torn).
     """
-    f = io.BufferedReader(io.BytesIO(data))  # type: ignore[arg-type]
+    f: Any = io.BufferedReader(io.BytesIO(data))  # the readers take any buffered stream
     return [record for _, record in _records_v2(f, 0, len(data))]

@@ -84,7 +84,7 @@ class Pod:
                 self.kill9()
 
     def client(self, **kw: object) -> MemoryClient:
-        return MemoryClient(self.address, timeout=30.0, **kw)  # type: ignore[arg-type]
+        return MemoryClient(self.address, **{"timeout": 30.0, **kw})  # type: ignore[arg-type]
 
     def info(self) -> cluster_pb2.ClusterInfo:
         with grpc.insecure_channel(self.address) as ch:

@@ -108,9 +108,12 @@ class NatsCluster:
 
         import nats
 
+        async def quiet(e: Exception) -> None:
+            """Connection refused while the servers start: expected, not printed."""
+
         async def probe() -> bool:
             nc = await nats.connect(self.urls.split(","), connect_timeout=1,
-                                    max_reconnect_attempts=1)
+                                    max_reconnect_attempts=1, error_cb=quiet)
             try:
                 await nc.jetstream(timeout=2).account_info()
                 return True
