@@ -21,8 +21,9 @@ COPY server/ server/
 COPY client/ client/
 COPY wire/ wire/
 # The package build generates the apcm.v1 stubs from proto/ (setup.py); the pinned
-# torch above already satisfies the server extra, so pip keeps that build.
-RUN pip install --no-cache-dir "./[server]"
+# torch above already satisfies the server extra, so pip keeps that build. The
+# cluster extra (nats-py) lets the same image run cluster mode (docs/cluster.md).
+RUN pip install --no-cache-dir "./[server,cluster]"
 
 FROM ${PYTHON_IMAGE}
 ENV PATH=/opt/venv/bin:$PATH \

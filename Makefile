@@ -29,7 +29,7 @@ $(SERVE_STAMP): pyproject.toml setup.py $(wildcard proto/apcm/v1/*.proto)
 
 $(STAMP): $(SERVE_STAMP)
 	@echo ">> installing the eval and dev extras (faiss, scikit-image, mypy, ...) for tests"
-	$(PIP) install -q -e ".[server,agent,eval,dev]"
+	$(PIP) install -q -e ".[server,agent,eval,dev,cluster]"
 	touch $(STAMP)
 
 install: $(STAMP)

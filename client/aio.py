@@ -56,11 +56,12 @@ class AsyncMemoryClient(_api.Asynchronous):
         retries: int | RetryPolicy = 3,
         options: ChannelOptions = (),
         interceptors: Sequence[Any] = (),
+        consistency: str = "strong",
     ) -> None:
         self.address = address
         self.timeout = timeout
         self._retry = RetryPolicy.coerce(retries)
-        self._metadata = auth_metadata(api_key)
+        self._metadata = auth_metadata(api_key, consistency)
         self._tls = resolve_tls(tls)
         self._options = channel_options(max_message_bytes, self._retry, self._tls, options)
         self._interceptors = list(interceptors)

@@ -112,13 +112,21 @@ def channel_options(
     return list(options.items())
 
 
-def auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
-    """Metadata sent with every call: ``authorization: Bearer <key>`` when a key is set."""
+CONSISTENCIES = ("strong", "eventual")
+
+
+def auth_metadata(api_key: str | None, consistency: str = "strong"
+                  ) -> tuple[tuple[str, str], ...]:
+    """Metadata sent with every call: ``authorization: Bearer <key>`` when a key is set,
+    and ``apcm-consistency: eventual`` when reads may come from any replica."""
+    if consistency not in CONSISTENCIES:
+        raise ValueError(f"consistency must be one of {CONSISTENCIES}, not {consistency!r}")
+    md = (("apcm-consistency", "eventual"),) if consistency == "eventual" else ()
     if not api_key:
-        return ()
+        return md
     if any(c in api_key for c in "\r\n") or api_key != api_key.strip():
         raise ValueError("api_key must not contain line breaks or surrounding spaces")
-    return (("authorization", f"Bearer {api_key}"),)
+    return (("authorization", f"Bearer {api_key}"), *md)
 
 
 def open_channel(

@@ -1,13 +1,13 @@
 """Direct routing: bank-scoped calls go straight to the bank's owner in a cluster.
 
-Opt-in (``MemoryClient(..., routing="direct")``). The client asks the server it
-was given for the shard map (``GetClusterInfo``: shard count and peer addresses),
-computes a bank's owner with the server's own placement function
-(``apcm.wire.placement``) and sends the call there over a channel per peer, which
-saves the forwarding hop. Any doubt sends the call to the server it was given,
-which forwards it as usual: an UNAVAILABLE from a peer (unreachable, or "moved;
-retry" during a rebalance) makes the next attempt go there and the map be asked
-for again. Calls without a bank, and calls on the default bank (an empty name),
+Opt-in (``MemoryClient(..., routing="direct")``). The client asks the pod it
+was given for the shard map (``GetClusterInfo``: shard count and each shard's
+owner address, from the leases every pod watches), computes a bank's shard with
+the server's own placement function (``apcm.wire.placement``) and sends the call
+to that shard's owner over a channel per pod, which saves the forwarding hop. Any
+doubt sends the call to the pod it was given, which forwards it as usual: an
+UNAVAILABLE from an owner (unreachable, or "moved; retry" after a hand-over or
+failover) makes the next attempt go there and the map be asked for again. Calls without a bank, and calls on the default bank (an empty name),
 always go there.
 """
 
@@ -58,6 +58,8 @@ class DirectRouter:
             return None
         count, peers = shard_map
         address = peers[owner_of(bank, count)]
+        if not address:
+            return None  # the shard has no owner at the moment: the entry pod waits for one
         with self._lock:
             peer = self._peers.get(address)
             if peer is None:

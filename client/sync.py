@@ -51,6 +51,10 @@ class MemoryClient(_api.Blocking):
             it to the bank's owner in a cluster. ``"direct"``: bank-scoped calls go
             straight to the owner (one hop less), falling back to ``address`` when
             the owner cannot be reached or the bank is moving (see docs/cluster.md).
+        consistency: in a cluster, where reads (``read``, ``recall``, ``describe_bank``)
+            are served: ``"strong"`` (default) by the shard's owner, which has every
+            acknowledged write; ``"eventual"`` by any pod that holds the shard, which
+            may lag the owner by the writes in flight (see docs/cluster.md).
 
     Raises:
         ApcmError subclasses from every method, e.g. ``InvalidArgumentError``
@@ -69,13 +73,14 @@ class MemoryClient(_api.Blocking):
         options: ChannelOptions = (),
         interceptors: Sequence[Any] = (),
         routing: str = "proxy",
+        consistency: str = "strong",
     ) -> None:
         if routing not in ROUTING_MODES:
             raise ValueError(f"routing must be one of {ROUTING_MODES}, not {routing!r}")
         self.address = address
         self.timeout = timeout
         self._retry = RetryPolicy.coerce(retries)
-        self._metadata = auth_metadata(api_key)
+        self._metadata = auth_metadata(api_key, consistency)
         tls_config = resolve_tls(tls)
         opts = channel_options(max_message_bytes, self._retry, tls_config, options)
         self._channel = open_channel(address, opts, tls_config, interceptors)

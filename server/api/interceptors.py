@@ -20,7 +20,7 @@ from google.protobuf.message import DecodeError
 
 from apcm.wire.tensors import TensorFormatError
 
-from ..errors import ApcmError, FailedPrecondition, InvalidArgument
+from ..errors import ApcmError, InvalidArgument, Unavailable
 from ..metrics import Metrics
 from ..rpc.status import abort_with_error
 
@@ -189,8 +189,10 @@ class ReadinessInterceptor(grpc.ServerInterceptor):
         def wrap(behavior: Behavior) -> Behavior:
             def guarded(request: Any, context: grpc.ServicerContext) -> Any:
                 if not self.is_ready():
-                    raise FailedPrecondition(
-                        "the server is not ready (starting, restoring or stopping)")
+                    # transient: a client retries it (UNAVAILABLE), as it would a
+                    # connection refused a moment earlier
+                    raise Unavailable(
+                        "the server is not ready (starting, restoring or stopping); retry")
                 return behavior(request, context)
 
             return guarded

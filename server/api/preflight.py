@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import grpc
 
-from ..cluster.node import ClusterNode
 from ..config import Settings
 from ..domain.service import MemoryService
 from .auth import build_auth_interceptor
@@ -51,7 +50,9 @@ def check_startup(settings: Settings) -> Preflight:
     """
     credentials = server_credentials(settings)
     auth = build_auth_interceptor(settings)
-    ClusterNode.check_settings(settings)
+    if settings.cluster and settings.tls_cert:
+        raise ValueError("cluster mode with TLS is not supported yet: pods forward to each "
+                         "other in plaintext")
     MemoryService.check_settings(settings)
     if auth is not None and credentials is None and not is_loopback(settings.host):
         log.warning(

@@ -1,15 +1,16 @@
-"""Banks sharded over several servers (a Kubernetes StatefulSet), at the gRPC edge.
+"""Cluster mode: banks replicated over pods through NATS JetStream (``--cluster``).
 
-- ``placement``: which shard owns a bank (rendezvous hashing over blake2b) and
-  the shard map from settings (peer list or pattern, ordinal from $HOSTNAME).
-- ``router``: a server interceptor that forwards bank-scoped calls to the owner
-  as raw bytes and fans ListBanks and snapshot calls out to every shard.
-- ``gates``: pauses a bank's writes while it moves; hides a bank being imported.
-- ``transfer`` and ``servicer``: ``apcm.v1.ClusterService`` (shard map, bank
-  export / import / move).
-- ``rebalance``: ``apcm cluster rebalance``, moving every misplaced bank.
+- ``natslink``: the one NATS connection (asyncio in a thread), streams and buckets.
+- ``shardmap``: members, leases, rendezvous ranking: who should hold and own a shard.
+- ``shardlog``: the owner's fenced, group-committed log appends (a ``MutationLog``).
+- ``replica``: one shard's store, kept in step with its stream; promote / demote.
+- ``snapshots``: shard snapshots in the object store; the stream trimmed below them.
+- ``shardstore``: the service's store: each bank's shard's store.
+- ``node``: the control loop (heartbeats, leases, hand-over, failover, snapshots).
+- ``router`` and ``servicer``: the gRPC edge (forwarding, fan-out, ``GetClusterInfo``).
 
-Sits beside ``api`` (imports ``rpc``, ``domain`` and ``persistence.bankfile``, never
-``api``; nothing imports it but ``api.app``). Membership comes from Kubernetes: no
-gossip, no consensus.
+Sits beside ``api`` (imports ``rpc``, ``memory``, ``persistence``, never ``api``
+or ``domain``; ``api.app`` builds the node and hands it to the service).
+Consensus, replication and failover of the logs are JetStream's (Raft); this
+package only decides which pod applies and appends to which stream.
 """

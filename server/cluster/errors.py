@@ -35,3 +35,9 @@ class PeerError(ApcmError):
     @property
     def trailers(self) -> tuple[tuple[str, str | bytes], ...]:
         return self._trailers
+
+
+class ShardMoved(ShardUnavailable):
+    """Refused before anything changed: another pod owns (or now holds) the shard.
+    The message always says "moved", which the router and the SDK take as safe to send
+    again."""

@@ -1,19 +1,24 @@
-"""The cluster's gRPC edge: forwards bank-scoped calls to the owner, fans out the rest.
+"""The cluster's gRPC edge: any pod takes any call and sends it where it can be served.
 
 ``ClusterRouter`` is the outermost server interceptor. For a bank-scoped method
 (any unary MemoryService method whose request has a string field ``bank``, or
 ``name`` for the bank-management ones) it reads only that field from the raw
-request bytes; if another shard owns the bank, the bytes go to it unchanged over
-a cached channel, with the caller's metadata (auth included) and remaining
-deadline, and its answer (message or status, with details) comes back verbatim.
-A forwarded call carries ``apcm-forwarded-by`` (the shards it passed) and is
-served where it lands, except that during a resize the owner may pass a call
-for a bank not yet moved to it on to the previous owner, once: a wrong peer list
-cannot make calls loop.
+request bytes and picks the pod by the bank's shard:
 
-ListBanks and the snapshot RPCs go to every shard and their answers are merged.
-A shard that cannot be reached fails only the calls that need it, with
-UNAVAILABLE naming the shard (id and address).
+- writes, and reads with ``apcm-consistency: strong`` (the default), go to the
+  shard's owner (the lease holder);
+- reads with ``apcm-consistency: eventual`` go to any pod that has caught up on
+  the shard, picked at random, so reads spread over the replicas.
+
+The request bytes go there unchanged over a cached channel, with the caller's
+metadata and remaining deadline; the answer (message or status, with details)
+comes back verbatim. A forwarded call carries ``apcm-forwarded-by`` and is served
+where it lands, so calls cannot loop. A refusal from a live pod that no longer
+owns the shard (a hand-over or failover in progress: nothing was changed) is sent
+again to the new owner until the call's deadline, so a hand-over is a pause for
+the client, not an error.
+
+``ListBanks`` and ``CreateSnapshot`` go to every live pod and the answers are merged.
 
 The router answers before ``ErrorInterceptor`` sees a call, so it raises domain
 errors (``cluster.errors``) and aborts with them itself (``_aborting``).
@@ -23,11 +28,12 @@ from __future__ import annotations
 
 import functools
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent import futures
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -38,27 +44,46 @@ from apcm.wire.placement import bank_fields as wire_bank_fields
 from ..errors import ApcmError, InvalidArgument
 from ..rpc.status import abort_with_error
 from .errors import SHARD_HEADER, PeerError, ShardUnavailable
-from .gates import BankGates
-from .placement import ClusterConfig
+from .shardmap import shard_of
 from .wire import string_field
 
 log = logging.getLogger(__name__)
 
 FORWARDED_HEADER = "apcm-forwarded-by"
+CONSISTENCY_HEADER = "apcm-consistency"
+CONSISTENCIES = ("strong", "eventual")
 SERVICE = memory_pb2.DESCRIPTOR.services_by_name["MemoryService"]
 PREFIX = f"/{SERVICE.full_name}/"
-# Calls that leave a bank unchanged and may go on while it moves; any other
-# bank-scoped method (including ones added later) counts as a write.
+# Calls that leave a bank unchanged; any other bank-scoped method (including ones
+# added later) counts as a write and goes to the owner.
 READ_METHODS = frozenset({"Read", "DescribeBank", "Recall"})
-FAN_OUT = frozenset({"ListBanks", "CreateSnapshot", "ListSnapshots", "RestoreSnapshot"})
+FAN_OUT = frozenset({"ListBanks", "CreateSnapshot"})
 # Hop-by-hop or transport metadata that must not be copied onto a forwarded call.
 _DROPPED = frozenset({FORWARDED_HEADER, "user-agent", ":authority", "content-type", "te"})
 NO_DEADLINE_S = 365 * 24 * 3600.0
+RETRY_PAUSE_S = 0.02
+
+
+class Placement(Protocol):
+    """What the router asks of ``node.ClusterNode``."""
+
+    node: str
+    address: str
+    shards: int
+
+    def owner_address(self, shard: int) -> str | None: ...
+
+    def is_owner(self, shard: int) -> bool: ...
+
+    def holds_ready(self, shard: int) -> bool: ...
+
+    def replica_addresses(self, shard: int) -> list[str]: ...
+
+    def member_addresses(self) -> list[str]: ...
 
 
 def bank_fields(service: Any = SERVICE) -> dict[str, int]:
-    """Method name -> field number of the bank name in its request, for every unary
-    method of ``service`` that addresses one bank."""
+    """Method name -> field number of the bank name in its request."""
     return {m: number for m, (_, number) in wire_bank_fields(service).items()}
 
 
@@ -74,31 +99,30 @@ def header(metadata: Sequence[tuple[str, Any]] | None, key: str) -> Any:
 
 
 class PeerChannels:
-    """One cached channel per peer; raw (bytes in, bytes out) callables per method."""
+    """One cached channel per pod address; raw (bytes in, bytes out) callables."""
 
-    def __init__(self, cluster: ClusterConfig, max_message_bytes: int) -> None:
-        self.cluster = cluster
+    def __init__(self, max_message_bytes: int) -> None:
         self._options = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
-            # a restarted shard is found again within a second
+            # a restarted pod is found again within a second
             ("grpc.initial_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", 1000),
         ]
         self._lock = threading.Lock()
-        self._channels: dict[int, grpc.Channel] = {}
+        self._channels: dict[str, grpc.Channel] = {}
 
-    def channel(self, shard: int) -> grpc.Channel:
+    def channel(self, address: str) -> grpc.Channel:
         with self._lock:
-            ch = self._channels.get(shard)
+            ch = self._channels.get(address)
             if ch is None:
-                ch = grpc.insecure_channel(self.cluster.peers[shard], options=self._options)
-                self._channels[shard] = ch
+                ch = grpc.insecure_channel(address, options=self._options)
+                self._channels[address] = ch
             return ch
 
-    @functools.lru_cache(maxsize=1024)  # noqa: B019 (one PeerChannels per server)
-    def raw(self, shard: int, method: str) -> grpc.UnaryUnaryMultiCallable:
-        return self.channel(shard).unary_unary(method)
+    @functools.lru_cache(maxsize=4096)  # noqa: B019 (one PeerChannels per server)
+    def raw(self, address: str, method: str) -> grpc.UnaryUnaryMultiCallable:
+        return self.channel(address).unary_unary(method)
 
     def close(self) -> None:
         with self._lock:
@@ -114,12 +138,12 @@ def remaining_timeout(context: grpc.ServicerContext, default_s: float) -> float:
     return max(left, 0.001)
 
 
-def forward_metadata(context: grpc.ServicerContext, shard_id: int) -> list[tuple[str, Any]]:
-    """The caller's metadata, plus this shard appended to the forwarding path."""
+def forward_metadata(context: grpc.ServicerContext, node: str) -> list[tuple[str, Any]]:
+    """The caller's metadata, plus this pod appended to the forwarding path."""
     md = [(k, v) for k, v in context.invocation_metadata()
           if k not in _DROPPED and not k.startswith("grpc-")]
     path = header(context.invocation_metadata(), FORWARDED_HEADER)
-    md.append((FORWARDED_HEADER, f"{path},{shard_id}" if path else str(shard_id)))
+    md.append((FORWARDED_HEADER, f"{path},{node}" if path else node))
     return md
 
 
@@ -134,38 +158,25 @@ def _aborting(behavior: Callable[[Any, grpc.ServicerContext], Any]
     return call
 
 
-def may_fall_back(path: str) -> bool:
-    """Whether a call forwarded along ``path`` may take one more hop, to the bank's
-    previous owner: only a call one shard forwarded (tools mark calls with a
-    non-numeric path to have them served where they land)."""
-    return path.isdigit()
-
-
 class ClusterRouter(grpc.ServerInterceptor):
-    """Routes MemoryService calls to the owner shard (see the module docstring).
+    """Routes MemoryService calls (see the module docstring).
 
     Args:
-        cluster: this server's shard map.
-        has_bank: whether this server holds a bank now.
+        placement: who owns and who holds each shard (the ``ClusterNode``).
         default_bank: the bank an empty name means.
-        gates: per-bank admission (moves, imports).
-        peers: channels to the other shards.
+        peers: channels to the other pods.
         forward_timeout_s: deadline of a forwarded call whose caller set none.
     """
 
-    def __init__(self, cluster: ClusterConfig, has_bank: Callable[[str], bool],
-                 default_bank: str, gates: BankGates, peers: PeerChannels,
+    def __init__(self, placement: Placement, default_bank: str, peers: PeerChannels,
                  forward_timeout_s: float) -> None:
-        self.cluster = cluster
-        self.has_bank = has_bank
+        self.placement = placement
         self.default_bank = default_bank
-        self.gates = gates
         self.peers = peers
         self.forward_timeout_s = forward_timeout_s
         self.fields = bank_fields()
         self.responses = _response_types()
-        self._pool = futures.ThreadPoolExecutor(
-            max_workers=max(2, 2 * cluster.pods), thread_name_prefix="apcm-fanout")
+        self._pool = futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="apcm-fanout")
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -194,136 +205,132 @@ class ClusterRouter(grpc.ServerInterceptor):
     # -- one bank --------------------------------------------------------------------
     def _bank_call(self, handler: grpc.RpcMethodHandler, method: str, name: str,
                    raw: bytes, context: grpc.ServicerContext) -> bytes:
-        bank = string_field(raw, self.fields[name]) or self.default_bank
-        path = header(context.invocation_metadata(), FORWARDED_HEADER)
-        target = None
-        if path is None:
-            target = self._route(name, bank, context)
-        elif may_fall_back(path) and self.cluster.owner(bank) == self.cluster.shard_id:
-            target = self._fall_back(name, bank, context)
-        if target is not None:
-            return self._forward(target, method, raw, context)
-        with self.gates.admit(bank, mutating=name not in READ_METHODS):  # BankBusy
-            try:
-                request = handler.request_deserializer(raw)
-            except DecodeError:
-                raise InvalidArgument("malformed request message") from None
-            response = handler.unary_unary(request, context)
-            return handler.response_serializer(response)
-
-    def _route(self, name: str, bank: str, context: grpc.ServicerContext) -> int | None:
-        """The shard to forward to, or None to serve here."""
-        c = self.cluster
-        owner = c.owner(bank)
-        if owner != c.shard_id:
-            return owner
-        return self._fall_back(name, bank, context)
-
-    def _fall_back(self, name: str, bank: str, context: grpc.ServicerContext) -> int | None:
-        """On the owner: the previous owner while a resize has not moved the bank here."""
-        prev = self.cluster.previous_owner(bank)
-        if prev is None or self.has_bank(bank):
-            return None
-        if name != "CreateBank":
-            return prev  # not moved here yet: its previous owner still serves it
-        # a new bank is created on its owner, unless the previous owner already has it
-        describe = memory_pb2.DescribeBankRequest(name=bank).SerializeToString()
+        metadata = context.invocation_metadata()
+        if header(metadata, FORWARDED_HEADER) is None:
+            consistency = header(metadata, CONSISTENCY_HEADER) or "strong"
+            if consistency not in CONSISTENCIES:
+                raise InvalidArgument(f"{CONSISTENCY_HEADER} must be one of "
+                                      f"{', '.join(CONSISTENCIES)}, got {consistency!r}")
+            bank = string_field(raw, self.fields[name]) or self.default_bank
+            shard = shard_of(bank, self.placement.shards)
+            eventual = name in READ_METHODS and consistency == "eventual"
+            deadline = time.monotonic() + remaining_timeout(context, self.forward_timeout_s)
+            while True:
+                targets = self._targets(shard, eventual)
+                if targets[0] is None:
+                    break  # this pod serves it
+                answer = self._try_targets(targets, method, raw, context, deadline)
+                if answer is not None:
+                    return answer
         try:
-            self._call(prev, PREFIX + "DescribeBank", describe, context)
-        except grpc.RpcError as e:
-            if e.code() == grpc.StatusCode.NOT_FOUND:
+            request = handler.request_deserializer(raw)
+        except DecodeError:
+            raise InvalidArgument("malformed request message") from None
+        response = handler.unary_unary(request, context)
+        return handler.response_serializer(response)
+
+    def _try_targets(self, targets: list[str | None], method: str, raw: bytes,
+                     context: grpc.ServicerContext, deadline: float) -> bytes | None:
+        """The first answer of ``targets`` (an unreachable one is skipped while others
+        remain); None, after a pause, when a live pod refused because the shard moved
+        or this pod is next in line (the caller then looks the targets up again)."""
+        for i, target in enumerate(targets):
+            if target is None:
                 return None
-            raise self.peer_error(prev, e) from e
-        return prev
+            try:
+                return self._call(target, method, raw, context)
+            except grpc.RpcError as e:
+                if i + 1 < len(targets) and _unreachable(e):
+                    continue  # another replica may answer the read
+                if not _refused_by_live_pod(e) or time.monotonic() >= deadline:
+                    raise self.peer_error(target, e) from e
+                time.sleep(RETRY_PAUSE_S)  # a hand-over or failover: ask again
+                return None
+        return None
 
-    def _call(self, shard: int, method: str, raw: bytes,
+    def _targets(self, shard: int, eventual: bool) -> list[str | None]:
+        """Where to send a call on ``shard``, in order: addresses, or None to serve here."""
+        p = self.placement
+        if eventual:
+            holders: list[str | None] = list(p.replica_addresses(shard))
+            random.shuffle(holders)
+            if holders:
+                return [None if a == p.address and p.holds_ready(shard) else a
+                        for a in holders]
+        if p.is_owner(shard):
+            return [None]
+        owner = p.owner_address(shard)
+        if owner is None or owner == p.address:
+            # no owner yet, or this pod is taking over: its store answers UNAVAILABLE
+            # ("moved; retry") until it can serve, which the SDK retries
+            return [None]
+        return [owner]
+
+    def _call(self, address: str, method: str, raw: bytes,
               context: grpc.ServicerContext) -> bytes:
-        return self.peers.raw(shard, method)(
+        return self.peers.raw(address, method)(
             raw, timeout=remaining_timeout(context, self.forward_timeout_s),
-            metadata=forward_metadata(context, self.cluster.shard_id))
+            metadata=forward_metadata(context, self.placement.node))
 
-    def _forward(self, shard: int, method: str, raw: bytes,
-                 context: grpc.ServicerContext) -> bytes:
-        try:
-            return self._call(shard, method, raw, context)
-        except grpc.RpcError as e:
-            raise self.peer_error(shard, e) from e
-
-    def peer_error(self, shard: int, e: grpc.RpcError, prefix: str = "") -> ApcmError:
+    def peer_error(self, address: str, e: grpc.RpcError, prefix: str = "") -> ApcmError:
         """What to answer for the peer's failed call: its status verbatim, or, if the
         peer could not be reached, UNAVAILABLE naming it."""
         code, details = e.code(), e.details() or ""
         trailing = tuple((k, v) for k, v in (e.trailing_metadata() or ())
                          if not k.startswith("grpc-") or k == "grpc-status-details-bin")
         if code == grpc.StatusCode.UNAVAILABLE and header(trailing, SHARD_HEADER) is None:
-            return ShardUnavailable(f"{self.cluster.describe(shard)} is unavailable: "
-                                    f"{details}", shard=self.cluster.shard_id)
+            return ShardUnavailable(f"pod {address} is unavailable: {details}; retry",
+                                    shard=-1)
         return PeerError(code.name, prefix + details, trailing)
 
-    # -- every shard -----------------------------------------------------------------
+    # -- every pod -------------------------------------------------------------------
     def _fan_out(self, handler: grpc.RpcMethodHandler, method: str, name: str,
                  request: Any, context: grpc.ServicerContext) -> Any:
-        if name == "CreateSnapshot" and not request.name:
-            # one name on every shard, so the cluster's snapshot can be listed and restored
-            now = time.time()
-            request = memory_pb2.CreateSnapshotRequest(
-                name=time.strftime("cluster-%Y%m%dT%H%M%S", time.gmtime(now))
-                + f".{int(now % 1 * 1000):03d}Z")
         raw = request.SerializeToString()
         parse = self.responses[name].FromString
-        others = [s for s in range(self.cluster.pods) if s != self.cluster.shard_id]
-        pending = {s: self._pool.submit(self._call, s, method, raw, context) for s in others}
-        answers = {self.cluster.shard_id: handler.unary_unary(request, context)}
-        for shard, fut in pending.items():
+        others = [a for a in self.placement.member_addresses() if a != self.placement.address]
+        pending = {a: self._pool.submit(self._call, a, method, raw, context) for a in others}
+        answers = {self.placement.address: handler.unary_unary(request, context)}
+        for address, fut in pending.items():
             try:
-                answers[shard] = parse(fut.result())
+                answers[address] = parse(fut.result())
             except grpc.RpcError as e:
                 for f in pending.values():
                     f.cancel()
-                raise self.peer_error(shard, e, prefix=f"{self.cluster.describe(shard)}: ") \
-                    from e
+                raise self.peer_error(address, e, prefix=f"pod {address}: ") from e
         return getattr(self, f"_merge_{name}")(answers)
 
-    def _merge_banks(self, answers: dict[int, Sequence[Any]]) -> list[Any]:
-        """One BankInfo per name: the owner's copy if it has one (a copy elsewhere is
-        the leftover of an interrupted move or an unused default bank)."""
+    def _merge_ListBanks(self, answers: dict[str, Any]) -> Any:  # noqa: N802
+        """One BankInfo per name: the owner's copy where the owner answered."""
         best: dict[str, tuple[int, Any]] = {}
-        for shard, banks in sorted(answers.items()):
-            for info in banks:
-                rank = 0 if shard == self.cluster.owner(info.name) else 1
+        for address, answer in sorted(answers.items()):
+            for info in answer.banks:
+                owner = self.placement.owner_address(shard_of(info.name, self.placement.shards))
+                rank = 0 if address == owner else 1
                 if info.name not in best or rank < best[info.name][0]:
                     best[info.name] = (rank, info)
-        return [best[n][1] for n in sorted(best)]
+        return memory_pb2.ListBanksResponse(banks=[best[n][1] for n in sorted(best)])
 
-    def _merge_ListBanks(self, answers: dict[int, Any]) -> Any:  # noqa: N802
-        return memory_pb2.ListBanksResponse(
-            banks=self._merge_banks({s: a.banks for s, a in answers.items()}))
-
-    @staticmethod
-    def _merge_snapshot(infos: Sequence[Any], shards: int) -> Any:
-        hashes = {i.model_hash for i in infos}
+    def _merge_CreateSnapshot(self, answers: dict[str, Any]) -> Any:  # noqa: N802
+        infos = list(answers.values())
         return memory_pb2.SnapshotInfo(
-            name=infos[0].name, created_at=max(i.created_at for i in infos),
+            name=f"{len([i for i in infos if i.name])} shards",
+            created_at=max(i.created_at for i in infos),
             size_bytes=sum(i.size_bytes for i in infos),
             wal_sequence=max(i.wal_sequence for i in infos),
-            model_hash=hashes.pop() if len(hashes) == 1 else "",
-            banks=sorted({b for i in infos for b in i.banks}),
-            valid=len(infos) == shards and all(i.valid for i in infos))
+            model_hash=infos[0].model_hash,
+            banks=sorted({b for i in infos for b in i.banks}), valid=True)
 
-    def _merge_CreateSnapshot(self, answers: dict[int, Any]) -> Any:  # noqa: N802
-        return self._merge_snapshot(list(answers.values()), self.cluster.pods)
 
-    def _merge_ListSnapshots(self, answers: dict[int, Any]) -> Any:  # noqa: N802
-        by_name: dict[str, list[Any]] = {}
-        for answer in answers.values():
-            for info in answer.snapshots:
-                by_name.setdefault(info.name, []).append(info)
-        merged = [self._merge_snapshot(v, self.cluster.pods) for v in by_name.values()]
-        merged.sort(key=lambda i: (i.created_at, i.name), reverse=True)
-        return memory_pb2.ListSnapshotsResponse(snapshots=merged)
+def _unreachable(e: grpc.RpcError) -> bool:
+    """The pod could not be reached (no live pod refused the call)."""
+    trailing = e.trailing_metadata() or ()
+    return e.code() == grpc.StatusCode.UNAVAILABLE and header(trailing, SHARD_HEADER) is None
 
-    def _merge_RestoreSnapshot(self, answers: dict[int, Any]) -> Any:  # noqa: N802
-        return memory_pb2.RestoreSnapshotResponse(
-            snapshot=self._merge_snapshot([a.snapshot for a in answers.values()],
-                                          self.cluster.pods),
-            banks=self._merge_banks({s: a.banks for s, a in answers.items()}))
+
+def _refused_by_live_pod(e: grpc.RpcError) -> bool:
+    """A live pod refused the call before changing anything (it does not own the shard)."""
+    if e.code() != grpc.StatusCode.UNAVAILABLE:
+        return False
+    trailing = e.trailing_metadata() or ()
+    return header(trailing, SHARD_HEADER) is not None and "moved" in (e.details() or "")

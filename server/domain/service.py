@@ -25,35 +25,35 @@ from ..codecs.base import Codec, ItemChecks
 from ..config import Settings
 from ..embedding.embedder import Embedder, EmbedderSpec, resolve_spec
 from ..errors import FailedPrecondition, InvalidArgument
-from ..memory.ivf import IndexConfig
-from ..memory.lexical import Bm25Params
 from ..memory.names import validate_bank_name, validate_snapshot_name
 from ..memory.results import BankStats, ReadResult
 from ..memory.scoring import CodeScorer
-from ..memory.store import MemoryStore
 from ..metrics import Metrics
 from . import recall
 from .batching import KeyedBatcher, MicroBatcher
 from .engine import Engine
 from .limits import check_reply_size
-from .moves import BankMoves
 from .params import MAX_TOP_K, ModelInfo, QueryHits, ReadParams, WrittenSlots
+from .stores import Replication, new_store
 
 log = logging.getLogger(__name__)
 
 MAX_TEXT_CHARS = recall.MAX_TEXT_CHARS
 
 
-class MemoryService(BankMoves):
+class MemoryService:
     """Codec, engine, banks, persistence and readiness of one server.
 
     Args:
         settings: the server's settings.
         codec: the served codec, already on its device.
         metrics: where per-item and per-bank metrics go.
+        cluster: in cluster mode, the pod's node: its shards are the banks, its
+            streams and object store the persistence.
     """
 
-    def __init__(self, settings: Settings, codec: Codec, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, codec: Codec, metrics: Metrics,
+                 cluster: Replication | None = None) -> None:
         self.settings = settings
         self.codec = codec
         self.metrics = metrics
@@ -62,24 +62,8 @@ class MemoryService(BankMoves):
         self._ready = threading.Event()
         self._pauses = 0  # restores in flight; serving resumes when the last one ends
         self._pause_lock = threading.Lock()
-        self.store = MemoryStore(
-            code_dim=codec.code_dim,
-            code_dtype=codec.code_dtype,
-            scale=codec.quantizer.scale,
-            device=codec.device,
-            max_capacity=settings.max_bank_capacity,
-            max_payload_bytes=settings.max_payload_bytes,
-            max_key_length=settings.max_key_length,
-            default_policy=settings.default_policy,
-            default_half_life=settings.default_half_life,
-            metric=codec.similarity_weights,
-            scorer=codec.scorer,
-            memory_limit_bytes=settings.effective_memory_limit_bytes,
-            max_banks=settings.max_banks,
-            index_config=IndexConfig(threshold=settings.index_threshold,
-                                     nprobe=settings.index_nprobe),
-            bm25=Bm25Params(k1=settings.bm25_k1, b=settings.bm25_b),
-        )
+        self.cluster = cluster
+        self.store: Any = cluster.store if cluster is not None else new_store(settings, codec)
         self.embedder: Embedder | None = None
         spec = resolve_spec(settings.embedder, codec.extra_metadata)
         if spec is not None:
@@ -150,6 +134,8 @@ class MemoryService(BankMoves):
         return np.asarray(vectors, dtype=np.float32).reshape(n, *self.codec.input_shape)
 
     def _build_persistence(self) -> Any:
+        if self.cluster is not None:
+            return self.cluster
         from ..persistence.manager import PersistenceManager
 
         return PersistenceManager(
@@ -167,7 +153,8 @@ class MemoryService(BankMoves):
         self.persistence.recover()
         self.persistence.start()
         s = self.settings
-        self.store.create_bank(s.default_bank, s.default_bank_capacity, exist_ok=True)
+        if self.cluster is None:  # a cluster's owner of the shard creates it
+            self.store.create_bank(s.default_bank, s.default_bank_capacity, exist_ok=True)
         self._warm_up()
         self._set_ready(True)
 

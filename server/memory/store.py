@@ -60,7 +60,6 @@ from .eviction import make_policy, validate_half_life
 from .fusion import MAX_CONTEXT
 from .hybrid import DEFAULT_FUSION, Fusion, fused_read
 from .metadata import encode_metadata, validate_metadata
-from .moves import BankMoves
 from .names import shorten, validate_bank_name
 from .options import ReadOptions
 from .recovery import StoreRecovery
@@ -70,7 +69,7 @@ from .storebase import MutationLog, StoreState
 __all__ = ["MemoryStore", "MutationLog", "StoreState"]
 
 
-class MemoryStore(BankMoves, StoreRecovery):
+class MemoryStore(StoreRecovery):
     """All banks of one server, for one codec; constructed like ``StoreBase``."""
 
     def create_bank(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -133,6 +133,9 @@ class StoreBase:
         self._banks: dict[str, MemoryBank] = {}
         # each bank's BM25 index of its text memories, kept in step under the bank lock
         self.texts = TextIndexes(bm25)
+        # what the memory limit is checked against: this store's banks, or (a cluster
+        # pod's shard stores) every store of the pod
+        self.limit_usage: Callable[[], int] = self.usage_bytes
 
     def set_log(self, log: MutationLog | None) -> None:
         with self.lock, self.seq_lock:
@@ -195,7 +198,7 @@ class StoreBase:
         limit = self.memory_limit_bytes
         if limit is None or adding <= 0:
             return
-        used = self.usage_bytes()
+        used = self.limit_usage()
         if used + adding > limit:
             raise ResourceExhausted(
                 f"{what} needs {adding} more bytes, but the banks hold {used} of the "

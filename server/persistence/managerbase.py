@@ -16,7 +16,6 @@ from typing import Any
 from ..config import Settings
 from ..errors import FailedPrecondition
 from ..memory.store import StoreState
-from .imports import ImportFiles
 from .snapshot import SnapshotDirectory, SnapshotInfo
 from .wal import WriteAheadLog
 
@@ -76,7 +75,6 @@ class ManagerBase:
         root = Path(settings.data_dir)
         self.snapshots = SnapshotDirectory(root / "snapshots")
         self.wal_dir = root / "wal"
-        self.imports = ImportFiles(root / "imports")
         self.wal: WriteAheadLog | None = None
         self._snapshot_lock = threading.Lock()
         self._stop = threading.Event()
@@ -94,12 +92,6 @@ class ManagerBase:
         ours = [i for i in self.snapshots.newest_first(verify=False)
                 if i.model_hash == self.codec_hash][:2]
         return ours if len(ours) == 2 or self.settings.snapshot_keep < 2 else []
-
-    def _prune_imports(self) -> None:
-        """Import files whose banks both newest snapshots hold go with their log records."""
-        ours = self._recoverable_snapshots()
-        if ours:
-            self.imports.prune(min(i.wal_sequence for i in ours))
 
     def _check_model(self, info: SnapshotInfo) -> None:
         if info.model_hash != self.codec_hash:

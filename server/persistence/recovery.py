@@ -5,10 +5,8 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 from ..errors import FailedPrecondition
-from .bankfile import decode_bank
 from .managerbase import ManagerBase
 from .replayer import BatchingApplier
 from .snapshot import SnapshotCorrupt, SnapshotInfo, read_snapshot
@@ -82,9 +80,8 @@ class StartupRecovery(ManagerBase):
         after = info.wal_sequence if info is not None else 0
         report.last_seq = after
         if not self._log_covers(info, bool(names)):
-            self.imports.remove_incoming()
             return report
-        applier = BatchingApplier(self.store, self._load_import)
+        applier = BatchingApplier(self.store)
         result = replay(
             self.wal_dir, self.codec_hash, after, applier,
             covered_below=info.wal_segment if info is not None else 0,
@@ -97,15 +94,7 @@ class StartupRecovery(ManagerBase):
             log.info("replayed %d write-ahead-log records after sequence %d", result.applied,
                      after)
         report.last_seq = max(after, result.last_seq)
-        # after replay: a record may name a file whose rename was not yet durable
-        self.imports.remove_incoming()
-        self._prune_imports()
         return report
-
-    def _load_import(self, record: Any) -> tuple[Any, Any]:
-        """(bank, text marks) of the verified import file an ``import_bank`` record names."""
-        config, arrays = decode_bank(self.imports.read(record.fields))
-        return self.store.bank_from_export(config, arrays), arrays.get("text_flags")
 
     def _log_covers(self, info: SnapshotInfo | None, had_snapshots: bool) -> bool:
         """Whether the log holds every segment the recovered snapshot does not cover."""

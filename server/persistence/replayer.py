@@ -10,7 +10,6 @@ applying the records one by one does.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -26,24 +25,22 @@ class BatchingApplier:
     """``apply(record)`` for ``wal.replay``; call ``flush()`` after the last record.
 
     Args:
-        store: the ``MemoryStore`` (``apply_record``, ``apply_import``, ``last_seq``).
-        load_import: (bank, text marks or None) of an ``import_bank`` record's file.
+        store: the ``MemoryStore`` (``apply_record``, ``last_seq``).
         max_items: largest merged write.
     """
 
-    def __init__(self, store: Any, load_import: Callable[[WalRecord], Any] | None = None,
-                 max_items: int = MAX_RUN_ITEMS) -> None:
+    def __init__(self, store: Any, max_items: int = MAX_RUN_ITEMS) -> None:
         self.store = store
-        self.load_import = load_import
         self.max_items = max_items
         self._run: list[WalRecord] = []
         self._items = 0
 
     def __call__(self, record: WalRecord) -> None:
         if record.kind == "import_bank":
-            self.flush()
-            self._import(record)
-            return
+            raise FailedPrecondition(
+                f"write-ahead log sequence {record.seq} records a bank moved here by the "
+                "sharded cluster mode this version replaced (docs/cluster.md): recover this "
+                "data directory with the release that wrote it and snapshot it first")
         if record.kind != "write":
             self.flush()
             self._apply(record.first_seq, record.seq, record.kind, record.bank, record.fields)
@@ -81,21 +78,6 @@ class BatchingApplier:
                 f"write-ahead log records {run[0].first_seq}..{run[-1].seq} (writes on bank "
                 f"{run[0].bank!r}) cannot be replayed: {e}") from e
         self._apply(run[0].first_seq, run[-1].seq, "write", run[0].bank, fields)
-
-    def _import(self, record: WalRecord) -> None:
-        if record.seq <= self.store.last_seq:
-            return  # the snapshot holds the bank; its file may be gone already
-        try:
-            if self.load_import is None:
-                raise FailedPrecondition("this replay cannot read import files")
-            bank, text_flags = self.load_import(record)
-            if bank.name != record.bank:
-                raise FailedPrecondition(f"its file holds bank {bank.name!r}")
-            self.store.apply_import(record.seq, bank, text_flags)
-        except ApcmError as e:
-            raise FailedPrecondition(
-                f"write-ahead log sequence {record.seq} (bank {record.bank!r} moved here) "
-                f"cannot be replayed: {e.message}") from e
 
     def _apply(self, first: int, seq: int, kind: str, bank: str, fields: dict[str, Any]) -> None:
         try:

@@ -181,7 +181,6 @@ class Snapshotting(ManagerBase):
         ours = self._recoverable_snapshots()
         if ours:
             self.wal.delete_segments_before(min(i.wal_segment for i in ours))
-        self._prune_imports()
 
     def _observe(self, seconds: float, ok: bool) -> None:
         if self.metrics is not None:

@@ -327,3 +327,14 @@ def iter_segment(
             check_header(header)
         reader = _records_v1 if version == 1 else _records_v2
         yield from reader(f, f.tell(), size)
+
+
+def decode_records(data: bytes) -> list[WalRecord]:
+    """The version-2 records packed back to back in ``data`` (a cluster log message).
+
+    Raises:
+        BadRecord: a record fails a check (any, the last included: a message is
+            never torn).
+    """
+    f: Any = io.BufferedReader(io.BytesIO(data))  # the readers take any buffered stream
+    return [record for _, record in _records_v2(f, 0, len(data))]

@@ -1,271 +1,276 @@
-"""Cluster costs: the forwarding hop, the SDK's direct routing, and moving a bank vs
-copying its bytes.
+"""``apcm bench cluster``: cluster mode on NATS JetStream, measured against its goals.
 
-Two shards and one single server run in their own processes on loopback, the
-shards formed from a static peer list. Routing: p50 of the same DescribeBank and
-Read sent to the bank's owner directly, to the other shard (which forwards it), to
-a single server holding the same bank, and through the SDK's direct routing
-(``routing="direct"``, given the other shard's address), alternating ``--rounds``
-times so a shared machine's drift hits all alike. Goals (issue 15): the hop adds
-<= 1 ms at p50; direct routing matches a single server.
-Rebalance: a bank of ``--memories`` memories is put on the shard that does not
-own it (calls marked as forwarded are served where they land), then moved with
-``MoveBank`` (pause, stream, durable import = an fsynced file and one WAL record
-on the owner, drop); compared in the same run with the same bytes sent over a
-loopback TCP socket (plain, and also written to a file and fsynced on arrival);
-goal: move speed >= 0.5 x the plain raw copy speed.
+In one run, on loopback: a single-process server with the fsync WAL (the baseline),
+then 3 ``nats-server`` processes (JetStream R3, ``sync_interval: always``) and
+``--pods`` ``apcm serve --cluster`` processes, the SDK as the client.
+
+- **write p50**: ``--writes`` sequential one-memory writes through the bank's owner
+  and through another pod (forwarded), vs the single server; goal <= 2x.
+- **read spread**: ``--reads`` reads with ``consistency="eventual"`` over 32 banks,
+  all sent to one pod; each pod's share of the reads it served (its replicas' own
+  read counters); goal: each pod >= 25 % with 3 pods.
+- **resharding pause**: with 8 writers (one bank each) and one bank of
+  ``--large`` memories being written, a pod is added; per bank, the longest gap
+  between two acknowledged writes while the cluster settles, minus the bank's
+  median write time; goal p99 <= 100 ms, the large bank included.
+- **failover**: the pod owning most shards is killed (``SIGKILL``) under the
+  writers; per bank of its shards, the time from the kill to the first write
+  acknowledged after it; goal <= 5 s; eventual reads of those banks through another
+  pod meanwhile, goal 0 failures.
+- **acknowledged writes lost**: every acknowledged write read back after each fault;
+  goal 0.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
-import os
-import socket
+import contextlib
 import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .common import (
-    add_model_arguments,
-    machine,
-    markdown_table,
-    percentile_ms,
-    server_process,
-    time_calls,
-)
+from .common import add_model_arguments, machine, markdown_table, percentile_ms, server_process
 
-HOP_GOAL_MS = 1.0
-SDK_GOAL_MS = 0.1  # "matches": within 0.1 ms at p50
-MOVE_GOAL = 0.5
-BATCH = 8192
-
-COLUMNS = [("what", "measured"), ("direct", "direct / raw"), ("cluster", "forwarded / move"),
-           ("difference", "difference"), ("ratio", "ratio")]
+WRITE_GOAL = 2.0
+SPREAD_GOAL = 0.25
+PAUSE_GOAL_MS = 100.0
+FAILOVER_GOAL_S = 5.0
+COLUMNS = [("goal", "goal"), ("measured", "measured"), ("met", "met")]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
-    parser.add_argument("--memories", type=int, default=100_000,
-                        help="memories in the moved bank (default 100000)")
-    parser.add_argument("--seconds", type=float, default=1.0,
-                        help="measuring time per side and round (default 1.0)")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="times direct and forwarded alternate (default 3)")
-    parser.add_argument("--wal-mode", default="fsync", choices=("fsync", "interval", "off"),
-                        help="the shards' write-ahead-log mode (default fsync: a move's "
-                             "import is durable when acknowledged)")
-    parser.add_argument("--moves", type=int, default=3,
-                        help="moves (and raw copies) timed; the median counts (default 3)")
+    parser.add_argument("--pods", type=int, default=3, help="apcm pods (default 3)")
+    parser.add_argument("--shards", type=int, default=16, help="cluster shards (default 16)")
+    parser.add_argument("--writes", type=int, default=300,
+                        help="sequential writes timed per side (default 300)")
+    parser.add_argument("--reads", type=int, default=600,
+                        help="eventual reads spread over the pods (default 600)")
+    parser.add_argument("--large", type=int, default=300_000,
+                        help="memories in the large bank written during the resize "
+                             "(default 300000)")
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
+def _code_pool(address: str, n: int) -> np.ndarray:
+    """``n`` distinct valid codes of the served model (random inputs, compressed)."""
+    from apcm.client import MemoryClient
+
+    rng = np.random.default_rng(0)
+    with MemoryClient(address, timeout=120) as c:
+        shape = c.model_info().input_shape
+        parts = [c.compress(rng.standard_normal((512, *shape)).astype(np.float32))
+                 for _ in range(-(-n // 512))]
+    return np.concatenate(parts)[:n]
 
 
-def raw_copy_seconds(data: bytes, to_file: str | None = None) -> float:
-    """Seconds to send ``data`` over a loopback TCP connection and receive all of it
-    (and, with ``to_file``, write it there and fsync it)."""
-    server = socket.create_server(("127.0.0.1", 0))
-    received = [0]
+def _write_p50(address: str, bank: str, pool: np.ndarray, n: int) -> float:
+    from apcm.client import MemoryClient
 
-    def sink() -> None:
-        conn, _ = server.accept()
-        out = open(to_file, "wb") if to_file else None  # noqa: SIM115
-        with conn:
-            buf = bytearray(1 << 20)
-            while True:
-                n = conn.recv_into(buf)
-                if not n:
-                    break
-                received[0] += n
-                if out is not None:
-                    out.write(memoryview(buf)[:n])
-        if out is not None:
-            out.flush()
-            os.fsync(out.fileno())
-            out.close()
-
-    t = threading.Thread(target=sink)
-    t.start()
-    t0 = time.perf_counter()
-    with socket.create_connection(server.getsockname()) as c:
-        c.sendall(data)
-    t.join()
-    seconds = time.perf_counter() - t0
-    server.close()
-    assert received[0] == len(data)
-    return seconds
+    samples = []
+    with MemoryClient(address, timeout=30) as c:
+        c.create_bank(bank, max(2 * n, 64), exist_ok=True)
+        for i in range(n):
+            t0 = time.perf_counter()
+            c.write(codes=pool[i:i + 1], bank=bank, keys=[f"{bank}-{i}"], mode="per_item")
+            samples.append(time.perf_counter() - t0)
+    return percentile_ms(samples, 50)
 
 
-def _owned_by(shard: int, prefix: str) -> str:
-    from apcm.server.cluster.placement import owner_of
-
-    return next(f"{prefix}-{i}" for i in range(10_000) if owner_of(f"{prefix}-{i}", 2) == shard)
+def _pauses_ms(timeline: list[tuple[float, float, str]], start: float, end: float
+               ) -> dict[str, float]:
+    """Per bank: the longest gap between acknowledged writes in [start, end], less the
+    bank's median write time (what a write takes anyway)."""
+    out = {}
+    for bank in {b for _, _, b in timeline}:
+        times = sorted(t for t, _, b in timeline if b == bank and start <= t <= end)
+        took = sorted(d for _, d, b in timeline if b == bank)
+        if len(times) < 2:
+            out[bank] = float("inf")
+            continue
+        gap = max(b - a for a, b in zip(times, times[1:], strict=False))
+        out[bank] = max(gap - took[len(took) // 2], 0.0) * 1000
+    return out
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import grpc
 
-    from apcm.client import MemoryClient
+    from apcm.client.errors import ApcmError
     from apcm.server.cluster.router import FORWARDED_HEADER
-    from apcm.server.cluster.transfer import assemble
-    from apcm.v1 import cluster_pb2, cluster_pb2_grpc, memory_pb2, memory_pb2_grpc
-    from apcm.wire.tensors import to_proto
+    from apcm.server.cluster.shardmap import shard_of
+    from apcm.v1 import memory_pb2, memory_pb2_grpc
 
-    ports = _free_ports(2)
-    peers = ",".join(f"127.0.0.1:{p}" for p in ports)
-    here = ((FORWARDED_HEADER, "bench"),)
-    rng = np.random.default_rng(0)
-    shard = {"max_batch_size": BATCH, "wal_mode": args.wal_mode, "peers": peers}
-    with server_process(args.model, args.device, args.torch_threads, grpc_port=ports[0],
-                        shard_id=0, **shard) as a0, \
-            server_process(args.model, args.device, args.torch_threads, grpc_port=ports[1],
-                           shard_id=1, **shard) as a1, \
-            server_process(args.model, args.device, args.torch_threads,
-                           max_batch_size=BATCH, wal_mode=args.wal_mode) as single, \
-            MemoryClient(a0, timeout=600.0) as c0, MemoryClient(a1, timeout=600.0) as c1, \
-            MemoryClient(single, timeout=600.0) as alone, \
-            MemoryClient(a0, timeout=600.0, routing="direct") as sdk:
-        for c in (c0, c1, alone):
-            c.wait_until_serving(timeout=300)
-        info = c0.model_info()
-        dtype = np.dtype(info.code_dtype)
+    from .cluster_pods import Pod, Writers, missing, settled
+    from .nats_cluster import NatsCluster
 
-        def random_codes(n: int) -> np.ndarray:
-            x = rng.standard_normal((n, info.code_dim)) * (40 if dtype.kind == "i" else 1)
-            return x.astype(dtype)
+    local = ((FORWARDED_HEADER, "bench"),)
+    with server_process(args.model, args.device, threads=args.torch_threads,
+                        wal_mode="fsync", embedder="none") as single:
+        pool = _code_pool(single, 40_000 + args.writes * 2)
+        single_p50 = _write_p50(single, "w", pool, args.writes)
 
-        # -- the forwarding hop: the same calls to the owner (shard 1), via shard 0, to a
-        # single server, and via the SDK's direct routing given shard 0's address
-        small = _owned_by(1, "hop")
-        q = random_codes(1)
-        stored = random_codes(1000)
-        for c in (c1, alone):
-            c.create_bank(small, capacity=1024)
-            c.write(codes=stored, bank=small, mode="per_item")
-        sides = {"owner": c1, "forwarded": c0, "single": alone, "sdk": sdk}
-        calls = {"describe": lambda c: c.describe_bank(small),
-                 "read": lambda c: c.read(codes=q, bank=small, top_k=1)}
-        samples: dict[tuple[str, str], list[float]] = {
-            (k, side): [] for k in calls for side in sides}
-        for each in sides.values():  # channels connected, the SDK's shard map fetched
-            calls["describe"](each)
-        for _ in range(args.rounds):
-            for k in calls:
-                for side in sides:
-                    samples[k, side] += time_calls(
-                        functools.partial(calls[k], sides[side]), min_time_s=args.seconds)
-        p50 = {key: percentile_ms(v, 50) for key, v in samples.items()}
+    goals: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="apcm-bench-cluster-") as tmp:
+        root = Path(tmp)
+        nats = NatsCluster(root / "nats").start()
+        pods: list[Pod] = []
+        try:
+            flags = {"cluster-shards": args.shards, "embedder": "none",
+                     "torch-threads": args.torch_threads, "device": args.device,
+                     "max-bank-capacity": max(args.large * 2, 1 << 20)}
+            pods = [Pod(Path(args.model), root, f"pod-{i}", nats.urls, **flags)
+                    for i in range(args.pods)]
+            for p in pods:
+                p.start()
+            for p in pods:
+                p.wait_serving()
+            owners = settled(pods, replicas=2)
+            # -- write p50 through the owner and through another pod
+            bank = "w"
+            owner = next(p for p in pods if p.address == owners[shard_of(bank, args.shards)])
+            other = next(p for p in pods if p is not owner)
+            direct_p50 = _write_p50(owner.address, bank, pool[args.writes:], args.writes)
+            elsewhere = next(f"w-{i}" for i in range(10_000)
+                             if owners[shard_of(f"w-{i}", args.shards)] != other.address)
+            forwarded_p50 = _write_p50(other.address, elsewhere, pool[args.writes:],
+                                       args.writes)
+            goals.append({"goal": f"write p50 with 3 replicas <= {WRITE_GOAL:g}x the "
+                          "single-process fsync WAL",
+                          "measured": f"{direct_p50:.2f} ms through the owner, "
+                          f"{forwarded_p50:.2f} ms through another pod, vs "
+                          f"{single_p50:.2f} ms single ({direct_p50 / single_p50:.2f}x, "
+                          f"{forwarded_p50 / single_p50:.2f}x)",
+                          "met": max(direct_p50, forwarded_p50) <= WRITE_GOAL * single_p50})
+            # -- eventual reads spread over the pods
+            spread_banks = [f"s-{i}" for i in range(32)]
+            with pods[0].client() as c:
+                for i, b in enumerate(spread_banks):
+                    c.create_bank(b, 64, exist_ok=True)
+                    c.write(codes=pool[i * 4:i * 4 + 4], bank=b,
+                            keys=[f"{b}-{j}" for j in range(4)], mode="per_item")
+            settled(pods, replicas=2)
 
-        # -- a big bank on shard 0 that shard 1 owns, moved there and back
-        ch0, ch1 = grpc.insecure_channel(a0), grpc.insecure_channel(a1)
-        options: Any = {0: ch0, 1: ch1}
-        memory = {s: memory_pb2_grpc.MemoryServiceStub(c) for s, c in options.items()}
-        cluster = {s: cluster_pb2_grpc.ClusterServiceStub(c) for s, c in options.items()}
-        big = _owned_by(1, "big")
-        memory[0].CreateBank(memory_pb2.CreateBankRequest(name=big, capacity=args.memories),
-                             timeout=60, metadata=here)
-        t0 = time.perf_counter()
-        for start in range(0, args.memories, BATCH):
-            n = min(BATCH, args.memories - start)
-            memory[0].Write(memory_pb2.WriteRequest(
-                bank=big, codes=to_proto(random_codes(n)), mode=memory_pb2.WRITE_MODE_PER_ITEM,
-                payloads=[b"x" * 16] * n), timeout=600, metadata=here)
-        fill_s = time.perf_counter() - t0
-        moves, raws, synced, size = [], [], [], 0
-        for _ in range(args.moves):
-            _, data = assemble(cluster[0].ExportBank(
-                cluster_pb2.ExportBankRequest(name=big), timeout=600))
-            size = len(data)
-            raws.append(raw_copy_seconds(data))
-            with tempfile.TemporaryDirectory(prefix="apcm-bench-") as tmp:
-                synced.append(raw_copy_seconds(data, os.path.join(tmp, "bank")))
-            t0 = time.perf_counter()
-            answer = cluster[0].MoveBank(cluster_pb2.MoveBankRequest(name=big), timeout=600)
-            moves.append(time.perf_counter() - t0)
-            assert answer.bytes == size and answer.bank.occupied == args.memories
-            # put it back on shard 0 for the next round (not timed)
-            _, data = assemble(cluster[1].ExportBank(
-                cluster_pb2.ExportBankRequest(name=big), timeout=600))
-            from apcm.server.cluster.transfer import chunks
+            def served() -> dict[str, int]:
+                out = dict.fromkeys((p.name for p in pods), 0)
+                for p in pods:
+                    with grpc.insecure_channel(p.address) as ch:
+                        stub = memory_pb2_grpc.MemoryServiceStub(ch)
+                        for b in spread_banks:
+                            # a pod that does not hold the bank's shard refuses
+                            with contextlib.suppress(grpc.RpcError):
+                                out[p.name] += int(stub.DescribeBank(
+                                    memory_pb2.DescribeBankRequest(name=b), timeout=10,
+                                    metadata=local).reads_total)
+                return out
 
-            memory[1].DropBank(memory_pb2.DropBankRequest(name=big), timeout=600, metadata=here)
-            cluster[0].ImportBank(chunks(big, data), timeout=600)
-        ch0.close()
-        ch1.close()
-    move_s, raw_s, sync_s = (float(np.median(v)) for v in (moves, raws, synced))
-    names = {"describe": "DescribeBank", "read": "Read top-1 (1000-memory bank)"}
-    rows = []
-    for k, what in names.items():
-        rows.append({"what": f"{what} p50 ms: owner direct vs forwarded by another shard",
-                     "direct": p50[k, "owner"], "cluster": p50[k, "forwarded"],
-                     "difference": p50[k, "forwarded"] - p50[k, "owner"],
-                     "ratio": p50[k, "forwarded"] / p50[k, "owner"]})
-    for k, what in names.items():
-        rows.append({"what": f"{what} p50 ms: single server vs SDK direct routing",
-                     "direct": p50[k, "single"], "cluster": p50[k, "sdk"],
-                     "difference": p50[k, "sdk"] - p50[k, "single"],
-                     "ratio": p50[k, "sdk"] / p50[k, "single"]})
-    rows += [
-        {"what": f"bank of {args.memories} memories, {size / 1e6:.1f} MB: raw socket copy "
-                 "vs move, MB/s",
-         "direct": size / raw_s / 1e6, "cluster": size / move_s / 1e6,
-         "difference": move_s - raw_s, "ratio": raw_s / move_s},
-        {"what": "the same, raw copy also written to a file and fsynced: MB/s",
-         "direct": size / sync_s / 1e6, "cluster": size / move_s / 1e6,
-         "difference": move_s - sync_s, "ratio": sync_s / move_s},
-    ]
-    hop = p50["describe", "forwarded"] - p50["describe", "owner"]
-    hop_read = p50["read", "forwarded"] - p50["read", "owner"]
-    sdk_gap = p50["describe", "sdk"] - p50["describe", "single"]
-    goals = [
-        {"goal": f"a forwarded request p50 within {HOP_GOAL_MS} ms of a direct one (loopback)",
-         "measured": f"DescribeBank {hop:+.3f} ms ({p50['describe', 'owner']:.3f} -> "
-                     f"{p50['describe', 'forwarded']:.3f} ms); Read top-1 {hop_read:+.3f} ms",
-         "met": hop <= HOP_GOAL_MS and hop_read <= HOP_GOAL_MS},
-        {"goal": f"the SDK's direct routing matches a single server (p50 within "
-                 f"{SDK_GOAL_MS} ms)",
-         "measured": f"DescribeBank {sdk_gap:+.3f} ms ({p50['describe', 'single']:.3f} -> "
-                     f"{p50['describe', 'sdk']:.3f} ms); Read top-1 "
-                     f"{p50['read', 'sdk'] - p50['read', 'single']:+.3f} ms",
-         "met": sdk_gap <= SDK_GOAL_MS},
-        {"goal": f"moving a {args.memories}-memory bank >= {MOVE_GOAL} x raw loopback copy "
-                 "speed of its bytes",
-         "measured": f"{raw_s / move_s:.3f} x a plain socket copy ({move_s:.4f} s move vs "
-                     f"{raw_s:.4f} s); {sync_s / move_s:.3f} x a socket copy written to a "
-                     f"file and fsynced ({sync_s:.4f} s); {size} bytes",
-         "met": raw_s / move_s >= MOVE_GOAL},
-    ]
-    result = {
+            before = served()
+            with pods[0].client(consistency="eventual") as c:
+                for i in range(args.reads):
+                    b = spread_banks[i % len(spread_banks)]
+                    c.read(codes=pool[(i % 32) * 4:(i % 32) * 4 + 1], bank=b)
+            after = served()
+            shares = {n: (after[n] - before[n]) / args.reads for n in after}
+            goals.append({"goal": f"eventual reads: each of {args.pods} pods serves >= "
+                          f"{SPREAD_GOAL:.0%}",
+                          "measured": ", ".join(f"{n} {s:.1%}" for n, s in shares.items()),
+                          "met": min(shares.values()) >= SPREAD_GOAL})
+            # -- a large bank, then a pod added under writers
+            with pods[0].client(timeout=600) as c:
+                c.create_bank("large", args.large + 50_000, exist_ok=True)  # no evictions
+                t0 = time.perf_counter()
+                for start in range(0, args.large, 5000):
+                    n = min(5000, args.large - start)
+                    rows = pool[np.arange(start, start + n) % len(pool)]
+                    c.write(codes=rows, bank="large", mode="per_item",
+                            keys=[f"large-{j}" for j in range(start, start + n)])
+                fill_s = time.perf_counter() - t0
+            banks = [f"r-{i}" for i in range(8)]
+            with pods[0].client() as c:
+                for b in banks:
+                    c.create_bank(b, 1 << 16, exist_ok=True)
+            writers = Writers(pods[0].address, [*banks, "large"],
+                              pool[args.writes * 2:]).start()
+            time.sleep(2)
+            added = Pod(Path(args.model), root, f"pod-{args.pods}", nats.urls, **flags)
+            resize_start = time.monotonic()
+            added.start().wait_serving()
+            pods.append(added)
+            settled(pods, replicas=2, timeout=600)
+            resize_end = time.monotonic() + 2
+            time.sleep(2)
+            pauses = _pauses_ms(writers.timeline, resize_start, resize_end)
+            p99 = float(np.percentile(list(pauses.values()), 99))
+            goals.append({"goal": f"adding a pod: write pause p99 per bank <= "
+                          f"{PAUSE_GOAL_MS:g} ms, a {args.large}-memory bank included",
+                          "measured": f"p99 {p99:.1f} ms over {len(pauses)} banks; large "
+                          f"bank {pauses.get('large', float('nan')):.1f} ms; resize settled "
+                          f"in {resize_end - 2 - resize_start:.1f} s",
+                          "met": p99 <= PAUSE_GOAL_MS})
+            # -- the owner of most shards killed under the writers
+            owners = settled(pods, replicas=2)
+            victim = max(pods[1:], key=lambda p: owners.count(p.address))
+            victim_banks = [b for b in [*banks, "large"]
+                            if owners[shard_of(b, args.shards)] == victim.address]
+            survivor = next(p for p in pods if p is not victim and p is not pods[0])
+            read_failures, reads = [0], [0]
+            stop_reads = threading.Event()
+
+            def reader() -> None:
+                with survivor.client(consistency="eventual", retries=0) as c:
+                    while not stop_reads.is_set():
+                        for b in victim_banks:
+                            reads[0] += 1
+                            try:
+                                c.describe_bank(b)
+                            except ApcmError:
+                                read_failures[0] += 1
+                        time.sleep(0.02)
+
+            reading = threading.Thread(target=reader, daemon=True)
+            reading.start()
+            killed = time.monotonic()
+            victim.kill9()
+            pods.remove(victim)
+            time.sleep(FAILOVER_GOAL_S + 3)
+            stop_reads.set()
+            reading.join()
+            writers.stop()
+            back = {b: min((t for t, _, x in writers.timeline if x == b and t > killed),
+                           default=float("inf")) - killed for b in victim_banks}
+            worst = max(back.values(), default=0.0)
+            goals.append({"goal": f"owner killed: its banks writable again in <= "
+                          f"{FAILOVER_GOAL_S:g} s; reads served throughout",
+                          "measured": f"{worst:.2f} s (worst of {len(back)} banks); "
+                          f"{read_failures[0]} of {reads[0]} eventual reads failed",
+                          "met": worst <= FAILOVER_GOAL_S and read_failures[0] == 0})
+            with pods[0].client(timeout=300) as c:
+                lost = missing(c, writers.acked)
+            goals.append({"goal": "0 acknowledged writes lost (a pod added, an owner killed)",
+                          "measured": f"{len(lost)} of {writers.total()} lost; "
+                          f"{writers.failures} writes refused (never acknowledged)",
+                          "met": not lost})
+        finally:
+            for p in pods:
+                p.kill9()
+            nats.stop()
+    rows = [{"goal": g["goal"], "measured": g["measured"], "met": "yes" if g["met"] else "NO"}
+            for g in goals]
+    print(markdown_table(rows, COLUMNS))
+    return {
         "benchmark": "cluster",
-        "title": "Cluster: forwarding hop and bank moves",
+        "title": "Cluster mode on NATS JetStream: writes, read spread, resize, failover",
         "machine": machine(),
-        "model": {"path": args.model, "name": info.name, "code_dim": info.code_dim,
-                  "code_dtype": info.code_dtype},
-        "params": {"memories": args.memories, "seconds": args.seconds, "rounds": args.rounds,
-                   "moves": args.moves, "fill_seconds": fill_s,
-                   "wal_mode": args.wal_mode,
-                   "servers": "2 shards and 1 single server, separate processes, loopback "
-                              "TCP; a move's import writes and fsyncs the bank's file and "
-                              "logs one WAL record on the owner",
-                   "p50_ms": {f"{k}/{side}": v for (k, side), v in p50.items()},
-                   "move_seconds": moves, "raw_copy_seconds": raws,
-                   "raw_copy_fsync_seconds": synced},
+        "params": {"pods": args.pods, "shards": args.shards, "writes": args.writes,
+                   "reads": args.reads, "large": args.large, "large_fill_s": fill_s,
+                   "model": args.model,
+                   "setup": "3 nats-server (JetStream R3, sync_interval always) and the "
+                            "pods as separate processes on loopback; baseline: one "
+                            "process with the fsync WAL"},
         "columns": COLUMNS,
         "rows": rows,
         "goals": goals,
     }
-    print(markdown_table(rows, COLUMNS))
-    for g in goals:
-        print(f"- {'MET' if g['met'] else 'NOT MET'}: {g['goal']} — {g['measured']}")
-    return result

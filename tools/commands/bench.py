@@ -22,7 +22,8 @@ BENCHMARKS = {
     "recall": "recall@10 of Read over gRPC vs the decoded memories vs equal-bytes baselines, "
               "held-out sets in and out of domain",
     "hybrid": "evidence recall@10 of recall() on conversations by mode; hybrid vs dense speed",
-    "cluster": "forwarding hop p50 vs direct; moving a bank vs raw loopback copy of its bytes",
+    "cluster": "cluster mode on NATS JetStream: write p50 vs the fsync WAL, eventual-read "
+               "spread, write pause while adding a pod, failover time, writes lost",
     "scale": "RAM per memory, concurrent reads of one bank and writes/s, vs a baseline revision",
     "index": "a bank's IVF index vs its exhaustive scan vs Chroma's HNSW server, same data",
     "codec": "a codec file's encode/decode vs FAISS PQ at equal bytes, 1 thread, batch 1024",
