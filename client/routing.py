@@ -7,7 +7,8 @@ the server's own placement function (``apcm.wire.placement``) and sends the call
 to that shard's owner over a channel per pod, which saves the forwarding hop. Any
 doubt sends the call to the pod it was given, which forwards it as usual: an
 UNAVAILABLE from an owner (unreachable, or "moved; retry" after a hand-over or
-failover) makes the next attempt go there and the map be asked for again. Calls without a bank, and calls on the default bank (an empty name),
+failover) makes the next attempt go there and the map be asked for again. Calls
+without a bank, and calls on the default bank (an empty name),
 always go there.
 """
 
