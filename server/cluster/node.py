@@ -35,7 +35,7 @@ from typing import Any
 from nats.js.errors import KeyWrongLastSequenceError
 
 from ..config import Settings
-from ..errors import ApcmError, FailedPrecondition
+from ..errors import ApcmError, FailedPrecondition, Unavailable
 from ..memory.store import MemoryStore
 from ..persistence.snapshot import SnapshotInfo
 from . import snapshots
@@ -95,8 +95,20 @@ class ClusterNode:
     def recover(self) -> None:
         """Connects, starts watching, joins and starts the control loop."""
         self.link.connect()
-        self.link.call(self._watch())
-        self._heartbeat(force=True)
+        deadline = time.monotonic() + 60.0
+        watching = False
+        while True:  # a bucket JetStream just created may have no leader for a moment
+            try:
+                if not watching:
+                    self.link.call(self._watch())
+                    watching = True
+                self._heartbeat(force=True)
+                break
+            except Exception as e:
+                if time.monotonic() >= deadline:
+                    raise Unavailable(f"cannot join the cluster: {e!r}") from e
+                log.warning("cluster: first heartbeat failed (%r); trying again", e)
+                time.sleep(0.5)
         self._thread = threading.Thread(target=self._loop, name="apcm-cluster", daemon=True)
         self._thread.start()
 
