@@ -1,28 +1,23 @@
-"""The safetensors codec of snapshot and bank files: files written before the two codecs
-were merged still load, the encoders still write them byte for byte, and damaged
-encodings are refused with the caller's error type.
+"""The safetensors codec of snapshot files: files written before the codecs were merged
+still load, and the encoder still writes them byte for byte. (The bank-move encoding
+it also served went with the sharded mode's bank moves.)
 
-``tests/fixtures/compat_snapshot.safetensors`` and ``compat_bank.bin`` were written by
-the two hand-written encoders of commit d2e1bcd (``snapshot._save_safetensors`` and
-``bankfile.encode_bank``) from the arrays below; never regenerate them with newer code.
+``tests/fixtures/compat_snapshot.safetensors`` was written by the hand-written encoder
+of commit d2e1bcd (``snapshot._save_safetensors``) from the arrays below; never
+regenerate it with newer code.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
-import pytest
 from safetensors import safe_open
 
-from apcm.server.errors import InvalidArgument
-from apcm.server.persistence import bankfile
 from apcm.server.persistence import snapshot as snap
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SNAPSHOT = FIXTURES / "compat_snapshot.safetensors"
-BANK = FIXTURES / "compat_bank.bin"
 HASH = "sha256:" + "ab" * 32
 CREATED_AT = 1_760_000_000.25
 
@@ -91,47 +86,6 @@ def test_snapshot_fixture_is_plain_safetensors() -> None:
         assert f.metadata()["format"] == snap.FORMAT
         np.testing.assert_array_equal(f.get_tensor("bank/alpha/codes"),
                                       bank_arrays(5, 0)["codes"])
-
-
-def test_bank_written_by_the_old_encoder_decodes() -> None:
-    cfg, arrays = bankfile.decode_bank(BANK.read_bytes())
-    assert cfg == config("alpha")
-    _assert_same(arrays, bank_arrays(5, 0, ">f8"))
-
-
-def test_bank_encoder_writes_the_old_bytes() -> None:
-    views = bankfile.encode_views(config("alpha"), bank_arrays(5, 0, ">f8"))
-    assert b"".join(views) == BANK.read_bytes()
-    assert bankfile.encode_bank(config("alpha"), bank_arrays(5, 0)) == BANK.read_bytes()
-
-
-
-def _encoded(header: object, data: bytes) -> bytes:
-    raw = json.dumps(header).encode()
-    return len(raw).to_bytes(8, "little") + raw + data
-
-
-_META = {"format": bankfile.FORMAT, "config": "{}"}
-
-
-@pytest.mark.parametrize(("data", "why"), [
-    (b"\x05\0\0", "shorter than a safetensors header"),
-    (BANK.read_bytes()[:40], "runs past the end"),
-    (BANK.read_bytes()[:-3], "inconsistent shape or offsets"),
-    (BANK.read_bytes() + b"\0" * 8, "8 bytes after the last array"),
-    (_encoded({"__metadata__": [1]}, b""), "metadata is not a JSON object"),
-    (_encoded([1], b""), "header is not a JSON object"),
-    (_encoded({"__metadata__": _META, "a": {"dtype": "U8", "shape": [2],
-                                            "data_offsets": [2, 4]}}, b"\0" * 4),
-     "bad offsets"),
-    (_encoded({"__metadata__": _META, "a": {"dtype": "C64", "shape": [1],
-                                            "data_offsets": [0, 8]}}, b"\0" * 8), "C64"),
-    (_encoded({"__metadata__": {"format": "apcm-snapshot"}}, b""), "format is"),
-])
-def test_damaged_bank_encodings_are_refused(data: bytes, why: str) -> None:
-    with pytest.raises(InvalidArgument, match="not an encoded bank") as exc:
-        bankfile.decode_bank(data)
-    assert why in exc.value.message
 
 
 def test_a_big_endian_array_passes_the_snapshot_checksum(tmp_path: Path) -> None:
