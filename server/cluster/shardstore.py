@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 
 from ..memory.bank import DEFAULT_READ, MemoryBank
+from ..memory.hybrid import DEFAULT_FUSION, Fusion
 from ..memory.options import ReadOptions
 from ..memory.results import BankStats, ReadResult, SlotWrite
 from ..memory.store import MemoryStore
@@ -64,8 +65,10 @@ class ShardedStore:
         return self._store(bank).has_texts(bank)
 
     def create_bank(self, name: str, capacity: int, policy: str | None = None,
-                    half_life: float | None = None, exist_ok: bool = False) -> BankStats:
-        return self._store(name).create_bank(name, capacity, policy, half_life, exist_ok)
+                    half_life: float | None = None, exist_ok: bool = False,
+                    context: int = 0) -> BankStats:
+        return self._store(name).create_bank(name, capacity, policy, half_life, exist_ok,
+                                             context)
 
     def drop_bank(self, name: str) -> None:
         self._store(name).drop_bank(name)
@@ -84,8 +87,9 @@ class ShardedStore:
         return self._store(bank).read(bank, latents, options)
 
     def read_fused(self, bank: str, latents: torch.Tensor, queries: list[str], mode: str,
-                   options: ReadOptions = DEFAULT_READ) -> ReadResult:
-        return self._store(bank).read_fused(bank, latents, queries, mode, options)
+                   options: ReadOptions = DEFAULT_READ,
+                   fusion: Fusion = DEFAULT_FUSION) -> ReadResult:
+        return self._store(bank).read_fused(bank, latents, queries, mode, options, fusion)
 
     def delete(self, bank: str, slots: list[int], keys: list[str]) -> tuple[int, list[str]]:
         return self._store(bank).delete(bank, slots, keys)

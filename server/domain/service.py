@@ -34,7 +34,7 @@ from .batching import KeyedBatcher, MicroBatcher
 from .engine import Engine
 from .limits import check_reply_size
 from .params import MAX_TOP_K, ModelInfo, QueryHits, ReadParams, WrittenSlots
-from .stores import Replication, new_store
+from .stores import BankStore, Replication, new_store
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class MemoryService:
         self._pauses = 0  # restores in flight; serving resumes when the last one ends
         self._pause_lock = threading.Lock()
         self.cluster = cluster
-        self.store: Any = cluster.store if cluster is not None else new_store(settings, codec)
+        self.store: BankStore = cluster.store if cluster is not None else new_store(settings, codec)
         self.embedder: Embedder | None = None
         spec = resolve_spec(settings.embedder, codec.extra_metadata)
         if spec is not None:

@@ -5,19 +5,27 @@
 the service needs of a cluster node (``cluster.node.ClusterNode``, which the gRPC
 edge builds and hands in, so the domain never imports the cluster): its store of
 every shard the pod holds, and the persistence calls the embedded mode's
-``PersistenceManager`` answers.
+``PersistenceManager`` answers. ``BankStore`` is what the service calls on either
+store, so the type checker holds the cluster's facade to the local store's signatures.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..codecs.base import Codec
 from ..config import Settings
+from ..memory.bank import DEFAULT_READ, MemoryBank
+from ..memory.hybrid import DEFAULT_FUSION, Fusion
 from ..memory.ivf import IndexConfig
 from ..memory.lexical import Bm25Params
+from ..memory.options import ReadOptions
+from ..memory.results import BankStats, ReadResult, SlotWrite
 from ..memory.store import MemoryStore
+
+if TYPE_CHECKING:
+    import torch
 
 
 def new_store(settings: Settings, codec: Codec) -> MemoryStore:
@@ -41,10 +49,51 @@ def new_store(settings: Settings, codec: Codec) -> MemoryStore:
     )
 
 
+class BankStore(Protocol):
+    """The store methods the service calls (``MemoryStore``, ``cluster.ShardedStore``)."""
+
+    memory_limit_bytes: int | None
+
+    def has(self, name: str) -> bool: ...
+
+    def get(self, name: str) -> MemoryBank: ...
+
+    def has_texts(self, bank: str) -> bool: ...
+
+    def create_bank(self, name: str, capacity: int, policy: str | None = None,
+                    half_life: float | None = None, exist_ok: bool = False,
+                    context: int = 0) -> BankStats: ...
+
+    def drop_bank(self, name: str) -> None: ...
+
+    def describe(self, name: str) -> BankStats: ...
+
+    def write(self, bank: str, codes: torch.Tensor, keys: list[str | None],
+              payloads: list[bytes | None],
+              metadata: list[dict[str, str] | None] | None = None,
+              text: list[bool] | None = None) -> list[SlotWrite]: ...
+
+    def read(self, bank: str, latents: torch.Tensor,
+             options: ReadOptions = DEFAULT_READ) -> ReadResult: ...
+
+    def read_fused(self, bank: str, latents: torch.Tensor, queries: list[str], mode: str,
+                   options: ReadOptions = DEFAULT_READ,
+                   fusion: Fusion = DEFAULT_FUSION) -> ReadResult: ...
+
+    def delete(self, bank: str, slots: list[int], keys: list[str]) -> tuple[int, list[str]]: ...
+
+    def clear(self, bank: str) -> BankStats: ...
+
+    def list(self) -> list[BankStats]: ...
+
+    def usage_bytes(self) -> int: ...
+
+
 class Replication(Protocol):
     """A cluster node, as the service uses it."""
 
-    store: Any
+    @property
+    def store(self) -> BankStore: ...
     wal_healthy: bool
 
     def add_wal_listener(self, callback: Callable[[bool], None]) -> None: ...
