@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from apcm.client import MemoryClient
-from apcm.client.errors import UnavailableError
+from apcm.client.errors import FailedPreconditionError, UnavailableError
 from apcm.server.cluster.router import FORWARDED_HEADER
 from apcm.server.cluster.shardmap import shard_of
 from apcm.tools.bench.cluster_pods import Pod, Writers, missing, settled
@@ -298,12 +298,18 @@ def test_pods_with_no_disk_rebuild_from_snapshots_and_a_trimmed_stream(
             assert missing(cl, written) == []
 
 
-def test_a_pod_that_is_not_ready_answers_unavailable(make_server) -> None:  # type: ignore[no-untyped-def]
-    server = make_server()
-    server.service.stop_serving()
-    with MemoryClient(f"127.0.0.1:{server.port}", timeout=2, retries=0) as client, \
-            pytest.raises(UnavailableError, match="not ready"):
-        client.read(codes=np.zeros((1, CODE_DIM), dtype=np.float32))
+def test_a_pod_that_is_not_ready_answers_unavailable_a_single_server_failed_precondition(
+        make_server, nats: NatsCluster) -> None:  # type: ignore[no-untyped-def]
+    """A pod's refusal is transient (the SDK and a peer's router retry UNAVAILABLE,
+    another pod serves meanwhile); a single server's restore is not (DESIGN.md)."""
+    pod = make_server(cluster=nats.urls, node_id="solo", cluster_shards=2,
+                      cluster_stream_replicas=1)
+    single = make_server()
+    for server, refusal in ((pod, UnavailableError), (single, FailedPreconditionError)):
+        server.service.stop_serving()
+        with MemoryClient(f"127.0.0.1:{server.port}", timeout=2, retries=0) as client, \
+                pytest.raises(refusal, match="not ready"):
+            client.read(codes=np.zeros((1, CODE_DIM), dtype=np.float32))
 
 
 def _codes_proto(codes: np.ndarray) -> object:

@@ -183,7 +183,8 @@ def build_server(
         *([router] if router else []),  # outermost: forwards before anything decodes
         MetricsInterceptor(metrics), *([auth] if auth else []), ErrorInterceptor(),
         ReadinessInterceptor(lambda: service.ready,
-                             (f"/{SERVICE_NAME}/", f"/{CLUSTER_SERVICE_NAME}/")),
+                             (f"/{SERVICE_NAME}/", f"/{CLUSTER_SERVICE_NAME}/"),
+                             transient=bool(settings.cluster)),
         DecodeErrorInterceptor(),  # innermost: its deserializer is the one grpc calls
     ]
     options = [

@@ -20,7 +20,7 @@ from google.protobuf.message import DecodeError
 
 from apcm.wire.tensors import TensorFormatError
 
-from ..errors import ApcmError, InvalidArgument, Unavailable
+from ..errors import ApcmError, FailedPrecondition, InvalidArgument, Unavailable
 from ..metrics import Metrics
 from ..rpc.status import abort_with_error
 
@@ -163,19 +163,23 @@ ALWAYS_ANSWERED = frozenset({"GetModelInfo", "ListBanks", "DescribeBank", "ListS
 
 
 class ReadinessInterceptor(grpc.ServerInterceptor):
-    """Refuses every other method with FAILED_PRECONDITION until the service is ready.
+    """Refuses every other method until the service is ready.
 
     Args:
         is_ready: tells whether the service serves now (recovered, warmed up, not
             restoring or stopping).
         service_prefix: full name of the guarded service, e.g. "/apcm.v1.MemoryService/",
             or a tuple of them; health and reflection are never guarded.
+        transient: refuse with UNAVAILABLE, which clients retry, instead of
+            FAILED_PRECONDITION. A cluster pod's refusal is transient (another pod, or
+            this one in a moment, serves the call); a single server's restore is not.
     """
 
     def __init__(self, is_ready: Callable[[], bool],
-                 service_prefix: str | tuple[str, ...]) -> None:
+                 service_prefix: str | tuple[str, ...], transient: bool = False) -> None:
         self.is_ready = is_ready
         self.prefix = service_prefix
+        self.refusal: type[ApcmError] = Unavailable if transient else FailedPrecondition
 
     def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -189,10 +193,8 @@ class ReadinessInterceptor(grpc.ServerInterceptor):
         def wrap(behavior: Behavior) -> Behavior:
             def guarded(request: Any, context: grpc.ServicerContext) -> Any:
                 if not self.is_ready():
-                    # transient: a client retries it (UNAVAILABLE), as it would a
-                    # connection refused a moment earlier
-                    raise Unavailable(
-                        "the server is not ready (starting, restoring or stopping); retry")
+                    raise self.refusal(
+                        "the server is not ready (starting, restoring or stopping)")
                 return behavior(request, context)
 
             return guarded
