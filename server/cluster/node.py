@@ -15,6 +15,8 @@ buckets it watches:
   An owner that is not the best-ranked caught-up replica hands the lease to it:
   it stops taking writes, lets the buffered ones reach the stream, and names the
   new owner in the lease, whose write pause is the hand-over, not the bank's size.
+  Both changes of hands run in their own threads: the loop goes on renewing the
+  other shards' leases (and one being taken over) meanwhile.
 
 The node is also the service's persistence (``recover``/``start``/``close``,
 snapshots): a pod's banks live in the streams and the object store, not on its
@@ -78,6 +80,12 @@ class ClusterNode:
         self._renewed: dict[int, float] = {}  # shard -> monotonic time of last renewal
         self._starting: dict[int, futures.Future[None]] = {}
         self._pool = futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="apcm-shard")
+        # Taking over (catch up, fence) or handing over (drain) can take seconds; run
+        # off the control loop, in their own threads, so lease renewals and heartbeats
+        # of the other shards never wait behind them or behind a bootstrap.
+        self._ownership = futures.ThreadPoolExecutor(max_workers=4,
+                                                     thread_name_prefix="apcm-owner")
+        self._changing: dict[int, futures.Future[None]] = {}
         self._lock = threading.RLock()
         self._leaving = False
         self._stop = threading.Event()
@@ -149,6 +157,7 @@ class ClusterNode:
         except Exception:
             log.debug("cluster: could not remove the member key", exc_info=True)
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._ownership.shutdown(wait=False, cancel_futures=True)
         self.link.close()
 
     def snapshot(self, name: str | None = None) -> SnapshotInfo:
@@ -243,6 +252,9 @@ class ClusterNode:
             if not replica.ready:
                 continue
             lease = self.view.owner(shard)
+            if self._changing_hands(shard):
+                self._renew_while_taking_over(shard, replica, lease)
+                continue
             if replica.owner:
                 self._keep_or_hand_over(shard, replica, lease)
             elif shard in wanted:
@@ -326,9 +338,23 @@ class ClusterNode:
             return
         target = self._preferred(shard)
         if target is not None and target.node != self.node:
-            self._hand_over(shard, replica, lease, target)
+            self._in_background(shard, lambda: self._hand_over(shard, replica, lease, target))
             return
         if now - self._renewed[shard] >= self.lease_s / 4:
+            self._renew(shard, replica, lease)
+
+    def _changing_hands(self, shard: int) -> bool:
+        fut = self._changing.get(shard)
+        return fut is not None and not fut.done()
+
+    def _in_background(self, shard: int, change: Callable[[], None]) -> None:
+        self._changing[shard] = self._ownership.submit(change)
+
+    def _renew_while_taking_over(self, shard: int, replica: ShardReplica,
+                                 lease: Lease | None) -> None:
+        """A lease taken and still being caught up on is kept, or it would expire."""
+        if lease is not None and lease.node == self.node and not replica.owner and \
+                time.monotonic() - self._renewed.get(shard, 0.0) >= self.lease_s / 4:
             self._renew(shard, replica, lease)
 
     def _renew(self, shard: int, replica: ShardReplica, lease: Lease) -> None:
@@ -405,11 +431,15 @@ class ClusterNode:
             return
         self._renewed[shard] = time.monotonic()
         self.view.set_lease(shard, Lease(new.node, new.address, term, rev), time.monotonic())
+        self._in_background(shard, lambda: self._take_over(shard, replica, term))
+
+    def _take_over(self, shard: int, replica: ShardReplica, term: int) -> None:
         started = time.monotonic()
         try:
             replica.promote(self.node, term)
-        except ApcmError as e:
-            log.warning("shard %d: could not take over: %s", shard, e.message)
+        except Exception as e:  # still a standby; the next tick tries again
+            log.warning("shard %d: could not take over: %s", shard,
+                        e.message if isinstance(e, ApcmError) else repr(e))
             return
         log.info("shard %d: took over (term %d) in %.1f ms", shard, term,
                  (time.monotonic() - started) * 1000)
