@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import shutil
 import tempfile
 import threading
 import time
@@ -53,6 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--large", type=int, default=300_000,
                         help="memories in the large bank written during the resize "
                              "(default 300000)")
+    parser.add_argument("--logs", type=Path, default=None,
+                        help="copy the pods' and NATS servers' logs into this folder")
 
 
 def _code_pool(address: str, n: int) -> np.ndarray:
@@ -94,6 +97,40 @@ def _pauses_ms(timeline: list[tuple[float, float, str]], start: float, end: floa
         gap = max(b - a for a, b in zip(times, times[1:], strict=False))
         out[bank] = max(gap - took[len(took) // 2], 0.0) * 1000
     return out
+
+
+def _jetstream_publish_p50(urls: str, n: int, payload_bytes: int) -> float:
+    """The floor under a cluster write: one nats-py client publishing ``n`` messages
+    of one write's size, one at a time, to an R3 stream of the same NATS servers."""
+    import asyncio
+
+    import nats
+    from nats.js import api
+
+    async def measure() -> float:
+        nc = await nats.connect(urls.split(","))
+        try:
+            js = nc.jetstream()
+            await js.add_stream(api.StreamConfig(name="BENCH_FLOOR", subjects=["bench.floor"],
+                                                 num_replicas=3))
+            body = bytes(payload_bytes)
+            samples = []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                await js.publish("bench.floor", body)
+                samples.append(time.perf_counter() - t0)
+            await js.delete_stream("BENCH_FLOOR")
+            return percentile_ms(samples, 50)
+        finally:
+            await nc.close()
+
+    return asyncio.run(measure())
+
+
+def _keep_logs(root: Path, into: Path) -> None:
+    into.mkdir(parents=True, exist_ok=True)
+    for log in root.rglob("*.log"):
+        shutil.copy(log, into / log.name)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -138,12 +175,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                              if owners[shard_of(f"w-{i}", args.shards)] != other.address)
             forwarded_p50 = _write_p50(other.address, elsewhere, pool[args.writes:],
                                        args.writes)
+            floor_p50 = _jetstream_publish_p50(nats.urls, args.writes, 256)
             goals.append({"goal": f"write p50 with 3 replicas <= {WRITE_GOAL:g}x the "
                           "single-process fsync WAL",
                           "measured": f"{direct_p50:.2f} ms through the owner, "
                           f"{forwarded_p50:.2f} ms through another pod, vs "
                           f"{single_p50:.2f} ms single ({direct_p50 / single_p50:.2f}x, "
-                          f"{forwarded_p50 / single_p50:.2f}x)",
+                          f"{forwarded_p50 / single_p50:.2f}x); a bare JetStream R3 "
+                          f"publish of 256 B from nats-py: {floor_p50:.2f} ms",
                           "met": max(direct_p50, forwarded_p50) <= WRITE_GOAL * single_p50})
             # -- eventual reads spread over the pods
             spread_banks = [f"s-{i}" for i in range(32)]
@@ -208,7 +247,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                           f"{PAUSE_GOAL_MS:g} ms, a {args.large}-memory bank included",
                           "measured": f"p99 {p99:.1f} ms over {len(pauses)} banks; large "
                           f"bank {pauses.get('large', float('nan')):.1f} ms; resize settled "
-                          f"in {resize_end - 2 - resize_start:.1f} s",
+                          f"in {resize_end - 2 - resize_start:.1f} s; per bank: "
+                          + ", ".join(f"{b} {ms:.0f}" for b, ms in sorted(pauses.items())),
                           "met": p99 <= PAUSE_GOAL_MS})
             # -- the owner of most shards killed under the writers
             owners = settled(pods, replicas=2)
@@ -257,6 +297,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for p in pods:
                 p.kill9()
             nats.stop()
+            if args.logs is not None:
+                _keep_logs(root, args.logs)
     rows = [{"goal": g["goal"], "measured": g["measured"], "met": "yes" if g["met"] else "NO"}
             for g in goals]
     print(markdown_table(rows, COLUMNS))
