@@ -93,6 +93,7 @@ class ClusterNode:
         self._watchers: list[Any] = []
         self._last_heartbeat = 0.0
         self._snapshot_at: dict[int, float] = {}
+        self._serving = threading.Event()
 
     # -- the service's persistence ---------------------------------------------------------
     wal_healthy = True
@@ -129,6 +130,20 @@ class ClusterNode:
                 return
             time.sleep(0.1)
         log.warning("cluster: still catching up on some shards; serving meanwhile")
+
+    def set_serving(self, serving: bool) -> None:
+        """The service serves gRPC calls (or stopped): only then may the pod own shards,
+        or another pod's forwarded writes would find it refusing them."""
+        if serving == self._serving.is_set():
+            return
+        if serving:
+            self._serving.set()
+        else:
+            self._serving.clear()
+        try:
+            self._heartbeat(force=True)
+        except Exception as e:  # the loop's next heartbeat says it
+            log.debug("cluster: heartbeat failed: %r", e)
 
     def ensure_bank(self, name: str, capacity: int) -> None:
         """Creates the default bank through its shard's owner, once one exists."""
@@ -269,7 +284,10 @@ class ClusterNode:
         now = time.monotonic()
         if not force and now - self._last_heartbeat < self.view.member_ttl_s / 4:
             return
-        ready = tuple(sorted(s for s, r in self.replicas.items() if r.ready))
+        # a pod that does not serve yet (warming up) or any more (stopping) offers no
+        # shard: nobody hands it one, and it takes none (``_maybe_take``)
+        ready = tuple(sorted(s for s, r in self.replicas.items() if r.ready)) \
+            if self._serving.is_set() else ()
         member = Member(self.node, self.address, ready, self._leaving)
         self.link.call(self.link.members.put(member_key(self.node), member.encode()), 5.0)
         self._last_heartbeat = now
@@ -399,6 +417,8 @@ class ClusterNode:
                  new.term, (time.monotonic() - started) * 1000)
 
     def _maybe_take(self, shard: int, replica: ShardReplica, lease: Lease | None) -> None:
+        if not self._serving.is_set():
+            return
         now = time.monotonic()
         if lease is not None and lease.node == self.node:
             # handed to us, or ours from before a restart: confirm by compare-and-set

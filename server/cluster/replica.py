@@ -36,6 +36,7 @@ from .shardlog import FENCE_HEADER, ShardLog, fenced, publish_with_retry
 
 log = logging.getLogger(__name__)
 CATCH_UP_TIMEOUT_S = 600.0
+CAUGHT_UP_LAG = 16  # stream messages a replica may trail by when it calls itself ready
 
 
 class StandbyLog:
@@ -119,9 +120,19 @@ class ShardReplica:
         if not self._applier.is_alive():
             self._applier.start()
         self._subscribe(start + 1)
+        deadline = time.monotonic() + CATCH_UP_TIMEOUT_S
         self.wait_applied(last, CATCH_UP_TIMEOUT_S)
+        # Writes went on while the bootstrap applied: chase the stream until close to
+        # its end, so a hand-over to this replica waits for a few messages, not for all
+        # that arrived during a long bootstrap.
+        while (last := self._last_seq()) - self.applied > CAUGHT_UP_LAG:
+            self.wait_applied(last - CAUGHT_UP_LAG, max(deadline - time.monotonic(), 0.1))
         self.ready = True
         log.info("shard %d: caught up at stream sequence %d", self.shard, self.applied)
+
+    def _last_seq(self) -> int:
+        info = self.link.call(self.link.js.stream_info(stream_name(self.shard)))
+        return int(info.state.last_seq)
 
     def _load_snapshot(self) -> int:
         for snap in self.link.call(snapshots.list_snapshots(self.link, self.shard), 60.0):

@@ -177,6 +177,8 @@ class MemoryService:
             self._ready.set()
         else:
             self._ready.clear()
+        if self.cluster is not None:
+            self.cluster.set_serving(serving)
         self.on_serving_change(serving)
 
     def close(self) -> None:
