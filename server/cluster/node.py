@@ -74,9 +74,13 @@ class ClusterNode:
         self._new_store = new_store
         self.store = ShardedStore(self.shards, self.replicas,
                                   settings.effective_memory_limit_bytes, self.describe_shard)
-        self.link = NatsLink([u.strip() for u in settings.cluster.split(",") if u.strip()],
-                             settings.cluster_stream_replicas, self.view.member_ttl_s,
+        servers = [u.strip() for u in settings.cluster.split(",") if u.strip()]
+        self.link = NatsLink(servers, settings.cluster_stream_replicas, self.view.member_ttl_s,
                              name=f"apcm-{self.node}")
+        # Snapshots (tens of MB) travel on their own connection and loop: on the log's,
+        # a shard's log appends queued behind the upload's chunks for seconds.
+        self.bulk = NatsLink(servers, settings.cluster_stream_replicas, self.view.member_ttl_s,
+                             name=f"apcm-{self.node}-snapshots")
         self._renewed: dict[int, float] = {}  # shard -> monotonic time of last renewal
         self._starting: dict[int, futures.Future[None]] = {}
         self._pool = futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="apcm-shard")
@@ -104,6 +108,7 @@ class ClusterNode:
     def recover(self) -> None:
         """Connects, starts watching, joins and starts the control loop."""
         self.link.connect()
+        self.bulk.connect()
         deadline = time.monotonic() + 60.0
         watching = False
         while True:  # a bucket JetStream just created may have no leader for a moment
@@ -174,6 +179,7 @@ class ClusterNode:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._ownership.shutdown(wait=False, cancel_futures=True)
         self.link.close()
+        self.bulk.close()
 
     def snapshot(self, name: str | None = None) -> SnapshotInfo:
         """Snapshots every shard this pod owns now, into the object store."""
@@ -191,7 +197,7 @@ class ClusterNode:
 
     def list_snapshots(self) -> list[SnapshotInfo]:
         """Every shard snapshot in the object store (verified only when loaded)."""
-        snaps = self.link.call(snapshots.list_snapshots(self.link), 30.0)
+        snaps = self.bulk.call(snapshots.list_snapshots(self.bulk), 30.0)
         return [SnapshotInfo(name=s.name, size_bytes=s.size, wal_sequence=s.stream_seq,
                              model_hash=self.model_hash, valid=True) for s in snaps]
 
@@ -282,7 +288,10 @@ class ClusterNode:
 
     def _heartbeat(self, force: bool = False) -> None:
         now = time.monotonic()
-        if not force and now - self._last_heartbeat < self.view.member_ttl_s / 4:
+        # at least three heartbeats per lease period: ``_preferred`` counts a pod as
+        # reachable only if heard from within one
+        every_s = min(self.view.member_ttl_s / 4, self.lease_s / 3)
+        if not force and now - self._last_heartbeat < every_s:
             return
         # a pod that does not serve yet (warming up) or any more (stopping) offers no
         # shard: nobody hands it one, and it takes none (``_maybe_take``)
@@ -298,7 +307,7 @@ class ClusterNode:
             return
         replica = ShardReplica(self.link, shard, self._new_shard_store,
                                lambda: self.describe_shard(shard), self.model_hash,
-                               self.codec_kind, self._replica_failed)
+                               self.codec_kind, self._replica_failed, bulk=self.bulk)
         self.replicas[shard] = replica
 
         def run() -> None:
@@ -341,7 +350,11 @@ class ClusterNode:
         """Who should own ``shard``: the first of its assigned holders that has caught
         up; None while none has (the owner then keeps it: handing it to a pod that is
         not assigned would only move it twice)."""
-        ready = {m.node: m for m in self.view.ready_replicas(shard) if not m.leaving}
+        # heard from within a lease period: the pod that just died is still "live"
+        # for the member TTL, and a lease handed to it would stall until it expired
+        ready = {m.node: m for m in self.view.ready_replicas(shard)
+                 if not m.leaving and (m.node == self.node
+                                       or self.view.heard_within(m.node, self.lease_s))}
         return next((ready[n] for n in self.view.replicas_of(shard) if n in ready), None)
 
     def _keep_or_hand_over(self, shard: int, replica: ShardReplica,
@@ -463,6 +476,9 @@ class ClusterNode:
             return
         log.info("shard %d: took over (term %d) in %.1f ms", shard, term,
                  (time.monotonic() - started) * 1000)
+        # the interval counts from here: a new owner does not rewrite a large shard's
+        # snapshot in the first seconds of its term, while its writers resume
+        self._snapshot_at[shard] = time.monotonic()
         if self.store.shard_of(self.settings.default_bank) == shard:
             self.ensure_bank(self.settings.default_bank, self.settings.default_bank_capacity)
 

@@ -68,12 +68,15 @@ class ShardReplica:
         describe_owner: how a refusal names the current owner.
         model_hash / codec_kind: what snapshots are tied to.
         on_failed: called (from a worker thread) when this replica must be rebuilt.
+        bulk: the connection snapshots travel on (default ``link``).
     """
 
     def __init__(self, link: NatsLink, shard: int, new_store: Callable[[], MemoryStore],
                  describe_owner: Callable[[], str], model_hash: str, codec_kind: str,
-                 on_failed: Callable[[ShardReplica, ApcmError], None]) -> None:
+                 on_failed: Callable[[ShardReplica, ApcmError], None],
+                 bulk: NatsLink | None = None) -> None:
         self.link = link
+        self.bulk = bulk or link
         self.shard = shard
         self.new_store = new_store
         self.describe_owner = describe_owner
@@ -135,9 +138,9 @@ class ShardReplica:
         return int(info.state.last_seq)
 
     def _load_snapshot(self) -> int:
-        for snap in self.link.call(snapshots.list_snapshots(self.link, self.shard), 60.0):
+        for snap in self.bulk.call(snapshots.list_snapshots(self.bulk, self.shard), 60.0):
             try:
-                data = self.link.call(snapshots.get(self.link, snap), 300.0)
+                data = self.bulk.call(snapshots.get(self.bulk, snap), 300.0)
                 info, banks = snapshots.decode(data)
                 if info.model_hash != self.model_hash:
                     raise FailedPrecondition(
@@ -267,9 +270,9 @@ class ShardReplica:
             state = self.store.export_state()
             shard_log.wait_durable(self.store.last_seq)  # nothing unacknowledged in it
             data = snapshots.encode(state, self.model_hash, self.codec_kind)
-            snap = self.link.call(
-                snapshots.put(self.link, self.shard, data, covered, state.last_seq), 300.0)
-            self.link.call(snapshots.prune(self.link, self.shard), 60.0)
+            snap = self.bulk.call(
+                snapshots.put(self.bulk, self.shard, data, covered, state.last_seq), 300.0)
+            self.bulk.call(snapshots.prune(self.bulk, self.shard), 60.0)
             self.applied_since_snapshot = 0
             log.info("shard %d: snapshot %s (%d bytes)", self.shard, snap.name, snap.size)
             return snap

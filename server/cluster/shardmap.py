@@ -136,6 +136,13 @@ class ClusterView:
             return sorted(n for n, m in self.members.items() if not m.leaving
                           and now - self.member_seen[n][1] < self.member_ttl_s)
 
+    def heard_within(self, node: str, seconds: float) -> bool:
+        """Whether ``node``'s heartbeat changed in the last ``seconds`` (a stricter test
+        than liveness: a pod killed a moment ago is still live for the member TTL)."""
+        with self.lock:
+            seen = self.member_seen.get(node)
+        return seen is not None and time.monotonic() - seen[1] < seconds
+
     def replicas_of(self, shard: int) -> list[str]:
         """The nodes that should hold ``shard``, the one that should own it first."""
         return list(assignment(self.shards, tuple(self.live_nodes()), self.replicas)[shard])

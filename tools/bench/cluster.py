@@ -83,10 +83,11 @@ def _write_p50(address: str, bank: str, pool: np.ndarray, n: int) -> float:
     return percentile_ms(samples, 50)
 
 
-def _pauses_ms(timeline: list[tuple[float, float, str]], start: float, end: float
-               ) -> dict[str, float]:
+def _pauses_ms(timeline: list[tuple[float, float, str]], start: float, end: float,
+               at: dict[str, float] | None = None) -> dict[str, float]:
     """Per bank: the longest gap between acknowledged writes in [start, end], less the
-    bank's median write time (what a write takes anyway)."""
+    bank's median write time (what a write takes anyway); ``at`` gets when each gap
+    began (monotonic)."""
     out = {}
     for bank in {b for _, _, b in timeline}:
         times = sorted(t for t, _, b in timeline if b == bank and start <= t <= end)
@@ -94,8 +95,10 @@ def _pauses_ms(timeline: list[tuple[float, float, str]], start: float, end: floa
         if len(times) < 2:
             out[bank] = float("inf")
             continue
-        gap = max(b - a for a, b in zip(times, times[1:], strict=False))
+        gap, began = max((b - a, a) for a, b in zip(times, times[1:], strict=False))
         out[bank] = max(gap - took[len(took) // 2], 0.0) * 1000
+        if at is not None:
+            at[bank] = began
     return out
 
 
@@ -241,13 +244,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             settled(pods, replicas=2, timeout=600)
             resize_end = time.monotonic() + 2
             time.sleep(2)
-            pauses = _pauses_ms(writers.timeline, resize_start, resize_end)
+            began: dict[str, float] = {}
+            pauses = _pauses_ms(writers.timeline, resize_start, resize_end, began)
             p99 = float(np.percentile(list(pauses.values()), 99))
+            worst = max(pauses, key=lambda b: pauses[b])
+            worst_at = time.strftime("%H:%M:%S", time.localtime(
+                time.time() - time.monotonic() + began.get(worst, time.monotonic())))
             goals.append({"goal": f"adding a pod: write pause p99 per bank <= "
                           f"{PAUSE_GOAL_MS:g} ms, a {args.large}-memory bank included",
                           "measured": f"p99 {p99:.1f} ms over {len(pauses)} banks; large "
                           f"bank {pauses.get('large', float('nan')):.1f} ms; resize settled "
-                          f"in {resize_end - 2 - resize_start:.1f} s; per bank: "
+                          f"in {resize_end - 2 - resize_start:.1f} s; the longest began at "
+                          f"{worst_at} ({worst}); per bank: "
                           + ", ".join(f"{b} {ms:.0f}" for b, ms in sorted(pauses.items())),
                           "met": p99 <= PAUSE_GOAL_MS})
             # -- the owner of most shards killed under the writers
