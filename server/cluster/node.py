@@ -49,6 +49,10 @@ from .shardstore import ShardedStore
 
 log = logging.getLogger(__name__)
 TICK_S = 0.2
+# A shard's log past this many bytes since its snapshot is snapshotted whatever the
+# message count: a pod joining replays the stream tail, and a long tail of large
+# messages (bulk writes) stalled the shard's appends for seconds while it streamed.
+SNAPSHOT_BYTES = 32 << 20
 
 
 class ClusterNode:
@@ -489,7 +493,8 @@ class ClusterNode:
         for shard, replica in list(self.replicas.items()):
             if not replica.owner:
                 continue
-            due = (every_n > 0 and replica.applied_since_snapshot >= every_n) or (
+            due = (every_n > 0 and replica.applied_since_snapshot >= every_n) or \
+                replica.bytes_since_snapshot >= SNAPSHOT_BYTES or (
                 every_s > 0 and replica.applied_since_snapshot > 0
                 and now - self._snapshot_at.get(shard, now - every_s) >= every_s)
             if due and not replica.snapshot_lock.locked():

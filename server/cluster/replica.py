@@ -97,6 +97,7 @@ class ShardReplica:
                                          name=f"apcm-shard-{shard}", daemon=True)
         self.snapshot_lock = threading.Lock()
         self.applied_since_snapshot = 0
+        self.bytes_since_snapshot = 0
 
     def _fresh_store(self) -> MemoryStore:
         store = self.new_store()
@@ -199,6 +200,7 @@ class ShardReplica:
             with self._cond:
                 self.applied = seq
                 self.applied_since_snapshot += 1
+                self.bytes_since_snapshot += len(msg.data)
                 self._cond.notify_all()
 
     def wait_applied(self, seq: int, timeout: float) -> None:
@@ -274,6 +276,7 @@ class ShardReplica:
                 snapshots.put(self.bulk, self.shard, data, covered, state.last_seq), 300.0)
             self.bulk.call(snapshots.prune(self.bulk, self.shard), 60.0)
             self.applied_since_snapshot = 0
+            self.bytes_since_snapshot = 0
             log.info("shard %d: snapshot %s (%d bytes)", self.shard, snap.name, snap.size)
             return snap
 
