@@ -102,6 +102,7 @@ class ClusterNode:
         self._last_heartbeat = 0.0
         self._snapshot_at: dict[int, float] = {}
         self._serving = threading.Event()
+        self._wake = threading.Event()
 
     # -- the service's persistence ---------------------------------------------------------
     wal_healthy = True
@@ -172,6 +173,7 @@ class ClusterNode:
         except ApcmError as e:
             log.warning("cluster: leaving without hand-over: %s", e.message)
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=5.0)
         for replica in list(self.replicas.values()):
@@ -252,12 +254,19 @@ class ClusterNode:
         if entry.operation in ("DEL", "PURGE") or not entry.value:
             self.view.set_lease(shard, None, time.monotonic())
         else:
-            self.view.set_lease(shard, Lease.decode(entry.value, entry.revision),
-                                time.monotonic())
+            lease = Lease.decode(entry.value, entry.revision)
+            self.view.set_lease(shard, lease, time.monotonic())
+            replica = self.replicas.get(shard)
+            if lease.node == self.node and replica is not None and not replica.owner:
+                self._wake.set()  # handed to us: take it now, not at the next tick
 
     # -- the control loop -------------------------------------------------------------------
     def _loop(self) -> None:
-        while not self._stop.wait(TICK_S):
+        while not self._stop.is_set():
+            self._wake.wait(TICK_S)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
             try:
                 self._tick()
             except Exception:  # one bad tick (NATS away) must not end the loop

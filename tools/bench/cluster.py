@@ -130,6 +130,14 @@ def _jetstream_publish_p50(urls: str, n: int, payload_bytes: int) -> float:
     return asyncio.run(measure())
 
 
+def _clock(monotonic: float | None) -> str:
+    """A monotonic time as the wall clock the pods' logs use (HH:MM:SS.mmm)."""
+    if monotonic is None:
+        return "-"
+    wall = time.time() - time.monotonic() + monotonic
+    return time.strftime("%H:%M:%S", time.localtime(wall)) + f".{int(wall % 1 * 1000):03d}"
+
+
 def _keep_logs(root: Path, into: Path) -> None:
     into.mkdir(parents=True, exist_ok=True)
     for log in root.rglob("*.log"):
@@ -248,15 +256,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             pauses = _pauses_ms(writers.timeline, resize_start, resize_end, began)
             p99 = float(np.percentile(list(pauses.values()), 99))
             worst = max(pauses, key=lambda b: pauses[b])
-            worst_at = time.strftime("%H:%M:%S", time.localtime(
-                time.time() - time.monotonic() + began.get(worst, time.monotonic())))
+            worst_at = _clock(began.get(worst))
             goals.append({"goal": f"adding a pod: write pause p99 per bank <= "
                           f"{PAUSE_GOAL_MS:g} ms, a {args.large}-memory bank included",
                           "measured": f"p99 {p99:.1f} ms over {len(pauses)} banks; large "
                           f"bank {pauses.get('large', float('nan')):.1f} ms; resize settled "
                           f"in {resize_end - 2 - resize_start:.1f} s; the longest began at "
                           f"{worst_at} ({worst}); per bank: "
-                          + ", ".join(f"{b} {ms:.0f}" for b, ms in sorted(pauses.items())),
+                          + ", ".join(f"{b} {ms:.0f} ms at {_clock(began.get(b))}"
+                                      for b, ms in sorted(pauses.items())),
                           "met": p99 <= PAUSE_GOAL_MS})
             # -- the owner of most shards killed under the writers
             owners = settled(pods, replicas=2)
