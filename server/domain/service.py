@@ -464,9 +464,12 @@ class MemoryService(BankMoves):
     def describe_bank(self, name: str) -> BankStats:
         return self.store.describe(self.bank_name(name))
 
-    def delete_slots(self, bank: str, slots: Sequence[int],
-                     keys: Sequence[str]) -> tuple[int, list[str]]:
-        return self.store.delete(self.bank_name(bank), list(slots), list(keys))
+    def delete_slots(self, bank: str, slots: Sequence[int], keys: Sequence[str], *,
+                     sequences: Sequence[int] | None = None,
+                     dry_run: bool = False) -> tuple[int, list[str]]:
+        return self.store.delete(self.bank_name(bank), list(slots), list(keys),
+                                 sequences=None if sequences is None else list(sequences),
+                                 dry_run=dry_run)
 
     def clear_bank(self, name: str) -> BankStats:
         return self.store.clear(self.bank_name(name))

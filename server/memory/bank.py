@@ -322,18 +322,30 @@ class MemoryBank(BankSlots):
                                              payloads=o.payloads), mix)
 
     # ------------------------------------------------------------------ delete / clear
-    def resolve_delete(self, slots: list[int], keys: list[str]) -> tuple[list[int], list[str]]:
+    def resolve_delete(self, slots: list[int], keys: list[str],
+                       sequences: list[int] | None = None) -> tuple[list[int], list[str]]:
         """Occupied slots to free (sorted, unique) and the keys that are not in the bank.
 
+        Args:
+            sequences: optional, one per ``slots`` entry: that slot counts only while it
+                holds the memory of this write sequence (a rewritten slot is left alone).
+
         Raises:
-            InvalidArgument: a slot index outside ``[0, capacity)`` or an invalid key.
+            InvalidArgument: a slot index outside ``[0, capacity)``, an invalid key, or
+                ``sequences`` not matching ``slots`` in length.
         """
+        if sequences is not None and len(sequences) != len(slots):
+            raise InvalidArgument(f"sequences has {len(sequences)} entries for {len(slots)} "
+                                  "slots; give one per slot (or none)", field="sequences")
         for s in slots:
             if not 0 <= int(s) < self.capacity:
                 raise InvalidArgument(
                     f"slot {s} is out of range for a bank of capacity {self.capacity}",
                     field="slots")
         chosen = {int(s) for s in slots}
+        if sequences is not None:
+            chosen = {int(s) for s, q in zip(slots, sequences, strict=True)
+                      if int(s) < self.rows and int(self.sequences[int(s)]) == int(q)}
         missing = []
         for key in keys:
             validate_key(key, self.max_key_length)

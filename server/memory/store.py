@@ -264,8 +264,15 @@ class MemoryStore(BankMoves, StoreRecovery):
             return fused_read(b, self.texts.of(b), latents, queries, mode=mode, options=options,
                               fusion=fusion)
 
-    def delete(self, bank: str, slots: list[int], keys: list[str]) -> tuple[int, list[str]]:
+    def delete(self, bank: str, slots: list[int], keys: list[str], *,
+               sequences: list[int] | None = None,
+               dry_run: bool = False) -> tuple[int, list[str]]:
         """Frees slots by index and/or key.
+
+        Args:
+            sequences: one per slot: free it only while it holds that write sequence
+                (checked under the bank lock, so a concurrent write is never freed).
+            dry_run: count what would be freed, free nothing.
 
         Returns:
             (number of occupied slots freed, requested keys that were not in the bank).
@@ -275,8 +282,8 @@ class MemoryStore(BankMoves, StoreRecovery):
         """
         seq = None
         with self._locked(bank) as b:
-            freed, missing = b.resolve_delete(list(slots), list(keys))
-            if freed:
+            freed, missing = b.resolve_delete(list(slots), list(keys), sequences)
+            if freed and not dry_run:
                 record = self._prepare("delete", bank,
                                        {"slots": np.asarray(freed, dtype=np.int64)})
                 with self.seq_lock:
