@@ -103,3 +103,36 @@ def test_taken_ports_give_one_line_naming_the_port_and_the_flag(model_path: Path
             assert str(port) in errors[0] and flag in errors[0] and env_var in errors[0]
     finally:
         sock.close()  # type: ignore[attr-defined]
+
+
+def test_mcp_without_the_agent_extra_says_how_to_get_it() -> None:
+    """A serving install lacks the ``mcp`` package: one line naming the extra, exit 2."""
+    hide_mcp = ("import sys; sys.modules['mcp'] = None; from apcm.server.cli import main; "
+                "sys.exit(main(['mcp', '--target', '127.0.0.1:1']))")
+    done = subprocess.run([sys.executable, "-c", hide_mcp], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "apcm mcp: the MCP server needs the agent extra, which this install lacks: run "
+        "`pip install 'apcm[agent]'` (in a checkout: `make install`, or "
+        "`.venv/bin/pip install -e '.[agent]'`)."]
+
+
+def test_mcp_tool_bounds_are_the_servers() -> None:
+    """The client cannot import the server, so its copies of the limits are pinned here."""
+    from apcm.client import agent_memory as tools
+    from apcm.server.domain.params import MAX_TOP_K
+    from apcm.server.domain.recall import MAX_TEXT_CHARS
+    from apcm.server.memory import metadata, names
+
+    settings = Settings()
+    assert tools.MAX_TEXT_CHARS == MAX_TEXT_CHARS
+    assert tools.MAX_METADATA_ENTRIES == metadata.MAX_METADATA_ENTRIES
+    assert tools.MAX_METADATA_KEY_CHARS == metadata.MAX_METADATA_KEY_CHARS
+    assert tools.MAX_METADATA_VALUE_CHARS == metadata.MAX_METADATA_VALUE_CHARS
+    assert settings.max_key_length == tools.MAX_KEY_CHARS
+    assert settings.max_bank_capacity == tools.MAX_BANK_CAPACITY
+    assert settings.default_bank_capacity == tools.DEFAULT_BANK_CAPACITY
+    assert tools.MAX_TOP_K <= MAX_TOP_K
+    assert str(names.MAX_NAME_LENGTH - 1) in tools.BANK_NAME_PATTERN

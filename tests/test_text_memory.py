@@ -286,9 +286,10 @@ def test_mcp_tools_end_to_end_over_stdio(text_server: ApcmServer) -> None:
         out["recall"] = _result(await c.call_tool("recall", {
             "query": "When is Carol's birthday?", "bank": "mcp", "top_k": 2}))
         out["filtered"] = _result(await c.call_tool("recall", {
-            "query": "When is Carol's birthday?", "bank": "mcp", "filter": {"user": "dave"}}))
+            "query": "When is Carol's birthday?", "bank": "mcp", "filter": {"user": "dave"},
+            "min_score": -1.0}))  # Dave's one memory is unrelated: shown only with no floor
         out["forget"] = _result(await c.call_tool("forget", {
-            "query": "what does Carol eat", "bank": "mcp"}))
+            "query": "what does Carol eat", "bank": "mcp", "confirm": True}))
         out["after"] = _result(await c.call_tool("recall", {
             "query": "Carol food", "bank": "mcp", "top_k": 5}))
         out["banks"] = _result(await c.call_tool("list_banks", {}))
@@ -300,14 +301,14 @@ def test_mcp_tools_end_to_end_over_stdio(text_server: ApcmServer) -> None:
         c.create_bank("mcp", 32)
     out = _mcp_session(f"127.0.0.1:{text_server.port}", steps)
     tools = out["tools"]
-    assert set(tools) == {"remember", "recall", "forget", "list_banks"}
+    assert set(tools) == {"remember", "recall", "forget", "create_bank", "list_banks"}
     assert tools["recall"].input_schema["required"] == ["query"]
     assert "filter" in tools["recall"].input_schema["properties"]
     assert all(tools[n].description for n in tools)
     assert [r["key"] for r in out["remember"]] == ["bday", "diet", "dave"]
     assert out["recall"][0]["key"] == "bday" and out["recall"][0]["metadata"] == {"user": "carol"}
     assert [h["key"] for h in out["filtered"]] == ["dave"]
-    assert out["forget"]["key"] == "diet"
+    assert [m["key"] for m in out["forget"]["memories"]] == ["diet"]
     assert "diet" not in [h["key"] for h in out["after"]]
     assert {"name": "mcp", "memories": 2, "capacity": 32} in out["banks"]
     assert out["missing"].is_error and "list_banks" in out["missing"].content[0].text
