@@ -136,3 +136,49 @@ def test_mcp_tool_bounds_are_the_servers() -> None:
     assert settings.default_bank_capacity == tools.DEFAULT_BANK_CAPACITY
     assert tools.MAX_TOP_K <= MAX_TOP_K
     assert str(names.MAX_NAME_LENGTH - 1) in tools.BANK_NAME_PATTERN
+
+
+STAGES = ("imported the server", "loaded the codec", "loaded the text embedder",
+          "recovered the banks", "warm-up round trip", "SERVING")
+
+
+def test_serve_logs_each_start_up_stage_and_no_library_chatter(tmp_path: Path) -> None:
+    """One line per stage with its duration; bm25s' DEBUG lines, sentence-transformers'
+    INFO lines and transformers' weight-loading bar stay out of the log."""
+    env = {**os.environ, "APCM_METRICS_PORT": "-1", "APCM_DATA_DIR": str(tmp_path)}
+    model = Path(__file__).resolve().parents[1] / "model_weights" / "text-minilm.safetensors"
+    proc = subprocess.Popen([*APCM, "serve", "--model", str(model), "--host", "127.0.0.1",
+                             "--port", "0"], env=env, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    lines: list[str] = []
+    try:
+        while not any("serving gRPC on" in line for line in lines):
+            lines.append(proc.stderr.readline())
+            assert lines[-1] or proc.poll() is None, "".join(lines)
+        port = int(re.search(r":(\d+)$", lines[-1].strip()).group(1))  # type: ignore[union-attr]
+        with MemoryClient(f"127.0.0.1:{port}", timeout=60) as client:
+            client.remember(["Alice is allergic to peanuts."], keys=["a"])  # builds BM25
+            assert client.recall("what is Alice allergic to?")[0].key == "a"
+        proc.send_signal(signal.SIGTERM)
+        lines += proc.stderr.readlines()
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = "".join(lines)
+    timed = [line for line in lines if " INFO apcm: start-up: " in line]
+    assert [next(s for s in STAGES if f"start-up: {s}" in line) for line in timed] == \
+        list(STAGES), log
+    assert all(re.search(r"\(\d+\.\d\d s\)$|\d+\.\d\d s after", line.strip())
+               for line in timed), log
+    for noise in ("bm25s", "DEBUG", "sentence_transformers", "Loading weights", "it/s]"):
+        assert noise not in log, log
+
+
+def test_bad_settings_fail_before_the_server_imports_torch() -> None:
+    check = ("import sys; from apcm.server.cli import main; code = main(['serve', "
+             "'--max-batch-size', '0']); print(code, 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
+                          timeout=120)
+    assert done.stdout.split() == ["2", "False"], done.stderr
+    assert done.stderr.strip() == "apcm serve: error: max_batch_size must be >= 1, got 0"

@@ -12,6 +12,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from concurrent import futures
 from typing import Any
 
@@ -30,6 +31,7 @@ from ..config import Settings
 from ..domain.service import MemoryService
 from ..errors import FailedPrecondition
 from ..metrics import Metrics
+from ..startup_log import configure_logging, stage
 from .interceptors import (
     DecodeErrorInterceptor,
     ErrorInterceptor,
@@ -161,7 +163,9 @@ def build_server(
     if settings.torch_threads > 0:
         torch.set_num_threads(settings.torch_threads)
     device = resolve_device(settings.device)
-    codec = load_codec(settings.model, device)
+    with stage("loaded the codec") as note:
+        codec = load_codec(settings.model, device)
+        note["detail"] = f"{codec.name} from {settings.model} on {device}"
     metrics = Metrics(registry)
     metrics.set_model(codec)
     service = MemoryService(settings, codec, metrics)
@@ -220,11 +224,14 @@ def build_server(
     return apcm_server, port
 
 
-def serve(settings: Settings) -> int:
-    """Run until SIGTERM/SIGINT. Returns the process exit code."""
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+def serve(settings: Settings, started: float | None = None) -> int:
+    """Run until SIGTERM/SIGINT. Returns the process exit code.
+
+    Args:
+        started: ``time.monotonic()`` when the command began, for the SERVING line.
+    """
+    started = time.monotonic() if started is None else started
+    configure_logging(settings.log_level)
     try:
         server, port = build_server(settings)
         server.start()
@@ -248,6 +255,7 @@ def serve(settings: Settings) -> int:
     # the graceful shutdown, not the default SIGTERM action
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    log.info("start-up: SERVING %.2f s after the command started", time.monotonic() - started)
     print(
         f"apcm: serving gRPC on {settings.host}:{port}"
         + (f", metrics on {settings.metrics_host}:{server.metrics_port}"

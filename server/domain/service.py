@@ -32,6 +32,7 @@ from ..memory.results import BankStats, ReadResult
 from ..memory.scoring import CodeScorer
 from ..memory.store import MemoryStore
 from ..metrics import Metrics
+from ..startup_log import stage
 from . import recall
 from .batching import KeyedBatcher, MicroBatcher
 from .engine import Engine
@@ -83,7 +84,9 @@ class MemoryService(BankMoves):
         self.embedder: Embedder | None = None
         spec = resolve_spec(settings.embedder, codec.extra_metadata)
         if spec is not None:
-            self.embedder = self._load_embedder(spec)
+            with stage("loaded the text embedder") as note:
+                self.embedder = self._load_embedder(spec)
+                note["detail"] = f"{spec.describe()} on {self.codec.device}"
         self._embed: Callable[[np.ndarray], Any] = self._embed_now
         self.persistence: Any = self._build_persistence()
         metrics.watch_banks(self.store.list)
@@ -118,9 +121,7 @@ class MemoryService(BankMoves):
             raise FailedPrecondition(
                 f"embedder {spec.model} makes {spec.dim}-d vectors, but model "
                 f"{self.codec.name} takes {self.codec.input_dim} values per item")
-        embedder = Embedder(spec, str(self.codec.device))
-        log.info("text embedder: %s on %s", spec.describe(), self.codec.device)
-        return embedder
+        return Embedder(spec, str(self.codec.device))
 
     def _embed_now(self, texts: np.ndarray) -> np.ndarray:
         assert self.embedder is not None
@@ -164,11 +165,18 @@ class MemoryService(BankMoves):
 
     def start(self) -> None:
         """Restore banks from disk, make sure the default bank exists, warm up, serve."""
-        self.persistence.recover()
+        with stage("recovered the banks") as note:
+            report = self.persistence.recover()
+            banks = self.store.list()
+            note["detail"] = (
+                f"{len(banks)} banks, {sum(b.occupied for b in banks)} memories from "
+                f"{report.snapshot or 'no snapshot'} + {report.replayed} log records in "
+                f"{self.settings.data_dir}")
         self.persistence.start()
         s = self.settings
         self.store.create_bank(s.default_bank, s.default_bank_capacity, exist_ok=True)
-        self._warm_up()
+        with stage("warm-up round trip"):
+            self._warm_up()
         self._set_ready(True)
 
     def _warm_up(self) -> None:
