@@ -150,6 +150,13 @@ def _add_reflection_v1(server: grpc.Server) -> None:
         REFLECTION_V1, {"ServerReflectionInfo": handler}),))
 
 
+def receive_limit(max_message_bytes: int) -> int:
+    """gRPC's receive limit: twice ``max_message_bytes`` (within gRPC's int32), so a
+    request up to that size is refused by our check, which names the setting, rather
+    than by gRPC's, which does not."""
+    return min(2 * max_message_bytes, 2**31 - 1)
+
+
 def build_server(
     settings: Settings, registry: CollectorRegistry | None = None
 ) -> tuple[ApcmServer, int]:
@@ -177,10 +184,11 @@ def build_server(
         MetricsInterceptor(metrics), *([auth] if auth else []), ErrorInterceptor(),
         ReadinessInterceptor(lambda: service.ready,
                              (f"/{SERVICE_NAME}/", f"/{CLUSTER_SERVICE_NAME}/")),
-        DecodeErrorInterceptor(),  # innermost: its deserializer is the one grpc calls
+        # innermost: its deserializer is the one grpc calls
+        DecodeErrorInterceptor(settings.max_message_bytes),
     ]
     options = [
-        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_receive_message_length", receive_limit(settings.max_message_bytes)),
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
