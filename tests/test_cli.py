@@ -138,7 +138,7 @@ def test_mcp_tool_bounds_are_the_servers() -> None:
     assert str(names.MAX_NAME_LENGTH - 1) in tools.BANK_NAME_PATTERN
 
 
-STAGES = ("imported the server", "loaded the codec", "loaded the text embedder",
+STAGES = ("loaded the server code", "loaded the codec", "loaded the text embedder",
           "recovered the banks", "warm-up round trip", "SERVING")
 
 

@@ -30,6 +30,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"apcm serve: error: {e}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
-    with stage("imported the server (torch, gRPC, codecs, BM25)"):
+    with stage("loaded the server code (torch, gRPC, codecs, BM25)"):
         from ..api.app import serve
     return serve(settings, started=started)
