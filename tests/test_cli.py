@@ -34,7 +34,7 @@ def _start(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, int]
     assert proc.stderr is not None
     while time.monotonic() < deadline:
         line = proc.stderr.readline()
-        match = re.search(r"serving gRPC on .*:(\d+)", line)
+        match = re.search(r"serving gRPC on \S+:(\d+)", line)
         if match:
             return proc, int(match.group(1))
         if not line and proc.poll() is not None:
@@ -148,14 +148,16 @@ def test_serve_logs_each_start_up_stage_and_no_library_chatter(tmp_path: Path) -
     env = {**os.environ, "APCM_METRICS_PORT": "-1", "APCM_DATA_DIR": str(tmp_path)}
     model = Path(__file__).resolve().parents[1] / "model_weights" / "text-minilm.safetensors"
     proc = subprocess.Popen([*APCM, "serve", "--model", str(model), "--host", "127.0.0.1",
-                             "--port", "0"], env=env, stderr=subprocess.PIPE, text=True)
+                             "--port", "0", "--browser-port", "0"], env=env,
+                            stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None
     lines: list[str] = []
     try:
         while not any("serving gRPC on" in line for line in lines):
             lines.append(proc.stderr.readline())
             assert lines[-1] or proc.poll() is None, "".join(lines)
-        port = int(re.search(r":(\d+)$", lines[-1].strip()).group(1))  # type: ignore[union-attr]
+        port = int(re.search(r"serving gRPC on \S+:(\d+)",  # type: ignore[union-attr]
+                             lines[-1]).group(1))
         with MemoryClient(f"127.0.0.1:{port}", timeout=60) as client:
             client.remember(["Alice is allergic to peanuts."], keys=["a"])  # builds BM25
             assert client.recall("what is Alice allergic to?")[0].key == "a"

@@ -30,10 +30,13 @@ LAYERS: dict[str, set[str]] = {
                         "embedding", "memory", "persistence", "errors", "metrics")},
     S + "cli": {S + "commands"},
     S + "commands": {S + "api", S + "config", S + "startup_log"},
-    S + "api": {S + "allocator", S + "cluster", S + "codecs", S + "domain", S + "rpc",
+    S + "api": {S + "allocator", S + "browser", S + "cluster", S + "codecs", S + "domain",
+                S + "rpc",
                 "apcm.v1", "apcm.wire"} | SHARED,
     S + "cluster": {S + "domain", S + "memory", S + "persistence", S + "rpc", "apcm.v1",
                     "apcm.wire"} | SHARED,
+    # the memory browser: a web page over the domain layer (started by api)
+    S + "browser": {S + "domain", S + "memory"} | SHARED,
     # what api and cluster share: status mapping and proto conversions of domain values
     S + "rpc": {S + "memory", "apcm.v1", "apcm.wire"} | SHARED,
     S + "domain": {S + "codecs", S + "embedding", S + "memory", S + "persistence"} | SHARED,

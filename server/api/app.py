@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry
 from apcm.v1 import memory_pb2, memory_pb2_grpc
 
 from ..allocator import pin_mmap_threshold
+from ..browser.http import MemoryBrowser
 from ..cluster.node import CLUSTER_SERVICE_NAME, ClusterNode
 from ..codecs.base import load_codec
 from ..config import Settings
@@ -32,6 +33,7 @@ from ..domain.service import MemoryService
 from ..errors import FailedPrecondition
 from ..metrics import Metrics
 from ..startup_log import configure_logging, stage
+from .browsing import start_browser
 from .interceptors import (
     DecodeErrorInterceptor,
     ErrorInterceptor,
@@ -72,6 +74,8 @@ class ApcmServer:
         self.grpc_server = grpc_server
         self.port = port
         self.metrics_port: int | None = None
+        self.browser_port: int | None = None
+        self._browser: MemoryBrowser | None = None
         self.health = health_servicer
         self.cluster: ClusterNode | None = None
         self._stopped = threading.Event()
@@ -106,6 +110,9 @@ class ApcmServer:
         self.service.start()  # recovers, warms up, then reports SERVING
         if self.cluster is not None:
             self.cluster.started()
+        started = start_browser(s, self.service)
+        if started is not None:
+            self._browser, self.browser_port = started
         log.info("serving %s on port %d", self.service.codec.name, self.port)
         return self
 
@@ -122,6 +129,8 @@ class ApcmServer:
             self.grpc_server.stop(grace).wait()
             if self.cluster is not None:
                 self.cluster.close()
+            if self._browser is not None:
+                self._browser.stop()
             self.service.close()
             self.service.metrics.stop_http()
             self._stopped.set()
@@ -267,7 +276,9 @@ def serve(settings: Settings, started: float | None = None) -> int:
     print(
         f"apcm: serving gRPC on {settings.host}:{port}"
         + (f", metrics on {settings.metrics_host}:{server.metrics_port}"
-           if server.metrics_port is not None else ""),
+           if server.metrics_port is not None else "")
+        + (f", memory browser on http://{settings.browser_host}:{server.browser_port}/"
+           if server.browser_port is not None else ""),
         file=sys.stderr,
         flush=True,
     )

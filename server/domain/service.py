@@ -27,6 +27,7 @@ from ..embedding.embedder import Embedder, EmbedderSpec, resolve_spec
 from ..errors import FailedPrecondition, InvalidArgument
 from ..memory.ivf import IndexConfig
 from ..memory.lexical import Bm25Params
+from ..memory.listing import ListedMemory
 from ..memory.names import validate_bank_name, validate_snapshot_name
 from ..memory.results import BankStats, ReadResult
 from ..memory.scoring import CodeScorer
@@ -43,6 +44,7 @@ from .params import MAX_TOP_K, ModelInfo, QueryHits, ReadParams, WrittenSlots
 log = logging.getLogger(__name__)
 
 MAX_TEXT_CHARS = recall.MAX_TEXT_CHARS
+MAX_PAGE = 200  # memories per listed page
 
 
 class MemoryService(BankMoves):
@@ -478,6 +480,20 @@ class MemoryService(BankMoves):
         return self.store.delete(self.bank_name(bank), list(slots), list(keys),
                                  sequences=None if sequences is None else list(sequences),
                                  dry_run=dry_run)
+
+    def list_memories(self, bank: str, offset: int = 0,
+                      limit: int = 50) -> tuple[int, list[ListedMemory]]:
+        """``(memories in the bank, a page of them newest first)``.
+
+        Raises:
+            InvalidArgument: ``offset`` < 0 or ``limit`` outside 1..MAX_PAGE.
+        """
+        if offset < 0:
+            raise InvalidArgument(f"offset must be >= 0, got {offset}", field="offset")
+        if not 1 <= limit <= MAX_PAGE:
+            raise InvalidArgument(f"limit must be in [1, {MAX_PAGE}], got {limit}",
+                                  field="limit")
+        return self.store.page(self.bank_name(bank), offset, limit)
 
     def clear_bank(self, name: str) -> BankStats:
         return self.store.clear(self.bank_name(name))

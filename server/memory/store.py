@@ -54,11 +54,12 @@ from ..errors import (
     InvalidArgument,
     ResourceExhausted,
 )
-from . import indexing
+from . import indexing, listing
 from .bank import DEFAULT_READ, MemoryBank
 from .eviction import make_policy, validate_half_life
 from .fusion import MAX_CONTEXT
 from .hybrid import DEFAULT_FUSION, Fusion, fused_read
+from .listing import ListedMemory
 from .metadata import encode_metadata, validate_metadata
 from .moves import BankMoves
 from .names import shorten, validate_bank_name
@@ -161,6 +162,11 @@ class MemoryStore(BankMoves, StoreRecovery):
         (only the counters, which reads change, need ``counter_lock``)."""
         with self._shared(name) as bank, bank.counter_lock:
             return self._stats(bank)
+
+    def page(self, bank: str, offset: int, limit: int) -> tuple[int, list[ListedMemory]]:
+        """A page of a bank's memories, newest first (``listing.page``); lock shared."""
+        with self._shared(bank) as b, b.counter_lock:
+            return listing.page(b, offset, limit)
 
     def write(
         self,
