@@ -276,9 +276,7 @@ def serve(settings: Settings, started: float | None = None) -> int:
     print(
         f"apcm: serving gRPC on {settings.host}:{port}"
         + (f", metrics on {settings.metrics_host}:{server.metrics_port}"
-           if server.metrics_port is not None else "")
-        + (f", memory browser on http://{settings.browser_host}:{server.browser_port}/"
-           if server.browser_port is not None else ""),
+           if server.metrics_port is not None else ""),
         file=sys.stderr,
         flush=True,
     )

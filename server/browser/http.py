@@ -27,7 +27,13 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from ..domain.params import ReadParams
 from ..domain.service import MemoryService
-from ..errors import ApcmError, InvalidArgument, PermissionDenied, Unauthenticated
+from ..errors import (
+    ApcmError,
+    FailedPrecondition,
+    InvalidArgument,
+    PermissionDenied,
+    Unauthenticated,
+)
 from . import views
 
 log = logging.getLogger(__name__)
@@ -133,6 +139,9 @@ class _Handler(BaseHTTPRequestHandler):
         parts = [unquote(p) for p in parts]
         if method == "GET" and parts == ["info"]:
             return api.info()
+        if not api.service.ready:  # as gRPC's readiness check: no half-restored banks
+            raise FailedPrecondition("the server is not serving (starting, restoring a "
+                                     "snapshot or stopping); try again in a moment")
         if method == "GET" and parts == ["banks"]:
             return api.banks()
         if len(parts) == 3 and parts[0] == "banks":
