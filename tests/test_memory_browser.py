@@ -118,6 +118,27 @@ def test_api_lists_pages_searches_and_deletes(open_server: ApcmServer) -> None:
     client.close()
 
 
+def test_api_edits_metadata_of_the_memory_shown_only(open_server: ApcmServer) -> None:
+    client = _fill(open_server, "labels")
+    shown = next(m for m in _call(open_server, "/api/banks/labels/memories")[1]["memories"]
+                 if m["key"] == "colour")
+    edit = {"slot": shown["slot"], "sequence": shown["sequence"],
+            "metadata": {"user": "bob", "kind": "preference"}}
+    assert _call(open_server, "/api/banks/labels/metadata", edit) == (200, {"updated": True})
+    [hit] = client.recall("favourite colour", bank="labels", top_k=1,
+                          filter={"user": "bob"})
+    assert (hit.key, hit.metadata) == ("colour", {"user": "bob", "kind": "preference"})
+    assert client.recall("favourite colour", bank="labels", filter={"user": "alice"},
+                         top_k=5, min_score=-1)[0].key == "allergy"  # alice lost colour
+    client.remember("The user's favourite colour is now green.", bank="labels",
+                    keys=["colour"])  # rewritten in place: a newer memory in that slot
+    assert _call(open_server, "/api/banks/labels/metadata", edit) == (200, {"updated": False})
+    status, body = _call(open_server, "/api/banks/labels/metadata",
+                         {**edit, "metadata": {f"k{i}": "v" for i in range(17)}})
+    assert status == 400 and "at most 16" in body["error"]
+    client.close()
+
+
 def test_api_refuses_what_a_page_elsewhere_could_abuse(open_server: ApcmServer) -> None:
     client = _fill(open_server, "guard")
     memory = _call(open_server, "/api/banks/guard/memories")[1]["memories"][0]
@@ -142,7 +163,10 @@ def test_api_keys_gate_reading_and_deleting(keyed_server: ApcmServer) -> None:
     assert _call(keyed_server, "/api/info", key=RO)[1]["keys"] is True
     memory = _call(keyed_server, "/api/banks/keyed/memories", key=RO)[1]["memories"][0]
     status, body = _call(keyed_server, "/api/banks/keyed/delete", memory, key=RO)
-    assert (status, body["error"]) == (403, "a read-only API key cannot delete memories")
+    assert (status, body["error"]) == (403, "a read-only API key cannot change memories")
+    status, _ = _call(keyed_server, "/api/banks/keyed/metadata",
+                      {**memory, "metadata": {}}, key=RO)
+    assert status == 403
     assert _call(keyed_server, "/api/banks/keyed/delete", memory, key=RW) == (
         200, {"deleted": 1})
     assert client.describe_bank("keyed").occupied == len(FACTS) - 1
@@ -181,7 +205,7 @@ def expect(locator: Any) -> Any:
 
 def _page(browser: Any, srv: ApcmServer) -> Any:
     page = browser.new_page(viewport={"width": 1280, "height": 900})
-    page.on("dialog", lambda dialog: dialog.accept())
+    page.on("dialog", lambda dialog: dialog.accept() if dialog.type == "confirm" else None)
     page.goto(f"http://127.0.0.1:{srv.browser_port}/")
     return page
 
@@ -206,6 +230,12 @@ def test_page_loads_searches_and_deletes(browser: Any, open_server: ApcmServer) 
     assert float(top[3]) > 0.5
     SCREENSHOT.parent.mkdir(exist_ok=True)
     page.screenshot(path=str(SCREENSHOT), full_page=True)
+
+    page.once("dialog", lambda dialog: dialog.accept("user=alice, severity=high"))
+    page.locator("#memories tbody tr").first.locator("button.edit").click()
+    expect(page.locator("#memories tbody tr").first).to_contain_text("severity=high")
+    assert client.recall("allergy", bank="agent-notes", top_k=1,
+                         filter={"severity": "high"})[0].key == "allergy"
 
     page.locator("#memories tbody tr").first.locator("button.delete").click()
     expect(page.locator("#memories")).not_to_contain_text("allergic")
@@ -233,7 +263,7 @@ def test_page_asks_for_a_key_and_a_read_only_key_cannot_delete(
     page.click("#banks tr[data-bank='keyed-page']")
     page.wait_for_selector("#memories tbody tr")
     page.locator("#memories tbody tr").first.locator("button.delete").click()
-    page.wait_for_selector("#error:has-text('read-only API key cannot delete')")
+    page.wait_for_selector("#error:has-text('read-only API key cannot change')")
     assert client.describe_bank("keyed-page").occupied == len(FACTS)
 
     page.fill("#key", RW)  # the key form stays: switch to a read-write key

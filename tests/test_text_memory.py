@@ -27,6 +27,7 @@ from apcm.client import (
 )
 from apcm.server.api.app import ApcmServer, build_server
 from apcm.server.config import Settings
+from apcm.server.errors import InvalidArgument as ServerInvalidArgument
 from apcm.server.memory.options import ReadOptions
 from apcm.server.memory.store import MemoryStore
 from apcm.server.persistence.manager import PersistenceManager
@@ -244,6 +245,45 @@ def test_write_ahead_log_carries_metadata_through_recovery(tmp_path: Path) -> No
     hits = recovered.read("b", codes, ReadOptions(top_k=1)).results
     assert [r.hits[0].metadata for r in hits] == \
         [{"user": "u1"}, None, None, {"user": "u3", "kind": "fact"}]
+    mgr.close(final_snapshot=False)
+
+
+def test_edited_metadata_is_logged_and_survives_recovery(tmp_path: Path) -> None:
+    """``set_metadata`` (the memory browser's edit) is a logged mutation: a fresh
+    process replays it, filters find the new labels, and an edit naming a slot that
+    was rewritten since changes nothing."""
+    def store() -> MemoryStore:
+        return MemoryStore(code_dim=4, code_dtype="float32", scale=None,
+                           device=torch.device("cpu"), max_capacity=16, max_payload_bytes=64,
+                           max_key_length=16, default_policy="lfu", default_half_life=10.0)
+
+    def manager(s: MemoryStore) -> PersistenceManager:
+        settings = Settings(data_dir=str(tmp_path), snapshot_interval_s=0.0).validated()
+        return PersistenceManager(s, settings, "test-model-hash", "pca")
+
+    live = store()
+    mgr = manager(live)
+    mgr.recover()
+    mgr.start()
+    live.create_bank("b", 8)
+    codes = torch.eye(4)
+    written = live.write("b", codes[:2], ["k0", "k1"], [None, None], [{"user": "u1"}, None])
+    first, second = written
+    assert live.set_metadata("b", first.slot, first.sequence, {"user": "u2", "kind": "fact"})
+    assert live.set_metadata("b", second.slot, second.sequence, {"user": "u2"})
+    assert not live.set_metadata("b", first.slot, first.sequence + 99, None)  # stale
+    with pytest.raises(ServerInvalidArgument, match="at most 16"):
+        live.set_metadata("b", first.slot, first.sequence,
+                          {f"k{i}": "v" for i in range(17)})
+    recovered = store()
+    manager(recovered).recover()
+    hits = recovered.read("b", codes[:2], ReadOptions(top_k=1)).results
+    assert [r.hits[0].metadata for r in hits] == [{"user": "u2", "kind": "fact"},
+                                                 {"user": "u2"}]
+    only = recovered.read("b", codes[:1], ReadOptions(top_k=4, where={"user": "u2"}))
+    assert {h.key for h in only.results[0].hits} == {"k0", "k1"}
+    assert recovered.read("b", codes[:1], ReadOptions(top_k=4, where={"user": "u1"})) \
+        .results[0].hits == []
     mgr.close(final_snapshot=False)
 
 

@@ -80,13 +80,26 @@ class BrowserApi:
 
     def delete(self, bank: str, body: dict[str, Any]) -> dict[str, Any]:
         """Deletes one memory by (slot, sequence): never one written since it was shown."""
-        try:
-            slot, sequence = int(body["slot"]), int(body["sequence"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise InvalidArgument("send {\"slot\": N, \"sequence\": N} of the memory "
-                                  "to delete") from e
+        slot, sequence = _memory(body, "delete")
         deleted, _ = self.service.delete_slots(bank, [slot], [], sequences=[sequence])
         return {"deleted": deleted}
+
+    def set_metadata(self, bank: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Replaces one memory's metadata, by (slot, sequence) as ``delete``."""
+        slot, sequence = _memory(body, "edit")
+        metadata = body.get("metadata")
+        if not isinstance(metadata, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise InvalidArgument("metadata must be an object of string labels")
+        return {"updated": self.service.set_metadata(bank, slot, sequence, metadata)}
+
+
+def _memory(body: dict[str, Any], what: str) -> tuple[int, int]:
+    try:
+        return int(body["slot"]), int(body["sequence"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise InvalidArgument(f"send the slot and sequence of the memory to {what}: "
+                              '{"slot": N, "sequence": N, ...}') from e
 
 
 def _int(query: dict[str, str], name: str, default: int) -> int:
@@ -150,10 +163,11 @@ class _Handler(BaseHTTPRequestHandler):
                 return api.memories(bank, query)
             if method == "GET" and action == "search":
                 return api.search(bank, query)
-            if method == "POST" and action == "delete":
+            if method == "POST" and action in ("delete", "metadata"):
                 if role == "ro":
-                    raise PermissionDenied("a read-only API key cannot delete memories")
-                return api.delete(bank, self._body())
+                    raise PermissionDenied("a read-only API key cannot change memories")
+                change = api.delete if action == "delete" else api.set_metadata
+                return change(bank, self._body())
         raise InvalidArgument(f"no API call {method} /api/{'/'.join(parts)[:80]}")
 
     def _role(self) -> str | None:

@@ -495,6 +495,11 @@ class MemoryService(BankMoves):
                                   field="limit")
         return self.store.page(self.bank_name(bank), offset, limit)
 
+    def set_metadata(self, bank: str, slot: int, sequence: int,
+                     metadata: dict[str, str] | None) -> bool:
+        """Replaces one memory's metadata if ``slot`` still holds write ``sequence``."""
+        return self.store.set_metadata(self.bank_name(bank), slot, sequence, metadata)
+
     def clear_bank(self, name: str) -> BankStats:
         return self.store.clear(self.bank_name(name))
 

@@ -360,6 +360,17 @@ class MemoryBank(BankSlots):
                            device=self.device)
         return idx[self.occupied[idx]].tolist(), missing
 
+    def holds(self, slot: int, sequence: int) -> bool:
+        """Whether ``slot`` still holds the memory of write ``sequence``."""
+        return (0 <= slot < self.rows and bool(self.occupied[slot])
+                and int(self.sequences[slot]) == sequence)
+
+    def replace_metadata(self, slot: int, meta: dict[str, str] | None) -> None:
+        """Sets an occupied slot's metadata (from ``MemoryStore.set_metadata`` or a WAL
+        record); the memory, its counters and its write sequence stay."""
+        self._set_metadata(slot, meta)
+        self.version += 1
+
     def free(self, slots: list[int]) -> None:
         """Frees occupied ``slots`` (from ``resolve_delete`` or a WAL record)."""
         if not slots:

@@ -302,6 +302,29 @@ class MemoryStore(BankMoves, StoreRecovery):
             self._wait(seq)
         return len(freed), missing
 
+    def set_metadata(self, bank: str, slot: int, sequence: int,
+                     metadata: dict[str, str] | None) -> bool:
+        """Replaces one memory's metadata, logged like any mutation; False (and nothing
+        changed) when ``slot`` no longer holds the memory of write ``sequence``.
+
+        Raises:
+            InvalidArgument: metadata over the bounds (``metadata.validate_metadata``).
+        """
+        meta = validate_metadata(metadata)
+        with self._locked(bank) as b:
+            if not b.holds(slot, sequence):
+                return False
+            record = self._prepare("metadata", bank, {
+                "slots": np.asarray([slot], dtype=np.int64),
+                "metadata": [encode_metadata(meta)]})
+            with self.seq_lock:
+                self._append(self.last_seq + 1, record)
+                seq = self._next_seq()
+            b.replace_metadata(slot, meta)
+            b.applied_seq = seq
+        self._wait(seq)
+        return True
+
     def clear(self, bank: str) -> BankStats:
         """Frees every slot of a bank; the bank and its totals remain."""
         with self._locked(bank) as b:

@@ -93,6 +93,37 @@ function header(names) {
   }
 }
 
+function parseLabels(text) {
+  const labels = {};
+  for (const part of text.split(",")) {
+    if (!part.trim()) continue;
+    const at = part.indexOf("=");
+    if (at < 1) throw new Error("write labels as key=value, separated by commas");
+    labels[part.slice(0, at).trim()] = part.slice(at + 1).trim();
+  }
+  return labels;
+}
+
+function editButton(cellNode, memory) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = "edit";
+  button.textContent = "Edit labels";
+  button.addEventListener("click", async () => {
+    const text = prompt("Labels as key=value, separated by commas (empty: none)",
+                        metadataText(memory.metadata));
+    if (text === null) return;
+    try {
+      const done = await api("banks/" + encodeURIComponent(state.bank) + "/metadata",
+                             { slot: memory.slot, sequence: memory.sequence,
+                               metadata: parseLabels(text) });
+      showError(done.updated ? null : "That memory changed since it was shown; nothing edited.");
+      await refresh();
+    } catch (e) { showError(e); }
+  });
+  cellNode.append(button);
+}
+
 function deleteButton(row, memory) {
   const button = document.createElement("button");
   button.type = "button";
@@ -107,7 +138,9 @@ function deleteButton(row, memory) {
       await refresh();
     } catch (e) { showError(e); }
   });
-  row.insertCell().append(button);
+  const actions = row.insertCell();
+  actions.append(button, " ");
+  editButton(actions, memory);
 }
 
 async function loadMemories() {
