@@ -10,21 +10,23 @@ ifdef APCM_MODEL
 MODEL ?= $(APCM_MODEL)
 endif
 MODEL ?=
-# Two stamps: serving needs only .[server] + torch; tests need the eval and dev extras.
+# Two stamps: serving needs .[server,agent] + torch (agent: `apcm mcp`); tests need
+# the eval and dev extras.
 SERVE_STAMP := $(VENV)/.installed-server
 STAMP := $(VENV)/.installed
 
 .PHONY: serve test install lint stubs clean bench image-check
 
 $(SERVE_STAMP): pyproject.toml setup.py $(wildcard proto/apcm/v1/*.proto)
-	@echo ">> creating the virtualenv $(VENV)"
+	@echo ">> [1/3] creating the virtualenv $(VENV) (seconds)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	@echo ">> installing torch $(TORCH_VERSION) (CPU wheel; a few minutes on a fresh clone)"
+	@echo ">> [2/3] installing torch $(TORCH_VERSION) (CPU wheel, ~750 MB installed; a few minutes on a fresh clone)"
 	# A pinned CPU wheel: an open torch range would pull a multi-GB CUDA build.
 	$(PIP) install -q "torch==$(TORCH_VERSION)"
-	@echo ">> installing the server (.[server]) and generating the gRPC stubs"
-	$(PIP) install -q -e ".[server]"
+	@echo ">> [3/3] installing the server and the MCP tools (.[server,agent]: transformers, faiss, numba, mcp, ...) and generating the gRPC stubs (a minute or two)"
+	$(PIP) install -q -e ".[server,agent]"
+	@echo ">> installed; next: the server loads its model (seconds) and logs each start-up stage"
 	touch $(SERVE_STAMP)
 
 $(STAMP): $(SERVE_STAMP)

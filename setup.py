@@ -75,4 +75,5 @@ generate_stubs()
 setup(
     packages=find_packages_mapped(),
     package_dir={n: f for n, f in PACKAGE_DIRS.items() if (ROOT / f).is_dir()},
+    package_data={"apcm.server.browser": ["static/*"]},
     cmdclass={"build_py": BuildWithStubs})

@@ -477,12 +477,21 @@ def delete_slots(
     *,
     slots: Iterable[int] = (),
     keys: Iterable[str] = (),
+    sequences: Iterable[int] | None = None,
+    dry_run: bool = False,
     timeout: float | None = None,
 ) -> Call[DeleteResult]:
-    """Free slots by index and/or key; returns ``(deleted, missing_keys)``."""
+    """Free slots by index and/or key; returns ``(deleted, missing_keys)``.
+
+    ``sequences`` (one per slot, a hit's ``.sequence``) frees a slot only while it
+    still holds that memory; ``dry_run`` counts what would be freed.
+    """
     request = memory_pb2.DeleteSlotsRequest(
-        bank=bank, slots=[int(s) for s in slots], keys=[str(k) for k in _as_list(keys, "keys")]
+        bank=bank, slots=[int(s) for s in slots], keys=[str(k) for k in _as_list(keys, "keys")],
+        sequences=[int(q) for q in sequences or ()], dry_run=bool(dry_run),
     )
+    if sequences is not None and not request.sequences and request.slots:
+        raise invalid_argument("sequences is empty; give one per slot (or leave it out)")
     return Call(
         "DeleteSlots", request, lambda r: DeleteResult(int(r.deleted), list(r.missing_keys)),
         timeout=timeout,

@@ -7,6 +7,8 @@ server's status code and message; the original ``grpc.RpcError`` is chained as
 
 from __future__ import annotations
 
+import re
+
 import grpc
 
 from apcm.wire.trailers import LIMIT_KEY
@@ -70,9 +72,14 @@ class LimitExceededError(ResourceExhaustedError):
         self.limit = limit
 
 
-class MessageTooLargeError(ResourceExhaustedError):
-    """A request or reply is over a gRPC message size limit (the client's channel
-    options or the server's ``max_message_bytes``): send smaller batches."""
+class MessageTooLargeError(LimitExceededError):
+    """A request or reply is over a message size limit (the client's channel options
+    or the server's ``max_message_bytes``): send smaller batches. ``limit`` is
+    ``"max_message_bytes"``."""
+
+    def __init__(self, code: grpc.StatusCode, message: str,
+                 limit: str = "max_message_bytes") -> None:
+        super().__init__(code, message, limit)
 
 
 class UnauthenticatedError(ApcmError):
@@ -140,11 +147,36 @@ def from_rpc_error(err: grpc.RpcError) -> ApcmError:
 def _resource_exhausted(err: grpc.RpcError, code: grpc.StatusCode,
                         message: str) -> ResourceExhaustedError:
     limit = _trailer(err, LIMIT_KEY)
+    if limit == "max_message_bytes":
+        return MessageTooLargeError(code, message)
     if limit is not None:
         return LimitExceededError(code, message, limit)
     if any(m in message.lower() for m in _SIZE_LIMIT_MESSAGES):
-        return MessageTooLargeError(code, message)
+        return MessageTooLargeError(code, _size_advice(message))
     return Overloaded(code, message)
+
+
+_GRPC_SIZE = re.compile(r"(CLIENT|SERVER): (Sent|Received) message larger than max "
+                        r"\((\d+) vs\. (\d+)\)")
+
+
+def _size_advice(message: str) -> str:
+    """gRPC's "CLIENT: Sent message larger than max (A vs. B)" as which message, which
+    limit and what to change."""
+    m = _GRPC_SIZE.search(message)
+    if m is None:
+        return message
+    side, verb, size, limit = m.groups()
+    if side == "SERVER":
+        return (f"the request is {size} bytes, over the server's receive limit of {limit} "
+                "bytes (set by its --max-message-bytes): send fewer items per call")
+    if verb == "Sent":
+        return (f"the request is {size} bytes, over this client's max_message_bytes of "
+                f"{limit} (MemoryClient(max_message_bytes=...), which matches the server's "
+                "default --max-message-bytes): send fewer items per call")
+    return (f"the reply is {size} bytes, over this client's max_message_bytes of {limit} "
+            "(MemoryClient(max_message_bytes=...)): ask for less per call (fewer items, a "
+            "smaller top_k, no reconstructions)")
 
 
 def invalid_argument(message: str) -> InvalidArgumentError:

@@ -53,6 +53,13 @@ class Settings:
         "page has no authentication and names banks); 0.0.0.0 for a Prometheus in another "
         "container or pod, as deploy/ sets it"
     )
+    browser: str = _f(
+        "auto", "the memory browser, a web page to see, search and clean the banks: auto "
+        "(on when --browser-host is loopback), on, off", ("auto", "on", "off"))
+    browser_host: str = _f(
+        "127.0.0.1", "address of the memory browser: loopback by default; another address "
+        "needs --browser on (and API keys, which the browser asks for)")
+    browser_port: int = _f(8765, "memory browser HTTP port (0 picks a free port)")
     model: str = _f(DEFAULT_MODEL, "codec weights file (.safetensors) to serve")
     device: str = _f("auto", "where the codec and banks live", ("auto", "cpu", "cuda"))
     embedder: str = _f(

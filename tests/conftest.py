@@ -73,7 +73,7 @@ def server_settings(model_path: Path, data_dir: Path, **overrides: object) -> Se
         host="127.0.0.1", grpc_port=0, metrics_port=-1, metrics_host="127.0.0.1",
         model=str(model_path), device="cpu", data_dir=str(data_dir),
         snapshot_interval_s=0.0, default_bank_capacity=64, shutdown_grace_s=1.0,
-        max_batch_size=512,
+        max_batch_size=512, browser="off",
     )
     base.update(overrides)
     return Settings(**base).validated()  # type: ignore[arg-type]

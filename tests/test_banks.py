@@ -186,6 +186,32 @@ def test_keys_upsert_delete_clear_drop(client: MemoryClient, bank) -> None:
         client.describe_bank(bank)
 
 
+def test_delete_by_slot_and_sequence_spares_a_rewritten_slot(client: MemoryClient,
+                                                             bank: str) -> None:
+    """A delete chosen from a read names (slot, sequence): once the slot holds a newer
+    memory, the stale delete frees nothing and the newer memory stays."""
+    client.create_bank(bank, 2)
+    client.write(codes=basis(0, 1), bank=bank, mode="per_item", payloads=["old", "other"])
+    seen = client.read(codes=basis(0), bank=bank)[0].hits[0]
+    client.delete_slots(bank, slots=[seen.slot])
+    newer = client.write(codes=basis(2), bank=bank, payloads=["newer"])[0]
+    assert newer.slot == seen.slot  # the freed slot is the first free one
+
+    assert client.delete_slots(bank, slots=[seen.slot], sequences=[seen.sequence],
+                               dry_run=True).deleted == 0
+    assert client.delete_slots(bank, slots=[seen.slot], sequences=[seen.sequence]).deleted == 0
+    kept = client.read(codes=basis(2), bank=bank, payloads=True)[0].hits[0]
+    assert (kept.slot, kept.payload) == (seen.slot, b"newer")
+
+    assert client.delete_slots(bank, slots=[kept.slot], sequences=[kept.sequence],
+                               dry_run=True).deleted == 1
+    assert client.describe_bank(bank).occupied == 2  # a dry run frees nothing
+    assert client.delete_slots(bank, slots=[kept.slot], sequences=[kept.sequence]).deleted == 1
+    assert client.describe_bank(bank).occupied == 1
+    with pytest.raises(InvalidArgumentError, match="one per slot"):
+        client.delete_slots(bank, slots=[0, 1], sequences=[kept.sequence])
+
+
 @pytest.mark.parametrize(
     "call, pattern",
     [

@@ -34,7 +34,7 @@ def _start(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, int]
     assert proc.stderr is not None
     while time.monotonic() < deadline:
         line = proc.stderr.readline()
-        match = re.search(r"serving gRPC on .*:(\d+)", line)
+        match = re.search(r"serving gRPC on \S+:(\d+)", line)
         if match:
             return proc, int(match.group(1))
         if not line and proc.poll() is not None:
@@ -103,3 +103,84 @@ def test_taken_ports_give_one_line_naming_the_port_and_the_flag(model_path: Path
             assert str(port) in errors[0] and flag in errors[0] and env_var in errors[0]
     finally:
         sock.close()  # type: ignore[attr-defined]
+
+
+def test_mcp_without_the_agent_extra_says_how_to_get_it() -> None:
+    """A serving install lacks the ``mcp`` package: one line naming the extra, exit 2."""
+    hide_mcp = ("import sys; sys.modules['mcp'] = None; from apcm.server.cli import main; "
+                "sys.exit(main(['mcp', '--target', '127.0.0.1:1']))")
+    done = subprocess.run([sys.executable, "-c", hide_mcp], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "apcm mcp: the MCP server needs the agent extra, which this install lacks: run "
+        "`pip install 'apcm[agent]'` (in a checkout: `make install`, or "
+        "`.venv/bin/pip install -e '.[agent]'`)."]
+
+
+def test_mcp_tool_bounds_are_the_servers() -> None:
+    """The client cannot import the server, so its copies of the limits are pinned here."""
+    from apcm.client import agent_memory as tools
+    from apcm.server.domain.params import MAX_TOP_K
+    from apcm.server.domain.recall import MAX_TEXT_CHARS
+    from apcm.server.memory import metadata, names
+
+    settings = Settings()
+    assert tools.MAX_TEXT_CHARS == MAX_TEXT_CHARS
+    assert tools.MAX_METADATA_ENTRIES == metadata.MAX_METADATA_ENTRIES
+    assert tools.MAX_METADATA_KEY_CHARS == metadata.MAX_METADATA_KEY_CHARS
+    assert tools.MAX_METADATA_VALUE_CHARS == metadata.MAX_METADATA_VALUE_CHARS
+    assert settings.max_key_length == tools.MAX_KEY_CHARS
+    assert settings.max_bank_capacity == tools.MAX_BANK_CAPACITY
+    assert settings.default_bank_capacity == tools.DEFAULT_BANK_CAPACITY
+    assert tools.MAX_TOP_K <= MAX_TOP_K
+    assert str(names.MAX_NAME_LENGTH - 1) in tools.BANK_NAME_PATTERN
+
+
+STAGES = ("loaded the server code", "loaded the codec", "loaded the text embedder",
+          "recovered the banks", "warm-up round trip", "SERVING")
+
+
+def test_serve_logs_each_start_up_stage_and_no_library_chatter(tmp_path: Path) -> None:
+    """One line per stage with its duration; bm25s' DEBUG lines, sentence-transformers'
+    INFO lines and transformers' weight-loading bar stay out of the log."""
+    env = {**os.environ, "APCM_METRICS_PORT": "-1", "APCM_DATA_DIR": str(tmp_path)}
+    model = Path(__file__).resolve().parents[1] / "model_weights" / "text-minilm.safetensors"
+    proc = subprocess.Popen([*APCM, "serve", "--model", str(model), "--host", "127.0.0.1",
+                             "--port", "0", "--browser-port", "0"], env=env,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    lines: list[str] = []
+    try:
+        while not any("serving gRPC on" in line for line in lines):
+            lines.append(proc.stderr.readline())
+            assert lines[-1] or proc.poll() is None, "".join(lines)
+        port = int(re.search(r"serving gRPC on \S+:(\d+)",  # type: ignore[union-attr]
+                             lines[-1]).group(1))
+        with MemoryClient(f"127.0.0.1:{port}", timeout=60) as client:
+            client.remember(["Alice is allergic to peanuts."], keys=["a"])  # builds BM25
+            assert client.recall("what is Alice allergic to?")[0].key == "a"
+        proc.send_signal(signal.SIGTERM)
+        lines += proc.stderr.readlines()
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = "".join(lines)
+    timed = [line for line in lines if " INFO apcm: start-up: " in line]
+    assert [next(s for s in STAGES if f"start-up: {s}" in line) for line in timed] == \
+        list(STAGES), log
+    assert all(re.search(r"\(\d+\.\d\d s\)$|\d+\.\d\d s after", line.strip())
+               for line in timed), log
+    for noise in ("bm25s", "DEBUG", "sentence_transformers", "Loading weights", "it/s]"):
+        assert noise not in log, log
+
+
+def test_bad_settings_fail_before_the_server_imports_torch() -> None:
+    check = ("import sys; from apcm.server.cli import main; code = main(['serve', "
+             "'--max-batch-size', '0']); print(code, 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
+                          timeout=120)
+    assert done.stdout.split() == ["2", "False"], done.stderr
+    assert done.stderr.strip() == "apcm serve: error: max_batch_size must be >= 1, got 0"

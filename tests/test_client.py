@@ -128,12 +128,32 @@ def test_oversized_message_is_too_large_not_overloaded(
     make_server: Callable[..., object], digits: np.ndarray
 ) -> None:
     server = make_server(max_message_bytes=64 * 1024)
-    x = np.resize(digits, (300, 8, 8))  # 300 * 256 B = 75 KiB > 64 KiB
+    x = np.resize(digits, (300, 8, 8))  # 300 * 256 B = 75 KiB > 64 KiB: 76816 B in proto
     with MemoryClient(f"127.0.0.1:{server.port}", retries=0) as client, \
             pytest.raises(MessageTooLargeError) as info:
         client.compress(x)
     assert info.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
     assert not isinstance(info.value, Overloaded)
+    assert info.value.limit == "max_message_bytes"
+    # the server's check answered (its limit is below this client's): size, setting, fix
+    assert info.value.message == (
+        "the CompressRequest message is 76816 bytes, over the server's max_message_bytes of "
+        "65536 (--max-message-bytes, env APCM_MAX_MESSAGE_BYTES): send fewer items per call")
+
+
+def test_a_request_over_the_clients_own_limit_names_it(
+    make_server: Callable[..., object], digits: np.ndarray
+) -> None:
+    server = make_server()
+    x = np.resize(digits, (300, 8, 8))
+    with MemoryClient(f"127.0.0.1:{server.port}", retries=0,
+                      max_message_bytes=64 * 1024) as client, \
+            pytest.raises(MessageTooLargeError) as info:
+        client.compress(x)
+    assert info.value.message == (
+        "the request is 76816 bytes, over this client's max_message_bytes of 65536 "
+        "(MemoryClient(max_message_bytes=...), which matches the server's default "
+        "--max-message-bytes): send fewer items per call")
 
 
 # ------------------------------------------------------------------ banks

@@ -16,6 +16,12 @@ A user copies the examples first, so each block is a test, named by file and lin
 - ``json`` blocks must parse; an MCP host configuration's command must start.
 - Anything that cannot run here (``make serve``, ``docker``, a real cluster)
   carries ``<!-- doc-test: skip — <reason> -->`` on the line before its fence.
+- A block that needs more than a plain server says so in the doc, on the line
+  before its fence: ``<!-- doc-test: needs — <what> -->``. "an API key in
+  APCM_API_KEY" runs it against a text server with that key (and sets the
+  variable); "the mTLS server" against the mTLS server of docs/deploy.md §4, in
+  the folder of the certificates its openssl block makes. Nothing else is set
+  up: a block that reads a variable or a file without saying so fails.
 """
 
 from __future__ import annotations
@@ -52,6 +58,8 @@ SHELL = {"sh", "bash", "shell", "console"}
 # Tools a shell block may need; absent ones skip the block (CI installs what it can).
 TOOLS = ("grpcurl", "kubectl", "kustomize", "promtool", "openssl", "curl", "docker")
 FLOAT = re.compile(r"-?\d+\.\d+(?:e[-+]?\d+)?")
+# what a ``doc-test: needs`` marker may ask for
+NEEDS = ("the mTLS server", "an API key in APCM_API_KEY")
 
 
 @dataclass(frozen=True)
@@ -150,6 +158,18 @@ def api_key() -> str:
 
 
 @pytest.fixture(scope="module")
+def keyed_server(api_key: str,
+                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApcmServer]:
+    """The text server again, with a read-write API key (docs/deploy.md §2)."""
+    settings = server_settings(TEXT_MODEL, tmp_path_factory.mktemp("docs-keyed-data"),
+                               default_bank_capacity=256, api_keys=api_key)
+    srv, _ = build_server(settings, registry=CollectorRegistry())
+    srv.start()
+    yield srv
+    srv.stop(grace=0.5)
+
+
+@pytest.fixture(scope="module")
 def tls_server(api_key: str,
                tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ApcmServer, Path]]:
     """The mTLS server with an API key that docs/deploy.md §4 starts, on the certificates
@@ -225,6 +245,9 @@ def test_every_block_runs_or_says_why_not(capsys: pytest.CaptureFixture[str]) ->
             prev = [p for p in BLOCKS if p.path == b.path and p.line < b.line]
             if not prev or prev[-1].lang not in PYTHON:
                 problems.append(f"{b.name}: an output block must follow a python block")
+        elif b.marker == "needs":
+            if not b.reason or not any(n in b.reason for n in NEEDS):
+                problems.append(f"{b.name}: doc-test: needs must name one of {NEEDS}")
         elif b.marker:
             problems.append(f"{b.name}: unknown marker doc-test: {b.marker}")
         elif b.lang not in PYTHON | SHELL | {"json"}:
@@ -249,13 +272,18 @@ def test_doc_block(block: Block, request: pytest.FixtureRequest, workdir: Path,
         return
     if block.lang not in PYTHON | SHELL:
         pytest.fail(f"{block.name}: untagged or unknown block (see the first test)")
-    monkeypatch.setenv("APCM_API_KEY", api_key)
+    needs = block.reason if block.marker == "needs" else ""
+    env = {"APCM_API_KEY": api_key} if "APCM_API_KEY" in needs else {}
+    monkeypatch.delenv("APCM_API_KEY", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
     if block.lang in PYTHON:
-        if "TLSConfig" in block.code:
+        if "the mTLS server" in needs:
             tls, workdir = request.getfixturevalue("tls_server")
             address = f"localhost:{tls.port}"
         else:
-            text: ApcmServer = request.getfixturevalue("text_server")
+            text: ApcmServer = request.getfixturevalue(
+                "keyed_server" if env else "text_server")
             address = f"127.0.0.1:{text.port}"
         expected = output_of(block)
         for attempt in ("first run", "second run"):
@@ -273,8 +301,7 @@ def test_doc_block(block: Block, request: pytest.FixtureRequest, workdir: Path,
     if tool:
         pytest.skip(f"{tool} is not installed")
     text = request.getfixturevalue("text_server")
-    run_shell(script, f"127.0.0.1:{text.port}", f"127.0.0.1:{text.metrics_port}", workdir,
-              {"APCM_API_KEY": api_key})
+    run_shell(script, f"127.0.0.1:{text.port}", f"127.0.0.1:{text.metrics_port}", workdir, env)
 
 
 def check_json(block: Block) -> None:

@@ -19,7 +19,8 @@ FOLDERS = {"server": "apcm.server", "client": "apcm.client", "wire": "apcm.wire"
            "tools": "apcm.tools"}
 TEXT_SUFFIXES = {".py", ".md", ".proto", ".toml", ".yaml", ".yml", ".txt", ".json", ".cfg"}
 S = "apcm.server."
-SHARED = {S + "config", S + "errors", S + "metrics", S + "fsutil", S + "code_dtypes"}
+SHARED = {S + "config", S + "errors", S + "metrics", S + "fsutil", S + "code_dtypes",
+          S + "startup_log"}
 
 # unit -> the units it may import (besides itself). A unit is a top-level package
 # (apcm.client, apcm.wire, apcm.tools), a server subpackage or a server module.
@@ -28,12 +29,15 @@ LAYERS: dict[str, set[str]] = {
         S + u for u in ("allocator", "api", "cluster", "codecs", "config", "domain", "rpc",
                         "embedding", "memory", "persistence", "errors", "metrics")},
     S + "cli": {S + "commands"},
-    S + "commands": {S + "api", S + "config"},
-    S + "api": {S + "allocator", S + "cluster", S + "codecs", S + "domain", S + "rpc",
+    S + "commands": {S + "api", S + "config", S + "startup_log"},
+    S + "api": {S + "allocator", S + "browser", S + "cluster", S + "codecs", S + "domain",
+                S + "rpc",
                 "apcm.v1", "apcm.wire"} | SHARED,
     # the cluster never imports the domain: api.app builds the node and hands it in
     S + "cluster": {S + "memory", S + "persistence", S + "rpc", "apcm.v1",
                     "apcm.wire"} | SHARED,
+    # the memory browser: a web page over the domain layer (started by api)
+    S + "browser": {S + "domain", S + "memory"} | SHARED,
     # what api and cluster share: status mapping and proto conversions of domain values
     S + "rpc": {S + "memory", "apcm.v1", "apcm.wire"} | SHARED,
     S + "domain": {S + "codecs", S + "embedding", S + "memory", S + "persistence"} | SHARED,
@@ -45,6 +49,7 @@ LAYERS: dict[str, set[str]] = {
     S + "config": set(),
     S + "errors": {"apcm.wire"},
     S + "metrics": set(),
+    S + "startup_log": set(),
     S + "fsutil": set(),
     S + "code_dtypes": set(),
     "apcm.client": {"apcm.v1", "apcm.wire"},

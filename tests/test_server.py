@@ -127,15 +127,27 @@ def test_server_stays_healthy_after_bad_input(stub, client: MemoryClient, server
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_oversized_message_is_resource_exhausted(make_server) -> None:
+def test_oversized_message_is_resource_exhausted_naming_the_limit(make_server) -> None:
+    """Any client (not only ours, whose channel stops it first) is told the size, the
+    setting and the fix; past twice the limit gRPC itself refuses, still with numbers."""
     srv = make_server(max_message_bytes=1 << 20)
-    big = to_proto(np.zeros((4200, 8, 8), np.float32))  # ~1.07 MB
+    big = memory_pb2.CompressRequest(inputs=to_proto(np.zeros((4200, 8, 8), np.float32)))
+    huge = memory_pb2.CompressRequest(inputs=to_proto(np.zeros((8400, 8, 8), np.float32)))
     with grpc.insecure_channel(
         f"127.0.0.1:{srv.port}", options=[("grpc.max_send_message_length", 64 << 20)]
     ) as ch:
-        code, _ = _code(memory_pb2_grpc.MemoryServiceStub(ch).Compress,
-                        memory_pb2.CompressRequest(inputs=big))
+        compress = memory_pb2_grpc.MemoryServiceStub(ch).Compress
+        with pytest.raises(grpc.RpcError) as info:
+            compress(big, timeout=10)
+        code, details = _code(compress, huge)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert info.value.details() == (
+        f"the CompressRequest message is {big.ByteSize()} bytes, over the server's "
+        "max_message_bytes of 1048576 (--max-message-bytes, env APCM_MAX_MESSAGE_BYTES): "
+        "send fewer items per call")
+    assert ("apcm-limit", "max_message_bytes") in info.value.trailing_metadata()
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert f"({huge.ByteSize()} vs. 2097152)" in details
 
 
 def test_overload_is_resource_exhausted(make_server) -> None:

@@ -27,6 +27,7 @@ from apcm.client import (
 )
 from apcm.server.api.app import ApcmServer, build_server
 from apcm.server.config import Settings
+from apcm.server.errors import InvalidArgument as ServerInvalidArgument
 from apcm.server.memory.options import ReadOptions
 from apcm.server.memory.store import MemoryStore
 from apcm.server.persistence.manager import PersistenceManager
@@ -247,6 +248,45 @@ def test_write_ahead_log_carries_metadata_through_recovery(tmp_path: Path) -> No
     mgr.close(final_snapshot=False)
 
 
+def test_edited_metadata_is_logged_and_survives_recovery(tmp_path: Path) -> None:
+    """``set_metadata`` (the memory browser's edit) is a logged mutation: a fresh
+    process replays it, filters find the new labels, and an edit naming a slot that
+    was rewritten since changes nothing."""
+    def store() -> MemoryStore:
+        return MemoryStore(code_dim=4, code_dtype="float32", scale=None,
+                           device=torch.device("cpu"), max_capacity=16, max_payload_bytes=64,
+                           max_key_length=16, default_policy="lfu", default_half_life=10.0)
+
+    def manager(s: MemoryStore) -> PersistenceManager:
+        settings = Settings(data_dir=str(tmp_path), snapshot_interval_s=0.0).validated()
+        return PersistenceManager(s, settings, "test-model-hash", "pca")
+
+    live = store()
+    mgr = manager(live)
+    mgr.recover()
+    mgr.start()
+    live.create_bank("b", 8)
+    codes = torch.eye(4)
+    written = live.write("b", codes[:2], ["k0", "k1"], [None, None], [{"user": "u1"}, None])
+    first, second = written
+    assert live.set_metadata("b", first.slot, first.sequence, {"user": "u2", "kind": "fact"})
+    assert live.set_metadata("b", second.slot, second.sequence, {"user": "u2"})
+    assert not live.set_metadata("b", first.slot, first.sequence + 99, None)  # stale
+    with pytest.raises(ServerInvalidArgument, match="at most 16"):
+        live.set_metadata("b", first.slot, first.sequence,
+                          {f"k{i}": "v" for i in range(17)})
+    recovered = store()
+    manager(recovered).recover()
+    hits = recovered.read("b", codes[:2], ReadOptions(top_k=1)).results
+    assert [r.hits[0].metadata for r in hits] == [{"user": "u2", "kind": "fact"},
+                                                 {"user": "u2"}]
+    only = recovered.read("b", codes[:1], ReadOptions(top_k=4, where={"user": "u2"}))
+    assert {h.key for h in only.results[0].hits} == {"k0", "k1"}
+    assert recovered.read("b", codes[:1], ReadOptions(top_k=4, where={"user": "u1"})) \
+        .results[0].hits == []
+    mgr.close(final_snapshot=False)
+
+
 # ---------------------------------------------------------------- MCP over stdio
 
 
@@ -286,9 +326,10 @@ def test_mcp_tools_end_to_end_over_stdio(text_server: ApcmServer) -> None:
         out["recall"] = _result(await c.call_tool("recall", {
             "query": "When is Carol's birthday?", "bank": "mcp", "top_k": 2}))
         out["filtered"] = _result(await c.call_tool("recall", {
-            "query": "When is Carol's birthday?", "bank": "mcp", "filter": {"user": "dave"}}))
+            "query": "When is Carol's birthday?", "bank": "mcp", "filter": {"user": "dave"},
+            "min_score": -1.0}))  # Dave's one memory is unrelated: shown only with no floor
         out["forget"] = _result(await c.call_tool("forget", {
-            "query": "what does Carol eat", "bank": "mcp"}))
+            "query": "what does Carol eat", "bank": "mcp", "confirm": True}))
         out["after"] = _result(await c.call_tool("recall", {
             "query": "Carol food", "bank": "mcp", "top_k": 5}))
         out["banks"] = _result(await c.call_tool("list_banks", {}))
@@ -300,14 +341,14 @@ def test_mcp_tools_end_to_end_over_stdio(text_server: ApcmServer) -> None:
         c.create_bank("mcp", 32)
     out = _mcp_session(f"127.0.0.1:{text_server.port}", steps)
     tools = out["tools"]
-    assert set(tools) == {"remember", "recall", "forget", "list_banks"}
+    assert set(tools) == {"remember", "recall", "forget", "create_bank", "list_banks"}
     assert tools["recall"].input_schema["required"] == ["query"]
     assert "filter" in tools["recall"].input_schema["properties"]
     assert all(tools[n].description for n in tools)
     assert [r["key"] for r in out["remember"]] == ["bday", "diet", "dave"]
     assert out["recall"][0]["key"] == "bday" and out["recall"][0]["metadata"] == {"user": "carol"}
     assert [h["key"] for h in out["filtered"]] == ["dave"]
-    assert out["forget"]["key"] == "diet"
+    assert [m["key"] for m in out["forget"]["memories"]] == ["diet"]
     assert "diet" not in [h["key"] for h in out["after"]]
     assert {"name": "mcp", "memories": 2, "capacity": 32} in out["banks"]
     assert out["missing"].is_error and "list_banks" in out["missing"].content[0].text

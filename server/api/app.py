@@ -12,6 +12,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from concurrent import futures
 from typing import Any
 
@@ -24,6 +25,7 @@ from prometheus_client import CollectorRegistry
 from apcm.v1 import memory_pb2, memory_pb2_grpc
 
 from ..allocator import pin_mmap_threshold
+from ..browser.http import MemoryBrowser
 from ..cluster.router import ClusterRouter, PeerChannels
 from ..cluster.servicer import SERVICE_NAME as CLUSTER_SERVICE_NAME
 from ..cluster.servicer import add_to_server as add_cluster_service
@@ -33,6 +35,8 @@ from ..domain.service import MemoryService
 from ..domain.stores import new_store
 from ..errors import ApcmError, FailedPrecondition
 from ..metrics import Metrics
+from ..startup_log import configure_logging, stage
+from .browsing import start_browser
 from .interceptors import (
     DecodeErrorInterceptor,
     ErrorInterceptor,
@@ -73,6 +77,8 @@ class ApcmServer:
         self.grpc_server = grpc_server
         self.port = port
         self.metrics_port: int | None = None
+        self.browser_port: int | None = None
+        self._browser: MemoryBrowser | None = None
         self.health = health_servicer
         self.cluster: Any = None  # cluster.node.ClusterNode in cluster mode
         self.router: ClusterRouter | None = None
@@ -106,6 +112,9 @@ class ApcmServer:
         self.grpc_server.start()
         self._set_health(False)
         self.service.start()  # recovers (joins the cluster), warms up, reports SERVING
+        started = start_browser(s, self.service)
+        if started is not None:
+            self._browser, self.browser_port = started
         log.info("serving %s on port %d", self.service.codec.name, self.port)
         return self
 
@@ -120,6 +129,8 @@ class ApcmServer:
             self.service.metrics.serving.set(0)
             grace = self.settings.shutdown_grace_s if grace is None else grace
             self.grpc_server.stop(grace).wait()
+            if self._browser is not None:
+                self._browser.stop()
             self.service.close()  # a cluster pod hands its shards over here
             if self.router is not None:
                 self.router.close()
@@ -151,6 +162,13 @@ def _add_reflection_v1(server: grpc.Server) -> None:
         REFLECTION_V1, {"ServerReflectionInfo": handler}),))
 
 
+def receive_limit(max_message_bytes: int) -> int:
+    """gRPC's receive limit: twice ``max_message_bytes`` (within gRPC's int32), so a
+    request up to that size is refused by our check, which names the setting, rather
+    than by gRPC's, which does not."""
+    return min(2 * max_message_bytes, 2**31 - 1)
+
+
 def build_server(
     settings: Settings, registry: CollectorRegistry | None = None
 ) -> tuple[ApcmServer, int]:
@@ -164,7 +182,9 @@ def build_server(
     if settings.torch_threads > 0:
         torch.set_num_threads(settings.torch_threads)
     device = resolve_device(settings.device)
-    codec = load_codec(settings.model, device)
+    with stage("loaded the codec") as note:
+        codec = load_codec(settings.model, device)
+        note["detail"] = f"{codec.name} from {settings.model} on {device}"
     metrics = Metrics(registry)
     metrics.set_model(codec)
     cluster = router = None
@@ -185,10 +205,11 @@ def build_server(
         ReadinessInterceptor(lambda: service.ready,
                              (f"/{SERVICE_NAME}/", f"/{CLUSTER_SERVICE_NAME}/"),
                              transient=bool(settings.cluster)),
-        DecodeErrorInterceptor(),  # innermost: its deserializer is the one grpc calls
+        # innermost: its deserializer is the one grpc calls
+        DecodeErrorInterceptor(settings.max_message_bytes),
     ]
     options = [
-        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_receive_message_length", receive_limit(settings.max_message_bytes)),
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
@@ -234,11 +255,14 @@ def build_server(
     return apcm_server, port
 
 
-def serve(settings: Settings) -> int:
-    """Run until SIGTERM/SIGINT. Returns the process exit code."""
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+def serve(settings: Settings, started: float | None = None) -> int:
+    """Run until SIGTERM/SIGINT. Returns the process exit code.
+
+    Args:
+        started: ``time.monotonic()`` when the command began, for the SERVING line.
+    """
+    started = time.monotonic() if started is None else started
+    configure_logging(settings.log_level)
     try:
         server, port = build_server(settings)
         server.start()
@@ -262,6 +286,7 @@ def serve(settings: Settings) -> int:
     # the graceful shutdown, not the default SIGTERM action
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    log.info("start-up: SERVING %.2f s after the command started", time.monotonic() - started)
     print(
         f"apcm: serving gRPC on {settings.host}:{port}"
         + (f", metrics on {settings.metrics_host}:{server.metrics_port}"

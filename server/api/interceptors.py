@@ -20,7 +20,7 @@ from google.protobuf.message import DecodeError
 
 from apcm.wire.tensors import TensorFormatError
 
-from ..errors import ApcmError, FailedPrecondition, InvalidArgument, Unavailable
+from ..errors import ApcmError, FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
 from ..metrics import Metrics
 from ..rpc.status import abort_with_error
 
@@ -221,10 +221,17 @@ class Undecodable:
         return self.size
 
 
-def _safe_deserializer(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+class Oversized(Undecodable):
+    """Stands in for a request over ``max_message_bytes``, left unparsed."""
+
+
+def _safe_deserializer(deserialize: Callable[[bytes], Any],
+                       max_bytes: int) -> Callable[[bytes], Any]:
     message_name = getattr(getattr(deserialize, "__self__", None), "__name__", "the request")
 
     def safe(raw: bytes) -> Any:
+        if len(raw) > max_bytes:
+            return Oversized(message_name, len(raw), ValueError("over max_message_bytes"))
         try:
             return deserialize(raw)
         except (DecodeError, UnicodeDecodeError, ValueError) as e:
@@ -234,11 +241,22 @@ def _safe_deserializer(deserialize: Callable[[bytes], Any]) -> Callable[[bytes],
 
 
 class DecodeErrorInterceptor(grpc.ServerInterceptor):
-    """Undecodable requests (not protobuf, invalid UTF-8 in a string) -> INVALID_ARGUMENT.
+    """Undecodable requests (not protobuf, invalid UTF-8 in a string) -> INVALID_ARGUMENT;
+    requests over ``max_message_bytes`` -> RESOURCE_EXHAUSTED naming that limit.
+
+    gRPC's own receive limit sits above ``max_message_bytes`` (``app.build_server``),
+    so an oversized request reaches this check: gRPC's refusal names no setting, and
+    some clients report only "Bandwidth exhausted or memory limit exceeded".
 
     Must come after ``ErrorInterceptor`` in the server's interceptor list, so its
-    ``InvalidArgument`` is mapped to a status like any other domain error.
+    domain errors are mapped to a status like any other.
+
+    Args:
+        max_message_bytes: the server's ``max_message_bytes`` setting.
     """
+
+    def __init__(self, max_message_bytes: int) -> None:
+        self.max_message_bytes = max_message_bytes
 
     def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -248,6 +266,12 @@ class DecodeErrorInterceptor(grpc.ServerInterceptor):
             return handler
 
         def checked(request: Any, context: grpc.ServicerContext) -> Any:
+            if isinstance(request, Oversized):
+                raise ResourceExhausted(
+                    f"the {request.message_name} message is {request.size} bytes, over the "
+                    f"server's max_message_bytes of {self.max_message_bytes} (--max-message-"
+                    "bytes, env APCM_MAX_MESSAGE_BYTES): send fewer items per call",
+                    limit="max_message_bytes")
             if isinstance(request, Undecodable):
                 raise InvalidArgument(
                     f"the request is not a valid {request.message_name} protobuf message "
@@ -256,6 +280,7 @@ class DecodeErrorInterceptor(grpc.ServerInterceptor):
 
         return grpc.unary_unary_rpc_method_handler(
             checked,
-            request_deserializer=_safe_deserializer(handler.request_deserializer),
+            request_deserializer=_safe_deserializer(handler.request_deserializer,
+                                                    self.max_message_bytes),
             response_serializer=handler.response_serializer,
         )

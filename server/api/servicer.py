@@ -185,7 +185,10 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
     def DeleteSlots(  # noqa: N802
         self, request: memory_pb2.DeleteSlotsRequest, context: grpc.ServicerContext
     ) -> memory_pb2.DeleteSlotsResponse:
-        deleted, missing = self.service.delete_slots(request.bank, request.slots, request.keys)
+        deleted, missing = self.service.delete_slots(
+            request.bank, request.slots, request.keys,
+            sequences=list(request.sequences) if request.sequences else None,
+            dry_run=request.dry_run)
         return memory_pb2.DeleteSlotsResponse(deleted=deleted, missing_keys=missing)
 
     def ClearBank(  # noqa: N802

@@ -16,6 +16,7 @@ import torch
 
 from ..memory.bank import DEFAULT_READ, MemoryBank
 from ..memory.hybrid import DEFAULT_FUSION, Fusion
+from ..memory.listing import ListedMemory
 from ..memory.options import ReadOptions
 from ..memory.results import BankStats, ReadResult, SlotWrite
 from ..memory.store import MemoryStore
@@ -91,8 +92,18 @@ class ShardedStore:
                    fusion: Fusion = DEFAULT_FUSION) -> ReadResult:
         return self._store(bank).read_fused(bank, latents, queries, mode, options, fusion)
 
-    def delete(self, bank: str, slots: list[int], keys: list[str]) -> tuple[int, list[str]]:
-        return self._store(bank).delete(bank, slots, keys)
+    def delete(self, bank: str, slots: list[int], keys: list[str], *,
+               sequences: list[int] | None = None,
+               dry_run: bool = False) -> tuple[int, list[str]]:
+        return self._store(bank).delete(bank, slots, keys, sequences=sequences,
+                                        dry_run=dry_run)
+
+    def page(self, bank: str, offset: int, limit: int) -> tuple[int, list[ListedMemory]]:
+        return self._store(bank).page(bank, offset, limit)
+
+    def set_metadata(self, bank: str, slot: int, sequence: int,
+                     metadata: dict[str, str] | None) -> bool:
+        return self._store(bank).set_metadata(bank, slot, sequence, metadata)
 
     def clear(self, bank: str) -> BankStats:
         return self._store(bank).clear(bank)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from ..config import add_settings_arguments, settings_from_args
+from ..startup_log import configure_logging, stage
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,11 +23,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..api.app import serve
-
-    try:
+    started = time.monotonic()
+    try:  # before the imports below, which take seconds: a typo fails at once
         settings = settings_from_args(args)
     except ValueError as e:  # contradictory flags or a malformed APCM_* variable
         print(f"apcm serve: error: {e}", file=sys.stderr)
         return 2
-    return serve(settings)
+    configure_logging(settings.log_level)
+    with stage("loaded the server code (torch, gRPC, codecs, BM25)"):
+        from ..api.app import serve
+    return serve(settings, started=started)

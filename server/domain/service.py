@@ -25,10 +25,12 @@ from ..codecs.base import Codec, ItemChecks
 from ..config import Settings
 from ..embedding.embedder import Embedder, EmbedderSpec, resolve_spec
 from ..errors import FailedPrecondition, InvalidArgument
+from ..memory.listing import ListedMemory
 from ..memory.names import validate_bank_name, validate_snapshot_name
 from ..memory.results import BankStats, ReadResult
 from ..memory.scoring import CodeScorer
 from ..metrics import Metrics
+from ..startup_log import stage
 from . import recall
 from .batching import KeyedBatcher, MicroBatcher
 from .engine import Engine
@@ -39,6 +41,7 @@ from .stores import BankStore, Replication, new_store
 log = logging.getLogger(__name__)
 
 MAX_TEXT_CHARS = recall.MAX_TEXT_CHARS
+MAX_PAGE = 200  # memories per listed page
 
 
 class MemoryService:
@@ -67,7 +70,9 @@ class MemoryService:
         self.embedder: Embedder | None = None
         spec = resolve_spec(settings.embedder, codec.extra_metadata)
         if spec is not None:
-            self.embedder = self._load_embedder(spec)
+            with stage("loaded the text embedder") as note:
+                self.embedder = self._load_embedder(spec)
+                note["detail"] = f"{spec.describe()} on {self.codec.device}"
         self._embed: Callable[[np.ndarray], Any] = self._embed_now
         self.persistence: Any = self._build_persistence()
         metrics.watch_banks(self.store.list)
@@ -102,9 +107,7 @@ class MemoryService:
             raise FailedPrecondition(
                 f"embedder {spec.model} makes {spec.dim}-d vectors, but model "
                 f"{self.codec.name} takes {self.codec.input_dim} values per item")
-        embedder = Embedder(spec, str(self.codec.device))
-        log.info("text embedder: %s on %s", spec.describe(), self.codec.device)
-        return embedder
+        return Embedder(spec, str(self.codec.device))
 
     def _embed_now(self, texts: np.ndarray) -> np.ndarray:
         assert self.embedder is not None
@@ -150,12 +153,22 @@ class MemoryService:
 
     def start(self) -> None:
         """Restore banks from disk, make sure the default bank exists, warm up, serve."""
-        self.persistence.recover()
+        with stage("recovered the banks") as note:
+            report = self.persistence.recover()
+            banks = self.store.list()
+            if report is None:  # a cluster pod: its shards catch up in ``start``
+                note["detail"] = "joined the cluster"
+            else:
+                note["detail"] = (
+                    f"{len(banks)} banks, {sum(b.occupied for b in banks)} memories from "
+                    f"{report.snapshot or 'no snapshot'} + {report.replayed} log records in "
+                    f"{self.settings.data_dir}")
         self.persistence.start()
         s = self.settings
         if self.cluster is None:  # a cluster's owner of the shard creates it
             self.store.create_bank(s.default_bank, s.default_bank_capacity, exist_ok=True)
-        self._warm_up()
+        with stage("warm-up round trip"):
+            self._warm_up()
         self._set_ready(True)
 
     def _warm_up(self) -> None:
@@ -453,9 +466,31 @@ class MemoryService:
     def describe_bank(self, name: str) -> BankStats:
         return self.store.describe(self.bank_name(name))
 
-    def delete_slots(self, bank: str, slots: Sequence[int],
-                     keys: Sequence[str]) -> tuple[int, list[str]]:
-        return self.store.delete(self.bank_name(bank), list(slots), list(keys))
+    def delete_slots(self, bank: str, slots: Sequence[int], keys: Sequence[str], *,
+                     sequences: Sequence[int] | None = None,
+                     dry_run: bool = False) -> tuple[int, list[str]]:
+        return self.store.delete(self.bank_name(bank), list(slots), list(keys),
+                                 sequences=None if sequences is None else list(sequences),
+                                 dry_run=dry_run)
+
+    def list_memories(self, bank: str, offset: int = 0,
+                      limit: int = 50) -> tuple[int, list[ListedMemory]]:
+        """``(memories in the bank, a page of them newest first)``.
+
+        Raises:
+            InvalidArgument: ``offset`` < 0 or ``limit`` outside 1..MAX_PAGE.
+        """
+        if offset < 0:
+            raise InvalidArgument(f"offset must be >= 0, got {offset}", field="offset")
+        if not 1 <= limit <= MAX_PAGE:
+            raise InvalidArgument(f"limit must be in [1, {MAX_PAGE}], got {limit}",
+                                  field="limit")
+        return self.store.page(self.bank_name(bank), offset, limit)
+
+    def set_metadata(self, bank: str, slot: int, sequence: int,
+                     metadata: dict[str, str] | None) -> bool:
+        """Replaces one memory's metadata if ``slot`` still holds write ``sequence``."""
+        return self.store.set_metadata(self.bank_name(bank), slot, sequence, metadata)
 
     def clear_bank(self, name: str) -> BankStats:
         return self.store.clear(self.bank_name(name))

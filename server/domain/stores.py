@@ -20,6 +20,7 @@ from ..memory.bank import DEFAULT_READ, MemoryBank
 from ..memory.hybrid import DEFAULT_FUSION, Fusion
 from ..memory.ivf import IndexConfig
 from ..memory.lexical import Bm25Params
+from ..memory.listing import ListedMemory
 from ..memory.options import ReadOptions
 from ..memory.results import BankStats, ReadResult, SlotWrite
 from ..memory.store import MemoryStore
@@ -80,7 +81,14 @@ class BankStore(Protocol):
                    options: ReadOptions = DEFAULT_READ,
                    fusion: Fusion = DEFAULT_FUSION) -> ReadResult: ...
 
-    def delete(self, bank: str, slots: list[int], keys: list[str]) -> tuple[int, list[str]]: ...
+    def delete(self, bank: str, slots: list[int], keys: list[str], *,
+               sequences: list[int] | None = None,
+               dry_run: bool = False) -> tuple[int, list[str]]: ...
+
+    def page(self, bank: str, offset: int, limit: int) -> tuple[int, list[ListedMemory]]: ...
+
+    def set_metadata(self, bank: str, slot: int, sequence: int,
+                     metadata: dict[str, str] | None) -> bool: ...
 
     def clear(self, bank: str) -> BankStats: ...
 

@@ -86,12 +86,14 @@ class Embedder:
         try:
             package = importlib.import_module(spec.package.replace("-", "_"))
             from sentence_transformers import SentenceTransformer
+            from transformers.utils import logging as transformers_logging
         except ImportError as e:
             raise ModelFileError(
                 f"the model is bound to the embedder {spec.model}, which needs the packages "
                 f"sentence-transformers and {spec.package} (pip install 'apcm[embed]'); "
                 f"missing: {e.name}. Start with --embedder none to serve vectors only."
             ) from e
+        transformers_logging.disable_progress_bar()  # a bar in a server log is noise
         self._model: Any = SentenceTransformer(str(package.get_model_path()), device=device)
         dim_of = getattr(self._model, "get_embedding_dimension", None) \
             or self._model.get_sentence_embedding_dimension  # sentence-transformers < 6

@@ -322,18 +322,30 @@ class MemoryBank(BankSlots):
                                              payloads=o.payloads), mix)
 
     # ------------------------------------------------------------------ delete / clear
-    def resolve_delete(self, slots: list[int], keys: list[str]) -> tuple[list[int], list[str]]:
+    def resolve_delete(self, slots: list[int], keys: list[str],
+                       sequences: list[int] | None = None) -> tuple[list[int], list[str]]:
         """Occupied slots to free (sorted, unique) and the keys that are not in the bank.
 
+        Args:
+            sequences: optional, one per ``slots`` entry: that slot counts only while it
+                holds the memory of this write sequence (a rewritten slot is left alone).
+
         Raises:
-            InvalidArgument: a slot index outside ``[0, capacity)`` or an invalid key.
+            InvalidArgument: a slot index outside ``[0, capacity)``, an invalid key, or
+                ``sequences`` not matching ``slots`` in length.
         """
+        if sequences is not None and len(sequences) != len(slots):
+            raise InvalidArgument(f"sequences has {len(sequences)} entries for {len(slots)} "
+                                  "slots; give one per slot (or none)", field="sequences")
         for s in slots:
             if not 0 <= int(s) < self.capacity:
                 raise InvalidArgument(
                     f"slot {s} is out of range for a bank of capacity {self.capacity}",
                     field="slots")
         chosen = {int(s) for s in slots}
+        if sequences is not None:
+            chosen = {int(s) for s, q in zip(slots, sequences, strict=True)
+                      if int(s) < self.rows and int(self.sequences[int(s)]) == int(q)}
         missing = []
         for key in keys:
             validate_key(key, self.max_key_length)
@@ -347,6 +359,17 @@ class MemoryBank(BankSlots):
         idx = torch.tensor(sorted(s for s in chosen if s < self.rows), dtype=torch.int64,
                            device=self.device)
         return idx[self.occupied[idx]].tolist(), missing
+
+    def holds(self, slot: int, sequence: int) -> bool:
+        """Whether ``slot`` still holds the memory of write ``sequence``."""
+        return (0 <= slot < self.rows and bool(self.occupied[slot])
+                and int(self.sequences[slot]) == sequence)
+
+    def replace_metadata(self, slot: int, meta: dict[str, str] | None) -> None:
+        """Sets an occupied slot's metadata (from ``MemoryStore.set_metadata`` or a WAL
+        record); the memory, its counters and its write sequence stay."""
+        self._set_metadata(slot, meta)
+        self.version += 1
 
     def free(self, slots: list[int]) -> None:
         """Frees occupied ``slots`` (from ``resolve_delete`` or a WAL record)."""

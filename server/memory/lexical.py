@@ -31,6 +31,7 @@ normalisation, lower b). Chosen on the dialog, facts and FAQ sets of
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -38,6 +39,9 @@ from dataclasses import dataclass
 import bm25s
 import numpy as np
 from bm25s.tokenization import Tokenized, Tokenizer
+
+# bm25s sets its logger to DEBUG on import: every index build would reach the server log
+logging.getLogger("bm25s").setLevel(logging.WARNING)
 
 try:  # the stemmer is a C extension; bm25s works (less well) without it
     import Stemmer

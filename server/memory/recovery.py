@@ -128,7 +128,7 @@ class StoreRecovery(StoreBase):
                 with self.seq_lock:
                     self.last_seq = seq
                 return
-            if kind not in ("drop_bank", "write", "delete", "clear"):
+            if kind not in ("drop_bank", "write", "delete", "clear", "metadata"):
                 raise FailedPrecondition(f"replay: unknown record kind {kind!r}")
             b = self._banks.get(bank)
             if b is None:
@@ -173,5 +173,8 @@ class StoreRecovery(StoreBase):
         elif kind == "clear":
             b.clear()
             self.texts.of(b).clear()
+        elif kind == "metadata":
+            for slot, raw in zip(fields["slots"], fields["metadata"], strict=True):
+                b.replace_metadata(int(slot), decode_metadata(bytes(raw)))
 
     # defined last: inside the class body, the name ``list`` shadows the builtin

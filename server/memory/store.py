@@ -54,11 +54,12 @@ from ..errors import (
     InvalidArgument,
     ResourceExhausted,
 )
-from . import indexing
+from . import indexing, listing
 from .bank import DEFAULT_READ, MemoryBank
 from .eviction import make_policy, validate_half_life
 from .fusion import MAX_CONTEXT
 from .hybrid import DEFAULT_FUSION, Fusion, fused_read
+from .listing import ListedMemory
 from .metadata import encode_metadata, validate_metadata
 from .names import shorten, validate_bank_name
 from .options import ReadOptions
@@ -160,6 +161,11 @@ class MemoryStore(StoreRecovery):
         (only the counters, which reads change, need ``counter_lock``)."""
         with self._shared(name) as bank, bank.counter_lock:
             return self._stats(bank)
+
+    def page(self, bank: str, offset: int, limit: int) -> tuple[int, list[ListedMemory]]:
+        """A page of a bank's memories, newest first (``listing.page``); lock shared."""
+        with self._shared(bank) as b, b.counter_lock:
+            return listing.page(b, offset, limit)
 
     def write(
         self,
@@ -263,8 +269,15 @@ class MemoryStore(StoreRecovery):
             return fused_read(b, self.texts.of(b), latents, queries, mode=mode, options=options,
                               fusion=fusion)
 
-    def delete(self, bank: str, slots: list[int], keys: list[str]) -> tuple[int, list[str]]:
+    def delete(self, bank: str, slots: list[int], keys: list[str], *,
+               sequences: list[int] | None = None,
+               dry_run: bool = False) -> tuple[int, list[str]]:
         """Frees slots by index and/or key.
+
+        Args:
+            sequences: one per slot: free it only while it holds that write sequence
+                (checked under the bank lock, so a concurrent write is never freed).
+            dry_run: count what would be freed, free nothing.
 
         Returns:
             (number of occupied slots freed, requested keys that were not in the bank).
@@ -274,8 +287,8 @@ class MemoryStore(StoreRecovery):
         """
         seq = None
         with self._locked(bank) as b:
-            freed, missing = b.resolve_delete(list(slots), list(keys))
-            if freed:
+            freed, missing = b.resolve_delete(list(slots), list(keys), sequences)
+            if freed and not dry_run:
                 record = self._prepare("delete", bank,
                                        {"slots": np.asarray(freed, dtype=np.int64)})
                 with self.seq_lock:
@@ -287,6 +300,29 @@ class MemoryStore(StoreRecovery):
         if seq is not None:
             self._wait(seq)
         return len(freed), missing
+
+    def set_metadata(self, bank: str, slot: int, sequence: int,
+                     metadata: dict[str, str] | None) -> bool:
+        """Replaces one memory's metadata, logged like any mutation; False (and nothing
+        changed) when ``slot`` no longer holds the memory of write ``sequence``.
+
+        Raises:
+            InvalidArgument: metadata over the bounds (``metadata.validate_metadata``).
+        """
+        meta = validate_metadata(metadata)
+        with self._locked(bank) as b:
+            if not b.holds(slot, sequence):
+                return False
+            record = self._prepare("metadata", bank, {
+                "slots": np.asarray([slot], dtype=np.int64),
+                "metadata": [encode_metadata(meta)]})
+            with self.seq_lock:
+                self._append(self.last_seq + 1, record)
+                seq = self._next_seq()
+            b.replace_metadata(slot, meta)
+            b.applied_seq = seq
+        self._wait(seq)
+        return True
 
     def clear(self, bank: str) -> BankStats:
         """Frees every slot of a bank; the bank and its totals remain."""

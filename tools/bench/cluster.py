@@ -255,14 +255,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             began: dict[str, float] = {}
             pauses = _pauses_ms(writers.timeline, resize_start, resize_end, began)
             p99 = float(np.percentile(list(pauses.values()), 99))
-            worst = max(pauses, key=lambda b: pauses[b])
-            worst_at = _clock(began.get(worst))
+            longest = max(pauses, key=lambda b: pauses[b])
+            worst_at = _clock(began.get(longest))
             goals.append({"goal": f"adding a pod: write pause p99 per bank <= "
                           f"{PAUSE_GOAL_MS:g} ms, a {args.large}-memory bank included",
                           "measured": f"p99 {p99:.1f} ms over {len(pauses)} banks; large "
                           f"bank {pauses.get('large', float('nan')):.1f} ms; resize settled "
                           f"in {resize_end - 2 - resize_start:.1f} s; the longest began at "
-                          f"{worst_at} ({worst}); per bank: "
+                          f"{worst_at} ({longest}); per bank: "
                           + ", ".join(f"{b} {ms:.0f} ms at {_clock(began.get(b))}"
                                       for b, ms in sorted(pauses.items())),
                           "met": p99 <= PAUSE_GOAL_MS})

@@ -64,9 +64,20 @@ def reconstruction_grid(rows: dict[str, np.ndarray], path: str | Path, title: st
     plt.close(fig)
 
 
+MODEL_COLOR = "#c00000"  # no baseline gets it: the model's line must stand out
+
+
+def _is_model(family: str) -> bool:
+    return "(model)" in family
+
+
 def rate_distortion(points: dict[str, list[dict[str, Any]]], metric: str, ylabel: str,
                     path: str | Path, title: str, log_y: bool = False) -> bool:
     """One panel per split: ``metric`` against bytes per code (log x), one line per method family.
+
+    The served models' lines (family ending "(model)") are drawn last, thick, in
+    ``MODEL_COLOR`` and listed first in the legend; the baselines are thinner lines
+    in muted colours underneath, so a baseline that ties the model cannot hide it.
 
     Args:
         points: split -> rows with keys ``family``, ``bytes_per_code`` and ``metric``
@@ -85,17 +96,26 @@ def rate_distortion(points: dict[str, list[dict[str, Any]]], metric: str, ylabel
     axes = [ax for row in grid for ax in row]
     for ax in axes[len(panels):]:
         ax.set_visible(False)
-    families = sorted({r["family"] for rows in panels.values() for r in rows})
-    cmap = plt.get_cmap("tab20")
+    families = sorted({r["family"] for rows in panels.values() for r in rows},
+                      key=lambda f: (not _is_model(f), f))
+    baselines = [f for f in families if not _is_model(f)]
+    cmap = plt.get_cmap("tab10")
+    muted = [cmap(i) for i in range(10) if i != 3]  # tab10's red is too close to the model's
     markers = "os^vD<>pPX*h"
     for ax, (split, rows) in zip(axes, panels.items(), strict=False):
-        for i, fam in enumerate(families):
+        for fam in families:
             pts = sorted((r["bytes_per_code"], r[metric]) for r in rows if r["family"] == fam)
             if not pts:
                 continue
             xs, ys = zip(*pts, strict=True)
-            ax.plot(xs, ys, marker=markers[i % len(markers)], color=cmap(i % 20),
-                    linewidth=2.5 if "(model)" in fam else 1.2, markersize=5, label=fam)
+            if _is_model(fam):
+                ax.plot(xs, ys, marker="o", color=MODEL_COLOR, linewidth=3.2, markersize=7,
+                        markeredgecolor="white", zorder=10, label=fam)
+            else:
+                i = baselines.index(fam)
+                ax.plot(xs, ys, marker=markers[i % len(markers)], color=muted[i % len(muted)],
+                        linewidth=1.1, markersize=4, alpha=0.75, zorder=2,
+                        linestyle="-" if i < len(muted) else "--", label=fam)
         ax.set_xscale("log", base=2)
         budgets = sorted({r["bytes_per_code"] for r in rows})
         ax.set_xticks(budgets, [str(b) for b in budgets], fontsize=7)
@@ -112,10 +132,14 @@ def rate_distortion(points: dict[str, list[dict[str, Any]]], metric: str, ylabel
             if lab not in labels:
                 handles.append(h)
                 labels.append(lab)
-    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=7,
-               frameon=False)
+    ncol = min(3, len(labels))
+    legend = fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=9,
+                        frameon=False)
+    for text in legend.get_texts():
+        if _is_model(text.get_text()):
+            text.set_fontweight("bold")
     fig.suptitle(title, fontsize=10)
-    legend_in = 0.17 * ((len(labels) + 3) // 4) + 0.1
+    legend_in = 0.2 * ((len(labels) + ncol - 1) // ncol) + 0.1
     fig.tight_layout(rect=(0, legend_in / fig.get_figheight(), 1, 1))
     fig.savefig(path, dpi=80)
     plt.close(fig)
