@@ -369,12 +369,13 @@ def client_tensor(x: np.ndarray):  # type: ignore[no-untyped-def]
 
 def test_probed_and_scanned_fallback_reads_weigh_like_the_scan_at_a_tiny_temperature() -> None:
     bank = _float_bank(2000, IndexConfig(threshold=100, background=False))
-    x = torch.randn(1500, 16)
+    gen = torch.Generator().manual_seed(4)  # a seed whose data has such a near-tie
+    x = torch.randn(1500, 16, generator=gen)
     bank.apply_write(list(range(1500)), x, [None] * 1500, [None] * 1500,
                      list(range(1, 1501)))
     assert indexing.build(bank)
     k = bank.index.k
-    q = x[:3] + 0.01 * torch.randn(3, 16)
+    q = x[:3] + 0.01 * torch.randn(3, 16, generator=gen)
     # every list probed: the candidates are the whole bank; top_k 300 with one list
     # probed: too few candidates, so each query is scanned (exp(-500) would underflow)
     for top_k, nprobe in ((5, k), (300, 1)):
@@ -383,7 +384,14 @@ def test_probed_and_scanned_fallback_reads_weigh_like_the_scan_at_a_tiny_tempera
         exact = bank.read(q, ReadOptions(top_k=top_k, temperature=1e-3, nprobe=EXHAUSTIVE,
                           count_access=False))
         for g, e in zip(got.results, exact.results, strict=True):
-            assert [h.slot for h in g.hits] == [h.slot for h in e.hits]
-            np.testing.assert_allclose([h.weight for h in g.hits], [h.weight for h in e.hits],
-                                       rtol=1e-4, atol=1e-12)
-            assert g.hits[0].weight > 0
+            # per slot, not by rank: the two paths round float32 scores differently, and
+            # two slots 3e-8 apart (seen at rank 226 of 300) may swap places
+            mine = {h.slot: (h.score, h.weight) for h in g.hits}
+            theirs = {h.slot: (h.score, h.weight) for h in e.hits}
+            assert mine.keys() == theirs.keys()
+            slots = sorted(mine)
+            np.testing.assert_allclose([mine[s][0] for s in slots],
+                                       [theirs[s][0] for s in slots], atol=1e-6)
+            np.testing.assert_allclose([mine[s][1] for s in slots],
+                                       [theirs[s][1] for s in slots], rtol=1e-4, atol=1e-12)
+            assert g.hits[0].slot == e.hits[0].slot and g.hits[0].weight > 0
