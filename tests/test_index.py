@@ -31,7 +31,7 @@ from apcm.server.memory import indexing, scan
 from apcm.server.memory.bank import MemoryBank
 from apcm.server.memory.eviction import make_policy
 from apcm.server.memory.export import export, from_export
-from apcm.server.memory.ivf import IndexConfig, list_count
+from apcm.server.memory.ivf import IndexConfig, InvertedLists, list_count
 from apcm.server.memory.options import EXHAUSTIVE, ReadOptions
 from apcm.v1 import memory_pb2, memory_pb2_grpc
 
@@ -395,3 +395,25 @@ def test_probed_and_scanned_fallback_reads_weigh_like_the_scan_at_a_tiny_tempera
             np.testing.assert_allclose([mine[s][1] for s in slots],
                                        [theirs[s][1] for s in slots], rtol=1e-4, atol=1e-12)
             assert g.hits[0].slot == e.hits[0].slot and g.hits[0].weight > 0
+
+
+def test_inverted_lists_count_their_bytes_through_growth_and_shrinking() -> None:
+    """``nbytes`` (asked by the memory limit on every write) is kept as lists change,
+    not summed over the lists: it must equal the buffers' real size all the same."""
+    rng = np.random.default_rng(3)
+    lists = InvertedLists.from_assignment(rng.integers(-1, 16, 4000).astype(np.int32), 16,
+                                          6000)
+
+    def real() -> int:
+        return (lists.assign.nbytes + lists.pos.nbytes + lists.sizes.nbytes
+                + sum(b.nbytes for b in lists.lists))
+
+    assert lists.nbytes() == real()
+    for _ in range(30):  # bursts into a few lists (doubling), then mass removals (shrink)
+        slots = rng.choice(6000, 500, replace=False)
+        lists.place(slots, rng.integers(0, 3, 500))
+        assert lists.nbytes() == real()
+        for slot in rng.choice(6000, 900, replace=False).tolist():
+            lists.remove(slot)
+        assert lists.nbytes() == real()
+    assert len(lists) == int((lists.assign >= 0).sum())

@@ -101,6 +101,9 @@ class InvertedLists:
         self.pos = np.zeros(rows, dtype=np.int32)
         self.sizes = np.zeros(k, dtype=np.int64)
         self.lists = [np.empty(0, dtype=np.int32) for _ in range(k)]
+        # bytes of the lists' buffers, kept as they change: the memory limit asks on
+        # every write, and summing K buffers each time cost O(K) per write
+        self.list_bytes = 0
 
     @classmethod
     def from_assignment(cls, assign: np.ndarray, k: int, rows: int) -> InvertedLists:
@@ -118,6 +121,7 @@ class InvertedLists:
             buf = np.empty(max(8, 2 * members.size), dtype=np.int32)  # room to grow
             buf[:members.size] = members
             out.lists[lst] = buf
+            out.list_bytes += buf.nbytes
             out.pos[members] = np.arange(members.size, dtype=np.int32)
         out.sizes[:] = counts
         return out
@@ -139,8 +143,10 @@ class InvertedLists:
         n = int(self.sizes[lst])
         buf = self.lists[lst]
         if n == buf.shape[0]:  # amortised doubling
+            self.list_bytes -= buf.nbytes
             buf = np.concatenate((buf, np.empty(max(8, n), dtype=np.int32)))
             self.lists[lst] = buf
+            self.list_bytes += buf.nbytes
         buf[n] = slot
         self.pos[slot] = n
         self.assign[slot] = lst
@@ -162,6 +168,7 @@ class InvertedLists:
         self.assign[slot] = -1
         if buf.shape[0] > 64 and n < buf.shape[0] // 4:  # give back a list's spare room
             self.lists[lst] = buf[: max(8, 2 * n)].copy()
+            self.list_bytes += self.lists[lst].nbytes - buf.nbytes
 
     def place(self, slots: np.ndarray, lists: np.ndarray) -> None:
         """Moves each slot [n] to its list [n] (from any list or none)."""
@@ -180,8 +187,7 @@ class InvertedLists:
         return int(self.sizes.sum())
 
     def nbytes(self) -> int:
-        return (self.assign.nbytes + self.pos.nbytes + self.sizes.nbytes
-                + sum(b.nbytes for b in self.lists))
+        return self.assign.nbytes + self.pos.nbytes + self.sizes.nbytes + self.list_bytes
 
 
 class IvfIndex:
