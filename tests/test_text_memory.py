@@ -218,21 +218,23 @@ def test_text_recalls_access_counts_survive_an_incremental_snapshot(tmp_path: Pa
         srv.stop(grace=0.5)
 
 
+def _small_store() -> MemoryStore:
+    return MemoryStore(code_dim=4, code_dtype="float32", scale=None,
+                       device=torch.device("cpu"), max_capacity=16, max_payload_bytes=64,
+                       max_key_length=16, default_policy="lfu", default_half_life=10.0)
+
+
+def _manager(s: MemoryStore, data_dir: Path) -> PersistenceManager:
+    settings = Settings(data_dir=str(data_dir), snapshot_interval_s=0.0).validated()
+    return PersistenceManager(s, settings, "test-model-hash", "pca")
+
+
 def test_write_ahead_log_carries_metadata_through_recovery(tmp_path: Path) -> None:
     """Metadata written after the last snapshot comes back from the real log on disk,
     through the merging replayer (records with and without metadata in one run)."""
 
-    def store() -> MemoryStore:
-        return MemoryStore(code_dim=4, code_dtype="float32", scale=None,
-                           device=torch.device("cpu"), max_capacity=16, max_payload_bytes=64,
-                           max_key_length=16, default_policy="lfu", default_half_life=10.0)
-
-    def manager(s: MemoryStore) -> PersistenceManager:
-        settings = Settings(data_dir=str(tmp_path), snapshot_interval_s=0.0).validated()
-        return PersistenceManager(s, settings, "test-model-hash", "pca")
-
-    live = store()
-    mgr = manager(live)
+    live = _small_store()
+    mgr = _manager(live, tmp_path)
     mgr.recover()
     mgr.start()
     live.create_bank("b", 8)
@@ -240,8 +242,8 @@ def test_write_ahead_log_carries_metadata_through_recovery(tmp_path: Path) -> No
     live.write("b", codes[:2], ["k0", "k1"], [None, None], [{"user": "u1"}, None])
     live.write("b", codes[2:3], ["k2"], [None])  # a record without metadata
     live.write("b", codes[3:], ["k3"], [None], [{"user": "u3", "kind": "fact"}])
-    recovered = store()
-    manager(recovered).recover()  # a fresh process's view of the same files
+    recovered = _small_store()
+    _manager(recovered, tmp_path).recover()  # a fresh process's view of the same files
     hits = recovered.read("b", codes, ReadOptions(top_k=1)).results
     assert [r.hits[0].metadata for r in hits] == \
         [{"user": "u1"}, None, None, {"user": "u3", "kind": "fact"}]
@@ -252,17 +254,8 @@ def test_edited_metadata_is_logged_and_survives_recovery(tmp_path: Path) -> None
     """``set_metadata`` (the memory browser's edit) is a logged mutation: a fresh
     process replays it, filters find the new labels, and an edit naming a slot that
     was rewritten since changes nothing."""
-    def store() -> MemoryStore:
-        return MemoryStore(code_dim=4, code_dtype="float32", scale=None,
-                           device=torch.device("cpu"), max_capacity=16, max_payload_bytes=64,
-                           max_key_length=16, default_policy="lfu", default_half_life=10.0)
-
-    def manager(s: MemoryStore) -> PersistenceManager:
-        settings = Settings(data_dir=str(tmp_path), snapshot_interval_s=0.0).validated()
-        return PersistenceManager(s, settings, "test-model-hash", "pca")
-
-    live = store()
-    mgr = manager(live)
+    live = _small_store()
+    mgr = _manager(live, tmp_path)
     mgr.recover()
     mgr.start()
     live.create_bank("b", 8)
@@ -275,8 +268,8 @@ def test_edited_metadata_is_logged_and_survives_recovery(tmp_path: Path) -> None
     with pytest.raises(ServerInvalidArgument, match="at most 16"):
         live.set_metadata("b", first.slot, first.sequence,
                           {f"k{i}": "v" for i in range(17)})
-    recovered = store()
-    manager(recovered).recover()
+    recovered = _small_store()
+    _manager(recovered, tmp_path).recover()
     hits = recovered.read("b", codes[:2], ReadOptions(top_k=1)).results
     assert [r.hits[0].metadata for r in hits] == [{"user": "u2", "kind": "fact"},
                                                  {"user": "u2"}]
