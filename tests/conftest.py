@@ -67,6 +67,9 @@ def codec(model_path: Path) -> Codec:
     return load_codec(model_path)
 
 
+TEXT_MODEL = Path(__file__).resolve().parents[1] / "model_weights" / "text-minilm.safetensors"
+
+
 def server_settings(model_path: Path, data_dir: Path, **overrides: object) -> Settings:
     base = dict(
         # no metrics HTTP server unless a test scrapes it: stopping one costs ~0.5 s
@@ -77,6 +80,14 @@ def server_settings(model_path: Path, data_dir: Path, **overrides: object) -> Se
     )
     base.update(overrides)
     return Settings(**base).validated()  # type: ignore[arg-type]
+
+
+def start_text_server(data_dir: Path, **overrides: object) -> ApcmServer:
+    """A started server of the shipped text model (default bank of 256 unless told)."""
+    settings = server_settings(TEXT_MODEL, data_dir, **{"default_bank_capacity": 256,
+                                                        **overrides})
+    srv, _ = build_server(settings, registry=CollectorRegistry())
+    return srv.start()
 
 
 @pytest.fixture

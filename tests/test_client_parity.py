@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import server_settings
+from conftest import TEXT_MODEL, server_settings
 from prometheus_client import CollectorRegistry
 from safetensors.numpy import load_file
 
@@ -24,7 +24,6 @@ from apcm.client import ApcmError, AsyncMemoryClient, MemoryClient, WrittenSlots
 from apcm.server.api.app import ApcmServer, build_server
 
 ROOT = Path(__file__).resolve().parents[1]
-TEXT_MODEL = ROOT / "model_weights" / "text-minilm.safetensors"
 FIXTURE = ROOT / "tests" / "fixtures" / "text_heldout.safetensors"
 BANK = "parity"
 FACTS = [

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_text_memory import start_text_server
+from conftest import start_text_server
 
 from apcm.client import (
     DeadlineExceededError,

@@ -40,14 +40,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import server_settings
+from conftest import TEXT_MODEL, server_settings
 from prometheus_client import CollectorRegistry
 
 from apcm.server.api.app import ApcmServer, build_server
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-TEXT_MODEL = ROOT / "model_weights" / "text-minilm.safetensors"
 VENV_BIN = Path(sys.executable).parent
 
 FENCE = re.compile(r"^(\s*)(`{3,}|~{3,})\s*([\w+-]*)\s*$")

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from test_text_memory import start_text_server
+from conftest import start_text_server
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from test_text_memory import start_text_server
+from conftest import start_text_server
 
 from apcm.client import InvalidArgumentError, MemoryClient
 from apcm.client.agent_mcp import AgentMemory

@@ -18,11 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import server_settings
-from prometheus_client import CollectorRegistry
+from conftest import start_text_server
 
 from apcm.client import MemoryClient
-from apcm.server.api.app import ApcmServer, build_server
+from apcm.server.api.app import ApcmServer
 
 pytest.importorskip("mcp")
 from mcp import Client  # noqa: E402
@@ -42,10 +41,7 @@ TOOLS = {"remember", "recall", "forget", "create_bank", "list_banks"}
 
 @pytest.fixture(scope="module")
 def apcm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApcmServer]:
-    settings = server_settings(ROOT / "model_weights" / "text-minilm.safetensors",
-                               tmp_path_factory.mktemp("mcp-data"), default_bank_capacity=64)
-    srv, _ = build_server(settings, registry=CollectorRegistry())
-    srv.start()
+    srv = start_text_server(tmp_path_factory.mktemp("mcp-data"), default_bank_capacity=64)
     yield srv
     srv.stop(grace=0.5)
 

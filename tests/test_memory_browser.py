@@ -19,14 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import server_settings
-from prometheus_client import CollectorRegistry
+from conftest import start_text_server
 
 from apcm.client import MemoryClient
-from apcm.server.api.app import ApcmServer, build_server
+from apcm.server.api.app import ApcmServer
 
 ROOT = Path(__file__).resolve().parents[1]
-TEXT_MODEL = ROOT / "model_weights" / "text-minilm.safetensors"
 SCREENSHOT = ROOT / "docs" / "memory-browser.png"
 RW, RO = "browser-rw-key-0123456789abcdef", "browser-ro-key-0123456789abcdef"
 FACTS = {
@@ -39,10 +37,8 @@ FACTS = {
 
 
 def _start(tmp: Path, **overrides: Any) -> ApcmServer:
-    settings = server_settings(TEXT_MODEL, tmp, default_bank_capacity=64, browser="on",
-                               browser_port=0, **overrides)
-    srv, _ = build_server(settings, registry=CollectorRegistry())
-    return srv.start()
+    return start_text_server(tmp, default_bank_capacity=64, browser="on", browser_port=0,
+                             **overrides)
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
+from conftest import start_text_server
 from prometheus_client import generate_latest
-from test_text_memory import start_text_server
 
 from apcm.client import LimitExceededError, MemoryClient
 from apcm.server.api.app import ApcmServer

@@ -14,12 +14,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import TEXT_MODEL
 from test_security import RW_KEY, Pki, pki  # noqa: F401 (pki: the certificate fixture)
 
 from apcm.server.api.app import ApcmServer
 
 ROOT = Path(__file__).resolve().parents[1]
-TEXT_MODEL = ROOT / "model_weights" / "text-minilm.safetensors"
 pytestmark = pytest.mark.timeout(240)
 
 

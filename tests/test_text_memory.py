@@ -15,8 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import server_settings
-from prometheus_client import CollectorRegistry
+from conftest import start_text_server
 from safetensors.numpy import load_file
 
 from apcm.client import (
@@ -25,7 +24,7 @@ from apcm.client import (
     InvalidArgumentError,
     MemoryClient,
 )
-from apcm.server.api.app import ApcmServer, build_server
+from apcm.server.api.app import ApcmServer
 from apcm.server.config import Settings
 from apcm.server.errors import InvalidArgument as ServerInvalidArgument
 from apcm.server.memory.options import ReadOptions
@@ -33,7 +32,6 @@ from apcm.server.memory.store import MemoryStore
 from apcm.server.persistence.manager import PersistenceManager
 
 ROOT = Path(__file__).resolve().parents[1]
-TEXT_MODEL = ROOT / "model_weights" / "text-minilm.safetensors"
 FIXTURE = ROOT / "tests" / "fixtures" / "text_heldout.safetensors"
 
 FACTS = [
@@ -43,12 +41,6 @@ FACTS = [
     "The quarterly report is due on the last Friday of March.",
     "Our office cat is called Miso and sleeps on the printer.",
 ]
-
-
-def start_text_server(data_dir: Path, **overrides: Any) -> ApcmServer:
-    settings = server_settings(TEXT_MODEL, data_dir, default_bank_capacity=256, **overrides)
-    srv, _ = build_server(settings, registry=CollectorRegistry())
-    return srv.start()
 
 
 @pytest.fixture(scope="module")
