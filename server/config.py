@@ -132,6 +132,10 @@ class Settings:
     batching: bool = _f(True, "gather concurrent small requests into one model call")
     batch_max_size: int = _f(256, "largest micro-batch, in items")
     batch_max_wait_us: int = _f(500, "longest a request waits for a micro-batch to fill, us")
+    read_lanes: int = _f(
+        0, "reads of one bank (same parameters) that run at once before later ones batch "
+        "behind them (0 = one per core the process may use)"
+    )
     tls_cert: str = _f("", "PEM server certificate; enables TLS with --tls-key")
     tls_key: str = _f("", "PEM private key of the server certificate")
     tls_client_ca: str = _f("", "PEM CA bundle; when set, clients must present a certificate")
@@ -208,6 +212,8 @@ class Settings:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.default_bank_capacity > self.max_bank_capacity:
             raise ValueError("default_bank_capacity exceeds max_bank_capacity")
+        if self.read_lanes < 0:
+            raise ValueError(f"read_lanes must be >= 0, got {self.read_lanes}")
         if self.index_threshold < 0:
             raise ValueError(f"index_threshold must be >= 0, got {self.index_threshold}")
         if self.index_nprobe < 1:

@@ -84,6 +84,34 @@ def test_observe_sees_combined_batches_under_concurrency() -> None:
     assert model.calls == observed
 
 
+def test_lanes_run_that_many_calls_at_once_and_queue_the_rest() -> None:
+    gate = threading.Event()
+    model = Recorder(row_checksum, gate)
+    inside = threading.Semaphore(0)
+
+    def counted(items: np.ndarray) -> np.ndarray:
+        inside.release()
+        return model(items)
+
+    batcher = MicroBatcher(counted, max_batch=128, max_wait_s=0.0, lanes=3)
+    inputs = [np.full((1, 2), float(i), dtype=np.float32) for i in range(7)]
+    with ThreadPoolExecutor(max_workers=len(inputs)) as pool:
+        futures = [pool.submit(batcher, x) for x in inputs[:3]]
+        for _ in range(3):  # three lanes: all three callers are inside the model at once
+            assert inside.acquire(timeout=5)
+        futures += [pool.submit(batcher, x) for x in inputs[3:]]
+        deadline = time.monotonic() + 5
+        while batcher._queued_rows < 4 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert batcher._queued_rows == 4  # every lane busy: the rest wait
+        gate.set()
+        outputs = [f.result(5) for f in futures]
+    for x, out in zip(inputs, outputs, strict=True):
+        np.testing.assert_array_equal(out, row_checksum(x))
+    assert sorted(model.calls)[:3] == [1, 1, 1] and sum(model.calls) == len(inputs)
+    assert batcher._running == 0
+
+
 def test_a_bad_request_fails_alone_and_its_neighbours_succeed() -> None:
     gate = threading.Event()
 
@@ -254,7 +282,8 @@ def test_keyed_batcher_forgets_least_recent_keys() -> None:
 
 
 @pytest.mark.parametrize("kwargs", [dict(max_batch=0, max_wait_s=0.1),
-                                    dict(max_batch=4, max_wait_s=-1.0)])
+                                    dict(max_batch=4, max_wait_s=-1.0),
+                                    dict(max_batch=4, max_wait_s=0.1, lanes=0)])
 def test_invalid_limits_are_rejected(kwargs) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ValueError):
         MicroBatcher(row_checksum, **kwargs)

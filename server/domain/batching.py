@@ -1,13 +1,15 @@
 """Dynamic micro-batching for a thread-pool gRPC server.
 
 Handlers are synchronous threads, so there is no event loop and no dedicated
-batching thread: the batcher uses a *leader/follower* hand-off. At most one
-model call per batcher is in flight. A request that arrives while none is
-running becomes the leader and runs at once; requests that arrive while one is
-running queue up, and when the call finishes the head of the queue is promoted
-to leader and takes everything queued (up to ``max_batch`` rows) into the next
-call. Under load the queue fills exactly while the model is busy, so batches
-form without anybody sleeping; an idle server adds no latency at all.
+batching thread: the batcher uses a *leader/follower* hand-off. At most
+``lanes`` model calls per batcher are in flight (one for a model that already
+uses every core per call; one per core for reads, whose scans are serial and
+release the GIL). A request that arrives while a lane is free becomes a leader
+and runs at once; requests that arrive while every lane is busy queue up, and
+when a call finishes the head of the queue is promoted to leader of that lane
+and takes everything queued (up to ``max_batch`` rows) into the next call.
+Under load the queue fills exactly while the lanes are busy, so batches form
+without anybody sleeping; an idle server adds no latency at all.
 
 Waiting for a batch to fill (at most ``max_wait_s`` after the first queued
 request arrived) only happens while concurrency has recently been seen (the
@@ -21,6 +23,7 @@ request of that batch is re-run alone and gets its own result or exception.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import deque
@@ -67,6 +70,8 @@ class MicroBatcher:
         observe: called with the row count of every call of ``fn`` (e.g. a
             Prometheus histogram's ``observe``).
         name: for ``repr`` and thread names in logs.
+        lanes: most calls of ``fn`` in flight at once (queueing starts when all
+            are busy).
     """
 
     def __init__(
@@ -77,12 +82,16 @@ class MicroBatcher:
         max_wait_s: float,
         observe: Callable[[int], None] | None = None,
         name: str = "",
+        lanes: int = 1,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if max_wait_s < 0:
             raise ValueError(f"max_wait_s must be >= 0, got {max_wait_s}")
+        if lanes < 1:
+            raise ValueError(f"lanes must be >= 1, got {lanes}")
         self.fn = fn
+        self.lanes = lanes
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.name = name
@@ -91,12 +100,13 @@ class MicroBatcher:
         self._arrivals = threading.Condition(self._lock)
         self._queue: deque[_Pending] = deque()
         self._queued_rows = 0
-        self._busy = False  # invariant: the queue is non-empty only while busy
+        self._running = 0  # invariant: the queue is non-empty only while all lanes run
         self._recent_concurrency = False
         self._closed = False
 
     def __repr__(self) -> str:
-        return f"MicroBatcher({self.name!r}, max_batch={self.max_batch}, wait={self.max_wait_s})"
+        return (f"MicroBatcher({self.name!r}, max_batch={self.max_batch}, "
+                f"wait={self.max_wait_s}, lanes={self.lanes})")
 
     def __call__(self, items: Rows) -> Any:
         """Run ``fn`` on ``items`` [b, ...], possibly batched with other callers' rows.
@@ -108,12 +118,12 @@ class MicroBatcher:
             return self._call(items)
         req = _Pending(items)
         with self._lock:
-            if self._busy:
+            if self._running >= self.lanes:
                 self._queue.append(req)
                 self._queued_rows += req.rows
                 self._arrivals.notify()
             else:
-                self._busy = True
+                self._running += 1
                 req.promoted = True
         if not req.promoted:
             req.done.wait()
@@ -173,7 +183,7 @@ class MicroBatcher:
         with self._lock:
             self._recent_concurrency = batch_requests > 1 or bool(self._queue)
             if not self._queue:
-                self._busy = False
+                self._running -= 1
                 return None
             nxt = self._queue.popleft()
             self._queued_rows -= nxt.rows
@@ -206,6 +216,14 @@ class MicroBatcher:
             req.error = e
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity, e.g. a container's cpuset)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def _concat(items: list[Any]) -> Any:
     """Rows of numpy arrays or torch tensors, joined where they are (no device copy)."""
     if isinstance(items[0], np.ndarray):
@@ -226,7 +244,7 @@ class KeyedBatcher(Generic[K]):
     Args:
         fn: ``fn(key, items [n, ...]) -> outputs [n, ...]``.
         max_keys: how many keys keep a batcher.
-        **kwargs: ``max_batch``, ``max_wait_s``, ``observe`` of each batcher.
+        **kwargs: ``max_batch``, ``max_wait_s``, ``observe``, ``lanes`` of each batcher.
     """
 
     def __init__(self, fn: Callable[[K, Rows], Any], *, max_keys: int = 64,

@@ -32,7 +32,7 @@ from ..memory.scoring import CodeScorer
 from ..metrics import Metrics
 from ..startup_log import stage
 from . import recall
-from .batching import KeyedBatcher, MicroBatcher
+from .batching import KeyedBatcher, MicroBatcher, usable_cores
 from .engine import Engine
 from .limits import check_reply_size
 from .params import MAX_TOP_K, ModelInfo, QueryHits, ReadParams, WrittenSlots
@@ -93,6 +93,7 @@ class MemoryService:
             self._reads = KeyedBatcher(
                 self._read_batch, max_batch=settings.batch_max_size, max_wait_s=wait_s,
                 observe=lambda n: observe("Read", n),
+                lanes=settings.read_lanes or usable_cores(),
             )
 
     @staticmethod
