@@ -118,7 +118,7 @@ def test_the_kernels_load_where_numba_has_nowhere_to_cache() -> None:
         "codes = np.array([[0b10110100]], dtype=np.uint8)\n"
         "lut = np.arange(4, dtype=np.float32)[None, :]\n"
         "out = np.zeros((1, 1), np.float32)\n"
-        "lutscan._scan(codes, np.zeros((1, 0, 256), np.float32), np.zeros(0, np.int64), lut,"
+        "lutscan._scan(codes, np.zeros(0, np.int64), np.zeros((1, 1, 256), np.float32), lut,"
         " np.array([0]), np.array([0]), np.array([14], np.int32), np.array([3], np.int32),"
         " out)\n"
         "print(float(out[0, 0]))\n")

@@ -41,7 +41,9 @@ def new_store(settings: Settings, codec: Codec) -> MemoryStore:
         default_policy=settings.default_policy,
         default_half_life=settings.default_half_life,
         metric=codec.similarity_weights,
-        scorer=codec.scorer,
+        # banks store packed codes in their scorer's byte-aligned layout (scanned
+        # a table read per byte); they convert at their edges
+        scorer=codec.scorer.stored() if codec.scorer is not None else None,
         memory_limit_bytes=settings.effective_memory_limit_bytes,
         max_banks=settings.max_banks,
         index_config=IndexConfig(threshold=settings.index_threshold,

@@ -208,7 +208,7 @@ class MemoryBank(BankSlots):
         last = {slot: j for j, slot in enumerate(slots)}
         dst = torch.tensor(list(last.keys()), dtype=torch.int64, device=self.device)
         src = torch.tensor(list(last.values()), dtype=torch.int64, device=self.device)
-        new = codes.to(self.device)[src]
+        new = self.stored_codes(codes.to(self.device)[src])
         self.codes[dst] = new
         z = self.search_vectors(new)
         inv = _inverse(z.norm(dim=1))

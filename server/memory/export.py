@@ -18,7 +18,7 @@ from .bank import MemoryBank
 from .columns import ByteColumn
 from .eviction import make_policy
 from .ivf import IndexConfig, InvertedLists, IvfIndex
-from .scoring import CodeScorer
+from .scoring import WIRE_LAYOUT, CodeScorer
 from .slots import SLOT_TENSORS
 
 
@@ -35,7 +35,7 @@ def _config(bank: MemoryBank) -> dict[str, Any]:
         "code_dtype": bank.code_dtype, "evictions_total": bank.evictions_total,
         "writes_total": bank.writes_total, "reads_total": bank.reads_total,
         "write_clock": bank.write_clock, "applied_seq": bank.applied_seq,
-        "context": bank.context,
+        "context": bank.context, "code_layout": bank.code_layout,
     }
 
 
@@ -154,7 +154,9 @@ def from_export(
             src = np.array(src, dtype=dtypes.get(name))
         t = torch.from_numpy(src).to(device=bank.device)
         if name == "codes":
-            t = t.to(bank.torch_dtype)
+            # absent from snapshots older than stored layouts: those hold wire codes
+            t = bank.stored_codes(t.to(bank.torch_dtype),
+                                  str(config.get("code_layout", WIRE_LAYOUT)))
         if fits:
             getattr(bank, name)[:keep] = t
         else:

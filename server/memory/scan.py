@@ -164,7 +164,7 @@ def score_slots(bank: BankSlots, folded: torch.Tensor, idx: torch.Tensor) -> tor
     step = kern.chunk_rows or max(1, idx.shape[0])
     for i in range(0, idx.shape[0], step):
         at = idx[i:i + step]
-        kern.dots(folded, bank.codes.index_select(0, at), out[:, i:i + at.shape[0]])
+        kern.dots_at(folded, bank.codes, at, out[:, i:i + at.shape[0]])
     return out.mul_(bank.inv_norms.index_select(0, idx))
 
 

@@ -39,9 +39,10 @@ SCORER_CHUNK_ROWS = 1024
 # Rows per int8 x int8 matmul call of a single-query int8 read (3 MB at m = 192: the
 # second and third limb read the chunk from cache).
 INT8_CHUNK_ROWS = 16384
-# Lookup-table scoring costs per code and query (0.37 us here), a decode per code
-# (1.6 us) shared by every query of the read: above this many queries, decode.
-LUT_MAX_QUERIES = 4
+# Lookup-table scoring costs per code and query (0.06-0.12 us here on byte-aligned
+# codes), a decode per code (1.6 us) shared by every query of the read: above this
+# many queries, decode.
+LUT_MAX_QUERIES = 12
 
 
 class Kernel(ABC):
@@ -61,6 +62,11 @@ class Kernel(ABC):
     def rows(self, block: torch.Tensor) -> torch.Tensor:
         """The float32 rows [c, m] a block of codes is scored as (a soft read mixes
         them); valid until the next call."""
+
+    def dots_at(self, q: torch.Tensor, codes: torch.Tensor, at: torch.Tensor,
+                out: torch.Tensor) -> None:
+        """Writes ``q [Q, m] @ rows(codes[at]).T`` into ``out`` [Q, len(at)]."""
+        self.dots(q, codes.index_select(0, at), out)
 
 
 class FloatKernel(Kernel):
@@ -136,6 +142,12 @@ class LookupKernel(DecodingKernel):
     def dots(self, q: torch.Tensor, block: torch.Tensor, out: torch.Tensor) -> None:
         scores = self._scorer.dots(q, block)
         assert scores is not None  # ``kernel_for`` checked the scorer applies
+        out.copy_(scores)
+
+    def dots_at(self, q: torch.Tensor, codes: torch.Tensor, at: torch.Tensor,
+                out: torch.Tensor) -> None:
+        scores = self._scorer.dots(q, codes, at)  # rows read in place: no gathered copy
+        assert scores is not None
         out.copy_(scores)
 
 

@@ -26,13 +26,16 @@ from .eviction import Policy
 from .ivf import IndexConfig, IvfIndex
 from .metadata import MetadataIndex, decode_metadata, encode_metadata
 from .rwlock import ReadWriteLock
-from .scoring import CodeScorer
+from .scoring import WIRE_LAYOUT, CodeScorer
 
 INITIAL_ROWS = 1024  # slots a new bank allocates
 # Rows grow by this factor when a write needs more: at most 12.5% (~6% on average)
 # of the per-slot tensors are spare, at the price of ~9 copies of each row over a
 # fill (a memcpy: negligible next to the writes themselves).
 ROW_GROWTH = 1.125
+# Rows converted between code layouts at once (their unpacked cells, int32 [rows, d],
+# stay near 100 MB at d = 384).
+CONVERT_ROWS = 65536
 SLOT_TENSORS = ("codes", "occupied", "counts", "count_clock", "sequences", "inv_norms")
 _uids = itertools.count(1)
 
@@ -229,6 +232,25 @@ class BankSlots:
         slots = self.capacity * self.slot_bytes(self.code_dim, self.code_dtype)
         index = self.index.nbytes() if self.index is not None else 0
         return slots + self.keys.live + self.metadata.live + index
+
+    @property
+    def code_layout(self) -> str:
+        """The bit layout ``codes`` holds (``WIRE_LAYOUT`` unless the scorer has its own)."""
+        return self.scorer.layout if self.scorer is not None else WIRE_LAYOUT
+
+    def stored_codes(self, codes: torch.Tensor, layout: str = WIRE_LAYOUT) -> torch.Tensor:
+        """Codes [n, m] in ``layout`` (by default as clients and logs carry them) -> as
+        this bank stores them, converted ``CONVERT_ROWS`` at a time."""
+        scorer = self.scorer
+        if scorer is None or layout == scorer.layout:
+            return codes
+        return torch.cat([scorer.to_stored(codes[i:i + CONVERT_ROWS], layout)
+                          for i in range(0, codes.shape[0], CONVERT_ROWS)]) \
+            if codes.shape[0] else codes
+
+    def wire_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """Stored codes [n, m] -> as the codec makes them (what a hit hands a client)."""
+        return self.scorer.from_stored(codes) if self.scorer is not None else codes
 
     def search_vectors(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes [n, m] -> the vectors [n, d] float32 a read's cosine compares the query

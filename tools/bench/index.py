@@ -246,7 +246,7 @@ def _writes(codec: Any, codes: Any, threshold: int, seconds: float, rounds: int 
                             scale=codec.quantizer.scale, device=torch.device("cpu"),
                             max_capacity=4 * len(codes), max_payload_bytes=64,
                             max_key_length=64, default_policy="lfu", default_half_life=1000.0,
-                            metric=codec.similarity_weights, scorer=codec.scorer,
+                            metric=codec.similarity_weights, scorer=codec.scorer.stored(),
                             index_config=cfg)
         store.create_bank("w", 4 * len(codes))
         for i in range(0, len(codes), 8192):

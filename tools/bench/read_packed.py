@@ -95,7 +95,7 @@ def run_packed(args: argparse.Namespace, codec: Any, source: str, threads: int) 
         store = MemoryStore(code_dim=codec.code_dim, code_dtype="uint8", scale=None,
                             device=torch.device("cpu"), max_capacity=n, max_payload_bytes=0,
                             max_key_length=1, default_policy="lfu_decay",
-                            default_half_life=1000.0, scorer=scorer)
+                            default_half_life=1000.0, scorer=scorer.stored())
         store.create_bank("bench", n)
         for _, index, _ in twins:
             index.reset()

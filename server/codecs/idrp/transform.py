@@ -289,6 +289,52 @@ def unpack(codes: torch.Tensor, dim: torch.Tensor, shift: torch.Tensor, d: int) 
     return cells.index_add_(1, dim, bitvals)
 
 
+def _byte_fillings(width: int = 8) -> list[tuple[int, ...]]:
+    """Every multiset of field widths (1..8) that fills one byte, widest fields first."""
+    out: list[tuple[int, ...]] = []
+
+    def extend(prefix: tuple[int, ...], left: int, most: int) -> None:
+        if left == 0:
+            out.append(prefix)
+        for w in range(min(left, most), 0, -1):
+            extend(prefix + (w,), left - w, w)
+
+    extend((), width, width)
+    return out
+
+
+_FILLINGS = _byte_fillings()
+
+
+def byte_aligned_order(bits: torch.Tensor) -> list[int]:
+    """An order of the coded dims in which as few fields as possible cross a byte.
+
+    Bytes are filled one at a time with the widest-first set of remaining fields
+    that fills a byte exactly; the fields no exact filling takes go last, in the
+    wire order. A field inside one byte is scored by that byte's 256-entry table; one
+    across two bytes needs both bytes and its own lookup (``lutscan``), which is why
+    a bank stores its codes in this order.
+    """
+    widths = bits.detach().cpu().to(torch.int64).tolist()
+    by_width: dict[int, list[int]] = {}
+    for i in sorted(range(len(widths)), key=lambda i: (widths[i], i)):
+        if widths[i] > 0:
+            by_width.setdefault(widths[i], []).append(i)
+    order: list[int] = []
+    while True:
+        for filling in _FILLINGS:
+            need: dict[int, int] = {}
+            for w in filling:
+                need[w] = need.get(w, 0) + 1
+            if all(len(by_width.get(w, ())) >= n for w, n in need.items()):
+                order.extend(by_width[w].pop(0) for w in filling)
+                break
+        else:
+            break
+    return order + sorted((i for dims in by_width.values() for i in dims),
+                          key=lambda i: (widths[i], i))
+
+
 class BitPacker:
     """The packing of :func:`bit_layout`, a field (not a bit) at a time.
 
@@ -302,17 +348,23 @@ class BitPacker:
 
     Args:
         bits: [d] int bits per dim, summing to a multiple of 8.
+        order: the coded dims in stream order (default: by width, then dim, the
+            codec's wire layout; ``byte_aligned_order`` gives a layout for scanning).
     """
 
-    def __init__(self, bits: torch.Tensor) -> None:
+    def __init__(self, bits: torch.Tensor, order: list[int] | None = None) -> None:
         widths = bits.detach().cpu().to(torch.int64)
         total = int(widths.sum())
         if total % 8 or bool((widths < 0).any()) or bool((widths > MAX_BITS).any()):
             raise ValueError(f"bits must be 0..{MAX_BITS} per dim summing to whole bytes, "
                              f"got a sum of {total}")
         self.d, self.n_bytes = len(widths), total // 8
-        order = sorted(torch.nonzero(widths > 0).flatten().tolist(),
+        coded = sorted(torch.nonzero(widths > 0).flatten().tolist(),
                        key=lambda i: (int(widths[i]), i))
+        if order is None:
+            order = coded
+        elif sorted(order) != sorted(coded):
+            raise ValueError("order must name every coded dim once")
         parts: list[tuple[int, int, int, int]] = []  # (dim, left shift, right shift, byte)
         word = torch.zeros(self.d, dtype=torch.int64)
         wshift = torch.zeros(self.d, dtype=torch.int64)
