@@ -413,7 +413,8 @@ class MemoryService:
         if include_reconstruction:
             hit_codes = [h.code for r in result.results for h in r.hits]
             if hit_codes:
-                recon = list(self.engine.decode_codes(torch.stack(hit_codes)))
+                # hits hold codes as the bank stores them; the codec decodes its own
+                recon = list(self.engine.decode_codes(b.wire_codes(torch.stack(hit_codes))))
         soft = self.engine.decode_soft(result.soft) if result.soft is not None else None
         out, cursor = [], 0
         for q, r in enumerate(result.results):

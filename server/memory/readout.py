@@ -38,8 +38,7 @@ def build_hits(bank: BankSlots, slots: list[list[int]], scores: list[list[float]
     """
     flat = [s for per_query in slots for s in per_query]
     at = torch.tensor(flat, dtype=torch.int64, device=bank.device)
-    # one copy, not one per hit
-    codes = bank.wire_codes(bank.codes[at]).cpu().unbind(0) if flat else ()
+    codes = bank.codes[at].cpu().unbind(0) if flat else ()  # one copy, not one per hit
     sequences = bank.sequences[at].tolist() if flat else []
     results, cursor = [], 0
     for i, per_query in enumerate(slots):

@@ -24,7 +24,8 @@ class Hit:
     """One recalled memory.
 
     Attributes:
-        code: the stored code [m] in the code dtype (a copy; safe outside the lock).
+        code: the stored code [m] in the code dtype and the bank's layout
+            (``MemoryBank.wire_codes`` gives the codec's; a copy, safe outside the lock).
     """
 
     slot: int
