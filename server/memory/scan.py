@@ -7,7 +7,6 @@ holds the bank's lock (shared is enough: nothing here mutates the bank).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +15,7 @@ import torch
 from .ivf import IvfIndex
 from .scorers import READ_CHUNK_ROWS, Kernel, kernel_for
 from .slots import BankSlots
+from .spanops import exp_sum_, gather, mask_, scale_
 
 _SCORE_SPAN_FLOATS = 1 << 18  # scores post-processed at once on CPU (1 MB)
 _DEVICE_SPAN_ROWS = 1 << 18  # rows per step off the CPU (no cache to fit)
@@ -103,14 +103,14 @@ def scan(bank: BankSlots, q: torch.Tensor, k: int, temperature: float, soft: boo
                 torch.mm(q, block.T, out=out)
             else:
                 kern.dots(q, bank.codes[i:i + c], out)
-        scores.mul_(bank.inv_norms[s0:s0 + width])
+        scale_(scores, bank.inv_norms[s0:s0 + width])
         if not full:
-            scores.masked_fill_(~live[s0:s0 + width], -math.inf)
+            mask_(scores, live[s0:s0 + width])
         top = torch.topk(scores, min(k, width), dim=1)
         cand_scores.append(top.values)
         cand_slots.append(top.indices + s0)
-        weights = scores.sub_(shift_t).div_(temperature).exp_()  # scores are not reused
-        exp_sum += weights.sum(dim=1)
+        exp_sum += exp_sum_(scores, shift_t, temperature)  # scores are not reused
+        weights = scores
         if soft_sum is not None:
             soft_sum.addmm_(weights, block)
     values, slots = torch.cat(cand_scores, dim=1), torch.cat(cand_slots, dim=1)
@@ -150,7 +150,7 @@ def probe(bank: BankSlots, index: IvfIndex, q: torch.Tensor, k: int, temperature
         best = top.values[0]
         scores_out.append(top.values)
         slots_out.append(idx[top.indices])
-        sums.append(scores.sub_(best).div_(temperature).exp_().sum())
+        sums.append(exp_sum_(scores[None], best, temperature)[0])
         shifts.append(best)  # so the sum has a term equal to 1: it cannot underflow
     return Scan(torch.stack(scores_out), torch.stack(slots_out), torch.stack(sums),
                 torch.stack(shifts)[:, None], None)
@@ -165,7 +165,8 @@ def score_slots(bank: BankSlots, folded: torch.Tensor, idx: torch.Tensor) -> tor
     for i in range(0, idx.shape[0], step):
         at = idx[i:i + step]
         kern.dots_at(folded, bank.codes, at, out[:, i:i + at.shape[0]])
-    return out.mul_(bank.inv_norms.index_select(0, idx))
+    scale_(out, gather(bank.inv_norms, idx))
+    return out
 
 
 def cosines(bank: BankSlots, latent: torch.Tensor, slots: list[int]) -> list[float]:

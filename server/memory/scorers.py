@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from .scoring import CodeScorer
+from .spanops import copy_
 
 # Rows converted at a time by a read on CPU: small enough that the float32 copy of an
 # int8/float16 chunk and its scores stay in cache, large enough to amortise per-call
@@ -142,13 +143,13 @@ class LookupKernel(DecodingKernel):
     def dots(self, q: torch.Tensor, block: torch.Tensor, out: torch.Tensor) -> None:
         scores = self._scorer.dots(q, block)
         assert scores is not None  # ``kernel_for`` checked the scorer applies
-        out.copy_(scores)
+        copy_(out, scores)
 
     def dots_at(self, q: torch.Tensor, codes: torch.Tensor, at: torch.Tensor,
                 out: torch.Tensor) -> None:
         scores = self._scorer.dots(q, codes, at)  # rows read in place: no gathered copy
         assert scores is not None
-        out.copy_(scores)
+        copy_(out, scores)
 
 
 def kernel_for(q: torch.Tensor, codes: torch.Tensor, *, int8_scaled: bool,
