@@ -100,7 +100,7 @@ class StoreRecovery(StoreBase):
             self.last_seq = max(self.last_seq, int(state.last_seq))
         for bank in banks.values():  # banks restored without a stored index
             with bank.lock:
-                indexing.maybe_start(bank)
+                indexing.maybe_start(bank, self.index_built)
 
     def apply_record(self, seq: int, kind: str, bank: str, fields: dict[str, Any]) -> None:
         """Re-applies one logged mutation (WAL replay): deterministic, never logged.
@@ -165,7 +165,7 @@ class StoreRecovery(StoreBase):
             text = fields.get("text")  # absent from older records
             self.texts.written(b, slots, kept,
                                [bool(text[i]) for i in new] if text is not None else None)
-            indexing.maybe_start(b)
+            indexing.maybe_start(b, self.index_built)
         elif kind == "delete":
             freed = [int(s) for s in fields["slots"]]
             b.free(freed)

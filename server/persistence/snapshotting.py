@@ -51,6 +51,8 @@ class Snapshotting(ManagerBase):
     def _periodic(self) -> None:
         # Always snapshot on the interval: read counters change without a log record.
         # Also once the log has grown past snapshot_wal_bytes: replay time stays bounded.
+        # And once a bank's index was built: until a snapshot holds it, a restart would
+        # serve that bank by exhaustive scans while k-means runs again.
         interval = self.settings.snapshot_interval_s
         due = time.monotonic() + interval if interval > 0 else float("inf")
         while not self._stop.is_set():
@@ -59,7 +61,9 @@ class Snapshotting(ManagerBase):
             self._wake.clear()
             if self._stop.is_set():
                 return
-            if woke and time.monotonic() < due and not self._wal_grown():
+            indexed = self._index_built.is_set()
+            self._index_built.clear()
+            if woke and time.monotonic() < due and not self._wal_grown() and not indexed:
                 continue  # a flush that raced with the last snapshot
             try:
                 self.snapshot(automatic=True)
