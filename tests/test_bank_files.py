@@ -108,6 +108,16 @@ def test_an_unchanged_bank_is_written_once_and_a_counters_change_writes_only_cou
     for name, (_, arrays) in fresh.export_state().banks.items():
         for array, value in arrays.items():
             np.testing.assert_array_equal(value, live.banks[name][1][array])
+    skipped = again.snapshot(automatic=True)  # nothing changed since the restart
+    assert skipped.unchanged and skipped.name == "sixth"
+    # the restarted server's first snapshot reuses what it recovered from
+    before = {p: p.stat().st_mtime_ns for p in _bank_files(tmp_path)}
+    fresh.read("big", torch.randn(2, M))
+    restarted = again.snapshot("restarted")
+    assert restarted.bank_files == fourth.bank_files
+    assert restarted.reused_banks == ["big", "small"]
+    assert {p: p.stat().st_mtime_ns for p in _bank_files(tmp_path)} == before
+    _assert_holds_live_state(again.snapshots.path("restarted"), fresh)
     again.close(final_snapshot=False)
 
 

@@ -69,8 +69,9 @@ class StoreRecovery(StoreBase):
         missed, never invented)."""
         return {name: bank.stamp() for name, bank in self._banks.items()}
 
-    def load_state(self, state: StoreState) -> None:
-        """Replaces every bank with ``state`` (restore / recovery).
+    def load_state(self, state: StoreState) -> dict[str, tuple[int, int, int]]:
+        """Replaces every bank with ``state`` (restore / recovery); returns the stamps
+        of the banks as loaded, before anything changed them.
 
         ``last_seq`` becomes the larger of the current and the state's, so sequence
         numbers stay monotonic across a restore. Writers that were waiting for a
@@ -98,9 +99,11 @@ class StoreRecovery(StoreBase):
             # never backwards: mutations that finished while this waited for their bank
             # locks used numbers above a last_seq the caller may have read earlier
             self.last_seq = max(self.last_seq, int(state.last_seq))
+            loaded = {name: bank.stamp() for name, bank in banks.items()}
         for bank in banks.values():  # banks restored without a stored index
             with bank.lock:
                 indexing.maybe_start(bank, self.index_built)
+        return loaded
 
     def apply_record(self, seq: int, kind: str, bank: str, fields: dict[str, Any]) -> None:
         """Re-applies one logged mutation (WAL replay): deterministic, never logged.
