@@ -69,9 +69,13 @@ class StoreRecovery(StoreBase):
         missed, never invented)."""
         return {name: bank.stamp() for name, bank in self._banks.items()}
 
-    def load_state(self, state: StoreState) -> dict[str, tuple[int, int, int]]:
+    def load_state(self, state: StoreState, adopt_arrays: bool = False
+                   ) -> dict[str, tuple[int, int, int]]:
         """Replaces every bank with ``state`` (restore / recovery); returns the stamps
         of the banks as loaded, before anything changed them.
+
+        ``adopt_arrays``: the state's arrays are the caller's to give away (read from a
+        file for this load only), so writable ones become the banks' storage uncopied.
 
         ``last_seq`` becomes the larger of the current and the state's, so sequence
         numbers stay monotonic across a restore. Writers that were waiting for a
@@ -90,7 +94,8 @@ class StoreRecovery(StoreBase):
             banks[name] = from_export(
                 config, arrays, scale=self.scale, device=self.device,
                 max_payload_bytes=self.max_payload_bytes, max_key_length=self.max_key_length,
-                metric=self.metric, scorer=self.scorer, index_config=self.index_config)
+                metric=self.metric, scorer=self.scorer, index_config=self.index_config,
+                adopt_arrays=adopt_arrays)
             self.texts.load(banks[name], arrays.get("text_flags"))  # older: derived
         with self._all_locked() as old, self.seq_lock:
             for _, bank in old:

@@ -75,7 +75,8 @@ class StartupRecovery(ManagerBase):
                 log.error("no valid snapshot (%s); starting EMPTY because allow_empty_start",
                           reasons)
         if info is not None and state is not None:
-            stamps = self.store.load_state(state)
+            # the arrays are views of buffers read for this load alone: no copy needed
+            stamps = self.store.load_state(state, adopt_arrays=True)
             # the file holds the banks as loaded: the next snapshot reuses the unchanged
             # ones from it, as if this process had written it
             self._last = Written.of(self.snapshots.path(info.name), info,
