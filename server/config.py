@@ -98,6 +98,11 @@ class Settings:
         "bytes since the last snapshot, which bounds replay at start-up (0 disables)"
     )
     snapshot_keep: int = _f(5, "snapshots kept on disk; older ones are deleted")
+    snapshot_bank_file_bytes: int = _f(
+        16 * 1024 * 1024, "a bank whose slot arrays hold at least this many bytes is kept "
+        "in a file of its own under snapshots/banks, which every snapshot in which its "
+        "slots are unchanged shares: such snapshots write only its access counters "
+        "(0: every bank inside each snapshot file)")
     wal_mode: str = _f(
         "fsync", "write-ahead log durability: fsync per acknowledged write (group commit), "
         "interval, or off", ("fsync", "interval", "off")
@@ -223,6 +228,9 @@ class Settings:
                              f"{self.bm25_k1}, {self.bm25_b}")
         if self.memory_limit_bytes < 0:
             raise ValueError(f"memory_limit_bytes must be >= 0, got {self.memory_limit_bytes}")
+        if self.snapshot_bank_file_bytes < 0:
+            raise ValueError("snapshot_bank_file_bytes must be >= 0, got "
+                             f"{self.snapshot_bank_file_bytes}")
         if self.cluster:
             for name in ("cluster_shards", "cluster_replicas", "cluster_stream_replicas"):
                 if getattr(self, name) < 1:

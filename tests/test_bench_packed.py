@@ -62,3 +62,19 @@ def test_bench_recall_says_how_to_build_missing_data(tmp_path: Path) -> None:
         main(["bench", "recall", "--data", str(tmp_path / "nothing.safetensors")])
     with pytest.raises(SystemExit, match="no tensor"):
         main(["bench", "recall", "--data", str(TEXT_V2_FIXTURE), "--sets", "test,jokes"])
+
+
+def test_bench_restart_brings_the_index_back_and_shares_the_unchanged_bank(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    js = tmp_path / "restart.json"
+    rc = main(["bench", "restart", "--memories", "3000", "--tail", "100",
+               "--bank-file-bytes", "1", "--dir", str(tmp_path), "--json", str(js)])
+    assert rc == 0
+    result = json.loads(js.read_text())
+    restart = next(r for r in result["rows"] if r["what"].startswith("restart"))
+    assert "index ready" in restart["note"] and "1 log records replayed" in restart["note"]
+    assert result["ratio"] > 0
+    shared = result["goals"][1]
+    assert shared["met"] and "untouched" in shared["measured"]
+    assert "restart / raw read:" in capsys.readouterr().out
+    assert not any(tmp_path.glob("apcm-bench-restart-*"))  # its data dir is removed

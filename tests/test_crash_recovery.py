@@ -10,6 +10,7 @@ through the real client against a real in-process server.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -154,11 +155,28 @@ def _write_until_killed(
     return acked
 
 
-def _snapshot_arrays(path: Path) -> dict[str, np.ndarray]:
-    """The bank's arrays, read with plain safetensors (independent of our reader)."""
+def _snapshot_arrays(path: Path, bank: str = BANK) -> dict[str, np.ndarray]:
+    """The bank's arrays, read with plain safetensors (independent of our reader), with
+    those of the bank file the snapshot names for it, if any."""
     with safe_open(str(path), framework="np") as f:
-        return {k.split("/")[-1]: f.get_tensor(k) for k in f.keys()  # noqa: SIM118
-                if k.startswith(f"bank/{BANK}/")}
+        arrays = {k.split("/")[-1]: f.get_tensor(k) for k in f.keys()  # noqa: SIM118
+                  if k.startswith(f"bank/{bank}/")}
+        digest = json.loads(f.metadata().get("bank_files", "{}")).get(bank)
+    if digest is not None:
+        shared = path.parent / "banks" / f"{digest.removeprefix('sha256:')}.safetensors"
+        with safe_open(str(shared), framework="np") as f:
+            arrays.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118
+    return arrays
+
+
+def _named_bank_files(data_dir: Path) -> dict[str, set[str]]:
+    """Per bank, the digests of the bank files the snapshots on disk name."""
+    named: dict[str, set[str]] = {}
+    for p in (data_dir / "snapshots").glob("*.safetensors"):
+        with safe_open(str(p), framework="np") as f:
+            for bank, digest in json.loads(f.metadata().get("bank_files", "{}")).items():
+                named.setdefault(bank, set()).add(digest)
+    return named
 
 
 def _verify_all_present(port: int, data_dir: Path, acked: list[Acked], tag: str) -> None:
@@ -227,6 +245,59 @@ def test_acknowledged_writes_survive_kill9_rounds(
     with MemoryClient(f"127.0.0.1:{port}", timeout=30.0) as client:
         listed = {s.name: s.valid for s in client.list_snapshots()}
     assert listed[damaged.name[: -len(".safetensors")]] is False
+
+
+def test_kill9_while_snapshots_share_bank_files_loses_nothing(
+    model_path: Path, tmp_path: Path, servers: list[ServerProcess]
+) -> None:
+    """Every bank in a bank file, snapshots every 0.2 s while writers change one bank
+    and readers only the counters of another; SIGKILL at random moments."""
+    seed = int(os.environ.get("APCM_CRASH_SEED", time.time_ns() % 10_000))
+    rng = random.Random(seed)
+    data_dir = tmp_path / "data"
+    flags = {"snapshot-bank-file-bytes": 1, "snapshot-interval-s": 0.2, "snapshot-keep": 3}
+    still = np.random.default_rng(seed).standard_normal((40, 8)).astype(np.float32)
+    acked: list[Acked] = []
+    for rnd in range(3):
+        port = _start(servers, model_path, data_dir, **flags)
+        if acked:
+            _verify_all_present(port, data_dir, acked, f"r{rnd}")
+        with MemoryClient(f"127.0.0.1:{port}", timeout=10.0) as client:
+            client.create_bank(BANK, 20_000, exist_ok=True)
+            if rnd == 0:
+                client.create_bank("still", 100)
+                client.write(codes=still, bank="still", mode="per_item")
+        stop = threading.Event()
+
+        def reader(port: int = port, stop: threading.Event = stop) -> None:
+            with MemoryClient(f"127.0.0.1:{port}", timeout=10.0, retries=0) as client:
+                while not stop.is_set():
+                    try:
+                        client.read(codes=still[:4], bank="still", top_k=1)
+                    except ApcmError:
+                        return  # killed
+        thread = threading.Thread(target=reader)
+        thread.start()
+        new = _write_until_killed(port, servers[-1], rng, f"r{rnd}", snapshots=2)
+        stop.set()
+        thread.join()
+        assert len(new) > 20, f"seed {seed}: too few writes acknowledged to test anything"
+        acked += new
+    port = _start(servers, model_path, data_dir, **flags)
+    _verify_all_present(port, data_dir, acked, "final")
+    with MemoryClient(f"127.0.0.1:{port}", timeout=30.0) as client:
+        assert all(s.valid for s in client.list_snapshots()), f"seed {seed}"
+        assert client.describe_bank("still").occupied == len(still)
+    servers[-1].kill9()
+    named = _named_bank_files(data_dir)
+    assert len(named["still"]) == 1, f"seed {seed}: the unchanged bank was written again"
+    newest = _newest_snapshot(data_dir)
+    np.testing.assert_array_equal(_snapshot_arrays(newest, "still")["codes"], still)
+    on_disk = {p.name for p in (data_dir / "snapshots" / "banks").iterdir()
+               if not p.name.startswith(".")}
+    # every bank file a snapshot names is there (kill -9 between writes included)
+    assert {d.removeprefix("sha256:") + ".safetensors" for s in named.values()
+            for d in s} <= on_disk
 
 
 def _write_offline(data_dir: Path, model: Path, snapshot: bool) -> str:

@@ -295,6 +295,85 @@ def test_an_index_survives_export_and_older_exports_load_without_one() -> None:
     _check_lists(plain)
 
 
+def test_lists_that_do_not_match_the_slots_are_rebuilt_from_the_stored_centroids() -> None:
+    bank = _float_bank(3000, IndexConfig(threshold=100, background=False))
+    bank.apply_write(list(range(1500)), torch.randn(1500, 16), [None] * 1500, [None] * 1500,
+                     list(range(1, 1501)))
+    assert indexing.build(bank)
+    _, earlier = export(bank)
+    bank.free(list(range(0, 1500, 4)))  # the lists follow every change live
+    bank.apply_write(list(range(1500, 2200)), torch.randn(700, 16), [None] * 700,
+                     [None] * 700, list(range(1501, 2201)))
+    config, arrays = export(bank)
+    args = dict(scale=None, device=torch.device("cpu"), max_payload_bytes=8,
+                max_key_length=16, index_config=IndexConfig(threshold=100, background=False))
+    for stale in ({**arrays, "ivf_assign": earlier["ivf_assign"]},
+                  {k: v for k, v in arrays.items() if k != "ivf_assign"}):
+        loaded = from_export(config, stale, **args)  # type: ignore[arg-type]
+        assert loaded.index is not None and not loaded.index_training
+        assert torch.equal(loaded.index.centroids, bank.index.centroids)  # no k-means
+        assert loaded.index.trained_at == bank.index.trained_at == 1500
+        _check_lists(loaded)
+        occupied = torch.nonzero(bank.occupied).flatten().numpy()
+        np.testing.assert_array_equal(loaded.index.lists.assign[occupied],
+                                      bank.index.lists.assign[occupied])
+        q = torch.randn(4, 16)
+        assert _slots(loaded.read(q, ReadOptions(top_k=5, nprobe=3))) == \
+            _slots(bank.read(q, ReadOptions(top_k=5, nprobe=3)))
+    wrong = {**arrays, "ivf_centroids": np.ones((4, 9), np.float32)}
+    assert from_export(config, wrong, **args).index is None  # type: ignore[arg-type]
+
+
+def test_a_new_index_is_snapshotted_at_once_and_a_kill9_restart_serves_it(
+        tmp_path: Path) -> None:
+    from apcm.server.config import Settings
+    from apcm.server.memory.store import MemoryStore
+    from apcm.server.persistence.manager import PersistenceManager
+
+    def started() -> tuple[MemoryStore, PersistenceManager]:
+        store = MemoryStore(code_dim=16, code_dtype="float32", scale=None,
+                            device=torch.device("cpu"), max_capacity=10_000,
+                            max_payload_bytes=8, max_key_length=16, default_policy="lfu",
+                            default_half_life=100.0, index_config=IndexConfig(threshold=800))
+        # the interval is far away: only the index build can bring the snapshot now
+        settings = Settings(data_dir=str(tmp_path), snapshot_interval_s=3600.0,
+                            snapshot_wal_bytes=0).validated()
+        mgr = PersistenceManager(store, settings, "a" * 64, "pca")
+        mgr.recover()
+        mgr.start()
+        return store, mgr
+
+    store, mgr = started()
+    store.create_bank("b", 5000)
+    mgr.snapshot("before")  # holds the bank, not yet an index
+    store.write("b", torch.randn(1000, 16), [], [])  # crosses the threshold: a build
+    deadline = time.monotonic() + 60
+    while not any("ivf_centroids" in arrays for _, arrays in _banks_on_disk(mgr)):
+        assert time.monotonic() < deadline, "no snapshot holds the new index"
+        time.sleep(0.05)
+    live = store.get("b")
+    store.write("b", torch.randn(50, 16), [], [])  # after the snapshot: replayed
+    q = torch.randn(3, 16)
+    options = ReadOptions(top_k=5, nprobe=2, count_access=False)
+    expected = _slots(store.read("b", q, options))
+    # kill -9: the old manager never closes, a new process recovers the same directory
+    store2, mgr2 = started()
+    bank = store2.get("b")
+    assert bank.index_stats().state == "ready" and bank.occupied_count == 1050
+    assert torch.equal(bank.index.centroids, live.index.centroids)
+    _check_lists(bank)
+    assert _slots(store2.read("b", q, options)) == expected
+    mgr2.close(final_snapshot=False)
+    mgr.close(final_snapshot=False)
+
+
+def _banks_on_disk(mgr) -> list:  # type: ignore[no-untyped-def]
+    from apcm.server.persistence.snapshot import read_snapshot
+
+    return [read_snapshot(mgr.snapshots.path(i.name))[1]["b"]
+            for i in mgr.snapshots.newest_first(verify=False)]
+
+
 # ---------------------------------------------------------------------- server
 def _wait_ready(client: MemoryClient, bank: str) -> None:
     for _ in range(600):

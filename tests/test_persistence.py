@@ -16,8 +16,8 @@ from safetensors import safe_open
 from apcm.server.config import Settings
 from apcm.server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from apcm.server.memory.store import MemoryStore
+from apcm.server.persistence import safetensors_io, wal
 from apcm.server.persistence import snapshot as snap
-from apcm.server.persistence import wal
 from apcm.server.persistence.manager import PersistenceManager, RecoveryReport
 from apcm.server.persistence.snapshot import SnapshotCorrupt, SnapshotDirectory
 from apcm.server.persistence.wal import WalCorruptError, WalError, WriteAheadLog
@@ -744,7 +744,7 @@ def test_snapshot_with_a_checksum_but_a_path_like_bank_name_is_refused(tmp_path:
                 "codec_kind": "pca", "model_hash": HASH, "wal_sequence": "1",
                 "wal_segment": "1", "created_at": "1.0",
                 "banks": json.dumps({"../x": {"name": "../x"}})}
-    metadata["checksum"] = snap._checksum(metadata, tensors)
+    metadata["checksum"] = safetensors_io.checksum(metadata, tensors)
     save_file(tensors, tmp_path / "crafted.safetensors", metadata=metadata)
     with pytest.raises(SnapshotCorrupt, match="bank name"):
         snap.read_snapshot(tmp_path / "crafted.safetensors")

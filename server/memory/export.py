@@ -7,6 +7,7 @@ views); ``BankCopy.pack`` turns it into (config, numpy arrays) outside the lock;
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,12 +15,15 @@ import numpy as np
 import torch
 
 from ..errors import FailedPrecondition
+from . import indexing
 from .bank import MemoryBank
 from .columns import ByteColumn
 from .eviction import make_policy
 from .ivf import IndexConfig, InvertedLists, IvfIndex
 from .scoring import WIRE_LAYOUT, CodeScorer
 from .slots import SLOT_TENSORS
+
+log = logging.getLogger(__name__)
 
 
 def export(bank: MemoryBank) -> tuple[dict, dict[str, np.ndarray]]:
@@ -98,7 +102,7 @@ def from_export(
 ) -> MemoryBank:
     """Rebuilds a bank from ``export()`` output (e.g. a snapshot).
 
-    An index stored with it (``ivf_*`` arrays) is loaded if it fits the slots;
+    An index stored with it (``ivf_*`` arrays) is loaded (see ``_stored_index``);
     without one, a bank above the index threshold is indexed once the caller
     starts it (``indexing.maybe_start``).
 
@@ -182,25 +186,42 @@ def from_export(
 
 def _stored_index(bank: MemoryBank, config: dict, arrays: dict[str, np.ndarray],
                   occupied: np.ndarray, keep: int) -> IvfIndex | None:
-    """The index a snapshot holds, if any and if it fits the slots (occupied: the
-    occupied slot ids). An index that does not fit is dropped, not an error: the
-    bank is re-indexed from its codes in the background."""
-    centroids, assign = arrays.get("ivf_centroids"), arrays.get("ivf_assign")
-    if centroids is None or assign is None or "ivf_trained_at" not in config:
+    """The index a snapshot holds, if any (occupied: the occupied slot ids; the bank's
+    slots are loaded). Centroids that do not fit the bank's search space are dropped,
+    not an error: the bank is re-indexed from its codes in the background. Lists that
+    do not match the slots are rebuilt from the centroids, each slot to its nearest
+    one: seconds where k-means would take minutes, and reads stay indexed."""
+    centroids = arrays.get("ivf_centroids")
+    if centroids is None or "ivf_trained_at" not in config:
         return None
     d = bank.scorer.search_dim if bank.scorer is not None else bank.code_dim
-    if centroids.ndim != 2 or centroids.shape[1] != d or centroids.shape[0] < 1 \
-            or assign.shape != (arrays["occupied"].shape[0],):
+    if centroids.ndim != 2 or centroids.shape[1] != d or centroids.shape[0] < 1:
+        log.warning("bank %r: stored index centroids of shape %s do not fit search rows of "
+                    "%d dims; it is re-indexed", bank.name, tuple(centroids.shape), d)
         return None
     k = int(centroids.shape[0])
+    c = torch.from_numpy(np.array(centroids, dtype=np.float32))
+    assign = _stored_assignment(arrays.get("ivf_assign"), k, occupied, keep)
+    if assign is None:
+        log.info("bank %r: stored index lists do not match its slots; assigning %d slots "
+                 "to the stored %d centroids", bank.name, occupied.size, k)
+        assign = indexing.assign_slots(bank, bank.codes[:keep], bank.inv_norms[:keep],
+                                       occupied, c)
+    lists = InvertedLists.from_assignment(assign, k, bank.rows)
+    return IvfIndex(c, lists, int(config["ivf_trained_at"]))
+
+
+def _stored_assignment(assign: np.ndarray | None, k: int, occupied: np.ndarray,
+                       keep: int) -> np.ndarray | None:
+    """A stored per-slot list assignment as int32 [keep] if it lists exactly the
+    occupied slots, each in one of ``k`` lists; else None."""
+    if assign is None or assign.ndim != 1 or assign.shape[0] < keep:
+        return None
     assign = np.array(assign[:keep], dtype=np.int32)
     listed = np.flatnonzero(assign >= 0)
-    if assign.size and (int(assign.max()) >= k or listed.shape != occupied.shape
-                        or not np.array_equal(listed, occupied)):
+    if assign.size and (int(assign.max()) >= k or not np.array_equal(listed, occupied)):
         return None
-    lists = InvertedLists.from_assignment(assign, k, bank.rows)
-    return IvfIndex(torch.from_numpy(np.array(centroids, dtype=np.float32)), lists,
-                    int(config["ivf_trained_at"]))
+    return assign
 
 
 @dataclass

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -54,19 +55,21 @@ def wanted(bank: MemoryBank) -> bool:
     return bank.index is None or n >= cfg.retrain_growth * bank.index.trained_at
 
 
-def maybe_start(bank: MemoryBank) -> None:
+def maybe_start(bank: MemoryBank, on_built: Callable[[str], None] | None = None) -> None:
     """Starts a background build if the bank wants one and its config builds in the
-    background (caller holds the bank lock exclusively)."""
+    background (caller holds the bank lock exclusively); ``on_built(bank name)`` is
+    called from the build's thread once its index is swapped in, with no lock held."""
     if not bank.index_config.background or not wanted(bank):
         return
     bank.index_training = True
-    threading.Thread(target=_build_logged, args=(bank,), name=f"index-{bank.name[:32]}",
-                     daemon=True).start()
+    threading.Thread(target=_build_logged, args=(bank, on_built),
+                     name=f"index-{bank.name[:32]}", daemon=True).start()
 
 
-def _build_logged(bank: MemoryBank) -> None:
+def _build_logged(bank: MemoryBank, on_built: Callable[[str], None] | None) -> None:
     try:
-        build(bank, claimed=True)
+        if build(bank, claimed=True) and on_built is not None:
+            on_built(bank.name)
     except Exception:  # a failed build leaves the old index (or the scan) serving
         log.exception("building the index of bank %r failed", bank.name)
 
@@ -139,13 +142,19 @@ def _train(bank: MemoryBank, epoch: int, codes: torch.Tensor, inv: torch.Tensor,
     """Step 2 (no lock): centroids [k, d] float32 and the copy's assignment int32 [h]."""
     del epoch
     centroids = train_centroids(sample.numpy(), k)
-    c = torch.from_numpy(centroids)
+    return centroids, assign_slots(bank, codes, inv, occupied, torch.from_numpy(centroids))
+
+
+def assign_slots(bank: MemoryBank, codes: torch.Tensor, inv: torch.Tensor,
+                 occupied: np.ndarray, centroids: torch.Tensor) -> np.ndarray:
+    """The list of each slot of ``occupied`` (ids into codes [h, m] and inverse norms
+    [h]): its nearest centroid [K, d]; int32 [h], -1 for the other slots."""
     assign = np.full(codes.shape[0], -1, dtype=np.int32)
     for i in range(0, occupied.size, _DECODE_CHUNK_ROWS):
         at = torch.from_numpy(occupied[i:i + _DECODE_CHUNK_ROWS]).to(codes.device)
         rows = bank.search_rows(codes.index_select(0, at), inv.index_select(0, at)).cpu()
-        assign[at.cpu().numpy()] = nearest(rows, c)
-    return centroids, assign
+        assign[at.cpu().numpy()] = nearest(rows, centroids)
+    return assign
 
 
 def _replace(bank: MemoryBank, index: IvfIndex, touched: np.ndarray) -> None:

@@ -69,8 +69,13 @@ class StoreRecovery(StoreBase):
         missed, never invented)."""
         return {name: bank.stamp() for name, bank in self._banks.items()}
 
-    def load_state(self, state: StoreState) -> None:
-        """Replaces every bank with ``state`` (restore / recovery).
+    def load_state(self, state: StoreState, adopt_arrays: bool = False
+                   ) -> dict[str, tuple[int, int, int]]:
+        """Replaces every bank with ``state`` (restore / recovery); returns the stamps
+        of the banks as loaded, before anything changed them.
+
+        ``adopt_arrays``: the state's arrays are the caller's to give away (read from a
+        file for this load only), so writable ones become the banks' storage uncopied.
 
         ``last_seq`` becomes the larger of the current and the state's, so sequence
         numbers stay monotonic across a restore. Writers that were waiting for a
@@ -89,7 +94,8 @@ class StoreRecovery(StoreBase):
             banks[name] = from_export(
                 config, arrays, scale=self.scale, device=self.device,
                 max_payload_bytes=self.max_payload_bytes, max_key_length=self.max_key_length,
-                metric=self.metric, scorer=self.scorer, index_config=self.index_config)
+                metric=self.metric, scorer=self.scorer, index_config=self.index_config,
+                adopt_arrays=adopt_arrays)
             self.texts.load(banks[name], arrays.get("text_flags"))  # older: derived
         with self._all_locked() as old, self.seq_lock:
             for _, bank in old:
@@ -98,9 +104,11 @@ class StoreRecovery(StoreBase):
             # never backwards: mutations that finished while this waited for their bank
             # locks used numbers above a last_seq the caller may have read earlier
             self.last_seq = max(self.last_seq, int(state.last_seq))
+            loaded = {name: bank.stamp() for name, bank in banks.items()}
         for bank in banks.values():  # banks restored without a stored index
             with bank.lock:
-                indexing.maybe_start(bank)
+                indexing.maybe_start(bank, self.index_built)
+        return loaded
 
     def apply_record(self, seq: int, kind: str, bank: str, fields: dict[str, Any]) -> None:
         """Re-applies one logged mutation (WAL replay): deterministic, never logged.
@@ -165,7 +173,7 @@ class StoreRecovery(StoreBase):
             text = fields.get("text")  # absent from older records
             self.texts.written(b, slots, kept,
                                [bool(text[i]) for i in new] if text is not None else None)
-            indexing.maybe_start(b)
+            indexing.maybe_start(b, self.index_built)
         elif kind == "delete":
             freed = [int(s) for s in fields["slots"]]
             b.free(freed)

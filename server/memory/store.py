@@ -220,7 +220,7 @@ class MemoryStore(StoreRecovery):
             result = b.apply_write(slots, codes, keys, payloads, sequences, metas)
             self.texts.written(b, slots, payloads, flags)
             b.applied_seq = sequences[-1]
-            indexing.maybe_start(b)
+            indexing.maybe_start(b, self.index_built)
         self._wait(sequences[-1])
         return result
 
@@ -249,7 +249,10 @@ class MemoryStore(StoreRecovery):
 
     def build_index(self, bank: str) -> bool:
         """(Re)builds a bank's index now, in this thread (see ``indexing.build``)."""
-        return indexing.build(self._lookup(bank))
+        built = indexing.build(self._lookup(bank))
+        if built:
+            self.index_built(bank)
+        return built
 
     def has_texts(self, bank: str) -> bool:
         """Whether a bank holds text memories (its lexical index is not empty)."""

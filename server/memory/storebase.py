@@ -136,6 +136,14 @@ class StoreBase:
         # what the memory limit is checked against: this store's banks, or (a cluster
         # pod's shard stores) every store of the pod
         self.limit_usage: Callable[[], int] = self.usage_bytes
+        # called with a bank's name once a new index of it is swapped in (persistence
+        # snapshots it then, so a restart finds the index instead of training again)
+        self.index_listeners: list[Callable[[str], None]] = []
+
+    def index_built(self, bank: str) -> None:
+        """Tells the ``index_listeners`` that ``bank`` has a new index (no lock held)."""
+        for listener in self.index_listeners:
+            listener(bank)
 
     def set_log(self, log: MutationLog | None) -> None:
         with self.lock, self.seq_lock:

@@ -21,6 +21,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from ..memory.store import StoreState
+from .managerbase import Written
 from .recovery import RecoveryReport, StartupRecovery
 from .snapshot import SnapshotInfo, default_name, read_snapshot
 from .snapshotting import Snapshotting, SnapshotWriteError
@@ -126,8 +128,11 @@ class PersistenceManager(StartupRecovery, Snapshotting):
                 raise
             self._observe(time.perf_counter() - t0, ok=True)
             self.snapshots.remember(after)
-            self._last = None  # the restored banks are new objects
-            self.store.load_state(self._state(seq, banks))
+            self._last = None
+            stamps = self.store.load_state(self._state(seq, banks))
+            # the restored banks are new objects, which the new file holds as loaded
+            self._last = Written.of(self.snapshots.path(after.name), after,
+                                    StoreState(seq, {}, stamps))
             if int(self.store.last_seq) != seq:
                 log.error("restore: in-flight writes moved the sequence past %d (now %d); "
                           "a crash before the next snapshot may replay them onto the restored "

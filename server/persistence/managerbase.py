@@ -83,6 +83,14 @@ class ManagerBase:
         self._wake = threading.Event()
         self._wal_mark = 0  # WriteAheadLog.written_bytes when the last snapshot rotated it
         self._last: Written | None = None  # the last snapshot this process wrote
+        # set when a bank's new index was swapped in: the periodic thread snapshots then
+        self._index_built = threading.Event()
+        store.index_listeners.append(self._on_index_built)
+
+    def _on_index_built(self, bank: str) -> None:
+        del bank  # the snapshot takes every changed bank
+        self._index_built.set()
+        self._wake.set()
 
     def _recoverable_snapshots(self) -> list[SnapshotInfo]:
         """The snapshots start-up may fall back on: the newest two of this model. With

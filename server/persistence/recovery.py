@@ -7,7 +7,8 @@ import time
 from dataclasses import dataclass, field
 
 from ..errors import FailedPrecondition
-from .managerbase import ManagerBase
+from ..memory.store import StoreState
+from .managerbase import ManagerBase, Written
 from .replayer import BatchingApplier
 from .snapshot import SnapshotCorrupt, SnapshotInfo, read_snapshot
 from .walreplay import replay
@@ -74,7 +75,12 @@ class StartupRecovery(ManagerBase):
                 log.error("no valid snapshot (%s); starting EMPTY because allow_empty_start",
                           reasons)
         if info is not None and state is not None:
-            self.store.load_state(state)
+            # the arrays are views of buffers read for this load alone: no copy needed
+            stamps = self.store.load_state(state, adopt_arrays=True)
+            # the file holds the banks as loaded: the next snapshot reuses the unchanged
+            # ones from it, as if this process had written it
+            self._last = Written.of(self.snapshots.path(info.name), info,
+                                    StoreState(info.wal_sequence, {}, stamps))
             report.snapshot = info.name
             log.info("loaded snapshot %s (wal sequence %d)", info.name, info.wal_sequence)
         after = info.wal_sequence if info is not None else 0

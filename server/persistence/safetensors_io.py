@@ -11,6 +11,7 @@ another header order; its readers copy every tensor: 4-5 times slower reading a
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 
 PREFIX = 8  # bytes of the header length
+SUFFIX = ".safetensors"
 _ALIGN = 8
 DTYPES: dict[str, np.dtype[Any]] = {
     "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
@@ -28,6 +30,19 @@ DTYPES: dict[str, np.dtype[Any]] = {
 }
 _NAMES = {dtype.str: name for name, dtype in DTYPES.items()}
 Specs = dict[str, dict[str, Any]]
+
+
+def checksum(metadata: dict[str, str], tensors: dict[str, np.ndarray]) -> str:
+    """"sha256:<hex>" over the metadata (JSON, sorted keys) and every tensor's name,
+    dtype, shape and bytes, in name order: what snapshot and bank files carry."""
+    h = hashlib.sha256()
+    h.update(json.dumps(metadata, sort_keys=True).encode("utf-8"))
+    for name in sorted(tensors):
+        arr = tensors[name]
+        h.update(f"\n{name}|{arr.dtype.str}|{list(arr.shape)}\n".encode())
+        if arr.nbytes:
+            h.update(arr.data.cast("B"))
+    return "sha256:" + h.hexdigest()
 
 
 def little_endian(a: np.ndarray) -> np.ndarray:

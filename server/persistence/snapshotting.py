@@ -51,6 +51,8 @@ class Snapshotting(ManagerBase):
     def _periodic(self) -> None:
         # Always snapshot on the interval: read counters change without a log record.
         # Also once the log has grown past snapshot_wal_bytes: replay time stays bounded.
+        # And once a bank's index was built: until a snapshot holds it, a restart would
+        # serve that bank by exhaustive scans while k-means runs again.
         interval = self.settings.snapshot_interval_s
         due = time.monotonic() + interval if interval > 0 else float("inf")
         while not self._stop.is_set():
@@ -59,7 +61,9 @@ class Snapshotting(ManagerBase):
             self._wake.clear()
             if self._stop.is_set():
                 return
-            if woke and time.monotonic() < due and not self._wal_grown():
+            indexed = self._index_built.is_set()
+            self._index_built.clear()
+            if woke and time.monotonic() < due and not self._wal_grown() and not indexed:
                 continue  # a flush that raced with the last snapshot
             try:
                 self.snapshot(automatic=True)
@@ -106,7 +110,7 @@ class Snapshotting(ManagerBase):
             self._wal_mark = self.wal.written_bytes
         boundary = self._rotate()
         state = self.store.export_state(last.stamps if last is not None else None)
-        reused = self._fill_partial(state, last)
+        reused, shared = self._fill_partial(state, last)
         created = time.time()
         if name is None:
             name = default_name(created, state.last_seq)
@@ -114,7 +118,7 @@ class Snapshotting(ManagerBase):
             while self.snapshots.path(name).exists():
                 suffix += 1
                 name = f"{default_name(created, state.last_seq)}-{suffix}"
-        info = self._write(name, state.banks, state.last_seq, boundary, created)
+        info = self._write(name, state.banks, state.last_seq, boundary, created, shared)
         info.reused_banks = reused
         self.snapshots.remember(info)
         self._last = Written.of(self.snapshots.path(info.name), info, state)
@@ -124,11 +128,14 @@ class Snapshotting(ManagerBase):
         self._trim_log()
         return info
 
-    def _fill_partial(self, state: StoreState, last: Written | None) -> list[str]:
+    def _fill_partial(self, state: StoreState, last: Written | None
+                      ) -> tuple[list[str], dict[str, str]]:
         """Completes the banks ``export_state`` copied partially (unchanged slots) with
-        their arrays from the last snapshot file; returns their names."""
+        their arrays from the last snapshot file, or, for a bank whose slot arrays are
+        in a bank file, with its counters there and that file's digest. Returns the
+        names of those banks and the bank files the new snapshot keeps naming."""
         if not state.partial:
-            return []
+            return [], {}
         try:
             assert last is not None
             mapped = map_bank_arrays(last.path, state.partial)
@@ -136,7 +143,8 @@ class Snapshotting(ManagerBase):
                 arrays = state.banks[bank][1]
                 for array_name, arr in mapped[bank].items():
                     arrays.setdefault(array_name, arr)
-            return sorted(state.partial)
+            shared = {b: d for b, d in last.info.bank_files.items() if b in state.partial}
+            return sorted(state.partial), shared
         except (OSError, ValueError, KeyError, AssertionError) as e:
             # The file changed under us: copy those banks whole after all.
             log.warning("previous snapshot unusable for unchanged banks (%s); copying them", e)
@@ -149,15 +157,16 @@ class Snapshotting(ManagerBase):
                         "became unusable; the next snapshot copies every bank") from e
                 state.banks[bank] = fresh.banks[bank]
                 state.stamps[bank] = fresh.stamps[bank]
-            return []
+            return [], {}
 
     def _write(self, name: str, banks: dict[str, Any], seq: int, boundary: int,
-               created: float) -> SnapshotInfo:
+               created: float, bank_files: dict[str, str] | None = None) -> SnapshotInfo:
         try:
             return write_snapshot(
                 self.snapshots.directory, name, banks=banks, wal_sequence=seq,
                 wal_segment=boundary, model_hash=self.codec_hash, codec_kind=self.codec_kind,
-                created_at=created,
+                created_at=created, bank_files=bank_files,
+                bank_file_bytes=self.settings.snapshot_bank_file_bytes,
             )
         except OSError as e:
             raise _snapshot_write_error(e, self.snapshots.path(name)) from e

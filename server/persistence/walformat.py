@@ -172,8 +172,14 @@ def _decode_fields(view: memoryview, pos: int, end: int, meta: dict[str, Any]) -
     return fields
 
 
-def decode_body(body: bytes | bytearray, version: int = VERSION) -> WalRecord:
-    """Parse a record body whose CRC already matched. Raises ``ValueError`` if malformed."""
+def decode_body(body: bytes | bytearray, version: int = VERSION,
+                fields_after: int = -1) -> WalRecord:
+    """Parse a record body whose CRC already matched. Raises ``ValueError`` if malformed.
+
+    ``fields_after``: a version-2 record of a mutation with a sequence at most this
+    is returned without its fields (``{}``): replay skips what a snapshot holds, and
+    decoding every key and payload of those records was most of a restart's replay.
+    """
     view = memoryview(body)
     if version == 1:
         seq, meta_len = _BODY1_HEAD.unpack_from(view, 0)
@@ -187,7 +193,10 @@ def decode_body(body: bytes | bytearray, version: int = VERSION) -> WalRecord:
     if pos + meta_len > end:
         raise ValueError("record metadata runs past the record")
     meta = json.loads(bytes(view[pos:pos + meta_len]))
-    fields = _decode_fields(view, pos + meta_len, end, meta)
+    if version != 1 and seq <= fields_after and meta["kind"] != SEGMENT_END:
+        fields: dict[str, Any] = {}
+    else:
+        fields = _decode_fields(view, pos + meta_len, end, meta)
     count = int(meta.get("count", 1))
     if version == 1 and "sequences" in fields:
         count = len(fields["sequences"])
@@ -275,7 +284,8 @@ def _records_v1(f: io.BufferedReader, offset: int, size: int) -> Iterator[tuple[
         offset = end
 
 
-def _records_v2(f: io.BufferedReader, offset: int, size: int) -> Iterator[tuple[int, WalRecord]]:
+def _records_v2(f: io.BufferedReader, offset: int, size: int,
+                fields_after: int = -1) -> Iterator[tuple[int, WalRecord]]:
     while offset < size:
         head = f.read(_REC2_HEAD.size)
         if len(head) < _REC2_HEAD.size:
@@ -299,23 +309,25 @@ def _records_v2(f: io.BufferedReader, offset: int, size: int) -> Iterator[tuple[
             raise BadRecord(offset, f"record body fails its CRC32 (it says sequence "
                             f"{_SEQ.unpack_from(body, length - _SEQ.size)[0]})",
                             end == size or _zeros_to_eof(f), complete=True)
-        yield end, _decode(offset, body, 2)
+        yield end, _decode(offset, body, 2, fields_after)
         offset = end
 
 
-def _decode(offset: int, body: bytearray, version: int) -> WalRecord:
+def _decode(offset: int, body: bytearray, version: int, fields_after: int = -1) -> WalRecord:
     try:
-        return decode_body(body, version)
+        return decode_body(body, version, fields_after)
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise BadRecord(offset, f"record is malformed: {e}", False) from e
 
 
 def iter_segment(
-    path: Path, check_header: Callable[[dict[str, Any]], None] | None = None
+    path: Path, check_header: Callable[[dict[str, Any]], None] | None = None,
+    fields_after: int = -1,
 ) -> Iterator[tuple[int, WalRecord]]:
     """Yield ``(end_offset, record)`` for each intact record of one segment.
 
-    ``check_header`` sees the segment header's JSON before any record.
+    ``check_header`` sees the segment header's JSON before any record; records up to
+    sequence ``fields_after`` come without their fields (``decode_body``).
 
     Raises:
         BadRecord: at the first record (or header) that fails a check.
@@ -325,8 +337,10 @@ def iter_segment(
         version, header = read_header(f, size)
         if check_header is not None:
             check_header(header)
-        reader = _records_v1 if version == 1 else _records_v2
-        yield from reader(f, f.tell(), size)
+        if version == 1:
+            yield from _records_v1(f, f.tell(), size)
+        else:
+            yield from _records_v2(f, f.tell(), size, fields_after)
 
 
 def decode_records(data: bytes) -> list[WalRecord]:

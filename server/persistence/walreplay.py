@@ -92,7 +92,7 @@ def replay(
                 )
 
         try:
-            for _, record in iter_segment(path, check_header):
+            for _, record in iter_segment(path, check_header, fields_after=after_seq):
                 if record.kind == SEGMENT_END:
                     link = int(record.fields["next_segment"])
                     continue

@@ -27,6 +27,8 @@ BENCHMARKS = {
     "scale": "RAM per memory, concurrent reads of one bank and writes/s, vs a baseline revision",
     "index": "a bank's IVF index vs its exhaustive scan vs Chroma's HNSW server, same data",
     "codec": "a codec file's encode/decode vs FAISS PQ at equal bytes, 1 thread, batch 1024",
+    "restart": "a large indexed bank across a restart (first indexed read vs a raw read of "
+               "its snapshot) and the snapshots of an unchanged bank",
     "report": "turn benchmark JSON files into docs/BENCHMARKS.md with plots",
     "all": "run every benchmark with its defaults, then the report",
 }
