@@ -111,7 +111,7 @@ def _scan(codes: np.ndarray, rows: np.ndarray, byte_lut: np.ndarray, lut: np.nda
                 if indexed and q == 0 and i + PREFETCH_AHEAD < n:
                     ahead = rows[i + PREFETCH_AHEAD]
                     for line in range(0, n_bytes, 64):
-                        _prefetch(codes, ahead, line)
+                        _prefetch(codes, ahead, line)  # type: ignore[call-arg]
                 row = codes[rows[i]] if indexed else codes[i]
                 a0 = np.float32(0.0)
                 a1 = np.float32(0.0)
