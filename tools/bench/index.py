@@ -531,7 +531,10 @@ def with_report_fields(result: dict[str, Any]) -> dict[str, Any]:
                   "measured": f"{per:.1f} B ({per / 192:.2f}x)", "met": per <= 1.3 * 192})
     goals.append({"goal": "writes/s into an indexed bank >= 0.8x an unindexed one",
                   "measured": f"{w['ratio']:.2f}x", "met": w["ratio"] >= 0.8})
-    return {"benchmark": "index",
-            "title": "Approximate index (IVF) vs scan vs Chroma (issue 14)",
+    # one report section per size: the default's, and each other size's of its own
+    name = "index" if n == 100_000 else f"index-{n // 1000}k"
+    return {"benchmark": name,
+            "title": f"Approximate index (IVF) vs scan vs Chroma and FAISS IVF-PQ, {n:,} "
+                     "memories (issues 14, 23)",
             "columns": [list(c) for c in COLUMNS], "rows": rows, "goals": goals, **result}
 
