@@ -147,11 +147,10 @@ class Embedder:
 
     def _onnx(self, threads: int, cache_dir: Path | None) -> Any:
         try:
-            import onnx  # noqa: F401
-            import onnxruntime  # noqa: F401
+            import onnxruntime  # noqa: F401 (onnx itself is needed only to export)
         except ImportError as e:
-            raise ModelFileError(f"the onnx embedder backend needs onnx and onnxruntime "
-                                 f"(pip install 'apcm[server]'); missing: {e.name}") from e
+            raise ModelFileError("the onnx embedder backend needs onnxruntime (pip install "
+                                 "'apcm[server]')") from e
         return OnnxEncoder(self._files, self.spec.package, cache_dir or default_cache_dir(),
                            threads)
 
