@@ -66,6 +66,18 @@ class Settings:
         "auto", "text embedder: auto (the one the model file names, if any), none (serve "
         "vectors only), or an embedder JSON object like the model file's apcm.meta.embedder"
     )
+    embedder_backend: str = _f(
+        "auto", "what runs the text embedder: onnx (ONNX Runtime, exported once from the "
+        "packaged weights into --embedder-cache-dir; fastest on a CPU), torch, "
+        "sentence-transformers (as before), or auto (onnx on a CPU, torch on CUDA). All "
+        "give the same embeddings to cosine >= 0.9999",
+        ("auto", "onnx", "torch", "sentence-transformers"))
+    embedder_cache_dir: str = _f(
+        "", "where the ONNX export of the embedder is kept (empty: "
+        "$XDG_CACHE_HOME/apcm/embedders, else ~/.cache/apcm/embedders)")
+    query_cache_size: int = _f(
+        1024, "recent query texts whose embeddings are kept, so a repeated recall skips "
+        "the embedder (0 disables)")
     max_workers: int = _f(
         64, "gRPC handler threads (micro-batches only form from requests handled at once)"
     )
@@ -132,7 +144,7 @@ class Settings:
         "and Read texts together); more is refused with RESOURCE_EXHAUSTED"
     )
     torch_threads: int = _f(
-        0, "intra-op threads of the model (0 = torch's default, one per core)"
+        0, "intra-op threads of the model and the text embedder (0 = one per core)"
     )
     batching: bool = _f(True, "gather concurrent small requests into one model call")
     batch_max_size: int = _f(256, "largest micro-batch, in items")
@@ -219,6 +231,8 @@ class Settings:
             raise ValueError("default_bank_capacity exceeds max_bank_capacity")
         if self.read_lanes < 0:
             raise ValueError(f"read_lanes must be >= 0, got {self.read_lanes}")
+        if self.query_cache_size < 0:
+            raise ValueError(f"query_cache_size must be >= 0, got {self.query_cache_size}")
         if self.index_threshold < 0:
             raise ValueError(f"index_threshold must be >= 0, got {self.index_threshold}")
         if self.index_nprobe < 1:

@@ -107,6 +107,10 @@ class Metrics:
             "apcm_items_out_of_domain", "Items the model flagged as out of its domain",
             ["method"], registry=r,
         )
+        self.query_cache = Counter(
+            "apcm_query_embedding_cache", "Query texts looked up in the embedding cache, by "
+            "result (hit: the embedder was skipped)", ["result"], registry=r,
+        )
         self.batch_size = Histogram(
             "apcm_batch_size", "Items per model call (after micro-batching)", ["method"],
             buckets=BATCH_BUCKETS, registry=r,

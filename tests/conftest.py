@@ -82,11 +82,12 @@ def server_settings(model_path: Path, data_dir: Path, **overrides: object) -> Se
     return Settings(**base).validated()  # type: ignore[arg-type]
 
 
-def start_text_server(data_dir: Path, **overrides: object) -> ApcmServer:
+def start_text_server(data_dir: Path, registry: CollectorRegistry | None = None,
+                      **overrides: object) -> ApcmServer:
     """A started server of the shipped text model (default bank of 256 unless told)."""
     settings = server_settings(TEXT_MODEL, data_dir, **{"default_bank_capacity": 256,
                                                         **overrides})
-    srv, _ = build_server(settings, registry=CollectorRegistry())
+    srv, _ = build_server(settings, registry=registry or CollectorRegistry())
     return srv.start()
 
 

@@ -44,7 +44,7 @@ LAYERS: dict[str, set[str]] = {
     S + "persistence": {S + "memory", S + "config", S + "errors", S + "fsutil"},
     S + "memory": {S + "code_dtypes", S + "errors"},
     S + "codecs": {S + "code_dtypes", S + "errors", S + "fsutil"},
-    S + "embedding": {S + "errors"},
+    S + "embedding": {S + "errors", S + "fsutil"},
     S + "allocator": set(),
     S + "config": set(),
     S + "errors": {"apcm.wire"},

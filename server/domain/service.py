@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,7 @@ import torch
 
 from ..codecs.base import Codec, ItemChecks
 from ..config import Settings
+from ..embedding.cache import EmbeddingCache
 from ..embedding.embedder import Embedder, EmbedderSpec, resolve_spec
 from ..errors import FailedPrecondition, InvalidArgument
 from ..memory.listing import ListedMemory
@@ -72,7 +74,14 @@ class MemoryService:
         if spec is not None:
             with stage("loaded the text embedder") as note:
                 self.embedder = self._load_embedder(spec)
-                note["detail"] = f"{spec.describe()} on {self.codec.device}"
+                note["detail"] = (f"{spec.describe()} on {self.codec.device} through "
+                                  f"{self.embedder.backend}")
+
+        def observe_cache(hits: int, misses: int) -> None:
+            metrics.query_cache.labels("hit").inc(hits)
+            metrics.query_cache.labels("miss").inc(misses)
+
+        self._query_cache = EmbeddingCache(settings.query_cache_size, observe_cache)
         self._embed: Callable[[np.ndarray], Any] = self._embed_now
         self.persistence: Any = self._build_persistence()
         metrics.watch_banks(self.store.list)
@@ -108,7 +117,10 @@ class MemoryService:
             raise FailedPrecondition(
                 f"embedder {spec.model} makes {spec.dim}-d vectors, but model "
                 f"{self.codec.name} takes {self.codec.input_dim} values per item")
-        return Embedder(spec, str(self.codec.device))
+        s = self.settings
+        return Embedder(spec, str(self.codec.device), backend=s.embedder_backend,
+                        threads=s.torch_threads,
+                        cache_dir=Path(s.embedder_cache_dir) if s.embedder_cache_dir else None)
 
     def _embed_now(self, texts: np.ndarray) -> np.ndarray:
         assert self.embedder is not None
@@ -133,7 +145,11 @@ class MemoryService:
         n = len(texts)
         recall.check_texts(texts, self.settings.max_batch_size,
                            self.settings.max_request_text_bytes, field)
-        vectors = recall.embed_in_chunks(self._embed, texts, deadline)
+        if field == "query":  # agents repeat questions; memories are written once
+            vectors = self._query_cache.embed(
+                texts, lambda missing: recall.embed_in_chunks(self._embed, missing, deadline))
+        else:
+            vectors = recall.embed_in_chunks(self._embed, texts, deadline)
         self._count("Embed", n)
         return np.asarray(vectors, dtype=np.float32).reshape(n, *self.codec.input_shape)
 

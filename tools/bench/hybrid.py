@@ -183,6 +183,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-quality", action="store_true", help="speed only")
     parser.add_argument("--context", type=int, default=2,
                         help="neighbours each side for the context-on rows (default 2)")
+    parser.add_argument("--embedder-backend", default="auto",
+                        help="the servers' embedder backend (auto, onnx, torch, "
+                             "sentence-transformers; default auto)")
 
 
 # what `recall` did before issue 20 (RRF k=60 over BM25 with k1=1.5, b=0.75) and now
@@ -199,7 +202,8 @@ def _quality(args: argparse.Namespace, sets: list[RecallSet], label: str,
 
     out: dict[str, Any] = {}
     with server_process(str(TEXT_MODEL), "cpu", threads=0, max_batch_size=4096,
-                        **settings) as address, MemoryClient(address, timeout=600) as client:
+                        embedder_backend=args.embedder_backend, **settings) as address, \
+            MemoryClient(address, timeout=600) as client:
         write_sets(client, sets)
         for context in (0, args.context):
             for rs in sets:
@@ -220,6 +224,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     sets = recall_sets(Path(args.data))
     out: dict[str, Any] = {"benchmark": "hybrid", "machine": machine(),
+                           "embedder_backend": args.embedder_backend,
                            "sets": {rs.name: {"banks": len(rs.banks),
                                               "memories": sum(map(len, rs.banks.values())),
                                               "questions": len(rs.questions)} for rs in sets}}
@@ -239,7 +244,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                     ("old10", "old @10"), ("new5", "new @5"),
                                     ("new10", "new @10")]))
     if not args.skip_speed:
-        with server_process(str(TEXT_MODEL), "cpu", threads=0) as address, \
+        with server_process(str(TEXT_MODEL), "cpu", threads=0,
+                            embedder_backend=args.embedder_backend) as address, \
                 MemoryClient(address, timeout=600) as client:
             out["speed"] = _speed(client, _embedder(), load(Path(args.data)), args)
     return out

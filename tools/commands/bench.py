@@ -22,6 +22,8 @@ BENCHMARKS = {
     "recall": "recall@10 of Read over gRPC vs the decoded memories vs equal-bytes baselines, "
               "held-out sets in and out of domain",
     "hybrid": "evidence recall@10 of recall() on conversations by mode; hybrid vs dense speed",
+    "text": "recall(text) p50 and remember rate vs Chroma's server with the embedding in its "
+            "client (all-MiniLM-L6-v2), side by side",
     "cluster": "cluster mode on NATS JetStream: write p50 vs the fsync WAL, eventual-read "
                "spread, write pause while adding a pod, failover time, writes lost",
     "scale": "RAM per memory, concurrent reads of one bank and writes/s, vs a baseline revision",
