@@ -119,11 +119,13 @@ def test_a_snapshot_of_wire_codes_restores_into_the_stored_layout() -> None:
     assert torch.equal(back.codes[:400], codes)  # and out again into a wire bank
 
 
-def test_clients_see_wire_codes_across_writes_snapshots_and_restarts(tmp_path: Path) -> None:
+@pytest.mark.parametrize("bank_file_bytes", [0, 1])  # banks inline / in shared bank files
+def test_clients_see_wire_codes_across_writes_snapshots_and_restarts(
+        tmp_path: Path, bank_file_bytes: int) -> None:
     codec = load_codec(str(TEXT_MODEL), "cpu")
     x = _unit(40, 384, 6).numpy().reshape(40, 1, 384)
     expected = codec.decompress(codec.compress(torch.from_numpy(x))).numpy()
-    srv = start_text_server(tmp_path)
+    srv = start_text_server(tmp_path, snapshot_bank_file_bytes=bank_file_bytes)
     try:
         with MemoryClient(f"127.0.0.1:{srv.port}", timeout=60.0) as c:
             c.write(x[:20], mode="per_item", keys=[f"k{i}" for i in range(20)])
@@ -134,7 +136,8 @@ def test_clients_see_wire_codes_across_writes_snapshots_and_restarts(tmp_path: P
             c.write(codes=wire[:5], mode="per_item", bank="codes")
     finally:
         srv.stop(grace=0.5)
-    srv = start_text_server(tmp_path)  # the snapshot, then the log's later writes
+    # the snapshot, then the log's later writes
+    srv = start_text_server(tmp_path, snapshot_bank_file_bytes=bank_file_bytes)
     try:
         with MemoryClient(f"127.0.0.1:{srv.port}", timeout=60.0) as c:
             hits = c.read(x, top_k=1, reconstruct=True, count_access=False)
