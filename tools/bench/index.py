@@ -94,7 +94,10 @@ def _real(path: str) -> tuple[np.ndarray, str]:
     x = np.concatenate([v.reshape(-1, 384) for k, v in sorted(arrays.items())
                         if v.dtype == np.float32 and v.size % 384 == 0])
     x = x / np.linalg.norm(x, axis=1, keepdims=True)
-    return x.astype(np.float32), source
+    # named relative to the repository where it lies inside it: reports are committed
+    at = Path(source).resolve()
+    shown = str(at.relative_to(ROOT)) if at.is_relative_to(ROOT) else source
+    return x.astype(np.float32), shown
 
 
 def _noisy(src: np.ndarray, n: int, noise: float, rng: np.random.Generator) -> np.ndarray:
