@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import multiprocessing
 import os
 import shutil
 import socket
@@ -69,13 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--readers", type=int, default=8, help="concurrent readers (default 8)")
     parser.add_argument("--seconds", type=float, default=5.0,
                         help="seconds per throughput cell (default 5)")
-    parser.add_argument("--noise", type=float, default=0.025,
-                        help="per-dim Gaussian noise of synthetic memories (default 0.025)")
-    parser.add_argument("--embeddings", default=str(REAL_EMBEDDINGS),
-                        help="safetensors of real sentence embeddings [N, 384] per key "
-                             "(default: data/corpus from scripts/prepare_corpus.py; the test "
-                             "fixtures if absent)")
-    parser.add_argument("--model", default=str(DEFAULT_MODEL), help="codec weights file")
+    add_data_arguments(parser)
     parser.add_argument("--write-seconds", type=float, default=3.0,
                         help="seconds per write cell (default 3)")
     parser.add_argument("--no-chroma", action="store_true", help="skip Chroma")
@@ -83,6 +78,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="nprobe values of the FAISS IVF-PQ twin ('' skips it)")
     parser.add_argument("--torch-threads", type=int, default=0,
                         help="intra-op threads of the ApCM server (0: torch's default)")
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--noise``, ``--embeddings`` and ``--model``: the synthetic MiniLM-like memories
+    and the codec of the benchmarks that build large banks (``index``, ``restart``)."""
+    parser.add_argument("--noise", type=float, default=0.025,
+                        help="per-dim Gaussian noise of synthetic memories (default 0.025)")
+    parser.add_argument("--embeddings", default=str(REAL_EMBEDDINGS),
+                        help="safetensors of real sentence embeddings [N, 384] per key "
+                             "(default: data/corpus from scripts/prepare_corpus.py; the test "
+                             "fixtures if absent)")
+    parser.add_argument("--model", default=str(DEFAULT_MODEL), help="codec weights file")
 
 
 # -- data --------------------------------------------------------------------------------
@@ -382,8 +389,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             index_threshold=threshold, max_bank_capacity=max(4_194_304, n),
                             max_batch_size=8192)
     with server as address, MemoryClient(address, timeout=600.0) as client:
-        import multiprocessing
-
         server_pid = next(p.pid for p in multiprocessing.active_children() if p.pid)
         rss0 = _rss(server_pid)
         client.create_bank("bench", n)

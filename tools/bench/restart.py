@@ -39,7 +39,7 @@ import numpy as np
 from apcm.server.config import Settings
 
 from .common import describe_machine, machine, markdown_table, set_torch_threads
-from .index import DEFAULT_MODEL, REAL_EMBEDDINGS, _noisy, _real
+from .index import _noisy, _real, add_data_arguments
 
 RESTART_GOAL = 2.0
 COLUMNS = [("what", "measured"), ("seconds", "seconds"), ("mb", "MB"), ("note", "note")]
@@ -53,12 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "log at the restart (default 1,000)")
     parser.add_argument("--payload-bytes", type=int, default=0,
                         help="payload per memory (default 0)")
-    parser.add_argument("--noise", type=float, default=0.025,
-                        help="per-dim Gaussian noise of synthetic memories (default 0.025)")
-    parser.add_argument("--embeddings", default=str(REAL_EMBEDDINGS),
-                        help="safetensors of real sentence embeddings (default: data/corpus; "
-                             "the test fixtures if absent)")
-    parser.add_argument("--model", default=str(DEFAULT_MODEL), help="codec weights file")
+    add_data_arguments(parser)
     parser.add_argument("--dir", default=tempfile.gettempdir(),
                         help="a folder on the disk to measure (default: the temp folder)")
     parser.add_argument("--bank-file-bytes", type=int,
