@@ -221,15 +221,22 @@ def _manager(s: MemoryStore, data_dir: Path) -> PersistenceManager:
     return PersistenceManager(s, settings, "test-model-hash", "pca")
 
 
+def _logged_bank(data_dir: Path) -> tuple[MemoryStore, PersistenceManager]:
+    """A store whose mutations go to a running manager's log in ``data_dir``, with an
+    empty bank "b" of 8 slots."""
+    live = _small_store()
+    mgr = _manager(live, data_dir)
+    mgr.recover()
+    mgr.start()
+    live.create_bank("b", 8)
+    return live, mgr
+
+
 def test_write_ahead_log_carries_metadata_through_recovery(tmp_path: Path) -> None:
     """Metadata written after the last snapshot comes back from the real log on disk,
     through the merging replayer (records with and without metadata in one run)."""
 
-    live = _small_store()
-    mgr = _manager(live, tmp_path)
-    mgr.recover()
-    mgr.start()
-    live.create_bank("b", 8)
+    live, mgr = _logged_bank(tmp_path)
     codes = torch.eye(4)
     live.write("b", codes[:2], ["k0", "k1"], [None, None], [{"user": "u1"}, None])
     live.write("b", codes[2:3], ["k2"], [None])  # a record without metadata
@@ -246,11 +253,7 @@ def test_edited_metadata_is_logged_and_survives_recovery(tmp_path: Path) -> None
     """``set_metadata`` (the memory browser's edit) is a logged mutation: a fresh
     process replays it, filters find the new labels, and an edit naming a slot that
     was rewritten since changes nothing."""
-    live = _small_store()
-    mgr = _manager(live, tmp_path)
-    mgr.recover()
-    mgr.start()
-    live.create_bank("b", 8)
+    live, mgr = _logged_bank(tmp_path)
     codes = torch.eye(4)
     written = live.write("b", codes[:2], ["k0", "k1"], [None, None], [{"user": "u1"}, None])
     first, second = written
