@@ -326,6 +326,8 @@ class BankInfo:
         payload_bytes: bytes of payloads.
         index: the bank's approximate index (``state`` "none": reads scan).
         context: context recall of the bank's text reads by default (0: off).
+        codec: which codec the bank's codes are in (its own, fitted once it held
+            enough memories, or the served model).
     """
 
     name: str
@@ -345,6 +347,7 @@ class BankInfo:
     payload_bytes: int
     index: BankIndex | None = None
     context: int = 0
+    codec: BankCodec | None = None
 
     @classmethod
     def from_proto(cls, msg: memory_pb2.BankInfo) -> BankInfo:
@@ -366,7 +369,38 @@ class BankInfo:
             payload_bytes=int(msg.payload_bytes),
             index=BankIndex.from_proto(msg.index) if msg.HasField("index") else None,
             context=int(msg.context),
+            codec=BankCodec.from_proto(msg.codec) if msg.HasField("codec") else None,
         )
+
+
+@dataclass(frozen=True)
+class BankCodec:
+    """Which codec a bank's codes are in.
+
+    Attributes:
+        state: "served" (the served model; the bank never fits one), "staging" (the
+            served model, staging items for a fit), "fitting", or "own" (the bank's
+            own codec, fitted on ``fitted_on`` of its memories at ``fitted_at``, Unix
+            seconds).
+        model_hash: content hash of the bank's own codec ("" before).
+        staged: items staged toward the fit. threshold: the count at which it fits.
+    """
+
+    state: str
+    model_hash: str
+    fitted_on: int
+    fitted_at: float
+    staged: int
+    threshold: int
+
+    @classmethod
+    def from_proto(cls, msg: memory_pb2.BankCodec) -> BankCodec:
+        name = memory_pb2.BankCodecState.Name(msg.state) if msg.state in \
+            memory_pb2.BankCodecState.values() else "BANK_CODEC_STATE_UNSPECIFIED"
+        return cls(state=name.removeprefix("BANK_CODEC_STATE_").lower(),
+                   model_hash=msg.model_hash, fitted_on=int(msg.fitted_on),
+                   fitted_at=float(msg.fitted_at), staged=int(msg.staged),
+                   threshold=int(msg.threshold))
 
 
 @dataclass(frozen=True)

@@ -128,6 +128,12 @@ class Settings:
         50_000, "occupied slots from which a bank builds an approximate (IVF) index that "
         "reads search instead of scanning every slot (0: never index); see docs/banks.md"
     )
+    bank_codec_threshold: int = _f(
+        10_000, "memories a bank stages as floats (1.5 KB each at 384-d, counted in the "
+        "memory limit) before it fits a codec of its own to them, as an IVF or PQ index "
+        "trains on its data; smaller banks keep the served model (0: every bank does); "
+        "see docs/banks.md"
+    )
     index_nprobe: int = _f(
         64, "inverted lists an indexed read probes by default (a request's nprobe "
         "overrides it): more is slower and closer to the exact scan"
@@ -235,6 +241,9 @@ class Settings:
             raise ValueError(f"query_cache_size must be >= 0, got {self.query_cache_size}")
         if self.index_threshold < 0:
             raise ValueError(f"index_threshold must be >= 0, got {self.index_threshold}")
+        if self.bank_codec_threshold < 0:
+            raise ValueError(
+                f"bank_codec_threshold must be >= 0, got {self.bank_codec_threshold}")
         if self.index_nprobe < 1:
             raise ValueError(f"index_nprobe must be >= 1, got {self.index_nprobe}")
         if not (self.bm25_k1 > 0 and 0 <= self.bm25_b <= 1):

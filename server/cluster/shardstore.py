@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from ..memory.bank import DEFAULT_READ, MemoryBank
@@ -80,17 +81,26 @@ class ShardedStore:
     def write(self, bank: str, codes: torch.Tensor, keys: list[str | None],
               payloads: list[bytes | None],
               metadata: list[dict[str, str] | None] | None = None,
-              text: list[bool] | None = None) -> list[SlotWrite]:
-        return self._store(bank).write(bank, codes, keys, payloads, metadata, text)
+              text: list[bool] | None = None, items: np.ndarray | None = None,
+              generation: int | None = None) -> list[SlotWrite]:
+        return self._store(bank).write(bank, codes, keys, payloads, metadata, text, items,
+                                       generation)
 
     def read(self, bank: str, latents: torch.Tensor,
-             options: ReadOptions = DEFAULT_READ) -> ReadResult:
-        return self._store(bank).read(bank, latents, options)
+             options: ReadOptions = DEFAULT_READ,
+             generation: int | None = None) -> ReadResult:
+        return self._store(bank).read(bank, latents, options, generation)
 
     def read_fused(self, bank: str, latents: torch.Tensor, queries: list[str], mode: str,
-                   options: ReadOptions = DEFAULT_READ,
-                   fusion: Fusion = DEFAULT_FUSION) -> ReadResult:
-        return self._store(bank).read_fused(bank, latents, queries, mode, options, fusion)
+                   options: ReadOptions = DEFAULT_READ, fusion: Fusion = DEFAULT_FUSION,
+                   generation: int | None = None) -> ReadResult:
+        return self._store(bank).read_fused(bank, latents, queries, mode, options, fusion,
+                                            generation)
+
+    def fit_pending(self) -> None:
+        for replica in list(self.replicas.values()):
+            if replica.ready:
+                replica.store.fit_pending()
 
     def delete(self, bank: str, slots: list[int], keys: list[str], *,
                sequences: list[int] | None = None,

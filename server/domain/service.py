@@ -26,7 +26,9 @@ from ..codecs.base import Codec, ItemChecks
 from ..config import Settings
 from ..embedding.cache import EmbeddingCache
 from ..embedding.embedder import Embedder, EmbedderSpec, resolve_spec
-from ..errors import FailedPrecondition, InvalidArgument
+from ..errors import FailedPrecondition, InvalidArgument, Unavailable
+from ..memory.bank import MemoryBank
+from ..memory.codecstage import CodecChanged
 from ..memory.listing import ListedMemory
 from ..memory.names import validate_bank_name, validate_snapshot_name
 from ..memory.results import BankStats, ReadResult
@@ -34,6 +36,7 @@ from ..memory.scoring import CodeScorer
 from ..metrics import Metrics
 from ..startup_log import stage
 from . import recall
+from .bankcodecs import BankCodec
 from .batching import KeyedBatcher, MicroBatcher, usable_cores
 from .engine import Engine
 from .limits import check_reply_size
@@ -44,6 +47,19 @@ log = logging.getLogger(__name__)
 
 MAX_TEXT_CHARS = recall.MAX_TEXT_CHARS
 MAX_PAGE = 200  # memories per listed page
+# Encodes a write or read makes for a bank that keeps swapping codecs (a swap
+# happens once per bank, so the second attempt all but always lands).
+CODEC_RETRIES = 3
+
+
+def _staged_items(bank: MemoryBank, inputs: np.ndarray | None,
+                  per_item: bool) -> np.ndarray | None:
+    """The float items a write's memories are (for a bank staging toward its own
+    codec): each item, or the batch mean; None for codes, which are not staged."""
+    if inputs is None or bank.staging is None:
+        return None
+    flat = inputs.reshape(inputs.shape[0], -1)
+    return flat if per_item else flat.mean(axis=0, keepdims=True)
 
 
 class MemoryService:
@@ -181,6 +197,7 @@ class MemoryService:
                     f"{report.snapshot or 'no snapshot'} + {report.replayed} log records in "
                     f"{self.settings.data_dir}")
         self.persistence.start()
+        self.store.fit_pending()
         s = self.settings
         if self.cluster is None:  # a cluster's owner of the shard creates it
             self.store.create_bank(s.default_bank, s.default_bank_capacity, exist_ok=True)
@@ -256,8 +273,9 @@ class MemoryService:
         return codes, checks
 
     def _check_items(self, inputs: np.ndarray, method: str,
-                     codes: np.ndarray | torch.Tensor | None = None) -> ItemChecks | None:
-        checks = self.engine.check_items(inputs, codes)
+                     codes: np.ndarray | torch.Tensor | None = None,
+                     engine: Engine | None = None) -> ItemChecks | None:
+        checks = (engine or self.engine).check_items(inputs, codes)
         if checks is not None:
             self.metrics.observe_checks(method, checks.in_domain_percentile, checks.flagged)
         return checks
@@ -321,22 +339,35 @@ class MemoryService:
         else:
             assert codes is not None
             codes = self.engine.check_codes(codes)
-        stored = self._codes_to_store(inputs, codes, per_item)
-        checks = None
-        if inputs is not None and codes is None:
-            # per item, the stored codes are the items' codes: checks reuse them
-            checks = self._check_items(inputs, "Write", stored if per_item else None)
-        n = stored.shape[0]
-        for field, given in (("payloads", payloads), ("keys", keys), ("metadata", metadata)):
-            if given and len(given) != n:
-                raise InvalidArgument(
-                    f"{field}: {len(given)} given, but this write fills {n} slot(s) "
-                    f"({'one per item' if per_item else 'the batch mean is one memory'})",
-                    field=field,
-                )
-        written = self.store.write(name, stored, [k or None for k in keys] or [None] * n,
-                                   [p or None for p in payloads] or [None] * n,
-                                   [m or None for m in metadata] or None, text=text_flags)
+        for _ in range(CODEC_RETRIES):
+            b = self.store.get(name)
+            generation, engine = b.codec_generation, self._engine_of(b)
+            stored = self._codes_to_store(engine, inputs, codes, per_item)
+            checks = None
+            if inputs is not None and codes is None:
+                # per item, the stored codes are the items' codes: checks reuse them
+                checks = self._check_items(inputs, "Write", stored if per_item else None,
+                                           engine)
+            n = stored.shape[0]
+            for field, given in (("payloads", payloads), ("keys", keys),
+                                 ("metadata", metadata)):
+                if given and len(given) != n:
+                    raise InvalidArgument(
+                        f"{field}: {len(given)} given, but this write fills {n} slot(s) "
+                        f"({'one per item' if per_item else 'the batch mean is one memory'})",
+                        field=field,
+                    )
+            try:
+                written = self.store.write(
+                    name, stored, [k or None for k in keys] or [None] * n,
+                    [p or None for p in payloads] or [None] * n,
+                    [m or None for m in metadata] or None, text=text_flags,
+                    items=_staged_items(b, inputs, per_item), generation=generation)
+                break
+            except CodecChanged:  # the bank swapped to its own codec meanwhile
+                continue
+        else:
+            raise Unavailable(f"bank {name!r} kept changing codecs during this write; retry")
         self._count("Write", n)
         m = self.metrics
         m.bank_writes.labels(name).inc(n)
@@ -347,17 +378,29 @@ class MemoryService:
         out.checks = checks
         return out
 
-    def _codes_to_store(self, inputs: np.ndarray | None, codes: np.ndarray | None,
-                        per_item: bool) -> torch.Tensor:
-        """The codes a write stores, from validated items or codes."""
-        engine = self.engine
-        if codes is not None and per_item:
-            return torch.from_numpy(codes.copy()).to(self.codec.device)
+    def _engine_of(self, bank: MemoryBank) -> Engine:
+        """The engine of the codec a bank's codes are in: its own, or the served one."""
+        own = bank.own_codec
+        return own.codec.engine if own is not None and isinstance(own.codec, BankCodec) \
+            else self.engine
+
+    def _latents(self, engine: Engine, inputs: np.ndarray | None,
+                 codes: np.ndarray | None) -> torch.Tensor:
+        """Latents of validated items, or of codes of the served model, in ``engine``'s
+        codec (a bank's own codec re-encodes what the served model's codes decode to)."""
         if inputs is not None:
-            latents = engine.encode_latent(inputs)
-        else:
-            assert codes is not None
-            latents = engine.codes_to_latent(codes)
+            return engine.encode_latent(inputs)
+        assert codes is not None
+        if engine is self.engine:
+            return engine.codes_to_latent(codes)
+        return engine.encode_latent(self.engine.decompress(codes))
+
+    def _codes_to_store(self, engine: Engine, inputs: np.ndarray | None,
+                        codes: np.ndarray | None, per_item: bool) -> torch.Tensor:
+        """The codes a write stores, from validated items or codes."""
+        if codes is not None and per_item and engine is self.engine:
+            return torch.from_numpy(codes.copy()).to(self.codec.device)
+        latents = self._latents(engine, inputs, codes)
         if not per_item:
             latents = latents.mean(dim=0, keepdim=True)
         stored = engine.latent_to_codes(latents)
@@ -411,27 +454,34 @@ class MemoryService:
                          limit=self.settings.max_message_bytes,
                          include_reconstruction=include_reconstruction,
                          include_payloads=include_payloads)
-        if inputs is not None:
-            latents = self.engine.encode_latent(inputs)
-        else:
-            assert codes is not None
-            latents = self.engine.codes_to_latent(codes)
         fusion = recall.fusion_of(params, b.context)
-        recall.check_deadline(deadline, "the search")
-        if mode in ("hybrid", "lexical") or fusion.context:
-            result = self.store.read_fused(name, latents, list(texts or [""] * n_queries),
-                                           mode or "dense", params.options(
-                                               payloads=include_payloads), fusion)
+        for _ in range(CODEC_RETRIES):
+            b = self.store.get(name)
+            generation, engine = b.codec_generation, self._engine_of(b)
+            latents = self._latents(engine, inputs, codes)
+            recall.check_deadline(deadline, "the search")
+            try:
+                if mode in ("hybrid", "lexical") or fusion.context:
+                    result = self.store.read_fused(
+                        name, latents, list(texts or [""] * n_queries), mode or "dense",
+                        params.options(payloads=include_payloads), fusion,
+                        generation=generation)
+                else:
+                    result = self._search(name, latents, params, include_payloads, generation)
+            except CodecChanged:  # the bank swapped to its own codec meanwhile
+                continue
+            recon: list[np.ndarray] = []
+            if include_reconstruction:
+                hit_codes = [h.code for r in result.results for h in r.hits]
+                if hit_codes:
+                    # hits hold codes as the bank stores them; their codec decodes them
+                    recon = list(engine.decode_codes(b.wire_codes(torch.stack(hit_codes))))
+            soft = engine.decode_soft(result.soft) if result.soft is not None else None
+            if b.codec_generation == generation:  # else hit codes may be re-encoded ones
+                break
         else:
-            result = self._search(name, latents, params, include_payloads)
+            raise Unavailable(f"bank {name!r} kept changing codecs during this read; retry")
         self._count("Read", latents.shape[0])
-        recon: list[np.ndarray] = []
-        if include_reconstruction:
-            hit_codes = [h.code for r in result.results for h in r.hits]
-            if hit_codes:
-                # hits hold codes as the bank stores them; the codec decodes its own
-                recon = list(self.engine.decode_codes(b.wire_codes(torch.stack(hit_codes))))
-        soft = self.engine.decode_soft(result.soft) if result.soft is not None else None
         out, cursor = [], 0
         for q, r in enumerate(result.results):
             n = len(r.hits)
@@ -444,21 +494,22 @@ class MemoryService:
         return out
 
     def _search(self, bank: str, latents: torch.Tensor, p: ReadParams,
-                payloads: bool) -> ReadResult:
-        """Concurrent reads of one bank with equal parameters share one search."""
+                payloads: bool, generation: int) -> ReadResult:
+        """Concurrent reads of one bank with equal parameters (and codec) share one
+        search."""
         if self._reads is None:
-            return self.store.read(bank, latents, p.options(payloads=payloads))
-        rows = self._reads((bank, p, payloads), latents)
+            return self.store.read(bank, latents, p.options(payloads=payloads), generation)
+        rows = self._reads((bank, p, payloads, generation), latents)
         soft_rows = [s for _, s in rows]
         return ReadResult(
             results=[r for r, _ in rows],
             soft=torch.stack(soft_rows) if p.soft and soft_rows[0] is not None else None,
         )
 
-    def _read_batch(self, key: tuple[str, ReadParams, bool],
+    def _read_batch(self, key: tuple[str, ReadParams, bool, int],
                     latents: torch.Tensor) -> list[tuple[Any, Any]]:
-        bank, p, payloads = key
-        result = self.store.read(bank, latents, p.options(payloads=payloads))
+        bank, p, payloads, generation = key
+        result = self.store.read(bank, latents, p.options(payloads=payloads), generation)
         softs = list(result.soft) if result.soft is not None else [None] * len(result.results)
         return list(zip(result.results, softs, strict=True))
 

@@ -24,8 +24,10 @@ from ..memory.listing import ListedMemory
 from ..memory.options import ReadOptions
 from ..memory.results import BankStats, ReadResult, SlotWrite
 from ..memory.store import MemoryStore
+from .bankcodecs import BankCodecFitter
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 
@@ -49,6 +51,8 @@ def new_store(settings: Settings, codec: Codec) -> MemoryStore:
         index_config=IndexConfig(threshold=settings.index_threshold,
                                  nprobe=settings.index_nprobe),
         bm25=Bm25Params(k1=settings.bm25_k1, b=settings.bm25_b),
+        fitter=BankCodecFitter.for_codec(codec, settings.bank_codec_threshold,
+                                         settings.max_batch_size),
     )
 
 
@@ -74,14 +78,18 @@ class BankStore(Protocol):
     def write(self, bank: str, codes: torch.Tensor, keys: list[str | None],
               payloads: list[bytes | None],
               metadata: list[dict[str, str] | None] | None = None,
-              text: list[bool] | None = None) -> list[SlotWrite]: ...
+              text: list[bool] | None = None, items: np.ndarray | None = None,
+              generation: int | None = None) -> list[SlotWrite]: ...
 
     def read(self, bank: str, latents: torch.Tensor,
-             options: ReadOptions = DEFAULT_READ) -> ReadResult: ...
+             options: ReadOptions = DEFAULT_READ,
+             generation: int | None = None) -> ReadResult: ...
 
     def read_fused(self, bank: str, latents: torch.Tensor, queries: list[str], mode: str,
-                   options: ReadOptions = DEFAULT_READ,
-                   fusion: Fusion = DEFAULT_FUSION) -> ReadResult: ...
+                   options: ReadOptions = DEFAULT_READ, fusion: Fusion = DEFAULT_FUSION,
+                   generation: int | None = None) -> ReadResult: ...
+
+    def fit_pending(self) -> None: ...
 
     def delete(self, bank: str, slots: list[int], keys: list[str], *,
                sequences: list[int] | None = None,

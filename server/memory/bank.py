@@ -38,7 +38,7 @@ from . import readout
 from .eviction import VictimQueue
 from .names import validate_key
 from .options import EXHAUSTIVE, ReadOptions
-from .results import BankStats, IndexStats, QueryResult, ReadResult, SlotWrite
+from .results import BankStats, CodecStats, IndexStats, QueryResult, ReadResult, SlotWrite
 from .scan import probe, scan
 from .slots import BankSlots
 
@@ -65,8 +65,18 @@ class MemoryBank(BankSlots):
             counter_min=cmin, counter_max=cmax, counter_mean=cmean,
             memory_bytes=self.memory_bytes(), payload_bytes=self.payloads.live,
             reserved_bytes=self.reserved_bytes(), index=self.index_stats(),
-            context=self.context,
+            context=self.context, codec=self.codec_stats(),
         )
+
+    def codec_stats(self) -> CodecStats:
+        own = self.own_codec
+        if own is not None:
+            return CodecStats("own", own.codec.model_hash, own.fitted_on, own.fitted_at,
+                              threshold=self.codec_threshold)
+        if self.staging is None:
+            return CodecStats("served")
+        return CodecStats("fitting" if self.codec_fitting else "staging",
+                          staged=self.staging.count, threshold=self.codec_threshold)
 
     def index_stats(self) -> IndexStats:
         index, cfg = self.index, self.index_config

@@ -17,6 +17,7 @@ import torch
 from ..errors import FailedPrecondition
 from . import indexing
 from .bank import MemoryBank
+from .codecstage import CodecFitter, OwnCodec
 from .columns import ByteColumn
 from .eviction import make_policy
 from .ivf import IndexConfig, InvertedLists, IvfIndex
@@ -40,7 +41,23 @@ def _config(bank: MemoryBank) -> dict[str, Any]:
         "writes_total": bank.writes_total, "reads_total": bank.reads_total,
         "write_clock": bank.write_clock, "applied_seq": bank.applied_seq,
         "context": bank.context, "code_layout": bank.code_layout,
+        **_codec_config(bank),
     }
+
+
+def _codec_config(bank: MemoryBank) -> dict[str, Any]:
+    own = bank.own_codec
+    if own is None:  # absent: the served model's codes (older snapshots too)
+        return {}
+    return {"codec": {"config": own.codec.state()[0], "fitted_on": own.fitted_on,
+                      "fitted_at": own.fitted_at, "generation": bank.codec_generation}}
+
+
+def _codec_arrays(bank: MemoryBank) -> dict[str, np.ndarray]:
+    """The bank's own codec's arrays (``codec.*``) or its staged items (``staged_*``)."""
+    if bank.own_codec is not None:
+        return {f"codec.{k}": v for k, v in bank.own_codec.codec.state()[1].items()}
+    return bank.staging.export(bank.occupied, bank.sequences) if bank.staging is not None else {}
 
 
 def export_copy(bank: MemoryBank, frozen: bool = False) -> BankCopy:
@@ -63,6 +80,8 @@ def export_copy(bank: MemoryBank, frozen: bool = False) -> BankCopy:
         config["ivf_trained_at"] = bank.index.trained_at
         tensors["ivf_centroids"] = bank.index.centroids.cpu().clone()
         tensors["ivf_assign"] = torch.from_numpy(bank.index.lists.assign[:n].copy())
+    for name, array in _codec_arrays(bank).items():
+        tensors[name] = torch.from_numpy(np.array(array))
     columns = {prefix: col.packed(n) for prefix, col in (
         ("payload", bank.payloads), ("key", bank.keys), ("metadata", bank.metadata))}
     return BankCopy(config, tensors, columns)
@@ -99,6 +118,7 @@ def from_export(
     scorer: CodeScorer | None = None,
     adopt_arrays: bool = False,
     index_config: IndexConfig | None = None,
+    fitter: CodecFitter | None = None,
 ) -> MemoryBank:
     """Rebuilds a bank from ``export()`` output (e.g. a snapshot).
 
@@ -110,8 +130,12 @@ def from_export(
     ``capacity``); trailing free slots are not kept, later writes grow the bank.
     ``adopt_arrays``: the arrays are the caller's to give away (a bank received
     in a move): writable ones of the right dtype become the bank's storage
-    without a copy.
+    without a copy. A bank with a codec of its own (``codec`` in the config) needs
+    ``fitter`` to load it; staged items (``staged_*``) are the caller's to restore.
     """
+    own = _own_codec(config, arrays, fitter)
+    if own is not None:
+        scorer = own.codec.scorer
     capacity = int(config["capacity"])
     policy = make_policy(str(config["policy"]), float(config["half_life"]))
     bank = MemoryBank(str(config["name"]), capacity, code_dim=int(config["code_dim"]),
@@ -120,6 +144,9 @@ def from_export(
                       max_key_length=max_key_length, metric=metric, scorer=scorer,
                       index_config=index_config)
     bank.context = int(config.get("context", 0))  # absent from older snapshots
+    if own is not None:
+        bank.own_codec = own
+        bank.codec_generation = int(config["codec"].get("generation", 1))
     for name in ("occupied", "payload_data", "key_data"):
         if name not in arrays:
             raise FailedPrecondition(f"bank {bank.name!r}: array {name} is missing")
@@ -182,6 +209,24 @@ def from_export(
     # sequence, which the store's replay rule already covers
     bank.applied_seq = int(config.get("applied_seq", 0))
     return bank
+
+
+def _own_codec(config: dict, arrays: dict[str, np.ndarray],
+               fitter: CodecFitter | None) -> OwnCodec | None:
+    spec = config.get("codec")
+    if spec is None:
+        return None
+    name = config.get("name")
+    if fitter is None:
+        raise FailedPrecondition(
+            f"bank {name!r} has a codec of its own, but this server fits none (serve it "
+            "with bank codecs on)")
+    tensors = {k[len("codec."):]: v for k, v in arrays.items() if k.startswith("codec.")}
+    try:
+        codec = fitter.load(dict(spec["config"]), tensors)
+        return OwnCodec(codec, int(spec["fitted_on"]), float(spec["fitted_at"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise FailedPrecondition(f"bank {name!r}: its own codec does not load: {e}") from e
 
 
 def _stored_index(bank: MemoryBank, config: dict, arrays: dict[str, np.ndarray],

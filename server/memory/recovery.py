@@ -6,6 +6,7 @@ skips what a copy already holds, so a copy plus the log is exactly the live stat
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
@@ -14,8 +15,9 @@ import torch
 from ..errors import (
     FailedPrecondition,
 )
-from . import indexing
+from . import bankcodec, indexing
 from .bank import MemoryBank
+from .codecstage import OwnCodec
 from .export import export_copy, export_counters, from_export
 from .metadata import decode_metadata
 from .storebase import StoreBase, StoreState
@@ -95,7 +97,8 @@ class StoreRecovery(StoreBase):
                 config, arrays, scale=self.scale, device=self.device,
                 max_payload_bytes=self.max_payload_bytes, max_key_length=self.max_key_length,
                 metric=self.metric, scorer=self.scorer, index_config=self.index_config,
-                adopt_arrays=adopt_arrays)
+                adopt_arrays=adopt_arrays, fitter=self.fitter)
+            self.start_staging(banks[name], arrays)
             self.texts.load(banks[name], arrays.get("text_flags"))  # older: derived
         with self._all_locked() as old, self.seq_lock:
             for _, bank in old:
@@ -136,7 +139,7 @@ class StoreRecovery(StoreBase):
                 with self.seq_lock:
                     self.last_seq = seq
                 return
-            if kind not in ("drop_bank", "write", "delete", "clear", "metadata"):
+            if kind not in ("drop_bank", "write", "delete", "clear", "metadata", "codec"):
                 raise FailedPrecondition(f"replay: unknown record kind {kind!r}")
             b = self._banks.get(bank)
             if b is None:
@@ -173,7 +176,14 @@ class StoreRecovery(StoreBase):
             text = fields.get("text")  # absent from older records
             self.texts.written(b, slots, kept,
                                [bool(text[i]) for i in new] if text is not None else None)
+            items = fields.get("items")  # the first ones staged for the bank's own codec
+            if items is not None and b.staging is not None:
+                at = np.flatnonzero(new < len(items))  # positions in ``new`` / ``slots``
+                b.staging.add([slots[j] for j in at], sequences[new[at]].tolist(),
+                              np.asarray(items)[new[at]])
             indexing.maybe_start(b, self.index_built)
+        elif kind == "codec":
+            self._replay_codec(b, fields)
         elif kind == "delete":
             freed = [int(s) for s in fields["slots"]]
             b.free(freed)
@@ -184,5 +194,23 @@ class StoreRecovery(StoreBase):
         elif kind == "metadata":
             for slot, raw in zip(fields["slots"], fields["metadata"], strict=True):
                 b.replace_metadata(int(slot), decode_metadata(bytes(raw)))
+
+    def _replay_codec(self, b: MemoryBank, fields: dict[str, Any]) -> None:
+        if self.fitter is None:
+            raise FailedPrecondition(
+                f"replay: bank {b.name!r} has a codec of its own, but this server fits "
+                "none (serve the model it was written with, bank codecs on)")
+        arrays = {k[len("codec."):]: np.asarray(v) for k, v in fields.items()
+                  if k.startswith("codec.")}
+        codec = self.fitter.load(json.loads(str(fields["config"])), arrays)
+        own = OwnCodec(codec, int(fields["fitted_on"]), float(fields["fitted_at"]))
+        codes = torch.from_numpy(np.array(fields["codes"]))
+        if codes.dtype != b.torch_dtype or tuple(codes.shape[1:]) != (b.code_dim,):
+            raise FailedPrecondition("replay: codec record codes do not match the bank")
+        try:
+            bankcodec.install(b, own, np.asarray(fields["slots"], dtype=np.int64), codes)
+        except ValueError as e:
+            raise FailedPrecondition(f"replay: codec record of bank {b.name!r}: {e}") from e
+        indexing.maybe_start(b, self.index_built)
 
     # defined last: inside the class body, the name ``list`` shadows the builtin

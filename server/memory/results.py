@@ -73,6 +73,29 @@ class BankStats:
     reserved_bytes: int = 0
     index: IndexStats | None = None
     context: int = 0
+    codec: CodecStats | None = None
+
+
+@dataclass(frozen=True)
+class CodecStats:
+    """Which codec a bank's codes are in (``DescribeBank``'s ``codec``).
+
+    Attributes:
+        state: "served" (the served model; the bank does not fit one), "staging" (the
+            served model, while the bank stages items for its own), "fitting" (a fit
+            runs), "own" (the bank's own codec).
+        model_hash: content hash of the codec the codes are in ("" for the served one).
+        fitted_on: memories the own codec was fitted on (0 before).
+        fitted_at: Unix time of that fit (0 before).
+        staged: items staged for the fit. threshold: staged items at which it fits.
+    """
+
+    state: str
+    model_hash: str = ""
+    fitted_on: int = 0
+    fitted_at: float = 0.0
+    staged: int = 0
+    threshold: int = 0
 
 
 @dataclass(frozen=True)

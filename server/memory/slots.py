@@ -21,6 +21,7 @@ import threading
 import torch
 
 from ..code_dtypes import CODE_DTYPES
+from .codecstage import OwnCodec, Staging
 from .columns import ByteColumn, KeyIndex
 from .eviction import Policy
 from .ivf import IndexConfig, IvfIndex
@@ -89,8 +90,7 @@ class BankSlots:
             raise ValueError("int8 banks need the quantiser's per-dimension scale")
         if code_dtype == "uint8" and scorer is None:
             raise ValueError("uint8 (packed) banks need the codec's scorer")
-        self.scorer = scorer
-        self.query_dim = scorer.query_dim if scorer is not None else self.code_dim
+        self.set_scorer(scorer)
         self.metric = metric.float().to(self.device) if metric is not None else None
         # what a normalised (weighted) query is multiplied by to score raw codes
         fold = [t for t in (self.scale, self.metric) if t is not None]
@@ -135,6 +135,19 @@ class BankSlots:
         self.index_training = False
         self.index_epoch = 0
         self.index_journal: set[int] | None = None
+        # the bank's own codec (``bankcodec``): None while it uses the served model,
+        # which it stages float items for until it fits; ``codec_generation`` counts
+        # its swaps, so an encode made for another generation is noticed
+        self.own_codec: OwnCodec | None = None
+        self.staging: Staging | None = None
+        self.codec_generation = 0
+        self.codec_fitting = False
+        self.codec_threshold = 0  # staged items at which it fits (0: it never does)
+
+    def set_scorer(self, scorer: CodeScorer | None) -> None:
+        """Scores stored codes with ``scorer`` (codes must be converted by the caller)."""
+        self.scorer = scorer
+        self.query_dim = scorer.query_dim if scorer is not None else self.code_dim
 
     def _allocate(self, rows: int) -> None:
         """Fresh zeroed per-slot tensors of ``rows`` slots."""
@@ -223,7 +236,12 @@ class BankSlots:
                       for n in SLOT_TENSORS)
         columns = self.keys.nbytes() + self.metadata.nbytes() + self.payloads.nbytes()
         index = self.index.nbytes() if self.index is not None else 0
-        return tensors + columns - self.payloads.live + self._key_index.nbytes() + index
+        return (tensors + columns - self.payloads.live + self._key_index.nbytes() + index
+                + self.staging_bytes)
+
+    @property
+    def staging_bytes(self) -> int:
+        return self.staging.nbytes if self.staging is not None else 0
 
     def reserved_bytes(self) -> int:
         """What the server's memory limit counts for this bank besides payloads (and
@@ -231,7 +249,7 @@ class BankSlots:
         may always fill up), keys, metadata and the IVF index's lists and centroids."""
         slots = self.capacity * self.slot_bytes(self.code_dim, self.code_dtype)
         index = self.index.nbytes() if self.index is not None else 0
-        return slots + self.keys.live + self.metadata.live + index
+        return slots + self.keys.live + self.metadata.live + index + self.staging_bytes
 
     @property
     def code_layout(self) -> str:

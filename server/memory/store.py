@@ -44,6 +44,7 @@ exactly the live state although the banks were copied at different moments.
 
 from __future__ import annotations
 
+import json
 import operator
 
 import numpy as np
@@ -54,8 +55,9 @@ from ..errors import (
     InvalidArgument,
     ResourceExhausted,
 )
-from . import indexing, listing
+from . import bankcodec, indexing, listing
 from .bank import DEFAULT_READ, MemoryBank
+from .codecstage import CodecChanged, OwnCodec
 from .eviction import make_policy, validate_half_life
 from .fusion import MAX_CONTEXT
 from .hybrid import DEFAULT_FUSION, Fusion, fused_read
@@ -175,6 +177,8 @@ class MemoryStore(StoreRecovery):
         payloads: list[bytes | None],
         metadata: list[dict[str, str] | None] | None = None,
         text: list[bool] | None = None,
+        items: np.ndarray | None = None,
+        generation: int | None = None,
     ) -> list[SlotWrite]:
         """Stores each code [n, m] (code dtype) in its own slot; see ``MemoryBank``.
 
@@ -186,11 +190,20 @@ class MemoryStore(StoreRecovery):
             metadata: None, [] or n string maps (None / {} for none), size-bounded.
             text: None, or n flags: memory j's payload is its text (it joins the bank's
                 lexical index).
+            items: None, or the n float items [n, d] the codes encode (a bank on the
+                served model stages them for a codec of its own, ``bankcodec``).
+            generation: the bank's ``codec_generation`` the codes were encoded for
+                (None: not checked).
 
         Returns:
             One ``SlotWrite`` per code, in order.
+
+        Raises:
+            CodecChanged: the bank is at another codec generation (encode again).
         """
         with self._locked(bank) as b:
+            if generation is not None and generation != b.codec_generation:
+                raise CodecChanged(b.name)
             keys, payloads = b.validate_write(codes, keys, payloads)
             n = codes.shape[0]
             assert not metadata or len(metadata) == n, (n, len(metadata))
@@ -198,6 +211,10 @@ class MemoryStore(StoreRecovery):
             encoded = [encode_metadata(m) for m in metas] if metas and any(metas) else None
             flags = [bool(t) for t in text] if text else [False] * n
             assert len(flags) == n, (n, len(flags))
+            staged, stage = 0, None
+            if items is not None and b.staging is not None:
+                staged = b.staging.room(n)
+                self.check_room(b.staging.added_bytes(n), "staging this write's items")
             self._check_write_room(keys, payloads, encoded, flags)
             # planning only compares new sequences with the bank's, which are all below
             # last_seq + 1 (and cannot change while we hold its lock): no store lock needed
@@ -211,6 +228,10 @@ class MemoryStore(StoreRecovery):
             if encoded:  # absent from older records and metadata-less writes
                 fields["metadata"] = encoded
             fields["text"] = np.asarray(flags, dtype=np.uint8)  # absent: older records
+            if staged:  # replay stages them again
+                assert items is not None
+                stage = np.ascontiguousarray(items[:staged], dtype=np.float32)
+                fields["items"] = stage
             record = self._prepare("write", bank, fields, count=n)
             with self.seq_lock:
                 first = self.last_seq + 1
@@ -219,10 +240,65 @@ class MemoryStore(StoreRecovery):
                 self._next_seq(n)
             result = b.apply_write(slots, codes, keys, payloads, sequences, metas)
             self.texts.written(b, slots, payloads, flags)
+            if stage is not None and b.staging is not None:
+                b.staging.add(slots, sequences, stage)
             b.applied_seq = sequences[-1]
             indexing.maybe_start(b, self.index_built)
+            if self.fitter is not None:
+                bankcodec.fit_in_background(b, self.fitter, self.swap_codec)
         self._wait(sequences[-1])
         return result
+
+    def fit_pending(self) -> None:
+        """Starts the fit of every bank that staged enough items before a restart."""
+        if self.fitter is None:
+            return
+        for bank in list(self._banks.values()):
+            with bank.lock:
+                bankcodec.fit_in_background(bank, self.fitter, self.swap_codec)
+
+    def fit_codec(self, bank: str) -> bool:
+        """Fits and swaps in a bank's own codec now, in this thread, if it has staged
+        enough items (``bankcodec.fit_now``)."""
+        b = self._lookup(bank)
+        if self.fitter is None:
+            return False
+        with b.lock:
+            if not bankcodec.wants_fit(b, self.fitter.threshold):
+                return False
+            b.codec_fitting = True
+        try:
+            return bankcodec.fit_now(b, self.fitter, self.swap_codec)
+        finally:
+            b.codec_fitting = False
+
+    def swap_codec(self, bank: MemoryBank, own: OwnCodec, rows: np.ndarray,
+                   generation: int) -> bool:
+        """Installs a bank's freshly fitted codec (step 3 of ``bankcodec``): every
+        occupied slot re-encoded, one ``codec`` record logged. False (nothing changed)
+        if the bank was dropped, replaced or swapped since the fit began."""
+        assert self.fitter is not None
+        seq = None
+        with bank.lock:
+            if bank.retired or bank.codec_generation != generation or bank.staging is None:
+                return False
+            slots, wire = bankcodec.recode(bank, own.codec, self.fitter)
+            config, arrays = own.codec.state()
+            fields: dict = {f"codec.{k}": v for k, v in arrays.items()}
+            fields.update({
+                "config": json.dumps(config), "fitted_on": own.fitted_on,
+                "fitted_at": own.fitted_at, "slots": slots.astype(np.int64),
+                "codes": wire.cpu().numpy()})
+            record = self._prepare("codec", bank.name, fields)
+            with self.seq_lock:
+                self._append(self.last_seq + 1, record)
+                seq = self._next_seq()
+            bankcodec.install(bank, own, slots, wire)
+            bank.applied_seq = seq
+            indexing.maybe_start(bank, self.index_built)
+        self._wait(seq)
+        self.index_built(bank.name)  # its listeners snapshot the bank: restarts skip the fit
+        return True
 
     def _check_write_room(self, keys: list[str | None], payloads: list[bytes | None],
                           metadata: list[bytes] | None, text: list[bool]) -> None:
@@ -241,10 +317,17 @@ class MemoryStore(StoreRecovery):
         self._check_memory(added, f"this write ({what} bytes)")
 
     def read(self, bank: str, latents: torch.Tensor,
-             options: ReadOptions = DEFAULT_READ) -> ReadResult:
+             options: ReadOptions = DEFAULT_READ, generation: int | None = None
+             ) -> ReadResult:
         """Cosine recall of queries [Q, m] float32 (latent space); see ``MemoryBank.read``.
-        Holds the bank's lock shared: reads of one bank run at the same time."""
+        Holds the bank's lock shared: reads of one bank run at the same time.
+
+        Raises:
+            CodecChanged: the latents were encoded for another ``generation`` of the
+                bank's codec.
+        """
         with self._shared(bank) as b:
+            _check_generation(b, generation)
             return b.read(latents, options)
 
     def build_index(self, bank: str) -> bool:
@@ -260,7 +343,8 @@ class MemoryStore(StoreRecovery):
 
     def read_fused(self, bank: str, latents: torch.Tensor, queries: list[str], mode: str,
                    options: ReadOptions = DEFAULT_READ,
-                   fusion: Fusion = DEFAULT_FUSION) -> ReadResult:
+                   fusion: Fusion = DEFAULT_FUSION, generation: int | None = None
+                   ) -> ReadResult:
         """A "lexical" or "hybrid" read of text queries (or "dense" with context); see
         ``hybrid.fused_read``.
 
@@ -269,6 +353,7 @@ class MemoryStore(StoreRecovery):
         """
         self.texts.of(self._lookup(bank)).refresh()
         with self._shared(bank) as b:
+            _check_generation(b, generation)
             return fused_read(b, self.texts.of(b), latents, queries, mode=mode, options=options,
                               fusion=fusion)
 
@@ -349,3 +434,8 @@ class MemoryStore(StoreRecovery):
             with bank.lock.shared(), bank.counter_lock:  # see ``describe``
                 out.append(self._stats(bank))
         return out
+
+
+def _check_generation(bank: MemoryBank, generation: int | None) -> None:
+    if generation is not None and generation != bank.codec_generation:
+        raise CodecChanged(bank.name)

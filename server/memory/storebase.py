@@ -23,6 +23,8 @@ from ..errors import (
     ResourceExhausted,
 )
 from .bank import MemoryBank
+from .bankcodec import STAGING_SLACK
+from .codecstage import CodecFitter, Staging
 from .eviction import make_policy, validate_half_life
 from .ivf import IndexConfig
 from .lexical import Bm25Params
@@ -86,6 +88,8 @@ class StoreBase:
             add payload bytes; restores and replay are not refused.
         max_banks: most banks at once (None for no limit).
         index_config: when banks build an approximate index (None: never).
+        fitter: how banks fit codecs of their own (``bankcodec``); None: they keep
+            the served model.
     """
 
     def __init__(
@@ -107,6 +111,7 @@ class StoreBase:
         scorer: CodeScorer | None = None,
         index_config: IndexConfig | None = None,
         bm25: Bm25Params | None = None,
+        fitter: CodecFitter | None = None,
     ) -> None:
         if code_dtype not in CODE_DTYPES:
             raise ValueError(f"unknown code dtype {code_dtype!r}")
@@ -116,6 +121,7 @@ class StoreBase:
         self.metric = metric.detach().float().cpu() if metric is not None else None
         self.scorer = scorer
         self.index_config = index_config or IndexConfig()
+        self.fitter = fitter if fitter is not None and fitter.threshold > 0 else None
         self.device = torch.device(device)
         self.max_capacity = int(max_capacity)
         self.max_payload_bytes = int(max_payload_bytes)
@@ -171,11 +177,26 @@ class StoreBase:
             log.wait_durable(seq)
 
     def _new_bank(self, name: str, capacity: int, policy: str, half_life: float) -> MemoryBank:
-        return MemoryBank(
+        bank = MemoryBank(
             name, capacity, code_dim=self.code_dim, code_dtype=self.code_dtype,
             scale=self.scale, device=self.device, policy=make_policy(policy, half_life),
             max_payload_bytes=self.max_payload_bytes, max_key_length=self.max_key_length,
             metric=self.metric, scorer=self.scorer, index_config=self.index_config)
+        self.start_staging(bank)
+        return bank
+
+    def start_staging(self, bank: MemoryBank, arrays: dict[str, np.ndarray] | None = None
+                      ) -> None:
+        """Lets a bank on the served model stage items for a codec of its own (with the
+        staged items of a copy, if ``arrays`` has them)."""
+        fitter = self.fitter
+        if fitter is None:
+            return
+        bank.codec_threshold = fitter.threshold
+        if bank.own_codec is not None:
+            return
+        limit = int(fitter.threshold * STAGING_SLACK)
+        bank.staging = Staging.restore(fitter.input_dim, limit, arrays or {})
 
     def _lookup(self, name: str) -> MemoryBank:
         bank = self._banks.get(name)  # copy-on-write dict: no lock needed

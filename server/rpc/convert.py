@@ -38,7 +38,25 @@ def bank_info(stats: BankStats) -> memory_pb2.BankInfo:
         payload_bytes=stats.payload_bytes,
         index=_bank_index(stats),
         context=stats.context,
+        codec=_bank_codec(stats),
     )
+
+
+CODEC_STATE_TO_PROTO = {
+    "served": memory_pb2.BANK_CODEC_STATE_SERVED,
+    "staging": memory_pb2.BANK_CODEC_STATE_STAGING,
+    "fitting": memory_pb2.BANK_CODEC_STATE_FITTING,
+    "own": memory_pb2.BANK_CODEC_STATE_OWN,
+}
+
+
+def _bank_codec(stats: BankStats) -> memory_pb2.BankCodec | None:
+    c = stats.codec
+    if c is None:
+        return None
+    return memory_pb2.BankCodec(
+        state=CODEC_STATE_TO_PROTO[c.state], model_hash=c.model_hash, fitted_on=c.fitted_on,
+        fitted_at=c.fitted_at, staged=c.staged, threshold=c.threshold)
 
 
 def _bank_index(stats: BankStats) -> memory_pb2.BankIndex | None:
