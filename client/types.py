@@ -383,7 +383,11 @@ class BankCodec:
             own codec, fitted on ``fitted_on`` of its memories at ``fitted_at``, Unix
             seconds).
         model_hash: content hash of the bank's own codec ("" before).
-        staged: items staged toward the fit. threshold: the count at which it fits.
+        staged: items staged toward the next fit or refit. threshold: the count at
+            which it fits.
+        declined: fits not clearly better on held-out items than the bank's codec.
+        held_out_mse / replaced_mse: squared error per item of the own codec on its
+            fit's held-out items, and of the codec it replaced there.
     """
 
     state: str
@@ -392,6 +396,9 @@ class BankCodec:
     fitted_at: float
     staged: int
     threshold: int
+    declined: int = 0
+    held_out_mse: float = 0.0
+    replaced_mse: float = 0.0
 
     @classmethod
     def from_proto(cls, msg: memory_pb2.BankCodec) -> BankCodec:
@@ -400,7 +407,9 @@ class BankCodec:
         return cls(state=name.removeprefix("BANK_CODEC_STATE_").lower(),
                    model_hash=msg.model_hash, fitted_on=int(msg.fitted_on),
                    fitted_at=float(msg.fitted_at), staged=int(msg.staged),
-                   threshold=int(msg.threshold))
+                   threshold=int(msg.threshold), declined=int(msg.declined),
+                   held_out_mse=float(msg.held_out_mse),
+                   replaced_mse=float(msg.replaced_mse))
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,16 @@
 """Banks fit a codec of their own once they hold enough memories (``memory.bankcodec``,
-``domain.bankcodecs``): staged items survive restarts, the swap re-encodes every
-memory, and reads, restarts, snapshots and restores see one consistent codec."""
+``domain.bankcodecs``): staged items survive restarts, a fit is adopted only if it
+codes held-out staged items clearly better, a refit follows drift, the swap
+re-encodes every memory, and reads, restarts, snapshots and restores see one
+consistent codec.
+
+Banks here hold a narrow source: unit vectors in a random 24-dim subspace of the
+384-d space, which a fit on a few hundred of them codes far better than the served
+model; a second subspace is a drift away from it."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -25,8 +32,22 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 THRESHOLD = 400
 
 
+def _narrow(n: int, basis_seed: int, seed: int) -> np.ndarray:
+    """n unit vectors [n, 1, 384] in the 24-dim subspace ``basis_seed`` draws."""
+    basis, _ = np.linalg.qr(np.random.default_rng(basis_seed).standard_normal((384, 24)))
+    z = np.random.default_rng(seed).standard_normal((n, 24)) * np.linspace(2.0, 0.5, 24)
+    x = z @ basis.T
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)[:, None, :]
+
+
 @pytest.fixture(scope="module")
 def items() -> np.ndarray:
+    """1,200 memories of one narrow source [N, 1, 384]."""
+    return _narrow(1200, 1, 2)
+
+
+@pytest.fixture(scope="module")
+def text() -> np.ndarray:
     """1,212 held-out sentence embeddings of five registers [N, 1, 384]."""
     v2 = load_file(str(FIXTURES / "text_v2_heldout.safetensors"))
     v1 = load_file(str(FIXTURES / "text_heldout.safetensors"))
@@ -78,7 +99,10 @@ def test_a_bank_fits_its_own_codec_past_the_threshold_and_reads_exactly_as_decod
                         keys=[f"k{j}" for j in range(i, i + 100)])
             info = _until_own(c, "big")
             assert info.codec is not None and info.codec.model_hash not in ("", served.content_hash)
-            assert THRESHOLD <= info.codec.fitted_on <= 600 and info.codec.fitted_at > 0
+            # fitted on all but the held-out tenth of what was staged by then
+            assert 0.9 * THRESHOLD <= info.codec.fitted_on <= 0.9 * 500
+            assert info.codec.fitted_at > 0 and info.codec.declined == 0
+            assert 0 < info.codec.held_out_mse < 0.1 * info.codec.replaced_mse
             assert info.occupied == 600 and info.code_dim == served.code_dim
 
             q = items[600:650]
@@ -133,7 +157,10 @@ def test_staged_items_the_fit_and_later_writes_survive_restarts_and_restores(
     try:
         with MemoryClient(f"127.0.0.1:{srv.port}", timeout=120.0) as c:
             after = c.describe_bank("b")
-            assert after.codec == before.codec and after.occupied == 550
+            assert after.codec is not None and before.codec is not None
+            assert after.codec.staged == 50  # the later writes, toward a refit
+            assert dataclasses.replace(after.codec, staged=0) == before.codec
+            assert after.occupied == 550
             got = _all_hits(c, q, "b", 20)
             for e, g in zip(expected, got, strict=True):
                 assert [h.slot for h in g.hits] == [h.slot for h in e.hits]
@@ -243,3 +270,53 @@ def test_staging_keeps_only_items_their_slots_still_hold(items: np.ndarray) -> N
     exported = export.export(bank)[1]
     np.testing.assert_array_equal(exported["staged_items"], flat[[1, 3, 4, 5]])
     assert bank.stats().memory_bytes >= bank.staging.nbytes > 6 * 384 * 4
+
+
+def test_a_fit_that_codes_held_out_items_no_better_is_declined(
+        tmp_path: Path, text: np.ndarray) -> None:
+    # 400 sentences of five registers: too few for 384 dims, and the served model
+    # was fitted on such text
+    srv = _serve(tmp_path)
+    try:
+        with MemoryClient(f"127.0.0.1:{srv.port}", timeout=120.0) as c:
+            c.create_bank("b", 2000)
+            c.write(text[:THRESHOLD], bank="b", mode="per_item")
+            deadline = time.monotonic() + 120
+            while (codec := c.describe_bank("b").codec) is not None and codec.declined == 0 \
+                    and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert codec is not None
+            assert (codec.state, codec.declined, codec.staged, codec.model_hash) == \
+                ("staging", 1, 0, "")
+    finally:
+        srv.stop(grace=0.5)
+
+
+def test_a_bank_whose_memories_drift_refits_to_cover_both_sources(
+        tmp_path: Path, items: np.ndarray) -> None:
+    drifted = _narrow(600, 7, 8)  # another subspace
+    srv = _serve(tmp_path)
+    try:
+        with MemoryClient(f"127.0.0.1:{srv.port}", timeout=120.0) as c:
+            c.create_bank("b", 2000)
+            c.write(items[:THRESHOLD], bank="b", mode="per_item",
+                    keys=[f"a{i}" for i in range(THRESHOLD)])
+            first = _until_own(c, "b").codec
+            assert first is not None
+            c.write(drifted[:THRESHOLD], bank="b", mode="per_item",
+                    keys=[f"d{i}" for i in range(THRESHOLD)])
+            deadline = time.monotonic() + 120
+            while (codec := c.describe_bank("b").codec) is not None and \
+                    codec.model_hash == first.model_hash and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert codec is not None and codec.state == "own"
+            assert codec.model_hash != first.model_hash
+            assert codec.held_out_mse < 0.1 * codec.replaced_mse
+            # both sources decode well now: each memory is its own best hit
+            for src, prefix in ((items, "a"), (drifted, "d")):
+                hits = c.read(src[:50], bank="b", top_k=1, reconstruct=True)
+                assert [h.hits[0].key for h in hits] == [f"{prefix}{i}" for i in range(50)]
+                recon = np.stack([h.hits[0].reconstruction for h in hits])
+                assert _cos(recon, src[:50]).min() > 0.99
+    finally:
+        srv.stop(grace=0.5)

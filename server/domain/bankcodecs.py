@@ -24,6 +24,7 @@ import torch
 from ..codecs.base import Codec
 from ..codecs.idrp.v2 import TransformCodec
 from ..errors import FailedPrecondition, ModelFileError
+from ..memory.codecstage import FittedCodec
 from ..memory.scoring import CodeScorer
 from .engine import Engine
 
@@ -44,6 +45,10 @@ class BankCodec:
     def encode(self, items: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(np.ascontiguousarray(items, dtype=np.float32))
         return self.codec.compress(x.reshape(x.shape[0], *self.codec.input_shape)).cpu()
+
+    def decode(self, codes: torch.Tensor) -> np.ndarray:
+        out = self.codec.decompress(codes.to(self.codec.device))
+        return out.reshape(out.shape[0], -1).cpu().numpy()
 
     def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         tensors = {k: v.detach().cpu().contiguous().numpy()
@@ -103,3 +108,10 @@ class BankCodecFitter:
     def base_items(self, codes: torch.Tensor) -> np.ndarray:
         out = self.served.decompress(codes.to(self.served.device))
         return out.reshape(out.shape[0], -1).cpu().numpy()
+
+    def round_trip(self, codec: FittedCodec | None, items: np.ndarray) -> np.ndarray:
+        if codec is not None:
+            return codec.decode(codec.encode(items))
+        x = torch.from_numpy(np.ascontiguousarray(items, dtype=np.float32))
+        return self.base_items(self.served.compress(x.reshape(x.shape[0],
+                                                              *self.served.input_shape)))

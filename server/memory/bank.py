@@ -69,14 +69,16 @@ class MemoryBank(BankSlots):
         )
 
     def codec_stats(self) -> CodecStats:
-        own = self.own_codec
+        own, staged = self.own_codec, self.staging
+        n = staged.count if staged is not None else 0
         if own is not None:
             return CodecStats("own", own.codec.model_hash, own.fitted_on, own.fitted_at,
-                              threshold=self.codec_threshold)
-        if self.staging is None:
+                              n, self.codec_threshold, self.codec_declined,
+                              own.held_out_mse, own.replaced_mse)
+        if staged is None:
             return CodecStats("served")
-        return CodecStats("fitting" if self.codec_fitting else "staging",
-                          staged=self.staging.count, threshold=self.codec_threshold)
+        return CodecStats("fitting" if self.codec_fitting else "staging", staged=n,
+                          threshold=self.codec_threshold, declined=self.codec_declined)
 
     def index_stats(self) -> IndexStats:
         index, cfg = self.index, self.index_config

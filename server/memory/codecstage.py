@@ -25,6 +25,10 @@ class FittedCodec(Protocol):
         """Items [n, d] float32 -> codes [n, m] in the wire layout."""
         ...
 
+    def decode(self, codes: torch.Tensor) -> np.ndarray:
+        """Codes [n, m] in the wire layout -> items [n, d] float32."""
+        ...
+
     def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """(JSON config, arrays): what ``CodecFitter.load`` rebuilds it from."""
         ...
@@ -53,6 +57,10 @@ class CodecFitter(Protocol):
         """Codes [n, m] of the served model (wire layout) -> its decoded items [n, d]."""
         ...
 
+    def round_trip(self, codec: FittedCodec | None, items: np.ndarray) -> np.ndarray:
+        """Items [n, d] encoded and decoded by ``codec`` (None: the served model)."""
+        ...
+
 
 class CodecChanged(Exception):
     """The bank swapped codecs after the caller encoded for it: encode again."""
@@ -60,11 +68,15 @@ class CodecChanged(Exception):
 
 @dataclass(frozen=True)
 class OwnCodec:
-    """A bank's fitted codec and when it was fitted (``fitted_at``: Unix time)."""
+    """A bank's fitted codec: fitted on ``fitted_on`` items at ``fitted_at`` (Unix
+    time), with the squared error per item it had on held-out staged items and the
+    one the codec it replaced had there."""
 
     codec: FittedCodec
     fitted_on: int
     fitted_at: float
+    held_out_mse: float = 0.0
+    replaced_mse: float = 0.0
 
 
 class Staging:

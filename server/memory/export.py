@@ -50,14 +50,19 @@ def _codec_config(bank: MemoryBank) -> dict[str, Any]:
     if own is None:  # absent: the served model's codes (older snapshots too)
         return {}
     return {"codec": {"config": own.codec.state()[0], "fitted_on": own.fitted_on,
-                      "fitted_at": own.fitted_at, "generation": bank.codec_generation}}
+                      "fitted_at": own.fitted_at, "held_out_mse": own.held_out_mse,
+                      "replaced_mse": own.replaced_mse, "generation": bank.codec_generation,
+                      "declined": bank.codec_declined}}
 
 
 def _codec_arrays(bank: MemoryBank) -> dict[str, np.ndarray]:
-    """The bank's own codec's arrays (``codec.*``) or its staged items (``staged_*``)."""
+    """The bank's own codec's arrays (``codec.*``) and its staged items (``staged_*``)."""
+    out = {}
     if bank.own_codec is not None:
-        return {f"codec.{k}": v for k, v in bank.own_codec.codec.state()[1].items()}
-    return bank.staging.export(bank.occupied, bank.sequences) if bank.staging is not None else {}
+        out = {f"codec.{k}": v for k, v in bank.own_codec.codec.state()[1].items()}
+    if bank.staging is not None:
+        out.update(bank.staging.export(bank.occupied, bank.sequences))
+    return out
 
 
 def export_copy(bank: MemoryBank, frozen: bool = False) -> BankCopy:
@@ -147,6 +152,7 @@ def from_export(
     if own is not None:
         bank.own_codec = own
         bank.codec_generation = int(config["codec"].get("generation", 1))
+        bank.codec_declined = int(config["codec"].get("declined", 0))
     for name in ("occupied", "payload_data", "key_data"):
         if name not in arrays:
             raise FailedPrecondition(f"bank {bank.name!r}: array {name} is missing")
@@ -224,7 +230,9 @@ def _own_codec(config: dict, arrays: dict[str, np.ndarray],
     tensors = {k[len("codec."):]: v for k, v in arrays.items() if k.startswith("codec.")}
     try:
         codec = fitter.load(dict(spec["config"]), tensors)
-        return OwnCodec(codec, int(spec["fitted_on"]), float(spec["fitted_at"]))
+        return OwnCodec(codec, int(spec["fitted_on"]), float(spec["fitted_at"]),
+                        float(spec.get("held_out_mse", 0.0)),
+                        float(spec.get("replaced_mse", 0.0)))
     except (KeyError, TypeError, ValueError) as e:
         raise FailedPrecondition(f"bank {name!r}: its own codec does not load: {e}") from e
 

@@ -203,7 +203,9 @@ class StoreRecovery(StoreBase):
         arrays = {k[len("codec."):]: np.asarray(v) for k, v in fields.items()
                   if k.startswith("codec.")}
         codec = self.fitter.load(json.loads(str(fields["config"])), arrays)
-        own = OwnCodec(codec, int(fields["fitted_on"]), float(fields["fitted_at"]))
+        own = OwnCodec(codec, int(fields["fitted_on"]), float(fields["fitted_at"]),
+                       float(fields.get("held_out_mse", 0.0)),
+                       float(fields.get("replaced_mse", 0.0)))
         codes = torch.from_numpy(np.array(fields["codes"]))
         if codes.dtype != b.torch_dtype or tuple(codes.shape[1:]) != (b.code_dim,):
             raise FailedPrecondition("replay: codec record codes do not match the bank")
@@ -211,6 +213,7 @@ class StoreRecovery(StoreBase):
             bankcodec.install(b, own, np.asarray(fields["slots"], dtype=np.int64), codes)
         except ValueError as e:
             raise FailedPrecondition(f"replay: codec record of bank {b.name!r}: {e}") from e
+        self.start_staging(b)
         indexing.maybe_start(b, self.index_built)
 
     # defined last: inside the class body, the name ``list`` shadows the builtin

@@ -87,7 +87,12 @@ class CodecStats:
         model_hash: content hash of the codec the codes are in ("" for the served one).
         fitted_on: memories the own codec was fitted on (0 before).
         fitted_at: Unix time of that fit (0 before).
-        staged: items staged for the fit. threshold: staged items at which it fits.
+        staged: items staged for the next fit (or refit). threshold: staged items at
+            which it fits.
+        declined: fits that were not clearly better on held-out staged items than
+            the codec the bank had, so it kept that one.
+        held_out_mse / replaced_mse: squared error per item of the own codec on its
+            fit's held-out items, and of the codec it replaced on the same items.
     """
 
     state: str
@@ -96,6 +101,9 @@ class CodecStats:
     fitted_at: float = 0.0
     staged: int = 0
     threshold: int = 0
+    declined: int = 0
+    held_out_mse: float = 0.0
+    replaced_mse: float = 0.0
 
 
 @dataclass(frozen=True)

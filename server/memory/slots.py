@@ -143,6 +143,7 @@ class BankSlots:
         self.codec_generation = 0
         self.codec_fitting = False
         self.codec_threshold = 0  # staged items at which it fits (0: it never does)
+        self.codec_declined = 0  # fits not clearly better than its codec then
 
     def set_scorer(self, scorer: CodeScorer | None) -> None:
         """Scores stored codes with ``scorer`` (codes must be converted by the caller)."""

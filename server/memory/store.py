@@ -272,8 +272,7 @@ class MemoryStore(StoreRecovery):
         finally:
             b.codec_fitting = False
 
-    def swap_codec(self, bank: MemoryBank, own: OwnCodec, rows: np.ndarray,
-                   generation: int) -> bool:
+    def swap_codec(self, bank: MemoryBank, own: OwnCodec, generation: int) -> bool:
         """Installs a bank's freshly fitted codec (step 3 of ``bankcodec``): every
         occupied slot re-encoded, one ``codec`` record logged. False (nothing changed)
         if the bank was dropped, replaced or swapped since the fit began."""
@@ -287,13 +286,15 @@ class MemoryStore(StoreRecovery):
             fields: dict = {f"codec.{k}": v for k, v in arrays.items()}
             fields.update({
                 "config": json.dumps(config), "fitted_on": own.fitted_on,
-                "fitted_at": own.fitted_at, "slots": slots.astype(np.int64),
+                "fitted_at": own.fitted_at, "held_out_mse": own.held_out_mse,
+                "replaced_mse": own.replaced_mse, "slots": slots.astype(np.int64),
                 "codes": wire.cpu().numpy()})
             record = self._prepare("codec", bank.name, fields)
             with self.seq_lock:
                 self._append(self.last_seq + 1, record)
                 seq = self._next_seq()
             bankcodec.install(bank, own, slots, wire)
+            self.start_staging(bank)
             bank.applied_seq = seq
             indexing.maybe_start(bank, self.index_built)
         self._wait(seq)

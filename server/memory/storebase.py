@@ -187,14 +187,12 @@ class StoreBase:
 
     def start_staging(self, bank: MemoryBank, arrays: dict[str, np.ndarray] | None = None
                       ) -> None:
-        """Lets a bank on the served model stage items for a codec of its own (with the
-        staged items of a copy, if ``arrays`` has them)."""
+        """Lets a bank stage items for a codec of its own, or for a refit of the one it
+        has (with the staged items of a copy, if ``arrays`` has them)."""
         fitter = self.fitter
         if fitter is None:
             return
         bank.codec_threshold = fitter.threshold
-        if bank.own_codec is not None:
-            return
         limit = int(fitter.threshold * STAGING_SLACK)
         bank.staging = Staging.restore(fitter.input_dim, limit, arrays or {})
 

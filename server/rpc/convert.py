@@ -56,7 +56,8 @@ def _bank_codec(stats: BankStats) -> memory_pb2.BankCodec | None:
         return None
     return memory_pb2.BankCodec(
         state=CODEC_STATE_TO_PROTO[c.state], model_hash=c.model_hash, fitted_on=c.fitted_on,
-        fitted_at=c.fitted_at, staged=c.staged, threshold=c.threshold)
+        fitted_at=c.fitted_at, staged=c.staged, threshold=c.threshold, declined=c.declined,
+        held_out_mse=c.held_out_mse, replaced_mse=c.replaced_mse)
 
 
 def _bank_index(stats: BankStats) -> memory_pb2.BankIndex | None:
