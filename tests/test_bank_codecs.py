@@ -320,3 +320,4 @@ def test_a_bank_whose_memories_drift_refits_to_cover_both_sources(
                 assert _cos(recon, src[:50]).min() > 0.99
     finally:
         srv.stop(grace=0.5)
+

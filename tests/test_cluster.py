@@ -9,6 +9,7 @@ state). Waits are bounded; nothing asserts on timing: the bench measures that
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import shutil
 import signal
 import subprocess
@@ -330,3 +331,53 @@ def _first_stream_seq(nats: NatsCluster, shard: int) -> int:
             await nc.close()
 
     return asyncio.run(first())
+
+
+def test_a_bank_codec_fitted_on_the_owner_is_replicated_and_survives_its_death(
+        tmp_path: Path, nats: NatsCluster, pods: list[Pod]) -> None:
+    from conftest import TEXT_MODEL
+    from test_bank_codecs import _narrow
+
+    a, b, c = start_pods(pods, TEXT_MODEL, tmp_path, nats, ["pod-a", "pod-b", "pod-c"],
+                         **{"bank-codec-threshold": 400, "embedder": "none"})
+    owners = settled([a, b, c], replicas=2)
+    victim = max((b, c), key=lambda p: owners.count(p.address))
+    bank = banks_owned_by(owners, victim.address, 1, "fit")[0]
+    items = _narrow(600, 1, 2)
+    with a.client() as ca:
+        ca.create_bank(bank, 2000)
+        ca.write(items[:500], bank=bank, mode="per_item",
+                 keys=[f"m{i}" for i in range(500)])
+        deadline = time.monotonic() + 120
+        while (info := ca.describe_bank(bank)).codec is not None and \
+                info.codec.state != "own" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert info.codec is not None and info.codec.state == "own"
+        ca.write(items[500:], bank=bank, mode="per_item",
+                 keys=[f"m{i}" for i in range(500, 600)])
+        before = ca.read(items[:40], bank=bank, top_k=3, reconstruct=True)
+    holders = [p for p in (a, b, c)
+               if p.address in a.info().shards[shard_of(bank, SHARDS)].replicas]
+    for pod in holders:  # the standby applied the owner's codec record
+        with grpc.insecure_channel(pod.address) as ch:
+            local = memory_pb2_grpc.MemoryServiceStub(ch).DescribeBank(
+                memory_pb2.DescribeBankRequest(name=bank), timeout=10, metadata=LOCAL)
+        assert local.codec.model_hash == info.codec.model_hash and local.occupied == 600
+    victim.kill9()
+    survivor = next(p for p in (a, b, c) if p is not victim)
+    with survivor.client() as cs:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                after = cs.read(items[:40], bank=bank, top_k=3, reconstruct=True)
+                break
+            except UnavailableError:
+                assert time.monotonic() < deadline, "no pod took the killed owner's bank over"
+                time.sleep(0.3)
+        moved = cs.describe_bank(bank).codec
+        assert moved is not None and moved.staged == 100  # the later writes, replicated
+        assert dataclasses.replace(moved, staged=0) == info.codec
+    for e, g in zip(before, after, strict=True):
+        assert [h.key for h in g.hits] == [h.key for h in e.hits]
+        for he, hg in zip(e.hits, g.hits, strict=True):
+            np.testing.assert_array_equal(hg.reconstruction, he.reconstruction)

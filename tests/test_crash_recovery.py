@@ -534,3 +534,35 @@ def test_sigterm_writes_a_final_snapshot_holding_every_write(
     arrays = _snapshot_arrays(final)
     assert arrays["codes"][[w.slot for w in written]].tobytes() == (
         np.arange(16, dtype=np.float32).tobytes())
+
+
+def test_items_a_bank_staged_for_its_own_codec_survive_kill_9(
+        servers: list[ServerProcess], tmp_path: Path) -> None:
+    """Staged items come back from the log's write records alone (merged on replay),
+    and a fit after the restart codes the memories written before it."""
+    from conftest import TEXT_MODEL
+    from test_bank_codecs import _narrow
+
+    data = tmp_path / "data"
+    flags = {"bank-codec-threshold": 400, "embedder": "none", "snapshot-interval-s": 0}
+    items = _narrow(500, 1, 2)
+    port = _start(servers, TEXT_MODEL, data, **flags)
+    with MemoryClient(f"127.0.0.1:{port}", timeout=60.0) as c:
+        c.create_bank("b", 1000)
+        c.write(codes=c.compress(items[:5]), bank="b", mode="per_item")  # codes: not staged
+        for i in range(5, 305, 10):
+            c.write(items[i:i + 10], bank="b", mode="per_item",
+                    keys=[f"k{j}" for j in range(i, i + 10)])
+    servers[-1].kill9()
+    port = _start(servers, TEXT_MODEL, data, **flags)
+    with MemoryClient(f"127.0.0.1:{port}", timeout=60.0) as c:
+        codec = c.describe_bank("b").codec
+        assert codec is not None and (codec.state, codec.staged) == ("staging", 300)
+        c.write(items[305:455], bank="b", mode="per_item",
+                keys=[f"k{j}" for j in range(305, 455)])
+        deadline = time.monotonic() + 120
+        while (codec := c.describe_bank("b").codec) is not None and codec.state != "own":
+            assert time.monotonic() < deadline, codec
+            time.sleep(0.1)
+        hits = c.read(items[5:305:10], bank="b", top_k=1, count_access=False)
+        assert [h.hits[0].key for h in hits] == [f"k{j}" for j in range(5, 305, 10)]

@@ -176,11 +176,14 @@ class StoreRecovery(StoreBase):
             text = fields.get("text")  # absent from older records
             self.texts.written(b, slots, kept,
                                [bool(text[i]) for i in new] if text is not None else None)
-            items = fields.get("items")  # the first ones staged for the bank's own codec
+            items = fields.get("items")  # staged for the bank's own codec
             if items is not None and b.staging is not None:
-                at = np.flatnonzero(new < len(items))  # positions in ``new`` / ``slots``
-                b.staging.add([slots[j] for j in at], sequences[new[at]].tolist(),
-                              np.asarray(items)[new[at]])
+                # the record's items each staged one (a merged run says which)
+                rows = np.asarray(fields.get("item_rows", np.arange(len(items))))
+                where = {int(p): j for j, p in enumerate(new)}
+                keep = [i for i, p in enumerate(rows.tolist()) if p in where]
+                b.staging.add([slots[where[int(rows[i])]] for i in keep],
+                              sequences[rows[keep]].tolist(), np.asarray(items)[keep])
             indexing.maybe_start(b, self.index_built)
         elif kind == "codec":
             self._replay_codec(b, fields)

@@ -70,6 +70,15 @@ class BatchingApplier:
                     np.asarray(r.fields["text"], dtype=np.uint8) if "text" in r.fields
                     else np.array([is_text(bytes(p)) for p in r.fields["payloads"]],
                                   dtype=np.uint8) for r in run])
+            if any("items" in r.fields for r in run):  # staged for a bank's own codec
+                parts, rows, offset = [], [], 0
+                for r in run:
+                    if "items" in r.fields:
+                        parts.append(np.asarray(r.fields["items"]))
+                        rows.append(offset + np.arange(len(parts[-1]), dtype=np.int64))
+                    offset += r.count
+                fields["items"] = np.concatenate(parts)
+                fields["item_rows"] = np.concatenate(rows)
             if any("metadata" in r.fields for r in run):  # only some records carry it
                 fields["metadata"] = [m for r in run
                                       for m in r.fields.get("metadata", [b""] * r.count)]
