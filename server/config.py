@@ -129,7 +129,7 @@ class Settings:
         "reads search instead of scanning every slot (0: never index); see docs/banks.md"
     )
     bank_codec_threshold: int = _f(
-        10_000, "memories a bank stages as floats (1.5 KB each at 384-d, counted in the "
+        4096, "memories a bank stages as floats (1.5 KB each at 384-d, counted in the "
         "memory limit) before it fits a codec of its own to them, as an IVF or PQ index "
         "trains on its data; smaller banks keep the served model (0: every bank does); "
         "see docs/banks.md"

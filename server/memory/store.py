@@ -211,11 +211,10 @@ class MemoryStore(StoreRecovery):
             encoded = [encode_metadata(m) for m in metas] if metas and any(metas) else None
             flags = [bool(t) for t in text] if text else [False] * n
             assert len(flags) == n, (n, len(flags))
-            staged, stage = 0, None
+            staged, stage, staging_bytes = 0, None, 0
             if items is not None and b.staging is not None:
-                staged = b.staging.room(n)
-                self.check_room(b.staging.added_bytes(n), "staging this write's items")
-            self._check_write_room(keys, payloads, encoded, flags)
+                staged, staging_bytes = b.staging.room(n), b.staging.added_bytes(n)
+            self._check_write_room(keys, payloads, encoded, flags, staging_bytes)
             # planning only compares new sequences with the bank's, which are all below
             # last_seq + 1 (and cannot change while we hold its lock): no store lock needed
             slots = b.plan_write(keys, self.last_seq + 1)
@@ -302,11 +301,14 @@ class MemoryStore(StoreRecovery):
         return True
 
     def _check_write_room(self, keys: list[str | None], payloads: list[bytes | None],
-                          metadata: list[bytes] | None, text: list[bool]) -> None:
+                          metadata: list[bytes] | None, text: list[bool],
+                          staging: int = 0) -> None:
         """Charges a write's bytes against the memory limit before it is logged: keys,
-        payloads, metadata, and the lexical index's own copy of each text (its token
-        ids and matrix are counted once the next lexical read builds them)."""
+        payloads, metadata, the lexical index's own copy of each text (its token
+        ids and matrix are counted once the next lexical read builds them), and the
+        rows the bank's staging grows by."""
         parts = {
+            "staged items": staging,
             "payloads": sum(len(p) for p in payloads if p),
             "keys": sum(len(k.encode()) for k in keys if k),
             "metadata": sum(len(m) for m in metadata) if metadata else 0,

@@ -20,7 +20,16 @@ Per set, in one run:
   PCA float32/float16/int8, FAISS PQ, OPQ+PQ, SQ8/6/4, RaBitQ, the water-filling
   transform coder, random rotation + uniform SQ), fitted on ``--train-key``
   (the codec's training split) only; decoded memories searched exactly, RaBitQ
-  with its own search.
+  with its own search;
+- with ``--fit-in-domain``, every baseline fitted again on each set's own
+  memories, the way users of FAISS, Qdrant or LanceDB train a quantiser on the
+  data they index;
+- with ``--bank-codec-threshold N``, **a bank with its own codec**: a second server
+  whose banks fit a codec once they stage N memories (``memory.bankcodec``); the
+  raw memories are written through ``Write`` (the bank stages and fits them), its
+  state once the fit has run (own codec, or declined), then the same Reads, and
+  the mean cosine of each memory's reconstruction (a ``Read`` of the memory
+  itself, top 1) with the original.
 """
 
 from __future__ import annotations
@@ -46,7 +55,8 @@ DEFAULT_CORPUS = "data/corpus/splits.safetensors"
 IN_DOMAIN = ("test",)
 COLUMNS = [
     ("set", "set"), ("method", "method"), ("bytes_per_vector", "bytes/vector"),
-    ("recall_at_10", "recall@10"), ("same_top10_as_decoded", "same top-10 set as decoded"),
+    ("recall_at_10", "recall@10"), ("mean_cosine", "mean cosine"),
+    ("same_top10_as_decoded", "same top-10 set as decoded"),
     ("p50_ms", "p50 ms/query"), ("p99_ms", "p99 ms/query"),
 ]
 
@@ -65,9 +75,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="at most this many memories per set (0: all the rest)")
     parser.add_argument("--train-key", default="train",
                         help="tensor of --data the baselines are fitted on [default train]")
+    parser.add_argument("--train-data", default=None,
+                        help="file of --train-key when --data has none (e.g. the corpus "
+                             "splits for scripts/embed_dialogs.py's conversations)")
     parser.add_argument("--no-opq", action="store_true", help="skip OPQ+PQ (slowest to fit)")
     parser.add_argument("--no-baselines", action="store_true",
                         help="only Read and the decoded memories")
+    parser.add_argument("--fit-in-domain", action="store_true",
+                        help="also fit every baseline on each set's own memories")
+    parser.add_argument("--bank-codec-threshold", type=int, default=0,
+                        help="also read banks that fit their own codec once they stage this "
+                             "many memories (0: not measured)")
     parser.add_argument("--json", default=None, help="also write the results to this file")
 
 
@@ -130,21 +148,69 @@ def _served(client: Any, name: str, memories: np.ndarray, queries: np.ndarray,
     return {"found": found, "decoded": np.concatenate(decoded), "lat": lat}
 
 
+def _own_codec(client: Any, name: str, memories: np.ndarray, queries: np.ndarray,
+               shape: tuple[int, int], wait_s: float = 600.0) -> dict[str, Any]:
+    """``_served`` for a bank that fits its own codec: raw memories written, the fit
+    waited for; also each memory's reconstruction (its own top hit)."""
+    n = len(memories)
+    client.create_bank(name, n)
+    for start in range(0, n, 512):
+        batch = memories[start:start + 512]
+        client.write(batch.reshape(-1, *shape), bank=name, mode="per_item",
+                     keys=[str(i) for i in range(start, start + len(batch))])
+    deadline = time.monotonic() + wait_s
+    while True:  # until the fit ran: adopted, declined, or never due (too few staged)
+        codec = client.describe_bank(name).codec
+        if codec is None or codec.state in ("own", "served") or codec.declined or (
+                codec.state == "staging" and codec.staged < codec.threshold) or \
+                time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    found = np.full((len(queries), K), -1, dtype=np.int64)
+    lat: list[float] = []
+    client.read(queries[:1].reshape(-1, *shape), bank=name, top_k=K, count_access=False)
+    for i in range(len(queries)):
+        t0 = time.perf_counter()
+        hits = client.read(queries[i:i + 1].reshape(-1, *shape), bank=name, top_k=K,
+                           count_access=False)[0].hits
+        lat.append(time.perf_counter() - t0)
+        found[i, :len(hits)] = [int(h.key) for h in hits]
+    cos, own_hits = [], 0
+    for start in range(0, n, 256):
+        batch = memories[start:start + 256]
+        for j, r in enumerate(client.read(batch.reshape(-1, *shape), bank=name, top_k=1,
+                                          reconstruct=True, count_access=False)):
+            hit = r.hits[0]
+            if int(hit.key) == start + j:
+                own_hits += 1
+                x, y = batch[j], hit.reconstruction.reshape(-1)
+                cos.append(float(x @ y / np.linalg.norm(x) / np.linalg.norm(y)))
+    client.drop_bank(name)
+    return {"found": found, "lat": lat, "codec": codec, "mean_cosine": float(np.mean(cos)),
+            "self_hit": own_hits / n}
+
+
 def _baseline_rows(methods: list[Any], name: str, memories: np.ndarray, queries: np.ndarray,
                    truth: np.ndarray) -> list[dict[str, Any]]:
     from ..evaluation.metrics import top_k_cosine
 
     rows = []
     for method in methods:
+        row: dict[str, Any] = {"set": name, "method": method.name,
+                               "bytes_per_vector": int(method.bytes_per_code)}
         if method.reconstructs:
             decoded = method.decode(method.encode(memories))
             found = top_k_cosine(queries, decoded, K, exclude_self=False)
+            row["mean_cosine"] = _mean_cosine(memories, decoded)
         else:
             found = method.search(queries, memories, K)
-        rows.append({"set": name, "method": method.name,
-                     "bytes_per_vector": int(method.bytes_per_code),
-                     "recall_at_10": recall(found, truth)})
+        rows.append({**row, "recall_at_10": recall(found, truth)})
     return rows
+
+
+def _mean_cosine(x: np.ndarray, y: np.ndarray) -> float:
+    x, y = x.reshape(len(x), -1), y.reshape(len(y), -1)
+    return float(np.mean((x * y).sum(1) / np.linalg.norm(x, axis=1) / np.linalg.norm(y, axis=1)))
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -156,6 +222,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     set_torch_threads(args.torch_threads)
     names = [s for s in args.sets.split(",") if s]
     sets, train = load_sets(args.data, names, args.train_key)
+    if args.train_data:
+        train = load_sets(args.train_data, [args.train_key], args.train_key)[1]
     split: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for name, x in sets.items():
         if len(x) <= args.queries + K:
@@ -174,6 +242,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for name, (queries, memories) in split.items():
             served[name] = _served(client, f"recall-{name}", memories, queries, shape)
             print(f"{name}: {len(memories)} memories, {len(queries)} queries read", flush=True)
+    own: dict[str, dict[str, Any]] = {}
+    if args.bank_codec_threshold > 0:
+        with server_process(args.model, args.device, args.torch_threads,
+                            bank_codec_threshold=args.bank_codec_threshold) as address, \
+                MemoryClient(address, timeout=600.0) as client:
+            client.wait_until_serving(120)
+            for name, (queries, memories) in split.items():
+                own[name] = _own_codec(client, f"own-{name}", memories, queries, shape)
+                print(f"{name}: bank codec {own[name]['codec']}", flush=True)
     label = f"{info.name} ({info.kind}, {info.code_dtype} x {info.code_dim})"
     for name, (queries, memories) in split.items():
         truth = top_k_cosine(queries, memories, K, exclude_self=False)
@@ -188,7 +265,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                      "n_memories": len(memories), "n_queries": len(queries)})
         rows.append({"set": name, "method": f"{info.name} decoded memories, exact cosine "
                      "(in-process)", "bytes_per_vector": info.bytes_per_code,
-                     "recall_at_10": recall(decoded_ids, truth)})
+                     "recall_at_10": recall(decoded_ids, truth),
+                     "mean_cosine": _mean_cosine(memories, s["decoded"])})
+        if name in own:
+            o, c = own[name], own[name]["codec"]
+            state = f"{c.state}, fitted on {c.fitted_on}" if c.state == "own" else \
+                f"{c.state}, {c.declined} fit(s) declined"
+            rows.append({"set": name, "method": f"ApCM Read over gRPC, bank's own codec "
+                         f"({state})", "bytes_per_vector": info.bytes_per_code,
+                         "recall_at_10": recall(o["found"], truth),
+                         "mean_cosine": o["mean_cosine"], "p50_ms": percentile_ms(o["lat"], 50),
+                         "p99_ms": percentile_ms(o["lat"], 99), "self_hit": o["self_hit"],
+                         "held_out_mse": c.held_out_mse, "replaced_mse": c.replaced_mse})
     fit_s = 0.0
     skipped: list[str] = []
     if not args.no_baselines:
@@ -203,6 +291,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for name, (queries, memories) in split.items():
             rows += _baseline_rows(methods, name, memories, queries,
                                    top_k_cosine(queries, memories, K, exclude_self=False))
+            if args.fit_in_domain:
+                local, _ = budget_baselines(info.bytes_per_code, memories, shape,
+                                            opq=not args.no_opq)
+                for r in _baseline_rows(local, name, memories, queries,
+                                        top_k_cosine(queries, memories, K,
+                                                     exclude_self=False)):
+                    rows.append({**r, "method": f"{r['method']} (fit: in domain)"})
     order = {n: i for i, n in enumerate(names)}
     rows.sort(key=lambda r: order[r["set"]])  # stable: Read, decoded, baselines per set
     result = {
@@ -220,7 +315,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                      for n, (q, m) in split.items()),
                  "split": "queries = the first items of each set, memories = the rest",
                  "baselines_fitted_on": f"{args.train_key} ({0 if train is None else len(train):,}"
-                                        " items)"},
+                                        " items)" + (", and each set's own memories"
+                                                     if args.fit_in_domain else "")},
         "params": {"k": K, "torch_threads": args.torch_threads,
                    "read": "one raw embedding per Read, top_k=10, count_access off",
                    "baseline_fit_s": round(fit_s, 1), "skipped": "; ".join(skipped) or "none"},
