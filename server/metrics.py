@@ -203,6 +203,15 @@ class _BankCollector(Collector):
         building = GaugeMetricFamily(
             "apcm_index_building", "1 while a bank's index is being (re)built in the "
             "background", labels=["bank"])
+        own = GaugeMetricFamily(
+            "apcm_bank_codec_own", "1 when a bank's codes are in a codec fitted to its own "
+            "memories, 0 while it uses the served model", labels=["bank"])
+        staged = GaugeMetricFamily(
+            "apcm_bank_codec_staged_items", "Items each bank has staged toward its next "
+            "codec fit", labels=["bank"])
+        declined = GaugeMetricFamily(
+            "apcm_bank_codec_declined_fits", "Fits of each bank's codec not clearly better "
+            "on held-out items than the codec it had", labels=["bank"])
         stats = self.source() if self.source is not None else []
         for s in stats:
             capacity.add_metric([s.name], s.capacity)
@@ -213,6 +222,11 @@ class _BankCollector(Collector):
                 indexed.add_metric([s.name], ix.slots)
                 trained.add_metric([s.name], ix.trained_at)
                 building.add_metric([s.name], int(ix.state in ("training", "retraining")))
+            codec = getattr(s, "codec", None)
+            if codec is not None:
+                own.add_metric([s.name], int(codec.state == "own"))
+                staged.add_metric([s.name], codec.staged)
+                declined.add_metric([s.name], codec.declined)
         used.add_metric([], sum(s.reserved_bytes + s.payload_bytes for s in stats))
         banks.add_metric([], len(stats))
         yield capacity
@@ -223,3 +237,6 @@ class _BankCollector(Collector):
         yield indexed
         yield trained
         yield building
+        yield own
+        yield staged
+        yield declined

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TEXT_MODEL, start_text_server
+from prometheus_client import generate_latest
 from safetensors.numpy import load_file
 
 from apcm.client import MemoryClient
@@ -104,6 +105,11 @@ def test_a_bank_fits_its_own_codec_past_the_threshold_and_reads_exactly_as_decod
             assert info.codec.fitted_at > 0 and info.codec.declined == 0
             assert 0 < info.codec.held_out_mse < 0.1 * info.codec.replaced_mse
             assert info.occupied == 600 and info.code_dim == served.code_dim
+            scraped = generate_latest(srv.service.metrics.registry).decode()
+            for line in ('apcm_bank_codec_own{bank="big"} 1.0',
+                         'apcm_bank_codec_own{bank="small"} 0.0',
+                         f'apcm_bank_codec_staged_items{{bank="small"}} {THRESHOLD - 1}.0'):
+                assert line in scraped
 
             q = items[600:650]
             hits = _all_hits(c, q, "big", 600)
