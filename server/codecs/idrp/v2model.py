@@ -168,34 +168,50 @@ class TransformIDRP(nn.Module):
         return self.inverse(y)
 
     # -- the code -----------------------------------------------------------------------
+    def _quantizer_steps(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """[d] divisor and offset of ``cells`` (an uncoded dim: 1 and 0.5, one level)."""
+        levels = (1 << self.bits).to(dtype)
+        safe = torch.where(self.bits > 0, self.step, torch.ones_like(self.step)).to(dtype)
+        return safe, levels / 2
+
     def cells(self, y: torch.Tensor) -> torch.Tensor:
         """y [B, d] -> quantiser cells [B, d] int32 (0 for uncoded dims)."""
-        levels = (1 << self.bits).to(y.dtype)
-        safe = torch.where(self.bits > 0, self.step, torch.ones_like(self.step)).to(y.dtype)
+        safe, half = self._quantizer_steps(y.dtype)
         # divide (not multiply by 1 / step) and add: the code bytes are pinned to these
         # two roundings; an uncoded dim has one level, so the clamp sends it to cell 0
-        q = torch.div(y, safe).add_(levels / 2).floor_()
-        return q.clamp_(torch.zeros_like(levels), levels - 1).to(torch.int32)
+        q = torch.div(y, safe).add_(half).floor_()
+        return q.clamp_(torch.zeros_like(half), 2 * half - 1).to(torch.int32)
 
     def lookup(self, cells: torch.Tensor) -> torch.Tensor:
         """Cells [B, d] -> their table values [B, d] (uncoded dims 0, not predicted)."""
         index = cells.to(torch.int32, copy=True).add_(self.offset.to(torch.int32))
         return self.table.index_select(0, index.view(-1)).view(cells.shape)
 
-    def dequantize_cells(self, cells: torch.Tensor) -> torch.Tensor:
-        """Cells [B, d] -> y_hat [B, d] with uncoded dims predicted (0 without predictor)."""
-        y = self.lookup(cells)
+    def lookup_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes [B, budget] uint8 -> ``lookup(packer.unpack(codes))`` [B, d]."""
+        if codes.device.type == "cpu" and self.table.dtype == torch.float32:
+            return self.packer.unpack_lookup(codes, self.table, self.offset)
+        return self.lookup(self.packer.unpack(codes))
+
+    def predict_uncoded(self, y: torch.Tensor) -> torch.Tensor:
+        """Table values y [B, d] -> y_hat [B, d], uncoded dims predicted (in place)."""
         if self.predictor is not None:
             y[:, self.uncoded] = self.predictor(y[:, self.coded])
         return y
 
+    def dequantize_cells(self, cells: torch.Tensor) -> torch.Tensor:
+        """Cells [B, d] -> y_hat [B, d] with uncoded dims predicted (0 without predictor)."""
+        return self.predict_uncoded(self.lookup(cells))
+
     def pack(self, y: torch.Tensor) -> torch.Tensor:
         """y [B, d] -> codes [B, budget] uint8."""
+        if y.device.type == "cpu" and y.dtype == torch.float32:
+            return self.packer.quantize_pack(y, *self._quantizer_steps(y.dtype))
         return self.packer.pack(self.cells(y))
 
     def unpack(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes [B, budget] uint8 -> y_hat [B, d]."""
-        return self.dequantize_cells(self.packer.unpack(codes))
+        return self.predict_uncoded(self.lookup_codes(codes))
 
     def output(self, x: torch.Tensor) -> torch.Tensor:
         """What decoding returns for an un-normalised reconstruction ``x`` [B, d]."""
@@ -228,7 +244,7 @@ class PackedQuantizer:
         return self.model.pack(y)
 
     def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
-        return self.model.lookup(self.model.packer.unpack(codes))
+        return self.model.lookup_codes(codes)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {}
