@@ -23,6 +23,10 @@ table (this model's fit and FAISS PQ at the same bytes, each fold fitted without
 the left-out source) to the cards. ``fortunes`` and ``licenses`` take no part in
 any choice.
 
+``--rescore`` refits only the in-domain score of the files in ``--out`` (the
+full-covariance Gaussian of :mod:`apcm.server.codecs.idrp.v2`, for files fitted
+before it) and rewrites them and their cards; their code bytes do not change.
+
 Usage: ``.venv/bin/python scripts/train_v2_models.py [--budgets 192 384 96 48]``
 """
 
@@ -252,6 +256,10 @@ def main() -> None:
                         help="only compute the LOSO tables into --loso-cache")
     parser.add_argument("--cards-only", action="store_true",
                         help="load the model files in --out instead of fitting them")
+    parser.add_argument("--rescore", action="store_true",
+                        help="load the model files in --out, refit only their in-domain "
+                             "score (full covariance from train, percentiles from val; "
+                             "code bytes unchanged), write them and their cards")
     parser.add_argument("--rd-json", default=None,
                         help="take the cards' tables from this `apcm eval --budgets --json` "
                              "run instead of fitting the baselines again")
@@ -275,8 +283,11 @@ def main() -> None:
     for budget in args.budgets:
         name = f"text-minilm{SUFFIX.get(budget, f'-{budget}B')}{args.name_suffix}"
         path = Path(args.out) / f"{name}.safetensors"
-        if args.cards_only:
+        if args.cards_only or args.rescore:
             codec = load_codec(path)
+            if args.rescore:
+                codec.rescore(items(splits.vectors["train"]), items(splits.vectors["val"]))
+                print(f"  rescored {path} ({save_codec(codec, path)[:12]})", flush=True)
             write_card(codec, name, budget, args, splits, facts, fit_kwargs, loso_cache(budget))
             continue
         t0 = time.time()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -425,3 +426,82 @@ def test_rotated_groups_keep_the_latent_search_exact(data: dict[str, np.ndarray]
     unit = torch.nn.functional.normalize
     np.testing.assert_allclose(unit(via_latent, dim=1).numpy(), unit(decoded, dim=1).numpy(),
                                atol=1e-4)
+
+
+def _unit_items(n: int, d: int, gen: torch.Generator) -> torch.Tensor:
+    """[n, 1, d] unit-norm items around a common direction, variance spectrum over three
+    decades and three directions of none (as sentence embeddings have)."""
+    spec = torch.logspace(0, -3, d)
+    spec[-3:] = 0
+    basis, _ = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(9)))
+    x = (torch.randn(n, d, generator=gen) * spec) @ basis.T + 2.0 * basis[:, 0]
+    return (x / x.norm(dim=1, keepdim=True)).reshape(n, 1, d)
+
+
+@pytest.mark.parametrize("budget", [64, 32, 8])
+def test_random_unit_vectors_are_flagged_at_every_budget_in_domain_items_rarely(
+        budget: int) -> None:
+    """At ``budget == d`` every dim gets 8 bits, so the group rotation turns the whole
+    latent; the score must still see that random unit vectors put energy where the
+    training items have almost none (a diagonal Gaussian on the turned latent,
+    nearly isotropic, flagged about 40 % of them here)."""
+    d = 64
+    gen = torch.Generator().manual_seed(1)
+    train, val, test = (_unit_items(n, d, gen) for n in (6000, 1500, 1500))
+    codec = TransformCodec.fit(train, budget, val=val, rotate_groups=True, hedge=0.05)
+    if budget == d:
+        assert torch.unique(codec.model.bits).tolist() == [8]
+    noise = torch.randn(1000, d, generator=gen)
+    noise = (noise / noise.norm(dim=1, keepdim=True)).reshape(-1, 1, d)
+    assert codec.check_items(noise).flagged.all()
+    assert codec.check_items(test).flagged.mean() <= 0.03
+    for scale in (0.9, 1.1):
+        checks = codec.check_items(test * scale)
+        assert checks.norm_off.all() and checks.flagged.all()
+
+
+def test_the_full_covariance_score_survives_a_file_round_trip(tmp_path: Path) -> None:
+    gen = torch.Generator().manual_seed(2)
+    train, val = _unit_items(3000, 32, gen), _unit_items(800, 32, gen)
+    codec = TransformCodec.fit(train, 32, val=val, rotate_groups=True)
+    path = tmp_path / "m.safetensors"
+    save_codec(codec, path)
+    loaded = load_codec(path)
+    assert loaded.content_hash == codec.content_hash
+    np.testing.assert_array_equal(loaded.check_items(val).in_domain_percentile,
+                                  codec.check_items(val).in_domain_percentile)
+
+
+def test_rescoring_a_diagonal_score_file_keeps_its_codes_and_flags_random_vectors(
+        tmp_path: Path) -> None:
+    """What ``scripts/train_v2_models.py --rescore`` does to a file fitted before the
+    full-covariance score: same code bytes and decoded items, random vectors flagged."""
+    d = 64
+    gen = torch.Generator().manual_seed(4)
+    train, val, test = (_unit_items(n, d, gen) for n in (6000, 1500, 1500))
+    codec = TransformCodec.fit(train, d, val=val, rotate_groups=True, hedge=0.05)
+    m = codec.model
+    old = TransformConfig.from_dict({**m.config.to_dict(), "score_full_cov": False})
+    diagonal = TransformIDRP(old, table_size=len(m.table))
+    diagonal.set_quantizer(transform.QuantizerFit(m.bits.numpy(), m.step.numpy(),
+                                                  m.table.numpy(), m.offset.numpy()))
+    state = {k: v for k, v in m.state_dict().items() if k != "score_whiten"}
+    diagonal.load_state_dict(state, strict=True)
+    before = TransformCodec("old", (1, d), diagonal)
+    before.calibrate(val)
+    path = tmp_path / "old.safetensors"
+    save_codec(before, path)
+    loaded = load_codec(path)
+    assert "score_full_cov" not in loaded.config()["idrp"]
+    codes = loaded.compress(test)
+    decoded = loaded.decompress(codes)
+    noise = torch.randn(1000, d, generator=gen)
+    noise = (noise / noise.norm(dim=1, keepdim=True)).reshape(-1, 1, d)
+    assert not loaded.check_items(noise).flagged.all()
+    loaded.rescore(train, val)
+    save_codec(loaded, path)
+    rescored = load_codec(path)
+    assert torch.equal(rescored.compress(test), codes)
+    assert torch.equal(rescored.decompress(codes), decoded)
+    assert rescored.check_items(noise).flagged.all()
+    assert rescored.check_items(test).flagged.mean() <= 0.03

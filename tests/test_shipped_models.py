@@ -196,3 +196,27 @@ def test_v2_image_models_beat_pca_at_equal_bytes(
                    CodeQuantizer("int8", CodeQuantizer.fit_int8_scale(latents)))
     ours = coded_mse(codec, x)
     assert ours < 0.2 * coded_mse(pca, x) and ours <= max_mse
+
+
+# (file, whether its score is the full-covariance one): the 4:1 file was fitted before
+# it, and its diagonal score on a latent turned as a whole flags about half of the
+# random vectors; regenerating it (scripts/train_v2_models.py) turns this test green
+V2_TEXT_SCORES = [
+    "text-minilm-32x", "text-minilm-16x", "text-minilm",
+    pytest.param("text-minilm-4x", marks=pytest.mark.xfail(
+        strict=True, reason="fitted with the diagonal score; needs regenerating")),
+]
+
+
+@pytest.mark.parametrize("name", V2_TEXT_SCORES)
+def test_v2_text_model_flags_random_and_scaled_vectors_not_held_out_text(name: str) -> None:
+    codec = load_codec(ROOT / "model_weights" / f"{name}.safetensors")
+    fixture = load_file(str(FIXTURES / V2_FIXTURE))
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(1000, 384, generator=gen)
+    noise = (noise / noise.norm(dim=1, keepdim=True)).reshape(-1, 1, 384)
+    test = fixture["test"].float().reshape(-1, 1, 384)
+    assert codec.check_items(test).flagged.mean() <= 0.03
+    assert codec.check_items(test * 1.1).flagged.all()
+    assert codec.check_items(test * 0.9).flagged.all()
+    assert codec.check_items(noise).flagged.all()

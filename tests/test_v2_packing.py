@@ -109,3 +109,33 @@ def test_read_side_decode_equals_decoding_then_shifting_to_the_search_space() ->
     for n in (1, 512, 1300):  # within one row block, exactly one, across three
         want = scorer.queries(model.unpack(codes[:n]))
         assert torch.equal(scorer.codes(codes[:n]), want)
+
+
+@pytest.mark.parametrize("key", MODELS)
+def test_compiled_kernels_give_the_torch_formulation_bytes_on_every_layout(key: str) -> None:
+    """The CPU kernels (fused quantise + pack, unpack + lookup) and the torch ops that
+    other devices run agree bit for bit, on the wire layout and the byte-aligned one,
+    for latents that hit the clamps, cell edges, infinities and NaN."""
+    model = _model(key)
+    bits, step = model.bits, model.step
+    gen = torch.Generator().manual_seed(3)
+    half = (1 << bits).float() / 2 * step
+    y = torch.randn(500, len(bits), generator=gen) * half * 1.5
+    edges = torch.arange(-4, 5).float()[:, None] * step  # exact cell boundaries
+    y = torch.cat([y, edges, torch.full((1, len(bits)), float("inf")),
+                   torch.full((1, len(bits)), float("-inf")),
+                   torch.full((1, len(bits)), float("nan"))])
+    codes = model.pack(y)
+    np.testing.assert_array_equal(codes.numpy(), model.packer.pack_torch(model.cells(y)).numpy())
+    np.testing.assert_array_equal(model.packer.unpack(codes).numpy(),
+                                  model.packer.unpack_torch(codes).numpy())
+    np.testing.assert_array_equal(model.unpack(codes).numpy(),
+                                  model.lookup(model.packer.unpack_torch(codes)).numpy())
+    aligned = transform.BitPacker(bits, transform.byte_aligned_order(bits))
+    cells = model.cells(y)
+    stored = aligned.pack(cells)
+    np.testing.assert_array_equal(stored.numpy(), aligned.pack_torch(cells).numpy())
+    np.testing.assert_array_equal(aligned.unpack(stored).numpy(),
+                                  aligned.unpack_torch(stored).numpy())
+    np.testing.assert_array_equal(aligned.unpack_lookup(stored, model.table, model.offset).numpy(),
+                                  model.lookup(aligned.unpack_torch(stored)).numpy())

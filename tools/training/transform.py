@@ -181,5 +181,5 @@ def train_flow(init: TransformCodec, train: torch.Tensor, val: torch.Tensor,
         p.requires_grad_(False)
     model.eval()
     codec._hash = None
-    codec.calibrate(val)
+    codec.calibrate(val, train)  # the score's covariance is that of the trained flow's y
     return codec, record

@@ -43,7 +43,7 @@ class PCARotation(Bijection):
         return y, x.new_zeros(x.shape[0])
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        return y @ self.rotation + self.mean
+        return (y @ self.rotation).add_(self.mean)  # the same sum, without a second [B, d]
 
 
 class FixedScale(Bijection):

@@ -20,17 +20,15 @@ OpenMP), which a slim image may lack.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import cast
 
-import numba
 import numpy as np
 import torch
 from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
+from .bitkernels import jit
 from .transform import BitPacker
 
 PARALLEL_ROWS = 16_384  # below this, one thread: a hand-off costs more than it saves
@@ -47,18 +45,6 @@ def _executor() -> ThreadPoolExecutor:
             _pool = ThreadPoolExecutor(max(1, torch.get_num_threads()),
                                        thread_name_prefix="apcm-lut")
         return _pool
-
-
-def _jit(fn: Callable[..., None]) -> Callable[..., None]:
-    """Compiled, cached on disk where numba finds a writable place: next to this
-    file, ``$NUMBA_CACHE_DIR`` or the user's cache folder. With none (a read-only
-    install and no writable home) numba refuses ``cache=True`` at decoration, so
-    the kernel is compiled at every start instead of failing the import."""
-    try:
-        return cast(Callable[..., None], numba.njit(cache=True, nogil=True,
-                                                    boundscheck=False)(fn))
-    except RuntimeError:
-        return cast(Callable[..., None], numba.njit(nogil=True, boundscheck=False)(fn))
 
 
 PREFETCH_AHEAD = 4  # rows ahead of the one scored whose bytes are asked for early
@@ -89,7 +75,7 @@ def _prefetch(typingctx, codes, i, j):  # type: ignore[no-untyped-def]  # pragma
     return sig, codegen
 
 
-@_jit
+@jit
 def _scan(codes: np.ndarray, rows: np.ndarray, byte_lut: np.ndarray, lut: np.ndarray,
           base: np.ndarray, word: np.ndarray, shift: np.ndarray, mask: np.ndarray,
           out: np.ndarray) -> None:  # pragma: no cover
@@ -136,7 +122,7 @@ def _scan(codes: np.ndarray, rows: np.ndarray, byte_lut: np.ndarray, lut: np.nda
                 out[q, i] = (a0 + a1) + (a2 + a3)
 
 
-@_jit
+@jit
 def _byte_tables(lut: np.ndarray, slot: np.ndarray, base: np.ndarray, shift: np.ndarray,
                  mask: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover
     out[:] = 0.0

@@ -35,6 +35,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import bitkernels
+
 MAX_BITS = 8
 STEP_FACTORS = np.exp(np.linspace(np.log(0.6), np.log(1.6), 15))
 CENTROID_SHRINK = 2.0
@@ -345,6 +347,10 @@ class BitPacker:
     parts land on non-decreasing bytes, and fields never share a bit, so each byte
     is the sum of a contiguous run of parts (a cumulative sum read at run ends).
     Unpacking reads every dim's window from the byte pairs and masks its field.
+    That is the torch formulation (``pack_torch``, ``unpack_torch``: any device); on
+    the CPU the same bytes come from compiled kernels that stream each row's fields
+    through a bit accumulator (:mod:`apcm.server.codecs.idrp.bitkernels`), which also
+    fuse quantising into packing and table lookup into unpacking.
 
     Args:
         bits: [d] int bits per dim, summing to a multiple of 8.
@@ -386,6 +392,10 @@ class BitPacker:
         # index of the last part of each byte (every byte holds at least one bit)
         self._run_end = torch.searchsorted(byte_t, torch.arange(self.n_bytes), right=True) - 1
         self._word, self._wshift, self._mask = word, wshift.to(torch.int32), mask.to(torch.int32)
+        # the compiled CPU kernels walk the fields in stream order
+        self._dims = np.asarray(order, dtype=np.int64)
+        self._widths = widths.numpy()[self._dims]
+        self._uncoded = torch.nonzero(widths == 0).flatten().numpy()
 
     def to(self, device: torch.device | str) -> BitPacker:
         for name in ("_src", "_lshift", "_rshift", "_run_end", "_word", "_wshift", "_mask"):
@@ -394,6 +404,14 @@ class BitPacker:
 
     def pack(self, cells: torch.Tensor) -> torch.Tensor:
         """Cells [B, d] int (0 .. 2**b_i - 1) -> codes [B, n_bytes] uint8."""
+        if cells.device.type != "cpu":
+            return self.pack_torch(cells)
+        out = torch.empty(cells.shape[0], self.n_bytes, dtype=torch.uint8)
+        bitkernels.pack_cells(cells.contiguous().numpy(), self._dims, self._widths, out.numpy())
+        return out
+
+    def pack_torch(self, cells: torch.Tensor) -> torch.Tensor:
+        """``pack`` in torch ops, on any device (a field's parts summed per byte)."""
         parts = cells.index_select(1, self._src).to(torch.int32)  # fresh: shift in place
         parts.bitwise_left_shift_(self._lshift).bitwise_right_shift_(self._rshift)
         ends = parts.bitwise_and_(255).cumsum(1, dtype=torch.int32).index_select(1, self._run_end)
@@ -405,7 +423,39 @@ class BitPacker:
         """Codes [B, n_bytes] uint8 -> cells [B, d] int32 (0 for uncoded dims)."""
         if codes.shape[1] != self.n_bytes:
             raise ValueError(f"codes have {codes.shape[1]} bytes, the layout {self.n_bytes}")
+        if codes.device.type != "cpu":
+            return self.unpack_torch(codes)
+        cells = torch.zeros(codes.shape[0], self.d, dtype=torch.int32)
+        bitkernels.unpack_cells(codes.contiguous().numpy(), self._dims, self._widths,
+                                cells.numpy())
+        return cells
+
+    def unpack_torch(self, codes: torch.Tensor) -> torch.Tensor:
+        """``unpack`` in torch ops, on any device (every dim's 16-bit window, masked)."""
         padded = torch.nn.functional.pad(codes.to(torch.int32), (0, 1))
         words = (padded[:, :-1] << 8).bitwise_or_(padded[:, 1:])
         fields = words.index_select(1, self._word)  # fresh: shift and mask in place
         return fields.bitwise_right_shift_(self._wshift).bitwise_and_(self._mask)
+
+    def quantize_pack(self, y: torch.Tensor, step: torch.Tensor, half: torch.Tensor,
+                      ) -> torch.Tensor:
+        """Latents y [B, d] float32 on the CPU -> codes [B, n_bytes] uint8 of the cells
+        ``clip(floor(y / step + half), 0, 2**b_i - 1)`` (step, half [d] float32), without
+        the cells in between: ``pack(cells)`` to the byte."""
+        out = torch.empty(y.shape[0], self.n_bytes, dtype=torch.uint8)
+        bitkernels.quantize_pack(y.contiguous().numpy(), step.contiguous().numpy(),
+                                 half.contiguous().numpy(), self._dims, self._widths,
+                                 out.numpy())
+        return out
+
+    def unpack_lookup(self, codes: torch.Tensor, table: torch.Tensor,
+                      offset: torch.Tensor) -> torch.Tensor:
+        """Codes [B, n_bytes] uint8 on the CPU -> ``table[offset + cells]`` [B, d]
+        float32 (uncoded dims: ``table[offset]``), without the cells in between."""
+        if codes.shape[1] != self.n_bytes:
+            raise ValueError(f"codes have {codes.shape[1]} bytes, the layout {self.n_bytes}")
+        out = torch.empty(codes.shape[0], self.d, dtype=torch.float32)
+        bitkernels.unpack_lookup(codes.contiguous().numpy(), self._dims, self._widths,
+                                 self._uncoded, table.contiguous().numpy(),
+                                 offset.contiguous().numpy(), out.numpy())
+        return out

@@ -13,11 +13,15 @@ The untrained model (no flow, zero predictor) *is* the classical transform coder
 Without a flow, cosine search in the rotated latent is exact: with ``c = R mean``,
 ``x = (y + c) @ R``, so ``cos(q, x_hat) = cos(y_q + c, y_hat + c)`` (``R`` orthogonal).
 
-In-domain score: ``nll(x) = 0.5 * sum_i y_i^2 / var_i - log|det dF/dz|`` (the exact
-negative log-likelihood, up to a constant, of a diagonal Gaussian on ``y``), turned
-into a percentile of the validation NLLs; an item is flagged when the percentile
-exceeds ``ood_percentile`` or, for unit-norm inputs, when its norm is off by more
-than ``norm_tol``.
+In-domain score: ``nll(x) = 0.5 * y^T C^-1 y - log|det dF/dz|`` (the exact negative
+log-likelihood, up to a constant, of a Gaussian on ``y`` with the training
+covariance ``C``), turned into a percentile of the validation NLLs; an item is
+flagged when the percentile exceeds ``ood_percentile`` or, for unit-norm inputs,
+when its norm is off by more than ``norm_tol``. ``C`` is full, not its diagonal: a
+group rotation mixes principal directions of very different variance into each
+coded dim, and at 4:1 (every dim 8 bits, one group) it turns the whole space, so a
+diagonal Gaussian on ``y`` is nearly isotropic and scores a random unit vector
+like a text embedding. Files fitted before ``score_full_cov`` keep the diagonal.
 """
 
 from __future__ import annotations
@@ -104,7 +108,7 @@ class TransformCodec(Codec):
         norm_tol = max(10 * float((norms - 1).abs().max()), 1e-4) if unit else 0.0
         config = TransformConfig(dim=d, budget=budget_bytes, n_blocks=n_blocks, hidden=hidden,
                                  aux_hidden=aux_hidden, renorm=bool(renorm), norm_check=unit,
-                                 norm_tol=norm_tol, seed=seed)
+                                 norm_tol=norm_tol, seed=seed, score_full_cov=True)
         model = TransformIDRP(config, table_size=len(fit.table))
         model.rotation.mean.copy_(mean.float())
         model.rotation.rotation.copy_(components.float())
@@ -114,8 +118,18 @@ class TransformCodec(Codec):
         held = val if val is not None else train
         if renorm is None and unit and val is not None:
             codec.set_renorm(codec._val_mse(val, True) < codec._val_mse(val, False))
-        codec.calibrate(held)
+        codec.calibrate(held, train)
         return codec
+
+    def rescore(self, train: torch.Tensor, val: torch.Tensor) -> None:
+        """Switches the in-domain score to the full-covariance Gaussian, its covariance
+        from ``train`` [N, L, D] (the fit's items) and its percentiles from ``val``;
+        the code (rotation, bits, steps, tables) is untouched, so are its bytes."""
+        m = self.model
+        if not m.config.score_full_cov:
+            m.config = TransformConfig.from_dict({**m.config.to_dict(), "score_full_cov": True})
+            m.register_buffer("score_whiten", torch.eye(m.config.dim, device=self.device))
+        self.calibrate(val, train)
 
     def set_renorm(self, on: bool) -> None:
         self.model.config = TransformConfig.from_dict({**self.model.config.to_dict(),
@@ -132,10 +146,16 @@ class TransformCodec(Codec):
             self.set_renorm(old)
 
     @torch.inference_mode()
-    def calibrate(self, held: torch.Tensor) -> None:
-        """Score percentiles from held-out items [N, L, D] (validation)."""
+    def calibrate(self, held: torch.Tensor, train: torch.Tensor | None = None) -> None:
+        """Score percentiles from held-out items [N, L, D] (validation); with
+        ``train`` [N', L, D] (the fit's items), first the score's covariance (models
+        with ``score_full_cov``), from the latents of the current flow."""
+        m = self.model
+        if train is not None and m.config.score_full_cov:
+            y = m(train.reshape(train.shape[0], -1).float().to(self.device))[0].double()
+            m.set_score_covariance(torch.cov(y.T).cpu())
         x = held.reshape(held.shape[0], -1).float().to(self.device)
-        nll = self.model.nll(x).double().cpu()
+        nll = m.nll(x).double().cpu()
         qs = torch.quantile(nll, torch.linspace(0, 1, N_SCORE_QUANTILES, dtype=torch.float64))
         self.model.score_quantiles.copy_(qs.float())
         self._hash = None

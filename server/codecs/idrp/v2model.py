@@ -38,6 +38,8 @@ class TransformConfig:
         renorm: rescale decoded vectors to unit norm. norm_check: flag inputs whose
             norm is off by more than ``norm_tol`` (for unit-norm embedders).
         ood_percentile: flag items whose NLL percentile exceeds it. seed: permutations.
+        score_full_cov: the score's Gaussian on y has the full training covariance
+            (buffer ``score_whiten``), not only its diagonal ``sigma``.
     """
 
     dim: int
@@ -53,9 +55,13 @@ class TransformConfig:
     norm_tol: float = 0.0
     ood_percentile: float = 0.99
     seed: int = 0
+    score_full_cov: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if not self.score_full_cov:  # files fitted before it keep their config and hash
+            del d["score_full_cov"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TransformConfig:
@@ -71,7 +77,9 @@ class TransformIDRP(nn.Module):
     Buffers (all in the weights file): rotation ``mean`` [d] / ``rotation`` [d, d];
     ``sigma`` [d] latent std; ``bits`` [d] int64, ``step`` [d], ``table`` [T],
     ``offset`` [d] int64; ``score_quantiles`` [1001] validation NLL quantiles;
-    ``norm_center`` [1] the inputs' typical norm.
+    ``norm_center`` [1] the inputs' typical norm; with ``score_full_cov``,
+    ``score_whiten`` [d, d], which maps y to coordinates of unit training variance
+    (``set_score_covariance``).
     """
 
     bits: torch.Tensor
@@ -81,6 +89,7 @@ class TransformIDRP(nn.Module):
     sigma: torch.Tensor
     score_quantiles: torch.Tensor
     norm_center: torch.Tensor
+    score_whiten: torch.Tensor  # only with ``config.score_full_cov``
 
     def __init__(self, config: TransformConfig, table_size: int | None = None) -> None:
         super().__init__()
@@ -94,6 +103,8 @@ class TransformIDRP(nn.Module):
         self.register_buffer("offset", torch.arange(d, dtype=torch.int64))
         self.register_buffer("score_quantiles", torch.zeros(N_SCORE_QUANTILES))
         self.register_buffer("norm_center", torch.ones(1))
+        if config.score_full_cov:
+            self.register_buffer("score_whiten", torch.diag(1.0 / self.sigma))
         self.packer = transform.BitPacker(self.bits)  # derived from ``bits``, not stored
         self.flow_layers = nn.ModuleList(self._flow_layers(config))
         self.predictor: SwiGLU | None = None
@@ -168,34 +179,50 @@ class TransformIDRP(nn.Module):
         return self.inverse(y)
 
     # -- the code -----------------------------------------------------------------------
+    def _quantizer_steps(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """[d] divisor and offset of ``cells`` (an uncoded dim: 1 and 0.5, one level)."""
+        levels = (1 << self.bits).to(dtype)
+        safe = torch.where(self.bits > 0, self.step, torch.ones_like(self.step)).to(dtype)
+        return safe, levels / 2
+
     def cells(self, y: torch.Tensor) -> torch.Tensor:
         """y [B, d] -> quantiser cells [B, d] int32 (0 for uncoded dims)."""
-        levels = (1 << self.bits).to(y.dtype)
-        safe = torch.where(self.bits > 0, self.step, torch.ones_like(self.step)).to(y.dtype)
+        safe, half = self._quantizer_steps(y.dtype)
         # divide (not multiply by 1 / step) and add: the code bytes are pinned to these
         # two roundings; an uncoded dim has one level, so the clamp sends it to cell 0
-        q = torch.div(y, safe).add_(levels / 2).floor_()
-        return q.clamp_(torch.zeros_like(levels), levels - 1).to(torch.int32)
+        q = torch.div(y, safe).add_(half).floor_()
+        return q.clamp_(torch.zeros_like(half), 2 * half - 1).to(torch.int32)
 
     def lookup(self, cells: torch.Tensor) -> torch.Tensor:
         """Cells [B, d] -> their table values [B, d] (uncoded dims 0, not predicted)."""
         index = cells.to(torch.int32, copy=True).add_(self.offset.to(torch.int32))
         return self.table.index_select(0, index.view(-1)).view(cells.shape)
 
-    def dequantize_cells(self, cells: torch.Tensor) -> torch.Tensor:
-        """Cells [B, d] -> y_hat [B, d] with uncoded dims predicted (0 without predictor)."""
-        y = self.lookup(cells)
+    def lookup_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes [B, budget] uint8 -> ``lookup(packer.unpack(codes))`` [B, d]."""
+        if codes.device.type == "cpu" and self.table.dtype == torch.float32:
+            return self.packer.unpack_lookup(codes, self.table, self.offset)
+        return self.lookup(self.packer.unpack(codes))
+
+    def predict_uncoded(self, y: torch.Tensor) -> torch.Tensor:
+        """Table values y [B, d] -> y_hat [B, d], uncoded dims predicted (in place)."""
         if self.predictor is not None:
             y[:, self.uncoded] = self.predictor(y[:, self.coded])
         return y
 
+    def dequantize_cells(self, cells: torch.Tensor) -> torch.Tensor:
+        """Cells [B, d] -> y_hat [B, d] with uncoded dims predicted (0 without predictor)."""
+        return self.predict_uncoded(self.lookup(cells))
+
     def pack(self, y: torch.Tensor) -> torch.Tensor:
         """y [B, d] -> codes [B, budget] uint8."""
+        if y.device.type == "cpu" and y.dtype == torch.float32:
+            return self.packer.quantize_pack(y, *self._quantizer_steps(y.dtype))
         return self.packer.pack(self.cells(y))
 
     def unpack(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes [B, budget] uint8 -> y_hat [B, d]."""
-        return self.dequantize_cells(self.packer.unpack(codes))
+        return self.predict_uncoded(self.lookup_codes(codes))
 
     def output(self, x: torch.Tensor) -> torch.Tensor:
         """What decoding returns for an un-normalised reconstruction ``x`` [B, d]."""
@@ -203,9 +230,25 @@ class TransformIDRP(nn.Module):
             return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
         return x
 
+    def set_score_covariance(self, cov: torch.Tensor) -> None:
+        """Sets ``score_whiten`` [d, d] from the training covariance [d, d] of y.
+
+        Eigenvalues are floored at float32's resolution of vectors with the
+        training spread (``eps**2 * trace``): in a direction with less variance the
+        training data carry only rounding noise, and scoring that noise would make
+        an in-domain item's NLL a matter of its rounding.
+        """
+        cov = cov.double()
+        evals, evecs = torch.linalg.eigh(cov)
+        floor = torch.finfo(torch.float32).eps ** 2 * float(torch.trace(cov))
+        whiten = evecs.T / evals.clamp_min(floor).sqrt()[:, None]
+        self.score_whiten.copy_(whiten.float())
+
     def nll(self, x: torch.Tensor) -> torch.Tensor:
         """Negative log-likelihood [B] (up to a constant) of items x [B, d]."""
         y, log_det = self.forward(x)
+        if self.config.score_full_cov:
+            return 0.5 * ((y @ self.score_whiten.T) ** 2).sum(dim=1) - log_det
         return 0.5 * ((y / self.sigma) ** 2).sum(dim=1) - log_det
 
 
@@ -228,7 +271,7 @@ class PackedQuantizer:
         return self.model.pack(y)
 
     def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
-        return self.model.lookup(self.model.packer.unpack(codes))
+        return self.model.lookup_codes(codes)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {}
