@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from prometheus_client import generate_latest
 from safetensors.numpy import load_file
 
 from apcm.client import MemoryClient
-from apcm.client.types import BankInfo
+from apcm.client.types import BankCodec, BankInfo
 from apcm.server.codecs.base import load_codec
 from apcm.server.codecs.idrp.v2 import TransformCodec
 from apcm.server.domain.bankcodecs import BankCodecFitter
@@ -62,14 +63,19 @@ def _serve(data_dir: Path, **overrides: object):
                              **overrides)
 
 
-def _until_own(c: MemoryClient, bank: str) -> BankInfo:
+def _until(c: MemoryClient, bank: str, done: Callable[[BankCodec], bool]) -> BankInfo:
+    """The bank's info once ``done(its codec)`` (fits run in the background)."""
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         info = c.describe_bank(bank)
-        if info.codec is not None and info.codec.state == "own":
+        if info.codec is not None and done(info.codec):
             return info
         time.sleep(0.1)
-    raise AssertionError(f"bank {bank} did not fit its codec: {c.describe_bank(bank).codec}")
+    raise AssertionError(f"bank {bank}: codec still {c.describe_bank(bank).codec}")
+
+
+def _until_own(c: MemoryClient, bank: str) -> BankInfo:
+    return _until(c, bank, lambda codec: codec.state == "own")
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -287,10 +293,7 @@ def test_a_fit_that_codes_held_out_items_no_better_is_declined(
         with MemoryClient(f"127.0.0.1:{srv.port}", timeout=120.0) as c:
             c.create_bank("b", 2000)
             c.write(text[:THRESHOLD], bank="b", mode="per_item")
-            deadline = time.monotonic() + 120
-            while (codec := c.describe_bank("b").codec) is not None and codec.declined == 0 \
-                    and time.monotonic() < deadline:
-                time.sleep(0.1)
+            codec = _until(c, "b", lambda codec: codec.declined > 0).codec
             assert codec is not None
             assert (codec.state, codec.declined, codec.staged, codec.model_hash) == \
                 ("staging", 1, 0, "")
@@ -311,10 +314,7 @@ def test_a_bank_whose_memories_drift_refits_to_cover_both_sources(
             assert first is not None
             c.write(drifted[:THRESHOLD], bank="b", mode="per_item",
                     keys=[f"d{i}" for i in range(THRESHOLD)])
-            deadline = time.monotonic() + 120
-            while (codec := c.describe_bank("b").codec) is not None and \
-                    codec.model_hash == first.model_hash and time.monotonic() < deadline:
-                time.sleep(0.1)
+            codec = _until(c, "b", lambda codec: codec.model_hash != first.model_hash).codec
             assert codec is not None and codec.state == "own"
             assert codec.model_hash != first.model_hash
             assert codec.held_out_mse < 0.1 * codec.replaced_mse

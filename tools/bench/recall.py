@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +136,16 @@ def _served(client: Any, name: str, memories: np.ndarray, queries: np.ndarray,
         written = client.write(codes=codes, bank=name, mode="per_item")
         slot_to_index[[w.slot for w in written]] = np.arange(start, start + len(codes))
         decoded.append(client.decompress(codes).reshape(len(codes), -1))
+    found, lat = _read_each(client, name, queries, shape,
+                            lambda hits: slot_to_index[[h.slot for h in hits]])
+    client.drop_bank(name)
+    return {"found": found, "decoded": np.concatenate(decoded), "lat": lat}
+
+
+def _read_each(client: Any, name: str, queries: np.ndarray, shape: tuple[int, int],
+               index_of: Callable[[list[Any]], Any]) -> tuple[np.ndarray, list[float]]:
+    """One ``Read`` (top 10, access counts off) per query: found memory indices [Q, k]
+    (``index_of(hits)``; -1: no hit) and each Read's latency in seconds."""
     found = np.full((len(queries), K), -1, dtype=np.int64)
     lat: list[float] = []
     client.read(queries[:1].reshape(-1, *shape), bank=name, top_k=K, count_access=False)
@@ -143,9 +154,8 @@ def _served(client: Any, name: str, memories: np.ndarray, queries: np.ndarray,
         hits = client.read(queries[i:i + 1].reshape(-1, *shape), bank=name, top_k=K,
                            count_access=False)[0].hits
         lat.append(time.perf_counter() - t0)
-        found[i, :len(hits)] = slot_to_index[[h.slot for h in hits]]
-    client.drop_bank(name)
-    return {"found": found, "decoded": np.concatenate(decoded), "lat": lat}
+        found[i, :len(hits)] = index_of(hits)
+    return found, lat
 
 
 def _own_codec(client: Any, name: str, memories: np.ndarray, queries: np.ndarray,
@@ -166,15 +176,8 @@ def _own_codec(client: Any, name: str, memories: np.ndarray, queries: np.ndarray
                 time.monotonic() > deadline:
             break
         time.sleep(0.2)
-    found = np.full((len(queries), K), -1, dtype=np.int64)
-    lat: list[float] = []
-    client.read(queries[:1].reshape(-1, *shape), bank=name, top_k=K, count_access=False)
-    for i in range(len(queries)):
-        t0 = time.perf_counter()
-        hits = client.read(queries[i:i + 1].reshape(-1, *shape), bank=name, top_k=K,
-                           count_access=False)[0].hits
-        lat.append(time.perf_counter() - t0)
-        found[i, :len(hits)] = [int(h.key) for h in hits]
+    found, lat = _read_each(client, name, queries, shape,
+                            lambda hits: [int(h.key) for h in hits])
     cos, own_hits = [], 0
     for start in range(0, n, 256):
         batch = memories[start:start + 256]
