@@ -57,6 +57,27 @@ def test_bench_recall_read_over_grpc_ranks_like_the_decoded_memories(tmp_path: P
     assert {g["goal"].split(":")[0] for g in result["goals"]} >= {"test", "licenses"}
 
 
+def test_bench_recall_reads_banks_with_their_own_codec_beside_in_domain_baselines(
+        tmp_path: Path) -> None:
+    js = tmp_path / "recall-own.json"
+    rc = main(["bench", "recall", "--model", str(TEXT_V2_MODEL), "--data", str(TEXT_V2_FIXTURE),
+               "--sets", "test", "--queries", "30", "--train-key", "fortunes", "--no-opq",
+               "--fit-in-domain", "--bank-codec-threshold", "200", "--json", str(js)])
+    assert rc == 0
+    result = json.loads(js.read_text())
+    assert result["benchmark"] == "recall-own-test-192B"
+    methods = [r["method"] for r in result["rows"]]
+    (own,) = [r for r in result["rows"] if "bank's own codec" in r["method"]]
+    # 270 mixed sentences in 384 dims: the fit ran, and was adopted or declined
+    assert "own, fitted on" in own["method"] or "1 fit(s) declined" in own["method"]
+    assert own["self_hit"] > 0.9 and 0.9 < own["mean_cosine"] <= 1.0
+    assert any(m.endswith("(fit: in domain)") for m in methods)
+    assert any(m.startswith("FAISS PQ") and "in domain" not in m for m in methods)
+    assert {g["goal"] for g in result["goals"]} >= {
+        "test: own-codec mean cosine >= 0.997",
+        "test: own-codec Read recall@10 >= the best baseline fitted in domain"}
+
+
 def test_bench_recall_says_how_to_build_missing_data(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="scripts/prepare_corpus.py"):
         main(["bench", "recall", "--data", str(tmp_path / "nothing.safetensors")])
