@@ -386,8 +386,9 @@ class BankCodec:
         staged: items staged toward the next fit or refit. threshold: the count at
             which it fits.
         declined: fits not clearly better on held-out items than the bank's codec.
-        held_out_mse / replaced_mse: squared error per item of the own codec on its
-            fit's held-out items, and of the codec it replaced there.
+        held_out_mse / replaced_mse: squared error per item on the fit's held-out
+            items of the own codec as fitted without them, and of the codec it
+            replaced.
     """
 
     state: str

@@ -13,7 +13,7 @@ snapshots, so a restart loses none). Once ``threshold`` are staged, a background
    on all but a held-out tenth of the staged items, and both it and the bank's
    codec now code the held-out ones. Unless the new one's error there is clearly
    lower (``ADOPT_BELOW``), the fit is declined: the staging empties and the bank
-   keeps its codec. A first fit on too few items, or on a mix the served model
+   keeps its codec. Else the codec is fitted again on every staged item. A first fit on too few items, or on a mix the served model
    already codes well, is declined so; a refit is adopted only if the bank's
    memories drifted away from what its codec was fitted on.
 3. Under the bank lock held *exclusively* (the store's ``swap_codec``): every
@@ -132,8 +132,11 @@ def fit_now(bank: MemoryBank, fitter: CodecFitter, swap: Swap) -> bool:
                 staging.keep(np.zeros(0, dtype=np.int64))
                 bank.codec_declined += 1
         return False
-    return swap(bank, OwnCodec(candidate, fitted_on=len(train), fitted_at=time.time(),
-                               held_out_mse=new, replaced_mse=now), generation)
+    # judged, it is fitted again on every item: the held-out tenth only decided
+    everything = items if older is None else np.concatenate([items, older])
+    return swap(bank, OwnCodec(fitter.fit(everything), fitted_on=len(everything),
+                               fitted_at=time.time(), held_out_mse=new, replaced_mse=now),
+                generation)
 
 
 def _mse(out: np.ndarray, items: np.ndarray) -> float:

@@ -91,8 +91,9 @@ class CodecStats:
             which it fits.
         declined: fits that were not clearly better on held-out staged items than
             the codec the bank had, so it kept that one.
-        held_out_mse / replaced_mse: squared error per item of the own codec on its
-            fit's held-out items, and of the codec it replaced on the same items.
+        held_out_mse / replaced_mse: squared error per item on the fit's held-out
+            staged items of the own codec as fitted without them (which decided the
+            swap), and of the codec it replaced.
     """
 
     state: str
