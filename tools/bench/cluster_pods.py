@@ -22,6 +22,8 @@ from apcm.v1 import cluster_pb2, cluster_pb2_grpc
 from .nats_cluster import free_ports
 
 START_TIMEOUT_S = 120.0
+BIND_RETRIES = 3
+PORT_TAKEN = "Address already in use"
 
 
 class Pod:
@@ -57,13 +59,26 @@ class Pod:
 
     def wait_serving(self) -> Pod:
         deadline = time.monotonic() + START_TIMEOUT_S
+        rebinds = 0
         while time.monotonic() < deadline:
             if "apcm: serving gRPC on" in self.output()[self._start:]:
                 return self
             if self.proc is not None and self.proc.poll() is not None:
+                # free_ports only finds a port free a moment ago: another process may bind
+                # it first. The pod fails before it joins the cluster, so a new port is safe.
+                if rebinds < BIND_RETRIES and PORT_TAKEN in self.output()[self._start:]:
+                    rebinds += 1
+                    self._move_to(free_ports(1)[0])
+                    self.start()
+                    continue
                 raise AssertionError(f"{self.name} exited:\n{self.output()[-4000:]}")
             time.sleep(0.1)
         raise AssertionError(f"{self.name} did not start:\n{self.output()[-4000:]}")
+
+    def _move_to(self, port: int) -> None:
+        self.port = port
+        self.address = f"127.0.0.1:{port}"
+        self.flags.update({"grpc-port": port, "advertise-address": self.address})
 
     def signal(self, sig: int) -> None:
         if self.proc is not None and self.proc.poll() is None:
