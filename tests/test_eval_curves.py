@@ -15,8 +15,10 @@ from apcm.server.cli import main
 from apcm.tools.evaluation import curves, metrics, report, transform
 from apcm.tools.evaluation.baselines import (
     FaissSQMethod,
+    RaBitQMethod,
     RandomRotationMethod,
     WaterFillingMethod,
+    rabitq_config,
 )
 from apcm.tools.evaluation.datasets import corpus_splits
 
@@ -66,6 +68,30 @@ def test_every_baseline_spends_exactly_its_budget_and_more_bytes_help(
     sq4 = FaissSQMethod(4, 32, x_train)
     assert metrics.mse(x_test, sq8.decode(sq8.encode(x_test))) < \
         metrics.mse(x_test, sq4.decode(sq4.encode(x_test))) / 10
+
+
+def test_rabitq_behind_its_rotation_fills_the_budget_and_beats_the_unrotated_one() -> None:
+    import faiss
+
+    rng = np.random.default_rng(0)
+    d = 64
+    # axis-aligned variances falling by 0.85 per dim, as on PCA axes
+    x = (rng.standard_normal((1200, d)) * 0.85 ** np.arange(d)).astype(np.float32)
+    exact = metrics.top_k_cosine(x, x, 10)
+    # 16 B: 1 bit on all 64 dims (the rotation is the only difference); 40 B: 3 bits on
+    # the leading 52 PCA axes
+    for budget, dims, margin in ((16, 64, 0.1), (40, 52, 0.0)):
+        nb, found = rabitq_config(d, budget)  # type: ignore[misc]
+        assert found == dims
+        size = faiss.IndexRaBitQ(dims, faiss.METRIC_INNER_PRODUCT, nb).code_size
+        bigger = faiss.IndexRaBitQ(dims + 1, faiss.METRIC_INNER_PRODUCT, nb).code_size
+        assert size <= budget < bigger or dims == d
+        recall = {}
+        for rotate in (False, True):
+            m = RaBitQMethod(budget, x[:800], rotate=rotate)
+            assert m.bytes_per_code == size == _code_bytes(m.encode(x))
+            recall[rotate] = metrics.search_recall_at_k(m.search, x, 10, exact)
+        assert recall[True] >= recall[False] + margin, (budget, recall)
 
 
 def test_water_filling_beats_pca_int8_on_held_out_text() -> None:
