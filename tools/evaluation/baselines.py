@@ -2,7 +2,9 @@
 
 Every method maps flattened items [N, d] float32 to codes [N, bytes] (or its
 own dtype) and back; ``bytes_per_code`` is what one stored item costs. Every
-baseline is fitted on the training split only (its constructor's ``x_train``).
+baseline is fitted on the items its constructor gets (``x_train``): the training
+split, or the searched database itself for an in-domain fit
+(:func:`apcm.tools.evaluation.curves.run_curves`).
 
 Baselines: PCA (float32/float16/int8, via :class:`CodecMethod` of a fitted
 ``PCACodec``), FAISS PQ and OPQ+PQ, FAISS scalar quantisers SQ8/SQ6/SQ4 (on
@@ -11,7 +13,8 @@ behind its random rotation; search only: no faithful decoder for multi-bit
 codes), the water-filling
 transform coder (PCA + integer reverse water-filling + uniform quantisers),
 random orthogonal rotation + uniform b-bit quantiser, and lossless
-bit-packing for binary data.
+bit-packing for binary data. :func:`in_domain_codec` is our own codec fitted
+the way an adaptive bank is to fit it on its own memories.
 """
 
 from __future__ import annotations
@@ -23,6 +26,10 @@ import numpy as np
 import torch
 
 from apcm.server.codecs.base import Codec
+from apcm.server.codecs.idrp.v2 import TransformCodec
+
+#: family of :func:`in_domain_codec`'s rows
+IN_DOMAIN_IDRP = "idrp v2 fitted in domain (adaptive bank)"
 
 
 class Method(ABC):
@@ -387,3 +394,19 @@ class RandomRotationMethod(Method):
 
         z = transform.dequantize(transform.unpack(codes, self.bits), self.step, self.bits)
         return _f32(z @ self.rot + self.mean)
+
+
+def in_domain_codec(x: np.ndarray, budget: int, input_shape: tuple[int, int],
+                    renorm: bool | None = None) -> CodecMethod:
+    """IDRP v2 fitted on ``x`` [N, d] itself: the fit planned for adaptive banks.
+
+    No hedge and no group rotation: those buy robustness to another source's
+    spectrum, which a fit on the searched items does not need. ``renorm``: the
+    shipped model's setting at this budget (None: off, as ``TransformCodec.fit``
+    decides without validation items).
+    """
+    items = torch.from_numpy(_f32(x)).reshape(-1, *input_shape)
+    codec = TransformCodec.fit(items, budget, renorm=renorm, hedge=0.0, rotate_groups=False)
+    method = CodecMethod(f"{IN_DOMAIN_IDRP} {budget} B", codec)
+    method.family = IN_DOMAIN_IDRP
+    return method
