@@ -14,9 +14,12 @@ from safetensors.numpy import load_file
 from apcm.server.cli import main
 from apcm.tools.evaluation import curves, metrics, report, transform
 from apcm.tools.evaluation.baselines import (
+    IN_DOMAIN_IDRP,
     FaissSQMethod,
+    RaBitQMethod,
     RandomRotationMethod,
     WaterFillingMethod,
+    rabitq_config,
 )
 from apcm.tools.evaluation.datasets import corpus_splits
 
@@ -68,6 +71,30 @@ def test_every_baseline_spends_exactly_its_budget_and_more_bytes_help(
         metrics.mse(x_test, sq4.decode(sq4.encode(x_test))) / 10
 
 
+def test_rabitq_behind_its_rotation_fills_the_budget_and_beats_the_unrotated_one() -> None:
+    import faiss
+
+    rng = np.random.default_rng(0)
+    d = 64
+    # axis-aligned variances falling by 0.85 per dim, as on PCA axes
+    x = (rng.standard_normal((1200, d)) * 0.85 ** np.arange(d)).astype(np.float32)
+    exact = metrics.top_k_cosine(x, x, 10)
+    # 16 B: 1 bit on all 64 dims (the rotation is the only difference); 40 B: 3 bits on
+    # the leading 52 PCA axes
+    for budget, dims, margin in ((16, 64, 0.1), (40, 52, 0.0)):
+        nb, found = rabitq_config(d, budget)  # type: ignore[misc]
+        assert found == dims
+        size = faiss.IndexRaBitQ(dims, faiss.METRIC_INNER_PRODUCT, nb).code_size
+        bigger = faiss.IndexRaBitQ(dims + 1, faiss.METRIC_INNER_PRODUCT, nb).code_size
+        assert size <= budget < bigger or dims == d
+        recall = {}
+        for rotate in (False, True):
+            m = RaBitQMethod(budget, x[:800], rotate=rotate)
+            assert m.bytes_per_code == size == _code_bytes(m.encode(x))
+            recall[rotate] = metrics.search_recall_at_k(m.search, x, 10, exact)
+        assert recall[True] >= recall[False] + margin, (budget, recall)
+
+
 def test_water_filling_beats_pca_int8_on_held_out_text() -> None:
     f = load_file(str(TEXT_FIXTURE))
     x_train, x_ood = f["test"].reshape(-1, 384), f["ood"].reshape(-1, 384)
@@ -112,6 +139,47 @@ def test_corpus_splits_are_stratified_and_keep_ood_whole() -> None:
     assert all(np.array_equal(out[k], again[k]) for k in out)
 
 
+def test_curves_fit_every_baseline_on_train_and_in_domain(
+        digits: tuple[np.ndarray, np.ndarray]) -> None:
+    import torch
+
+    from apcm.server.codecs.idrp.v2 import TransformCodec
+
+    x_train, x_test = digits
+    result = curves.run_curves([], [16, 32], x_train, {"test": x_test}, (8, 8),
+                               embeddings=True, opq=False, renorm={32: True},
+                               timing_s=0.01, log=lambda _: None)
+    rows = result["rows"]
+    assert {r["fit"] for r in rows} == {"train", "in domain"}
+    assert result["fits"] == ["train", "in domain"]
+    for budget in (16, 32):
+        fams = {r["family"] for r in rows if r["budget"] == budget}
+        trained = {f.removesuffix(" (fit: train)") for f in fams if f.endswith("(fit: train)")}
+        domain = {f.removesuffix(" (fit: in domain)") for f in fams
+                  if f.endswith("(fit: in domain)")}
+        assert trained == domain and {"FAISS PQ", "FAISS RaBitQ", "PCA float32"} <= trained
+        ours = [r for r in rows if r["family"] == IN_DOMAIN_IDRP and r["budget"] == budget]
+        assert len(ours) == 1 and ours[0]["bytes_per_code"] == budget
+        assert ours[0]["fit"] == "in domain"
+
+    def mse(family: str, budget: int) -> float:
+        return next(r["mse"] for r in rows if r["family"] == family and r["budget"] == budget)
+
+    # PCA fitted on the items it codes has the least squared error of any m-dim projection
+    assert mse("PCA float32 (fit: in domain)", 16) < mse("PCA float32 (fit: train)", 16)
+    # our in-domain row is exactly TransformCodec.fit on the split, with the given renorm
+    # (renorm on these non-unit digits is a large error, so the setting is visible)
+    items = torch.from_numpy(x_test).reshape(-1, 8, 8)
+    fitted = {}
+    for budget, renorm in ((16, None), (32, True), (32, False)):
+        codec = TransformCodec.fit(items, budget, renorm=renorm, hedge=0.0, rotate_groups=False)
+        x_hat = codec.decompress(codec.compress(items)).reshape(len(x_test), -1).numpy()
+        fitted[(budget, renorm)] = metrics.mse(x_test, x_hat.astype(np.float64))
+    assert mse(IN_DOMAIN_IDRP, 16) == pytest.approx(fitted[(16, None)], rel=1e-9)
+    assert mse(IN_DOMAIN_IDRP, 32) == pytest.approx(fitted[(32, True)], rel=1e-9)
+    assert fitted[(32, True)] > 10 * fitted[(32, False)]
+
+
 def test_budgets_from_ratios() -> None:
     assert curves.parse_budgets(None, "32,16,8,4", 1536) == [48, 96, 192, 384]
     assert curves.parse_budgets("96,48", None, 1536) == [48, 96]
@@ -132,8 +200,12 @@ def test_eval_budgets_writes_tables_and_plots(tmp_path: Path,
     assert "**PSNR dB**" in text and "**recall@10" in text and "| 16 B | 32 B |" in text
     assert "| digits (idrp int8 m=32, this model) | 32 | 8:1 |" in text
     assert "water-filling TC" in text and "FAISS SQ4" in text and "FAISS RaBitQ" in text
+    assert "| FAISS PQ (fit: train) |" in text and "| FAISS PQ (fit: in domain) |" in text
+    assert "| FAISS RR+RaBitQ 1-bit (fit: in domain) | 16 |" in text
+    assert f"| {IN_DOMAIN_IDRP} |" in text
     rows = json.loads(js.read_text())["rows"]
     assert {r["budget"] for r in rows} == {16, 32}
+    assert {r["fit"] for r in rows} == {"model", "train", "in domain"}
     for metric in ("psnr", "mse", "cosine", "recall10"):
         png = tmp_path / f"dg.{metric}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000

@@ -4,9 +4,11 @@ Without ``--budgets``/``--ratios``: one table per split for each ``--model``
 against PCA / PQ / OPQ / bit-packing at that model's byte budget. With them:
 rate–distortion curves: every baseline (PCA float32/float16/int8, FAISS PQ,
 OPQ+PQ, SQ8/6/4, RaBitQ, water-filling transform coder, random rotation +
-uniform SQ, bit-packing for binary data) at every budget, plus each
-``--model`` at its own bytes, on every split; summary and full tables, and
-with ``--plots DIR`` one PNG per metric against bytes per code.
+uniform SQ, bit-packing for binary data) at every budget, fitted on the
+training split and (unless ``--no-in-domain``) on each evaluated split itself,
+plus our codec fitted in domain and each ``--model`` at its own bytes, on every
+split; summary and full tables, and with ``--plots DIR`` one PNG per metric
+against bytes per code.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ if TYPE_CHECKING:  # the command imports numpy and the server only when it runs
     from apcm.server.codecs.base import Codec
 
 EPILOG = """Baselines are fitted on --train-key of --train-data (default: the 'train' tensor
-of --data), the split the model was trained on. One table per --splits entry.
+of --data), the split the model was trained on; with --budgets also on each --splits
+entry itself (in domain). One table per --splits entry.
 Example: apcm eval --model model_weights/digits.safetensors
 --data data/digits/digits.safetensors --splits train,test --image
 Curves: apcm eval --model model_weights/text-minilm.safetensors
@@ -67,6 +70,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="L,D of one item when no --model gives it (default 1,d)")
     p.add_argument("--no-opq", action="store_true", help="curves: skip OPQ+PQ (slowest fit)")
     p.add_argument("--no-rabitq", action="store_true", help="curves: skip RaBitQ")
+    p.add_argument("--no-in-domain", action="store_true",
+                   help="curves: fit the baselines on the training split only, not also on "
+                        "each evaluated split (the searched database) itself")
     p.add_argument("--plots", default=None,
                    help="curves: folder for one PNG per metric (PREFIX.METRIC.png)")
     p.add_argument("--plot-prefix", default="rd", help="curves: file name prefix of the PNGs")
@@ -140,9 +146,10 @@ def run_curves(args: argparse.Namespace) -> int:
     import json
 
     from apcm.server.codecs.base import load_codec
+    from apcm.server.codecs.idrp.v2 import TransformCodec
 
     from ..evaluation import curves, datasets
-    from ..evaluation.baselines import CodecMethod
+    from ..evaluation.baselines import IN_DOMAIN_IDRP, CodecMethod
 
     models = []
     for path in args.model:
@@ -172,6 +179,9 @@ def run_curves(args: argparse.Namespace) -> int:
         [(name, method) for name, method, _ in models], budgets, x_train, splits, shape,
         data_range=data_range, embeddings=args.embeddings, binary=binary,
         faiss=not args.no_faiss, opq=not args.no_opq, rabitq=not args.no_rabitq,
+        in_domain=not args.no_in_domain,
+        renorm={c.bytes_per_code: c.model.config.renorm for _, _, c in models
+                if isinstance(c, TransformCodec)},
         timing_s=args.timing_s, log=lambda text: print(text, flush=True),
     )
     described = "; ".join(
@@ -180,10 +190,16 @@ def run_curves(args: argparse.Namespace) -> int:
     header = (
         f"Rate–distortion at {', '.join(f'{b} B' for b in budgets)} per code "
         f"(input {shape[0]}x{shape[1]} float32 = {4 * d} B). Models: {described}. "
-        f"Baselines fitted on `{args.train_key}` of `{Path(args.train_data or args.data).name}` "
-        f"({x_train.shape[0]} items) only. MSE is per value; recall@10: every item of a "
-        "split queries the others, exact top-10 from the original vectors vs top-10 of "
-        "the decoded ones (RaBitQ: FAISS' own search, float queries)."
+        "Every baseline is fitted on "
+        f"`{args.train_key}` of `{Path(args.train_data or args.data).name}` "
+        f"({x_train.shape[0]} items; rows \"(fit: train)\")"
+        + ("" if args.no_in_domain else
+           " and again on each split itself, the database being searched (rows \"(fit: in "
+           "domain)\"), which is how FAISS, Qdrant or LanceDB users train a quantiser; "
+           f"`{IN_DOMAIN_IDRP}` is our codec fitted the same way")
+        + ". MSE is per value; recall@10: every item of a split queries the others, exact "
+        "top-10 from the original vectors vs top-10 of the decoded ones (RaBitQ: FAISS' "
+        "own search behind its random rotation, float queries)."
     )
     text = curves.to_markdown(result, header)
     if args.plots:

@@ -2,15 +2,19 @@
 
 Every method maps flattened items [N, d] float32 to codes [N, bytes] (or its
 own dtype) and back; ``bytes_per_code`` is what one stored item costs. Every
-baseline is fitted on the training split only (its constructor's ``x_train``).
+baseline is fitted on the items its constructor gets (``x_train``): the training
+split, or the searched database itself for an in-domain fit
+(:func:`apcm.tools.evaluation.curves.run_curves`).
 
 Baselines: PCA (float32/float16/int8, via :class:`CodecMethod` of a fitted
 ``PCACodec``), FAISS PQ and OPQ+PQ, FAISS scalar quantisers SQ8/SQ6/SQ4 (on
 the leading PCA dims that fill the budget), RaBitQ (FAISS ``IndexRaBitQ``;
-search only: no faithful decoder for multi-bit codes), the water-filling
+behind its random rotation; search only: no faithful decoder for multi-bit
+codes), the water-filling
 transform coder (PCA + integer reverse water-filling + uniform quantisers),
 random orthogonal rotation + uniform b-bit quantiser, and lossless
-bit-packing for binary data.
+bit-packing for binary data. :func:`in_domain_codec` is our own codec fitted
+the way an adaptive bank is to fit it on its own memories.
 """
 
 from __future__ import annotations
@@ -22,6 +26,10 @@ import numpy as np
 import torch
 
 from apcm.server.codecs.base import Codec
+from apcm.server.codecs.idrp.v2 import TransformCodec
+
+#: family of :func:`in_domain_codec`'s rows
+IN_DOMAIN_IDRP = "idrp v2 fitted in domain (adaptive bank)"
 
 
 class Method(ABC):
@@ -233,18 +241,27 @@ def rabitq_config(d: int, budget: int) -> tuple[int, int] | None:
 
 
 class RaBitQMethod(Method):
-    """FAISS ``IndexRaBitQ`` (inner product, multi-bit), search only.
+    """FAISS RaBitQ (inner product, multi-bit) behind its random rotation, search only.
+
+    RaBitQ's error bounds assume the code's axes are a random rotation of the
+    data's (faiss' ``RR{d},RaBitQ``); on PCA axes, whose variances fall by orders
+    of magnitude, its sign bits waste most of their information. So the items go
+    through a seeded ``RandomRotationMatrix`` (``rotate``; False reproduces the old,
+    unrotated baseline for comparison) before ``IndexRaBitQ``. Queries are float
+    (``qb`` 0), not quantised.
 
     ``sa_decode`` of a multi-bit RaBitQ code ignores the extra bits, so no
-    distortion is reported; recall uses FAISS' own search with float queries.
-    When the code covers fewer than d dims, items and queries are projected on
-    the leading PCA axes (for a fixed query q, q.x = q.mean + (P q).(P(x - mean))
-    on the kept axes, so the ranking is that of the projected inner product).
+    distortion is reported; recall uses FAISS' own search. When the code covers
+    fewer than d dims, items and queries are projected on the leading PCA axes
+    (for a fixed query q, q.x = q.mean + (P q).(P(x - mean)) on the kept axes, so
+    the ranking is that of the projected inner product); the rotation follows the
+    projection.
     """
 
     reconstructs = False
 
-    def __init__(self, budget: int, x_train: np.ndarray) -> None:
+    def __init__(self, budget: int, x_train: np.ndarray, rotate: bool = True,
+                 seed: int = 0) -> None:
         import faiss
 
         _one_faiss_thread()
@@ -254,12 +271,19 @@ class RaBitQMethod(Method):
             raise ValueError(f"no RaBitQ code fits {budget} bytes")
         self.nb_bits, dims = config
         self.proj = PCAProjection(x_train, dims) if dims < d else None
-        index: Any = faiss.IndexRaBitQ(dims, faiss.METRIC_INNER_PRODUCT, self.nb_bits)
+        rabitq: Any = faiss.IndexRaBitQ(dims, faiss.METRIC_INNER_PRODUCT, self.nb_bits)
+        rabitq.qb = 0  # faiss' default quantises queries to 4 bits
+        index: Any = rabitq
+        if rotate:
+            rotation: Any = faiss.RandomRotationMatrix(dims, dims)
+            rotation.init(seed)
+            index = faiss.IndexPreTransform(rotation, rabitq)
+            self.rotation, self.rabitq = rotation, rabitq  # the wrapper does not own them
         index.train(self._y(x_train))
         self.index = index
-        self.bytes_per_code = int(index.code_size)
-        self.family = "FAISS RaBitQ"
-        self.name = f"FAISS RaBitQ {self.nb_bits}-bit" + (
+        self.bytes_per_code = int(index.sa_code_size())
+        self.family = "FAISS RaBitQ" if rotate else "FAISS RaBitQ, no rotation"
+        self.name = f"FAISS {'RR+' if rotate else ''}RaBitQ {self.nb_bits}-bit" + (
             f" (PCA-{dims})" if self.proj is not None else "")
 
     def _y(self, x: np.ndarray) -> np.ndarray:
@@ -370,3 +394,19 @@ class RandomRotationMethod(Method):
 
         z = transform.dequantize(transform.unpack(codes, self.bits), self.step, self.bits)
         return _f32(z @ self.rot + self.mean)
+
+
+def in_domain_codec(x: np.ndarray, budget: int, input_shape: tuple[int, int],
+                    renorm: bool | None = None) -> CodecMethod:
+    """IDRP v2 fitted on ``x`` [N, d] itself: the fit planned for adaptive banks.
+
+    No hedge and no group rotation: those buy robustness to another source's
+    spectrum, which a fit on the searched items does not need. ``renorm``: the
+    shipped model's setting at this budget (None: off, as ``TransformCodec.fit``
+    decides without validation items).
+    """
+    items = torch.from_numpy(_f32(x)).reshape(-1, *input_shape)
+    codec = TransformCodec.fit(items, budget, renorm=renorm, hedge=0.0, rotate_groups=False)
+    method = CodecMethod(f"{IN_DOMAIN_IDRP} {budget} B", codec)
+    method.family = IN_DOMAIN_IDRP
+    return method

@@ -1,8 +1,9 @@
 """Rate–distortion curves: codec files and every baseline at several byte budgets.
 
 :func:`run_curves` fits every baseline of :func:`report.budget_baselines` once per
-budget on the training split, evaluates them and the given codecs (each at its
-own bytes per code) on every split, and returns the rows; :func:`to_markdown`
+budget on the training split and once on each evaluated split (in domain),
+evaluates them and the given codecs (each at its own bytes per code) on every
+split, and returns the rows; :func:`to_markdown`
 and :func:`draw` turn them into tables and one PNG per metric.
 """
 
@@ -16,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from . import metrics, plots, report
+from . import baselines, metrics, plots, report
 from .baselines import Method
 
 #: metric key -> (axis label, log y-axis, better is higher)
@@ -46,6 +47,16 @@ def parse_budgets(budgets: str | None, ratios: str | None, input_bytes: int) -> 
     return sorted(set(out))
 
 
+#: ``fit`` of a row: the codec files' own points, and the two ways a baseline is fitted
+FIT_MODEL, FIT_TRAIN, FIT_IN_DOMAIN = "model", "train", "in domain"
+
+
+def _fitted_on(method: Method, fit: str) -> Method:
+    method.name += f" (fit: {fit})"
+    method.family += f" (fit: {fit})"
+    return method
+
+
 def run_curves(
     models: Sequence[tuple[str, Method]],
     budgets: Sequence[int],
@@ -59,40 +70,66 @@ def run_curves(
     faiss: bool = True,
     opq: bool = True,
     rabitq: bool = True,
+    in_domain: bool = True,
+    renorm: dict[int, bool] | None = None,
     timing_s: float = 0.3,
     log: Any = print,
 ) -> dict[str, Any]:
     """Rows for every (split, method), methods = models + the baselines at each budget.
 
+    Every baseline is fitted twice: once on ``x_train`` (the split the models were
+    trained on: "other text" for every other split) and, with ``in_domain``, once on
+    each evaluated split itself, the database being searched, as a FAISS, Qdrant or
+    LanceDB user trains a quantiser on their own vectors. The in-domain fits also
+    include our codec fitted on the split (:func:`baselines.in_domain_codec`, with
+    ``renorm[budget]``, the shipped model's setting at that budget, where given).
+
     Args:
         models: (file name, method) of each codec file; each is one point at its bytes.
-        x_train: [N, d] training split; every baseline is fitted on it and nothing else.
+        x_train: [N, d] training split.
         splits: name -> [n, d] items to evaluate.
-    Returns a JSON-ready dict: ``rows`` (one dict per split x method, with ``split`` and
-    ``budget``), ``skipped`` (baselines not applicable at a budget) and ``fit_s``.
+    Returns a JSON-ready dict: ``rows`` (one dict per split x method, with ``split``,
+    ``budget`` and ``fit``: "model", "train" or "in domain"), ``skipped`` (baselines
+    not applicable at a budget) and ``fit_s`` (seconds per "fit/budget", in-domain
+    fits per "in domain/split/budget").
     """
-    methods: list[tuple[int, Method]] = [(m.bytes_per_code, m) for _, m in models]
+    trained: list[tuple[int, str, Method]] = [
+        (m.bytes_per_code, FIT_MODEL, m) for _, m in models]
     skipped: list[str] = []
     fit_s: dict[str, float] = {}
-    for budget in budgets:
-        t0 = time.perf_counter()
-        found, why = report.budget_baselines(budget, x_train, input_shape, binary=binary,
-                                             faiss=faiss, opq=opq, rabitq=rabitq)
-        fit_s[str(budget)] = round(time.perf_counter() - t0, 1)
-        log(f"fitted {len(found)} baselines at {budget} B in {fit_s[str(budget)]} s")
-        methods += [(budget, m) for m in found]
-        skipped += why
+
+    def fit_all(x: np.ndarray, fit: str, key: str) -> list[tuple[int, str, Method]]:
+        out = []
+        for budget in budgets:
+            t0 = time.perf_counter()
+            found, why = report.budget_baselines(budget, x, input_shape, binary=binary,
+                                                 faiss=faiss, opq=opq, rabitq=rabitq)
+            if fit == FIT_IN_DOMAIN and budget <= x.shape[1]:
+                found.append(baselines.in_domain_codec(
+                    x, budget, input_shape, (renorm or {}).get(budget)))
+            fit_s[f"{key}/{budget}"] = round(time.perf_counter() - t0, 1)
+            log(f"fitted {len(found)} methods on {key} at {budget} B "
+                f"in {fit_s[f'{key}/{budget}']} s")
+            out += [(budget, fit, m if m.family == baselines.IN_DOMAIN_IDRP
+                     else _fitted_on(m, fit)) for m in found]
+            skipped.extend(f"[fit: {key}] {w}" for w in why)
+        return out
+
+    trained += fit_all(x_train, FIT_TRAIN, FIT_TRAIN)
     rows: list[dict[str, Any]] = []
     for split, x in splits.items():
+        methods = trained + (fit_all(x, FIT_IN_DOMAIN, f"{FIT_IN_DOMAIN}/{split}")
+                             if in_domain else [])
         exact = metrics.top_k_cosine(x, x, 10) if embeddings else None
-        for budget, method in methods:
+        for budget, fit, method in methods:
             row = report.evaluate(method, x, data_range, embeddings, exact, timing_s)
             rows.append({"split": split, "budget": budget, "n_items": int(x.shape[0]),
-                         **dataclasses.asdict(row)})
+                         "fit": fit, **dataclasses.asdict(row)})
         log(f"evaluated {len(methods)} methods on {split} ({x.shape[0]} items)")
     return {"rows": rows, "skipped": skipped, "fit_s": fit_s,
             "models": [name for name, _ in models], "budgets": list(budgets),
-            "n_train": int(x_train.shape[0])}
+            "n_train": int(x_train.shape[0]),
+            "fits": [FIT_TRAIN, *([FIT_IN_DOMAIN] if in_domain else [])]}
 
 
 def _metric_keys(rows: list[dict[str, Any]]) -> list[str]:
@@ -145,7 +182,7 @@ def to_markdown(result: dict[str, Any], header: str) -> str:
                          f"\n\n{summary_table(srows, metric)}")
         for budget in sorted({r["budget"] for r in srows}):
             brows = [report.Row(**{k: v for k, v in r.items()
-                                   if k not in ("split", "budget", "n_items")})
+                                   if k not in ("split", "budget", "n_items", "fit")})
                      for r in srows if r["budget"] == budget]
             parts.append(f"{split}, {budget} B per code:\n\n{report.to_markdown(brows)}")
     if result["skipped"]:
