@@ -11,11 +11,13 @@ snapshots, so a restart loses none). Once ``threshold`` are staged, a background
    memories, decoded: a refit must keep coding what the bank already holds).
 2. With no lock: the ``CodecFitter`` (the domain's, which knows codecs) fits a codec
    on all but a held-out tenth of the staged items, and both it and the bank's
-   codec now code the held-out ones. Unless the new one's error there is clearly
-   lower (``ADOPT_BELOW``), the fit is declined: the staging empties and the bank
-   keeps its codec. Else the codec is fitted again on every staged item. A first fit on too few items, or on a mix the served model
-   already codes well, is declined so; a refit is adopted only if the bank's
-   memories drifted away from what its codec was fitted on.
+   codec now code the held-out ones (one fit per ``CodecFitter.variants``, the best
+   kept). Unless the new one's error there is clearly lower (``ADOPT_BELOW``), the
+   fit is declined: the staging empties and the bank keeps its codec. Else the
+   winning variant is fitted again on every staged item. A first fit on too few
+   items, or on a mix the served model already codes well, is declined so; a refit
+   is adopted only if the bank's memories drifted away from what its codec was
+   fitted on.
 3. Under the bank lock held *exclusively* (the store's ``swap_codec``): every
    occupied slot is re-encoded with the new codec, from its staged item where it has
    one (exact), else from its current decode; one ``codec`` log record carries the
@@ -121,11 +123,14 @@ def fit_now(bank: MemoryBank, fitter: CodecFitter, swap: Swap) -> bool:
     if older is not None:
         train = np.concatenate([train, older])
     started = time.monotonic()
-    candidate = fitter.fit(train)
     now = _mse(fitter.round_trip(current.codec if current else None, held), held)
-    new = _mse(fitter.round_trip(candidate, held), held)
-    log.info("bank %r: fitted a codec on %d items in %.1f s; held-out MSE %.3g against "
-             "%.3g now", bank.name, len(train), time.monotonic() - started, new, now)
+    tried = {v: _mse(fitter.round_trip(fitter.fit(train, v), held), held)
+             for v in fitter.variants}
+    variant = min(tried, key=tried.__getitem__)
+    new = tried[variant]
+    log.info("bank %r: fitted codecs on %d items in %.1f s; held-out MSE %s against "
+             "%.3g now", bank.name, len(train), time.monotonic() - started,
+             ", ".join(f"{v} {m:.3g}" for v, m in tried.items()), now)
     if not new < ADOPT_BELOW * now:
         with bank.lock:
             if bank.staging is staging and bank.codec_generation == generation:
@@ -134,7 +139,7 @@ def fit_now(bank: MemoryBank, fitter: CodecFitter, swap: Swap) -> bool:
         return False
     # judged, it is fitted again on every item: the held-out tenth only decided
     everything = items if older is None else np.concatenate([items, older])
-    return swap(bank, OwnCodec(fitter.fit(everything), fitted_on=len(everything),
+    return swap(bank, OwnCodec(fitter.fit(everything, variant), fitted_on=len(everything),
                                fitted_at=time.time(), held_out_mse=new, replaced_mse=now),
                 generation)
 

@@ -40,13 +40,16 @@ class CodecFitter(Protocol):
     Attributes:
         threshold: staged memories at which a bank fits (0: banks never do).
         input_dim: d of the items.
+        variants: the ways to fit that a bank tries; the one coding held-out items
+            best is kept.
     """
 
     threshold: int
     input_dim: int
+    variants: tuple[str, ...]
 
-    def fit(self, items: np.ndarray) -> FittedCodec:
-        """A codec fitted on items [n, d] float32."""
+    def fit(self, items: np.ndarray, variant: str) -> FittedCodec:
+        """A codec fitted on items [n, d] float32 one of ``variants``' way."""
         ...
 
     def load(self, config: dict[str, Any], arrays: dict[str, np.ndarray]) -> FittedCodec:
