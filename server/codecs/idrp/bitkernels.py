@@ -52,18 +52,7 @@ def quantize_pack(y: np.ndarray, step: np.ndarray, half: np.ndarray, dims: np.nd
             v = v if v >= zero else zero
             v = v if v <= top[i] else top[i]
             cells[i] = np.int32(v)
-        acc = 0
-        have = 0
-        k = 0
-        for j in range(dims.shape[0]):
-            w = widths[j]
-            acc = (acc << w) | cells[dims[j]]
-            have += w
-            if have >= 8:
-                have -= 8
-                out[r, k] = (acc >> have) & 255
-                k += 1
-                acc &= (1 << have) - 1
+        _pack_row(cells, dims, widths, out[r])
 
 
 @jit
@@ -71,18 +60,25 @@ def pack_cells(cells: np.ndarray, dims: np.ndarray, widths: np.ndarray,
                out: np.ndarray) -> None:
     """Cells [B, d] int (0 .. 2**w - 1) -> codes ``out`` [B, n_bytes] uint8."""
     for r in range(cells.shape[0]):
-        acc = 0
-        have = 0
-        k = 0
-        for j in range(dims.shape[0]):
-            w = widths[j]
-            acc = (acc << w) | (int(cells[r, dims[j]]) & ((1 << w) - 1))
-            have += w
-            if have >= 8:
-                have -= 8
-                out[r, k] = (acc >> have) & 255
-                k += 1
-                acc &= (1 << have) - 1
+        _pack_row(cells[r], dims, widths, out[r])
+
+
+@jit
+def _pack_row(cells: np.ndarray, dims: np.ndarray, widths: np.ndarray,
+              out: np.ndarray) -> None:
+    """One row's cells [d] -> its code bytes ``out`` [n_bytes], MSB first."""
+    acc = 0
+    have = 0
+    k = 0
+    for j in range(dims.shape[0]):
+        w = widths[j]
+        acc = (acc << w) | (int(cells[dims[j]]) & ((1 << w) - 1))
+        have += w
+        if have >= 8:
+            have -= 8
+            out[k] = (acc >> have) & 255
+            k += 1
+            acc &= (1 << have) - 1
 
 
 @jit
@@ -90,39 +86,35 @@ def unpack_cells(codes: np.ndarray, dims: np.ndarray, widths: np.ndarray,
                  out: np.ndarray) -> None:
     """Codes [B, n_bytes] uint8 -> cells into ``out`` [B, d] int32 (zeroed by the caller)."""
     for r in range(codes.shape[0]):
-        acc = 0
-        have = 0
-        k = 0
-        for j in range(dims.shape[0]):
-            w = widths[j]
-            if have < w:
-                acc = (acc << 8) | codes[r, k]
-                k += 1
-                have += 8
-            have -= w
-            out[r, dims[j]] = (acc >> have) & ((1 << w) - 1)
-            acc &= (1 << have) - 1
+        _unpack_row(codes[r], dims, widths, out[r])
 
 
 @jit
 def unpack_lookup(codes: np.ndarray, dims: np.ndarray, widths: np.ndarray,
-                  uncoded: np.ndarray, table: np.ndarray, offset: np.ndarray,
-                  out: np.ndarray) -> None:
+                  table: np.ndarray, offset: np.ndarray, out: np.ndarray) -> None:
     """Codes [B, n_bytes] uint8 -> ``out`` [B, d] = ``table[offset + cell]`` (float32);
     an uncoded dim reads its single entry, as a cell of 0 would."""
+    d = out.shape[1]
+    cells = np.zeros(d, dtype=np.int32)  # uncoded dims are never written: cell 0
     for r in range(codes.shape[0]):
-        acc = 0
-        have = 0
-        k = 0
-        for j in range(dims.shape[0]):
-            w = widths[j]
-            if have < w:
-                acc = (acc << 8) | codes[r, k]
-                k += 1
-                have += 8
-            have -= w
-            i = dims[j]
-            out[r, i] = table[offset[i] + ((acc >> have) & ((1 << w) - 1))]
-            acc &= (1 << have) - 1
-        for j in range(uncoded.shape[0]):
-            out[r, uncoded[j]] = table[offset[uncoded[j]]]
+        _unpack_row(codes[r], dims, widths, cells)
+        for i in range(d):
+            out[r, i] = table[offset[i] + cells[i]]
+
+
+@jit
+def _unpack_row(code: np.ndarray, dims: np.ndarray, widths: np.ndarray,
+                cells: np.ndarray) -> None:
+    """One code's bytes [n_bytes] -> its coded dims' cells in ``cells`` [d]."""
+    acc = 0
+    have = 0
+    k = 0
+    for j in range(dims.shape[0]):
+        w = widths[j]
+        if have < w:
+            acc = (acc << 8) | code[k]
+            k += 1
+            have += 8
+        have -= w
+        cells[dims[j]] = (acc >> have) & ((1 << w) - 1)
+        acc &= (1 << have) - 1

@@ -395,7 +395,6 @@ class BitPacker:
         # the compiled CPU kernels walk the fields in stream order
         self._dims = np.asarray(order, dtype=np.int64)
         self._widths = widths.numpy()[self._dims]
-        self._uncoded = torch.nonzero(widths == 0).flatten().numpy()
 
     def to(self, device: torch.device | str) -> BitPacker:
         for name in ("_src", "_lshift", "_rshift", "_run_end", "_word", "_wshift", "_mask"):
@@ -456,6 +455,6 @@ class BitPacker:
             raise ValueError(f"codes have {codes.shape[1]} bytes, the layout {self.n_bytes}")
         out = torch.empty(codes.shape[0], self.d, dtype=torch.float32)
         bitkernels.unpack_lookup(codes.contiguous().numpy(), self._dims, self._widths,
-                                 self._uncoded, table.contiguous().numpy(),
-                                 offset.contiguous().numpy(), out.numpy())
+                                 table.contiguous().numpy(), offset.contiguous().numpy(),
+                                 out.numpy())
         return out
